@@ -1,0 +1,53 @@
+"""Defaults of the `data` config section (owned by the data pipeline).
+
+See docs/data.md. Fields:
+  name: tfds builder, `digits_vqa` (embedded, offline) | `llava_instruct` (LLaVA JSON + image folder).
+  data_dir: where the tfds builders write their array_record files.
+  manual_dir: llava_instruct: folder holding `json_file` and the image folders (LLaVA layout).
+  json_file: llava_instruct: the JSON list, relative to manual_dir (or absolute).
+  image_folder: llava_instruct: root the JSON `image` paths are relative to ('' = manual_dir).
+  tokenizer: path to a tokenizer.json ('' = digits_vqa: the one built beside the dataset;
+    llava_instruct: `<manual_dir>/tokenizer.json`).
+  val_permille: llava_instruct: records (by a hash of their id) held out as the `validation` split.
+  check_images: llava_instruct build-time image check: 'decode' (full decode) | 'exists'.
+  max_len: longest token sequence (image tokens included); longer samples are truncated at turn
+    boundaries, or skipped as `over_long` when even the first turn does not fit.
+  buckets: padded lengths of batches ((): max_len/4, max_len/2, max_len).
+  batch_size: global batch (each process reads batch_size // process_count).
+  seed: shuffle seed of the reader.
+  strict: any bad record is an error naming its id and reason (default: skip, count and log).
+  num_workers: grain worker processes (0 = read in the main process).
+  digits: digits_vqa generation settings (canvas size, split sizes, generation seed).
+"""
+import ml_collections
+
+
+def digits_defaults(size='tiny'):
+  """digits_vqa builder settings: 3x3 canvases of sklearn digits, deterministic by `seed`."""
+  c = ml_collections.ConfigDict()
+  c.canvas_size = 64 if size == 'tiny' else 336   # square RGB canvas (pixels)
+  c.num_train = 4000
+  c.num_val = 300
+  c.num_test = 300
+  c.seed = 0
+  return c
+
+
+def data_defaults(size='tiny'):
+  c = ml_collections.ConfigDict()
+  c.name = 'digits_vqa'            # tfds builder: digits_vqa | llava_instruct
+  c.data_dir = 'data_cache/tfds'   # where tfds builders write array_record files
+  c.manual_dir = ''                # llava_instruct: folder with the JSON + images
+  c.json_file = 'llava_v1_5_mix665k.json'
+  c.image_folder = ''
+  c.tokenizer = ''
+  c.val_permille = 0
+  c.check_images = 'decode'
+  c.max_len = 256 if size == 'tiny' else 2048
+  c.buckets = ()
+  c.batch_size = 16 if size == 'tiny' else 64   # global batch
+  c.seed = 0
+  c.strict = False
+  c.num_workers = 0
+  c.digits = digits_defaults(size)
+  return c

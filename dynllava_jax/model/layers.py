@@ -1,0 +1,87 @@
+"""Small building blocks with logical axis names: Dense, Embed, RMSNorm, LayerNorm, activations.
+
+Every parameter carries its logical axis names (see `dynllava_jax.sharding.LOGICAL_RULES`).
+Kernels are stored (in, out), the transpose of torch's Linear.weight.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def dtype_of(name):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[str(name)]
+
+
+def dense(din, dout, names, *, bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs, std=INIT_STD):
+  """nnx.Linear (kernel (din, dout) named `names`), N(0, std) init, zero bias."""
+  return nnx.Linear(
+      din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+      rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm as HF computes it: fp32 variance, cast back, then multiply by the weight."""
+
+  def __init__(self, dim, eps, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x):
+    dt = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(dt) * xf.astype(dt)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with weight and bias, statistics in fp32."""
+
+  def __init__(self, dim, eps=1e-5, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x):
+    dt = x.dtype
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, -1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dt)
+
+
+def gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None):
+  """Runs `fn(layer, carry, x) -> (carry, y)` over layers [start, stop) of a stacked (nnx.vmap-made) module.
+
+  Functional NNX: the stacked module is split into (graphdef, state); each scan step merges one layer's
+  slice. Compile time does not grow with depth. `xs` is an optional pytree with a leading layer axis
+  (already sliced to the same range), e.g. a per-layer KV cache.
+  """
+  graphdef, state = nnx.split(module)
+  if start != 0 or stop is not None:
+    state = jax.tree.map(lambda a: a[start:stop], state)
+
+  def body(c, inp):
+    st, x = inp
+    return fn(nnx.merge(graphdef, st), c, x)
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  return jax.lax.scan(body, carry, (state, xs))
+
+
+def num_stacked(module):
+  """Leading (layer) dimension of a stacked module."""
+  return jax.tree.leaves(nnx.state(module))[0].shape[0]

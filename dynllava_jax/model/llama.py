@@ -1,0 +1,113 @@
+"""LLaMA / Vicuna decoder: RMSNorm, RoPE (configurable theta), MHA/GQA/MQA, SwiGLU; stacked + scanned.
+
+Hidden states (B, T, H). Every layer call takes its mask and keep arguments explicitly and can return its
+K/V (B, T, Hkv, D) so callers build caches; nothing is stored on the module.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynllava_jax.model import layers as L
+from dynllava_jax.model.attention import apply_rope, dot_attention, rope_cos_sin
+from dynllava_jax.sharding import constrain
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, lc, *, dtype, param_dtype, rngs):
+    self.lc = lc
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    hd = lc.head_dim
+    self.q_proj = L.dense(lc.hidden, lc.heads * hd, ('embed', 'heads'), **kw)
+    self.k_proj = L.dense(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), **kw)
+    self.v_proj = L.dense(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), **kw)
+    self.o_proj = L.dense(lc.heads * hd, lc.hidden, ('heads', 'embed'), **kw)
+
+  def qkv(self, x, positions):
+    """x (B, T, H), positions (B, T) -> q (B, T, Hq, D), k, v (B, T, Hkv, D), RoPE applied to q and k."""
+    b, t, _ = x.shape
+    hd = self.lc.head_dim
+    q = self.q_proj(x).reshape(b, t, self.lc.heads, hd)
+    k = self.k_proj(x).reshape(b, t, self.lc.kv_heads, hd)
+    v = self.v_proj(x).reshape(b, t, self.lc.kv_heads, hd)
+    cos, sin = rope_cos_sin(positions, hd, self.lc.rope_theta)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def out(self, o):
+    """o (B, T, Hq, D) -> (B, T, H)."""
+    b, t = o.shape[:2]
+    return self.o_proj(o.reshape(b, t, -1))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, lc, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = L.dense(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), **kw)
+    self.up_proj = L.dense(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), **kw)
+    self.down_proj = L.dense(lc.mlp_dim, lc.hidden, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ('act_batch', 'act_len', 'act_mlp')))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, lc, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
+    self.attn = Attention(lc, **kw)
+    self.post_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
+    self.mlp = MLP(lc, **kw)
+
+  def __call__(self, h, positions, allowed, key_keep=None, mode='masked_softmax_eps'):
+    """h (B, T, H) -> (h', (k, v)). allowed (B, T, T) bool; key_keep (B, T) or None (dense)."""
+    q, k, v = self.attn.qkv(self.input_norm(h), positions)
+    o = dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode)
+    h = h + self.attn.out(o)
+    h = h + self.mlp(self.post_norm(h))
+    return constrain(h, ('act_batch', 'act_len', 'act_embed')), (k, v)
+
+
+class Llama(nnx.Module):
+  """Token embedding, stacked decoder layers, final norm, LM head."""
+
+  def __init__(self, lc, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    self.lc = lc
+    self.dtype = dtype
+    self.embed_tokens = nnx.Embed(
+        lc.vocab_size, lc.hidden, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(L.INIT_STD), ('vocab', 'embed')),
+        rngs=rngs)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make(key):
+      return DecoderLayer(lc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
+    self.layers = make(jax.random.split(rngs.params(), lc.layers))
+    self.norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
+    self.lm_head = L.dense(lc.hidden, lc.vocab_size, ('embed', 'vocab'), dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+
+  def run_layers(self, h, positions, allowed, *, start=0, stop=None, key_keep=None,
+                 mode='masked_softmax_eps', return_kv=False, remat=False):
+    """Runs decoder layers [start, stop) on h (B, T, H).
+
+    Returns h, and when return_kv the stacked (k, v), each (L', B, T, Hkv, D).
+    """
+    stop = self.lc.layers if stop is None else stop
+    if stop <= start:
+      return (h, None) if return_kv else h
+
+    def step(layer, carry, _):
+      out, kv = layer(carry, positions, allowed, key_keep=key_keep, mode=mode)
+      return out, (kv if return_kv else None)
+
+    h, kv = L.split_scan(self.layers, step, h, start=start, stop=stop, remat=remat)
+    return (h, kv) if return_kv else h
+
+  def head(self, h):
+    """Final norm + LM head -> fp32 logits (B, T, vocab)."""
+    logits = self.lm_head(self.norm(h))
+    return constrain(logits, ('act_batch', 'act_len', 'act_vocab')).astype(jnp.float32)

@@ -1,0 +1,115 @@
+"""LLaVA-1.5 composition: CLIP tower → projector → merge into text embeddings → LLaMA → logits.
+
+Public call (dense):
+    logits = model(input_ids, pixel_values, attention_mask)     # (B, T, vocab) float32
+input_ids (B, T) int32 with one `image_token_id` placeholder per image token (HF transformers 5.x style);
+pixel_values (B, H, W, 3) float32, CLIP-normalised (ignored for rows without placeholders);
+attention_mask (B, T) 1 = real token, 0 = padding (left or right).
+
+The pieces (`image_features`, `embed`, `llm.run_layers`, `llm.head`) are public so training (keep masks),
+prefill (gathers) and decoding (caches) compose them without copies of the model code.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs.common import num_image_tokens
+from dynllava_jax.model import layers as L
+from dynllava_jax.model.attention import causal_allowed
+from dynllava_jax.model.llama import Llama
+from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
+from dynllava_jax.model.vision import Projector, VisionTower, select_features
+
+
+def check_model_config(mc):
+  """Raises ValueError (one actionable line) for impossible model configs."""
+  lc, vc, sc = mc.llm, mc.vision, mc.sparse
+  if lc.hidden % lc.heads or lc.heads % lc.kv_heads:
+    raise ValueError(f'llm.heads={lc.heads} must divide hidden={lc.hidden} and be a multiple of '
+                     f'kv_heads={lc.kv_heads}')
+  if lc.head_dim % 2:
+    raise ValueError(f'llm.head_dim={lc.head_dim} must be even for RoPE')
+  if vc.image_size % vc.patch_size or vc.width % vc.heads:
+    raise ValueError(f'vision: image_size={vc.image_size} must be a multiple of patch_size='
+                     f'{vc.patch_size} and heads={vc.heads} must divide width={vc.width}')
+  if not 0 < mc.image_token_id < lc.vocab_size:
+    raise ValueError(f'image_token_id={mc.image_token_id} is outside the vocabulary ({lc.vocab_size})')
+  if sc.enabled:
+    if not 0 <= sc.sparse_layer < lc.layers:
+      raise ValueError(f'sparse.sparse_layer={sc.sparse_layer} must be in [0, llm.layers={lc.layers})')
+    for name in ('image_keep_ratio', 'text_keep_ratio', 'instruct_keep_ratio'):
+      r = sc[name]
+      if not 0.0 < r <= 1.0:
+        raise ValueError(f'sparse.{name}={r} must be in (0, 1]')
+  if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
+    raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
+
+
+def positions_from_mask(attention_mask):
+  """RoPE positions that ignore padding: cumsum(mask) − 1, clipped at 0. (B, T) int32."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def dense_allowed(attention_mask):
+  """Causal ∧ key-is-real mask (B, T, T) for a full sequence."""
+  b, t = attention_mask.shape
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return causal_allowed(idx, idx, attention_mask)
+
+
+def merge_image_features(text_emb, image_feats, image_mask):
+  """Static-shape merge: the j-th placeholder of sample b gets image_feats[b, j].
+
+  text_emb (B, T, H); image_feats (B, N, H); image_mask (B, T) bool. Rows without placeholders are untouched.
+  """
+  n = image_feats.shape[1]
+  idx = jnp.clip(jnp.cumsum(image_mask.astype(jnp.int32), axis=-1) - 1, 0, n - 1)
+  gathered = jnp.take_along_axis(image_feats, idx[..., None], axis=1)
+  return jnp.where(image_mask[..., None], gathered.astype(text_emb.dtype), text_emb)
+
+
+class Llava(nnx.Module):
+
+  def __init__(self, mc, *, rngs):
+    check_model_config(mc)
+    self.mc = mc
+    dtype, pdt = L.dtype_of(mc.dtype), L.dtype_of(mc.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
+    self.vision_tower = VisionTower(mc.vision, **kw)
+    self.projector = Projector(mc.vision.width, mc.llm.hidden, **kw)
+    self.language_model = Llama(mc.llm, **kw)
+    sc = mc.sparse
+    if sc.enabled:
+      self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)
+      self.output_text_score_predictor = TextPredictor(mc.llm.hidden, sc, **kw)
+      if sc.use_instruct:
+        self.instruct_score_predictor = TextPredictor(mc.llm.hidden, sc, **kw)
+
+  @property
+  def num_image_tokens(self):
+    return num_image_tokens(self.mc)
+
+  def image_features(self, pixel_values):
+    """(B, H, W, 3) -> projected image tokens (B, N, hidden)."""
+    hidden = self.vision_tower(pixel_values, remat=self.mc.remat)
+    feats = select_features(hidden, self.mc.vision.feature_select)
+    return self.projector(feats)
+
+  def embed(self, input_ids, pixel_values=None):
+    """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask)."""
+    image_mask = input_ids == self.mc.image_token_id
+    h = self.language_model.embed_tokens(input_ids)
+    if pixel_values is not None:
+      h = merge_image_features(h, self.image_features(pixel_values), image_mask)
+    return h, image_mask
+
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None):
+    """Dense forward -> logits (B, T, vocab) float32."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    h, _ = self.embed(input_ids, pixel_values)
+    h = self.language_model.run_layers(h, positions, dense_allowed(attention_mask),
+                                       mode=self.mc.attention, remat=self.mc.remat)
+    return self.language_model.head(h)

@@ -1,0 +1,116 @@
+"""CLIP ViT vision tower (HF `CLIPVisionModel` semantics) and LLaVA's feature selection.
+
+pixel_values (B, H, W, 3) float32, CLIP-normalised -> hidden states (B, 1 + N, width), N = (H/p)·(W/p).
+Patch embedding is a matmul over flattened (p, p, 3) patches, identical to a stride-p conv without bias.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynllava_jax.model import layers as L
+from dynllava_jax.model.attention import dot_attention
+from dynllava_jax.sharding import constrain
+
+
+class VisionLayer(nnx.Module):
+  """Pre-LN encoder block: x + attn(ln1(x)); x + fc2(quick_gelu(fc1(ln2(x))))."""
+
+  def __init__(self, vc, *, dtype, param_dtype, rngs):
+    w, kw = vc.width, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=True)
+    self.heads = vc.heads
+    self.ln1 = L.LayerNorm(w, vc.layer_norm_eps, param_dtype=param_dtype)
+    self.q = L.dense(w, w, ('embed', 'heads'), **kw)
+    self.k = L.dense(w, w, ('embed', 'heads'), **kw)
+    self.v = L.dense(w, w, ('embed', 'heads'), **kw)
+    self.o = L.dense(w, w, ('heads', 'embed'), **kw)
+    self.ln2 = L.LayerNorm(w, vc.layer_norm_eps, param_dtype=param_dtype)
+    self.fc1 = L.dense(w, vc.mlp_dim, ('embed', 'mlp'), **kw)
+    self.fc2 = L.dense(vc.mlp_dim, w, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x):
+    b, t, w = x.shape
+    y = self.ln1(x)
+    split = lambda z: z.reshape(b, t, self.heads, w // self.heads)
+    allowed = jnp.ones((b, t, t), bool)
+    o = dot_attention(split(self.q(y)), split(self.k(y)), split(self.v(y)), allowed)
+    x = x + self.o(o.reshape(b, t, w))
+    return x + self.fc2(L.quick_gelu(self.fc1(self.ln2(x))))
+
+
+class VisionTower(nnx.Module):
+  """CLIP vision transformer with stacked, scanned layers."""
+
+  def __init__(self, vc, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    self.vc = vc
+    self.dtype = dtype
+    p, w = vc.patch_size, vc.width
+    n = (vc.image_size // p) ** 2
+    self.patch_embed = L.dense(p * p * 3, w, ('patch', 'embed'), dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+    self.class_embed = nnx.Param(
+        nnx.initializers.normal(L.INIT_STD)(rngs.params(), (w,), param_dtype), out_sharding=('norm',))
+    self.pos_embed = nnx.Param(
+        nnx.initializers.normal(L.INIT_STD)(rngs.params(), (n + 1, w), param_dtype),
+        out_sharding=('positions', 'embed'))
+    self.pre_ln = L.LayerNorm(w, vc.layer_norm_eps, param_dtype=param_dtype)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make(key):
+      return VisionLayer(vc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
+    self.layers = make(jax.random.split(rngs.params(), vc.depth))
+    # Kept for checkpoint round-trips; LLaVA reads pre-post-LN hidden states and never applies it.
+    self.post_ln = L.LayerNorm(w, vc.layer_norm_eps, param_dtype=param_dtype)
+
+  def layers_to_run(self):
+    """HF hidden_states[feature_layer] is the output after this many encoder layers."""
+    d, fl = self.vc.depth, self.vc.feature_layer
+    n = d + 1 + fl if fl < 0 else fl
+    if not 0 <= n <= d:
+      raise ValueError(f'vision feature_layer {fl} is outside the tower of depth {d}')
+    return n
+
+  def patchify(self, pixel_values):
+    """(B, H, W, 3) -> (B, N, p·p·3) in (row, col, channel) order inside each patch."""
+    b, h, w, c = pixel_values.shape
+    p = self.vc.patch_size
+    if h != self.vc.image_size or w != self.vc.image_size or c != 3:
+      raise ValueError(f'pixel_values has shape {pixel_values.shape}; this model expects '
+                       f'(B, {self.vc.image_size}, {self.vc.image_size}, 3)')
+    x = pixel_values.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+  def __call__(self, pixel_values, remat=False):
+    """Returns the selected hidden state (B, 1 + N, width) (CLS first; selection is the caller's)."""
+    x = self.patch_embed(self.patchify(pixel_values.astype(self.dtype)))
+    b = x.shape[0]
+    cls = jnp.broadcast_to(self.class_embed[...].astype(x.dtype), (b, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)[None]
+    x = self.pre_ln(x)
+    x = constrain(x, ('act_batch', 'act_len', 'act_embed'))
+    n = self.layers_to_run()
+    if n == 0:
+      return x
+    x, _ = L.split_scan(self.layers, lambda layer, h, _: (layer(h), None), x, stop=n, remat=remat)
+    return x
+
+
+def select_features(hidden, strategy):
+  """'default' drops CLS (LLaVA-1.5), 'full' keeps it."""
+  if strategy == 'default':
+    return hidden[:, 1:]
+  if strategy == 'full':
+    return hidden
+  raise ValueError(f"vision feature_select {strategy!r} unknown: use 'default' or 'full'")
+
+
+class Projector(nnx.Module):
+  """LLaVA-1.5 `mlp2x_gelu`: Linear(vision→H) → GELU(exact) → Linear(H→H)."""
+
+  def __init__(self, din, dout, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=True)
+    self.linear_1 = L.dense(din, dout, ('patch', 'embed'), **kw)
+    self.linear_2 = L.dense(dout, dout, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x):
+    return self.linear_2(L.gelu_exact(self.linear_1(x)))
