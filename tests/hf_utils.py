@@ -69,7 +69,7 @@ def to_llava15hf_key(key):
   if key.startswith('model.language_model.'):
     return 'language_model.model.' + key[len('model.language_model.'):]
   if key.startswith('model.vision_tower.'):
-    return key[len('model.'):]
+    return 'vision_tower.vision_model.' + key[len('model.vision_tower.'):]
   if key.startswith('model.multi_modal_projector.'):
     return key[len('model.'):]
   raise ValueError(f'unexpected HF key {key!r}')
