@@ -140,3 +140,11 @@ def check_record(record):
   if bad:
     return bad
   return check_image_tags(record['conversations'], image is not None)
+
+
+class SampleProblem(Exception):
+  """Raised by per-sample code (templates, images) when a record is bad; callers count or re-raise."""
+
+  def __init__(self, reason, detail=''):
+    self.reason, self.detail = reason, detail
+    super().__init__(f'{reason}: {detail}' if detail else reason)

@@ -1,0 +1,94 @@
+"""Building the tfds datasets (array_record, no TensorFlow) named by `config.data`.
+
+    ds_dir = build(config)          # builds once into config.data.data_dir; fast when already built
+    tok = tokenizer.load_tokenizer(tokenizer_path(config))
+
+Beside the tfds files each dataset dir holds `build_report.json` ({total, skipped: {reason: n},
+skipped_ids: [[id, reason], ...]}) and, for digits_vqa, its `tokenizer.json`.
+"""
+import json
+import logging
+import os
+
+import tensorflow_datasets as tfds
+
+from dynllava_jax.data import digits_vqa
+from dynllava_jax.data import llava_instruct
+from dynllava_jax.data import policy
+
+log = logging.getLogger('dynllava_jax.data')
+REPORT = 'build_report.json'
+TOKENIZER = 'tokenizer.json'
+
+
+def get_builder(config):
+  """The tfds builder (array_record file format) for `config.data`."""
+  d = config.data
+  if d.name == 'digits_vqa':
+    g = d.digits
+    cfg = digits_vqa.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed)
+    return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
+  if d.name == 'llava_instruct':
+    if not d.manual_dir:
+      raise ValueError('llava_instruct needs config.data.manual_dir (folder with the LLaVA JSON and '
+                       'the image folders); see docs/data.md')
+    json_path = os.path.join(d.manual_dir, d.json_file)
+    folder = d.image_folder or d.manual_dir
+    cfg = llava_instruct.make_config(json_path, folder, d.val_permille, d.check_images, d.strict)
+    return llava_instruct.LlavaInstruct(config=cfg, data_dir=d.data_dir, file_format='array_record')
+  raise ValueError(f'unknown dataset {d.name!r}: digits_vqa | llava_instruct')
+
+
+def _write_json(path, obj):
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def read_report(ds_dir):
+  path = os.path.join(ds_dir, REPORT)
+  if not os.path.exists(path):
+    return {'total': 0, 'skipped': {}, 'skipped_ids': []}
+  with open(path) as f:
+    return json.load(f)
+
+
+def build(config):
+  """Builds (if not yet built) config.data.name into config.data.data_dir; returns the dataset dir.
+
+  Bad records found while building are skipped, counted and logged (the summary is kept in
+  `build_report.json`); with config.data.strict the first one raises policy.BadSampleError, also
+  when a dataset built earlier in non-strict mode had skipped records.
+  """
+  builder = get_builder(config)
+  ds_dir = os.fspath(builder.data_dir)
+  if not os.path.exists(os.path.join(ds_dir, 'dataset_info.json')):
+    tfds.disable_progress_bar()
+    manual = config.data.manual_dir or None
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    ds_dir = os.fspath(builder.data_dir)
+    counter = getattr(builder, 'counter', None)
+    report = {'total': 0, 'skipped': {}, 'skipped_ids': []}
+    if counter is not None:
+      report = {**counter.state(), 'skipped_ids': counter.skipped_ids}
+      counter.log_summary(f'{config.data.name} build: ')
+    _write_json(os.path.join(ds_dir, REPORT), report)
+  if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
+    digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER))
+  report = read_report(ds_dir)
+  if config.data.strict and report['skipped_ids']:
+    rid, reason = report['skipped_ids'][0]
+    raise policy.BadSampleError(rid, reason, f'skipped when {ds_dir} was built (non-strict)')
+  return ds_dir
+
+
+def tokenizer_path(config):
+  """Path of the tokenizer.json for config.data (config.data.tokenizer overrides the default)."""
+  d = config.data
+  if d.tokenizer:
+    return d.tokenizer
+  if d.name == 'digits_vqa':
+    return os.path.join(os.fspath(get_builder(config).data_dir), TOKENIZER)
+  return os.path.join(d.manual_dir, TOKENIZER)

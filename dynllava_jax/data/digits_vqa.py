@@ -1,0 +1,192 @@
+"""`digits_vqa`: an embedded, offline VQA set made of the real handwritten digits sklearn ships.
+
+Each image is a square RGB canvas (`canvas_size`, e.g. 64 → 64 patch-8 tokens, 336 → 576 patch-14
+tokens) holding a 3x3 grid of upscaled 8x8 digit tiles (values 0..16 → ink), some cells empty, with
+jitter inside the cell, a random tint per tile and background noise. Questions:
+  digit_at:  "what digit is at row r column c ?"  → "7" | "empty"     (needs a few patches)
+  count:     "how many digits are there ?"          → "6"              (needs all patches)
+  row_sum:   "what is the sum of row r ?"           → "12"             (empty cells count 0)
+  describe:  "describe the grid row by row ."       → a long answer (≥ 50 tokens):
+             "there are 6 digits . row 1 : column 1 is 3 , column 2 is empty , column 3 is 5 . ..."
+  text_add:  "what is a plus b ?"                   → "9"              (text-only, no image)
+About 10% of the samples have a second round (a different question, no image tag), so multi-turn
+masking is exercised. Splits use disjoint source digits, by index: train 0..1257, validation
+1258..1526, test 1527..1796. Everything is deterministic by `seed`.
+"""
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+from etils import epath
+import tensorflow_datasets as tfds
+
+from dynllava_jax.data import records
+from dynllava_jax.data import templates
+from dynllava_jax.data import tokenizer as tokenizer_lib
+
+SOURCE_SPLITS = {'train': (0, 1258), 'validation': (1258, 1527), 'test': (1527, 1797)}
+QUESTION_TYPES = ('digit_at', 'count', 'row_sum', 'describe', 'text_add')
+TYPE_PROBS = (0.35, 0.15, 0.2, 0.25, 0.05)
+EMPTY_PROB = 0.3
+SECOND_ROUND_PROB = 0.1
+GRID = 3
+
+
+def question(qtype, r=0, c=0, a=0, b=0):
+  return {
+      'digit_at': f'what digit is at row {r} column {c} ?',
+      'count': 'how many digits are there ?',
+      'row_sum': f'what is the sum of row {r} ?',
+      'describe': 'describe the grid row by row .',
+      'text_add': f'what is {a} plus {b} ?',
+  }[qtype]
+
+
+def describe(grid):
+  """Long answer for `grid` (3x3 list of int or None), row by row."""
+  n = sum(v is not None for row in grid for v in row)
+  parts = [f'there are {n} digits .']
+  for r, row in enumerate(grid):
+    cells = [f'column {c + 1} is {"empty" if v is None else v}' for c, v in enumerate(row)]
+    parts.append(f'row {r + 1} : ' + ' , '.join(cells) + ' .')
+  return ' '.join(parts)
+
+
+def answer(qtype, grid, r=0, c=0, a=0, b=0):
+  if qtype == 'digit_at':
+    v = grid[r - 1][c - 1]
+    return 'empty' if v is None else str(v)
+  if qtype == 'count':
+    return str(sum(v is not None for row in grid for v in row))
+  if qtype == 'row_sum':
+    return str(sum(v or 0 for v in grid[r - 1]))
+  if qtype == 'describe':
+    return describe(grid)
+  return str(a + b)
+
+
+def vocabulary_texts():
+  """Every text the generator can produce, word-wise (builds the word-level tokenizer)."""
+  texts = [templates.SYSTEM, ' '.join(templates.ROLES) + ' : ' + templates.SEP2, 'empty']
+  texts += [question(t, 1, 1, 0, 0) for t in QUESTION_TYPES]
+  texts.append(describe([[None] * 3] * 3))
+  texts.append(' '.join(str(i) for i in range(9 * GRID * GRID + 1)))
+  return texts
+
+
+def build_tokenizer(path=None):
+  return tokenizer_lib.build_word_tokenizer(vocabulary_texts(), path)
+
+
+def render_canvas(tiles, canvas_size, rng):
+  """Draws a 3x3 grid canvas.
+
+  Args:
+    tiles: 3x3 list of (8, 8) float arrays in 0..16, or None for empty cells.
+    canvas_size: S, output side in pixels.
+  Returns:
+    (S, S, 3) uint8.
+  """
+  s = canvas_size
+  cell = s // GRID
+  margin = (s - GRID * cell) // 2
+  tile = max(8, int(round(cell * 0.8)))
+  canvas = np.clip(rng.normal(0.06, 0.03, (s, s, 3)), 0, 1).astype(np.float32)
+  for r in range(GRID):
+    for c in range(GRID):
+      t = tiles[r][c]
+      if t is None:
+        continue
+      ink = Image.fromarray((t / 16.0 * 255).astype(np.uint8), 'L').resize(
+          (tile, tile), Image.Resampling.BILINEAR)
+      ink = np.asarray(ink, np.float32)[..., None] / 255.0
+      tint = rng.uniform(0.6, 1.0, 3).astype(np.float32)
+      y = margin + r * cell + int(rng.integers(0, cell - tile + 1))
+      x = margin + c * cell + int(rng.integers(0, cell - tile + 1))
+      region = canvas[y:y + tile, x:x + tile]
+      canvas[y:y + tile, x:x + tile] = np.maximum(region, ink * tint)
+  canvas += rng.normal(0, 0.02, canvas.shape).astype(np.float32)
+  return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _random_question(rng, grid, allow_text=True):
+  qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=TYPE_PROBS))]
+  if qtype == 'text_add' and not allow_text:
+    qtype = 'count'
+  r, c = int(rng.integers(1, GRID + 1)), int(rng.integers(1, GRID + 1))
+  if qtype == 'digit_at' and grid[r - 1][c - 1] is None and rng.random() < 0.8:
+    filled = [(i + 1, j + 1) for i in range(GRID) for j in range(GRID) if grid[i][j] is not None]
+    r, c = filled[int(rng.integers(len(filled)))]
+  a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+  return qtype, question(qtype, r, c, a, b), answer(qtype, grid, r, c, a, b)
+
+
+def make_sample(split, i, images, labels, canvas_size, seed):
+  """One record (records.features layout) of `split`, deterministic in (seed, split, i)."""
+  lo, hi = SOURCE_SPLITS[split]
+  rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
+  empty = rng.random((GRID, GRID)) < EMPTY_PROB
+  if empty.all():
+    empty[int(rng.integers(GRID)), int(rng.integers(GRID))] = False
+  src = rng.integers(lo, hi, (GRID, GRID))
+  grid = [[None if empty[r, c] else int(labels[src[r, c]]) for c in range(GRID)] for r in range(GRID)]
+  qtype, q, a = _random_question(rng, grid)
+  has_image = qtype != 'text_add'
+  conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
+          {'from': 'gpt', 'value': a}]
+  if has_image and rng.random() < SECOND_ROUND_PROB:
+    qtype, q, a = _random_question(rng, grid, allow_text=False)
+    conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
+  image = b''
+  if has_image:
+    tiles = [[None if empty[r, c] else images[src[r, c]] for c in range(GRID)] for r in range(GRID)]
+    buf = io.BytesIO()
+    Image.fromarray(render_canvas(tiles, canvas_size, rng), 'RGB').save(buf, format='PNG')
+    image = buf.getvalue()
+  return {'index': i, 'id': f'{split}-{i}', 'image': image, 'has_image': has_image,
+          'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
+          'question_type': qtype, 'answer': a}
+
+
+@dataclasses.dataclass
+class DigitsVqaConfig(tfds.core.BuilderConfig):
+  canvas_size: int = 64
+  num_train: int = 4000
+  num_val: int = 300
+  num_test: int = 300
+  seed: int = 0
+
+
+def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0):
+  name = f'c{canvas_size}_n{num_train}-{num_val}-{num_test}_s{seed}'
+  return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
+                         num_test=num_test, seed=seed)
+
+
+class DigitsVqa(tfds.core.GeneratorBasedBuilder):
+  """The digits_vqa builder (see the module docstring). Configs come from `make_config`."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  # tfds' own lookup of the code path needs the `importlib_resources` package; give it directly.
+  code_path = epath.Path(__file__)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__, features=records.features(),
+        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html')
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    return {'train': self._generate_examples('train', c.num_train),
+            'validation': self._generate_examples('validation', c.num_val),
+            'test': self._generate_examples('test', c.num_test)}
+
+  def _generate_examples(self, split, num):
+    from sklearn.datasets import load_digits  # local: only needed when building
+    d = load_digits()
+    images, labels = d.images.astype(np.float32), d.target
+    c = self.builder_config
+    for i in range(num):
+      yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed)

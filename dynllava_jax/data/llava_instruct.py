@@ -1,0 +1,107 @@
+"""`llava_instruct`: data in the LLaVA instruction format (as LLaVA-665K ships), written to array_record.
+
+Input: a JSON list of `{"id", "image"?: "coco/train2017/x.jpg", "conversations": [{"from": "human" |
+"gpt", "value"}]}` and an image folder the `image` paths are relative to. Multi-turn and text-only
+samples are kept (`has_image` per record). Images are stored as their encoded file bytes (not
+decoded; the reader decodes with PIL).
+
+Build-time checks (policy.check_record + the image file): malformed, bad_roles, tag_without_image,
+image_without_tag, multiple_image_tags, missing_image, corrupt_image. Bad records are skipped and
+counted (`builder.counter`), or raise BadSampleError in strict mode. Split `train`, plus
+`validation` when `val_permille` > 0 (records whose crc32(id) % 1000 < val_permille).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from dynllava_jax.data import images
+from dynllava_jax.data import policy
+from dynllava_jax.data import records
+
+
+@dataclasses.dataclass
+class LlavaInstructConfig(tfds.core.BuilderConfig):
+  json_path: str = ''
+  image_folder: str = ''
+  val_permille: int = 0
+  check_images: str = 'decode'    # 'decode' | 'exists'
+  strict: bool = False
+
+
+def make_config(json_path, image_folder, val_permille=0, check_images='decode', strict=False):
+  """A config named after the JSON file and a hash of the absolute paths and options."""
+  json_path, image_folder = os.path.abspath(json_path), os.path.abspath(image_folder)
+  key = json.dumps([json_path, image_folder, val_permille, check_images])
+  stem = os.path.splitext(os.path.basename(json_path))[0]
+  stem = ''.join(ch if ch.isalnum() else '_' for ch in stem)
+  name = f'{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}'
+  return LlavaInstructConfig(name=name, json_path=json_path, image_folder=image_folder,
+                             val_permille=val_permille, check_images=check_images, strict=strict)
+
+
+def in_validation(record_id, val_permille):
+  return zlib.crc32(str(record_id).encode()) % 1000 < val_permille
+
+
+class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
+  """The llava_instruct builder (see the module docstring). Configs come from `make_config`."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  # tfds' own lookup of the code path needs the `importlib_resources` package; give it directly.
+  code_path = epath.Path(__file__)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      'Point config.data.manual_dir at a folder with llava_v1_5_mix665k.json and the image folders '
+      'coco/ gqa/ ocr_vqa/ textvqa/ vg/ (see docs/data.md).')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=records.features(),
+                                 homepage='https://github.com/haotian-liu/LLaVA')
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    self.counter = policy.SkipCounter('records', strict=c.strict)
+    with open(c.json_path) as f:
+      data = json.load(f)
+    if not isinstance(data, list):
+      raise ValueError(f'{c.json_path}: expected a JSON list of records')
+    parts = {'train': [], 'validation': []}
+    for index, record in enumerate(data):
+      rid = record.get('id', index) if isinstance(record, dict) else index
+      split = 'validation' if c.val_permille and in_validation(rid, c.val_permille) else 'train'
+      parts[split].append((index, record))
+    out = {'train': self._generate_examples(parts['train'])}
+    if c.val_permille:
+      out['validation'] = self._generate_examples(parts['validation'])
+    return out
+
+  def _generate_examples(self, items):
+    c = self.builder_config
+    for index, record in items:
+      rid = record.get('id', index) if isinstance(record, dict) else index
+      try:
+        example = self._example(index, record, c)
+      except policy.SampleProblem as p:
+        self.counter.skip(rid, p.reason, p.detail)
+        continue
+      self.counter.ok()
+      yield index, example
+
+  def _example(self, index, record, c):
+    bad = policy.check_record(record)
+    if bad:
+      raise policy.SampleProblem(*bad)
+    conv = record['conversations']
+    data = b''
+    if record.get('image') is not None:
+      data = images.check_image_file(os.path.join(c.image_folder, record['image']),
+                                     decode=c.check_images == 'decode')
+    return {'index': index, 'id': str(record.get('id', index)), 'image': data,
+            'has_image': record.get('image') is not None,
+            'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
+            'question_type': '', 'answer': conv[-1]['value']}

@@ -1,0 +1,192 @@
+"""The vicuna_v1 conversation template of LLaVA-1.5, tokenization, labels and per-sample spans.
+
+Text, exactly as LLaVA-1.5's `conv_vicuna_v1.get_prompt()` (sep " ", sep2 "</s>"):
+
+    <s>{SYSTEM} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+
+(LLaVA puts no space between "</s>" and the next "USER:"; the `<image>` tag is moved to the front of
+the first human turn followed by "\\n", as LLaVA's `preprocess_multimodal` does.) `<s>` is prepended
+as an id, the rest is tokenized as one string without the tokenizer's own template, and every token
+is assigned to a part of the text by the character its span ends on, so labels are right for
+word-level and sentencepiece-style tokenizers alike. The one `<image>` token is then expanded to N
+copies of image_token_id (one placeholder per image feature, HF transformers 5.x style).
+
+Spans (token positions in the final, expanded sequence; end exclusive):
+  image span:        [image_start, image_start + N) when has_image. Text-only samples have no image
+                     tokens; image_start is then where they would be (right after the first "USER:").
+  instruction span:  [instr_start, instr_end): the first human turn after the image (from its "\\n"
+                     on; text-only: the question) up to and including the first "ASSISTANT:".
+  last answer span:  [answer_start, answer_end): the last assistant turn's tokens incl. its "</s>".
+Labels are the ids on every assistant answer (incl. "</s>"), -100 elsewhere.
+
+Truncation to max_len: whole trailing rounds are dropped until the sequence fits; if the first round
+alone does not fit, its answer is cut (the last-answer span is then the kept part, without "</s>");
+if not even one answer token fits after the first "ASSISTANT:", the sample is `over_long`.
+"""
+import dataclasses
+
+import numpy as np
+
+from dynllava_jax.data import policy
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+          "gives helpful, detailed, and polite answers to the user's questions.")
+ROLES = ('USER', 'ASSISTANT')
+SEP, SEP2 = ' ', '</s>'
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class Encoded:
+  """One tokenized conversation. `input_ids`, `labels`: (L,) int32, L <= max_len."""
+  input_ids: np.ndarray
+  labels: np.ndarray
+  has_image: bool
+  image_start: int
+  instr_start: int
+  instr_end: int
+  answer_start: int
+  answer_end: int
+  truncated: bool = False
+
+  def as_dict(self):
+    d = dataclasses.asdict(self)
+    d['attention_mask'] = np.ones_like(self.input_ids)
+    return d
+
+
+def normalize_turns(conversations, has_image):
+  """LLaVA `conversations` (list of {from, value}) → list of (question, answer) rounds.
+
+  Moves `<image>` to the front of the first question ("<image>\\n" + question), as LLaVA does.
+  """
+  rounds = []
+  for i in range(0, len(conversations), 2):
+    q, a = conversations[i]['value'], conversations[i + 1]['value']
+    if i == 0 and has_image:
+      q = policy.IMAGE_TAG + '\n' + q.replace(policy.IMAGE_TAG, '').strip()
+    rounds.append((q, a))
+  return rounds
+
+
+def format_vicuna(rounds, last_answer=True):
+  """The vicuna_v1 text (without `<s>`) and character regions of its parts.
+
+  Args:
+    rounds: list of (question, answer) strings.
+    last_answer: False leaves the last answer out: the text ends with its "ASSISTANT:" (generation).
+  Returns:
+    text, questions [(start, end)], role_ends [end of each "ASSISTANT:"], answers [(start, end)]
+    (answer regions include the "</s>"; the last one is missing when last_answer is False).
+  """
+  text = SYSTEM + SEP
+  questions, role_ends, answers = [], [], []
+  for i, (q, a) in enumerate(rounds):
+    text += ROLES[0] + ': '
+    questions.append((len(text), len(text) + len(q)))
+    text += q + SEP + ROLES[1] + ':'
+    role_ends.append(len(text))
+    if i == len(rounds) - 1 and not last_answer:
+      break
+    start = len(text)   # the answer region starts at its separating space (sentencepiece's '▁')
+    text += ' ' + a + SEP2
+    answers.append((start, len(text)))
+  return text, questions, role_ends, answers
+
+
+def _token_ends(offsets):
+  """The character each token ends on (its last char; empty spans use their start)."""
+  return np.where(offsets[:, 1] > offsets[:, 0], offsets[:, 1] - 1, offsets[:, 0])
+
+
+def _first_at_or_after(ends, char):
+  return int(np.searchsorted(ends, char, side='left'))
+
+
+def _tokenize(tok, text, image_token_id, num_image_tokens, bos_id):
+  """Tokenizes `text`, prepends bos, expands the `<image>` token. Returns ids, char ends, image pos."""
+  ids, offsets = tok.encode(text)
+  ends = _token_ends(offsets)
+  where = np.flatnonzero(ids == image_token_id)
+  if len(where) > 1:
+    raise policy.SampleProblem(policy.MULTIPLE_TAGS, f'{len(where)} image tokens after tokenization')
+  ids = np.concatenate([[bos_id], ids]).astype(np.int32)
+  ends = np.concatenate([[-1], ends])
+  pos = -1
+  if len(where):
+    pos = int(where[0]) + 1
+    n = num_image_tokens
+    ids = np.concatenate([ids[:pos], np.full(n, image_token_id, np.int32), ids[pos + 1:]])
+    ends = np.concatenate([ends[:pos], np.full(n, ends[pos]), ends[pos + 1:]])
+  return ids.astype(np.int32), ends, pos
+
+
+def encode_conversation(tok, conversations, has_image, *, num_image_tokens, image_token_id,
+                        bos_id, max_len):
+  """Tokenizes one LLaVA conversation for teacher forcing.
+
+  Args:
+    tok: tokenizer.Tokenizer.
+    conversations: list of {from: human|gpt, value} (already checked by policy.check_record).
+    has_image: whether the sample has an image (its first question then holds `<image>`).
+    num_image_tokens: N, image tokens per image.
+  Returns:
+    Encoded with (L,) int32 arrays, L <= max_len.
+  Raises:
+    policy.SampleProblem: over_long (or an `<image>` tag count that tokenization contradicts).
+  """
+  rounds = normalize_turns(conversations, has_image)
+  text, questions, role_ends, answers = format_vicuna(rounds)
+  ids, ends, pos = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id)
+  if has_image != (pos >= 0):
+    raise policy.SampleProblem(policy.TAG_WITHOUT_IMAGE if pos >= 0 else policy.IMAGE_WITHOUT_TAG,
+                               'image token count does not match the image')
+  n_img = num_image_tokens if has_image else 0
+  # Spans in the expanded sequence; image tokens share the char end of the tag, so search the
+  # ends of the text tokens only and shift past the image.
+  def at(char):
+    return _first_at_or_after(ends, char)
+  if has_image:
+    image_start = pos
+    instr_start = pos + n_img
+  else:
+    instr_start = at(questions[0][0])
+    image_start = instr_start
+  instr_end = at(role_ends[0])
+  ans = [(at(s), at(e)) for s, e in answers]
+  labels = np.full_like(ids, IGNORE)
+  for s, e in ans:
+    labels[s:e] = ids[s:e]
+  truncated = False
+  if len(ids) > max_len:
+    truncated = True
+    fit = [i for i, (_, e) in enumerate(ans) if e <= max_len]
+    if fit:
+      keep = fit[-1] + 1
+      ans = ans[:keep]
+      length = ans[-1][1]
+    elif ans[0][0] < max_len:
+      ans = [(ans[0][0], max_len)]
+      length = max_len
+    else:
+      raise policy.SampleProblem(
+          policy.OVER_LONG, f'{len(ids)} tokens; image + first question need {instr_end + 1} > '
+          f'max_len {max_len}')
+    ids, labels = ids[:length], labels[:length]
+  return Encoded(ids, labels.astype(np.int32), bool(has_image), int(image_start), int(instr_start),
+                 int(instr_end), int(ans[-1][0]), int(ans[-1][1]), truncated)
+
+
+def encode_prompt(tok, conversations, has_image, *, num_image_tokens, image_token_id, bos_id,
+                  max_len):
+  """Generation prompt: everything up to and including the last "ASSISTANT:".
+
+  Returns:
+    (prompt_ids (P,) int32, gold last answer string). Raises SampleProblem(over_long) if P > max_len.
+  """
+  rounds = normalize_turns(conversations, has_image)
+  text, _, _, _ = format_vicuna(rounds, last_answer=False)
+  ids, _, _ = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id)
+  if len(ids) > max_len:
+    raise policy.SampleProblem(policy.OVER_LONG, f'prompt has {len(ids)} > max_len {max_len} tokens')
+  return ids, rounds[-1][1]
