@@ -1,0 +1,209 @@
+"""Prefill FLOPs three ways: the paper's Eq. 13, an analytic whole-prefill count, and XLA's cost analysis.
+
+1. `eq13_flops(model_cfg, method)`: Dynamic-LLaVA Eq. 13, image tokens only, per LLM layer
+   `32·B·N·C² + 4·B·N²·C` (N image tokens present in that layer, C hidden size), summed over layers with
+   the method's drop schedule. Reproduces 7B 10.07 → 2.49 TFLOPs, 13B 19.6 → 4.66, FastV(3, 0.75) 3.2.
+2. `prefill_flops(model_cfg, method, text_tokens)`: every matmul of one prefill, counted as 2·M·N·K:
+   ViT (patch embedding + the layers LLaVA runs, 1 + N tokens), projector, every LLM layer on the tokens
+   present there (q/k/v/o, full (non-causal-halved) T_q·T_k score and value products, SwiGLU MLP), the
+   method's scoring work (Dynamic's image predictor, FastV / PyramidDrop's recomputed last-token
+   attention) and the LM head on the LAST position only (`lm_head='last'`, what prefill returns) or on
+   every position (`lm_head='all'`). Element-wise work (norms, softmax, RoPE, GELU) is left out: it is a
+   small fraction at 7B but a few % on toy configs.
+3. `xla_flops(fn, *abstract_args)`: `jax.jit(fn).lower(...).compile().cost_analysis()['flops']` on
+   abstract shapes. XLA's cost analysis counts a while-loop body ONCE, so the layer scans are unrolled
+   while tracing (`unrolled_scans`), which makes the count cover every layer.
+"""
+import contextlib
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs.common import num_image_tokens
+
+
+# ---------------------------------------------------------------- drop schedule
+
+def image_token_schedule(model_cfg, method=None, n_image=None):
+  """Image tokens present in each LLM layer under `method`'s drop points -> list of length llm.layers."""
+  n = num_image_tokens(model_cfg) if n_image is None else n_image
+  layers = model_cfg.llm.layers
+  sched = [n] * layers
+  if method is None:
+    return sched
+  points = tuple(method.drop_points(model_cfg))
+  counts = tuple(method.keep_counts(n))
+  if len(points) != len(counts):
+    raise ValueError(f'{method.name}: {len(points)} drop points but {len(counts)} keep counts')
+  for p, k in zip(points, counts):
+    for layer in range(p, layers):
+      sched[layer] = k
+  return sched
+
+
+# ---------------------------------------------------------------- Eq. 13
+
+def eq13_layer(n, c, batch=1):
+  """Paper Eq. 13 for one layer: 32·B·N·C² + 4·B·N²·C."""
+  return 32 * batch * n * c * c + 4 * batch * n * n * c
+
+
+def eq13_flops(model_cfg, method=None, batch=1):
+  """Eq. 13 summed over the LLM's layers with the method's image-token schedule (FLOPs, not TFLOPs)."""
+  c = model_cfg.llm.hidden
+  return float(sum(eq13_layer(n, c, batch) for n in image_token_schedule(model_cfg, method)))
+
+
+# ---------------------------------------------------------------- analytic whole prefill
+
+def vit_flops(vc, batch=1):
+  """CLIP tower matmuls: patch embedding + the encoder layers LLaVA runs (up to feature_layer)."""
+  n = (vc.image_size // vc.patch_size) ** 2
+  t, w = n + 1, vc.width
+  run = vc.depth + 1 + vc.feature_layer if vc.feature_layer < 0 else vc.feature_layer
+  patch = 2 * n * (vc.patch_size ** 2 * 3) * w
+  layer = 8 * t * w * w + 4 * t * t * w + 4 * t * w * vc.mlp_dim
+  return batch * (patch + run * layer)
+
+
+def projector_flops(model_cfg, batch=1):
+  n = num_image_tokens(model_cfg)
+  h = model_cfg.llm.hidden
+  return batch * (2 * n * model_cfg.vision.width * h + 2 * n * h * h)
+
+
+def llm_layer_flops(lc, t_q, t_k=None, batch=1):
+  """One decoder layer on t_q query tokens attending over t_k keys."""
+  t_k = t_q if t_k is None else t_k
+  h, hd = lc.hidden, lc.head_dim
+  proj = 2 * t_q * h * hd * (2 * lc.heads + 2 * lc.kv_heads)
+  attn = 4 * t_q * t_k * lc.heads * hd
+  mlp = 6 * t_q * h * lc.mlp_dim
+  return batch * (proj + attn + mlp)
+
+
+def image_predictor_flops(model_cfg, n, batch=1):
+  """Dynamic-LLaVA image predictor on n image tokens (down, blocks, head)."""
+  sc, h = model_cfg.sparse, model_cfg.llm.hidden
+  d, ff = sc.d_model, sc.dim_feedforward
+  down = 2 * n * h * d
+  block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * ff
+  head = 2 * n * (d * d // 2 + d // 2 * d // 4 + d // 4 * 2)
+  return batch * (down + sc.num_layers * block + head)
+
+
+def scoring_flops(model_cfg, method, t, n, batch=1):
+  """Extra work a method does at one drop point on a t-token sequence with n image tokens."""
+  if method is None:
+    return 0
+  name = method.name
+  lc = model_cfg.llm
+  if name.startswith('dynamic'):
+    return image_predictor_flops(model_cfg, n, batch)
+  if name in ('fastv', 'pdrop'):
+    # k projection of every token, q projection of the last token, its scores over t keys.
+    return batch * (2 * t * lc.hidden * lc.kv_heads * lc.head_dim + 2 * lc.hidden * lc.heads * lc.head_dim
+                    + 2 * t * lc.heads * lc.head_dim)
+  return 0
+
+
+def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last', seq_lens=None,
+                  include_vision=True):
+  """Analytic FLOPs of one prefill of `batch` prompts, each `text_tokens` text + N image tokens.
+
+  seq_lens: optional per-layer sequence lengths (e.g. the engine's padded buckets); default = text tokens
+  + the image tokens the method keeps in that layer. Returns a dict of parts and 'total'.
+  """
+  if lm_head not in ('last', 'all'):
+    raise ValueError(f"lm_head={lm_head!r}: use 'last' or 'all'")
+  lc = model_cfg.llm
+  n = num_image_tokens(model_cfg)
+  sched = image_token_schedule(model_cfg, method, n)
+  lens = [text_tokens + k for k in sched] if seq_lens is None else list(seq_lens)
+  if len(lens) != lc.layers:
+    raise ValueError(f'seq_lens has {len(lens)} entries; the LLM has {lc.layers} layers')
+  out = {}
+  out['vision'] = vit_flops(model_cfg.vision, batch) if include_vision else 0
+  out['projector'] = projector_flops(model_cfg, batch) if include_vision else 0
+  out['llm_layers'] = sum(llm_layer_flops(lc, t, t, batch) for t in lens)
+  score = 0
+  if method is not None:
+    for p in method.drop_points(model_cfg):
+      score += scoring_flops(model_cfg, method, lens[p - 1] if p > 0 else lens[0], sched[p - 1] if p else n,
+                             batch)
+  out['scoring'] = score
+  out['lm_head'] = batch * 2 * lc.hidden * lc.vocab_size * (1 if lm_head == 'last' else lens[-1])
+  out['total'] = float(sum(out.values()))
+  return out
+
+
+def reduction(dense, sparse):
+  """Relative FLOPs saved, e.g. 0.75 for −75%."""
+  return 1.0 - sparse / dense
+
+
+# ---------------------------------------------------------------- XLA cost analysis
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Traces every `jax.lax.scan` fully unrolled (so XLA's cost analysis sees each layer once each)."""
+  orig = jax.lax.scan
+
+  @functools.wraps(orig)
+  def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
+    return orig(f, init, xs, length=length, reverse=reverse, unroll=True, **kw)
+
+  jax.lax.scan = scan
+  try:
+    yield
+  finally:
+    jax.lax.scan = orig
+
+
+def xla_flops(fn, *args, compile=True, **kwargs):
+  """XLA's FLOP count of `fn(*args, **kwargs)` (args may be jax.ShapeDtypeStruct pytrees; nothing is
+  allocated). Scans are unrolled while tracing. kwargs are static."""
+  with unrolled_scans():
+    lowered = jax.jit(functools.partial(fn, **kwargs)).lower(*args)
+  cost = lowered.compile().cost_analysis() if compile else lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def abstract_model(model_cfg):
+  """(graphdef, abstract state) of a Llava for `model_cfg`; no weights are allocated."""
+  from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: Llava(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def abstract_prompt(model_cfg, batch, text_tokens):
+  """Abstract (input_ids, pixel_values, attention_mask) of `batch` prompts with N image placeholders."""
+  n = num_image_tokens(model_cfg)
+  t = n + text_tokens
+  s = model_cfg.vision.image_size
+  return (jax.ShapeDtypeStruct((batch, t), jnp.int32),
+          jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+          jax.ShapeDtypeStruct((batch, t), jnp.int32))
+
+
+def xla_dense_forward_flops(model_cfg, batch=1, text_tokens=64):
+  """XLA FLOPs of the dense forward `Llava.__call__` (LM head on every position) on abstract shapes."""
+  graphdef, state = abstract_model(model_cfg)
+
+  def fwd(state, ids, pix, mask):
+    return nnx.merge(graphdef, state)(ids, pix, mask)
+
+  return xla_flops(fwd, state, *abstract_prompt(model_cfg, batch, text_tokens))
+
+
+def tflops(x):
+  return x / 1e12
+
+
+def close(a, b, rel=0.05):
+  return math.isclose(a, b, rel_tol=rel)
