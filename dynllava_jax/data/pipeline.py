@@ -15,6 +15,7 @@ tokenization, optionally in `num_workers` processes) → drop-and-count bad samp
 """
 import logging
 
+from absl import flags
 import jax
 import numpy as np
 import grain.python as grain
@@ -234,6 +235,8 @@ def make_iterator(config, split, *, shuffle=True, num_epochs=None, process_index
   threads = 0 if d.num_workers else 2
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
   if d.num_workers:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (defaults outside absl.app)
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
   counter = policy.SkipCounter('samples', strict=d.strict)
   it_ds = it_ds.filter(SkipFilter(counter))
