@@ -2,21 +2,32 @@
 prefill / decode code (`dynllava_jax.decode`).
 
 A method prunes IMAGE tokens at prefill at a static list of drop points, and may prune GENERATED TEXT tokens
-during decoding. Text tokens of the prompt are never dropped by these methods.
+from one layer on (`text_layer`). Text tokens of the prompt are never dropped by these methods.
 
 Prefill contract (the engine in `dynllava_jax.decode.prefill` calls these, all under jit, static shapes):
   points = method.drop_points(model_cfg)          # ascending 0-based layer indices p: the drop happens on
                                                   # the hidden state ENTERING layer p; () = dense
   k_i    = method.keep_counts(n_image_tokens)[i]  # image tokens still present after drop i (static ints,
-                                                  # counted against the ORIGINAL image-token count)
+                                                  # counted against the ORIGINAL image-token count), or
+                                                  # None = threshold mode: keep every present image token
+                                                  # whose score is > 0 (a data-dependent count)
   scores = method.score(i, ctx)                   # (B, T_cur) float: higher = keep; only entries where
                                                   # ctx.image_mask is True are compared. The engine keeps,
-                                                  # per sample, the k_i best present image tokens and every
-                                                  # real text token, in original order, original RoPE
-                                                  # positions unless method.renumber_positions is True.
+                                                  # per sample, the k_i best present image tokens (ties:
+                                                  # the earlier token), every real text token and the last
+                                                  # real token, in original order, original RoPE positions
+                                                  # unless method.renumber_positions is True (then kept
+                                                  # tokens are numbered 0, 1, 2, ... after each drop).
 Decode contract:
-  keep = method.text_keep(ctx)                    # (B,) bool for the newest generated token at layers >=
-                                                  # points[0] (KV-cache mode), or None = keep all
+  layer  = method.text_layer(model_cfg)           # int or None: generated tokens may be dropped from the
+                                                  # layers >= layer (Dynamic-LLaVA: sparse_layer)
+  keep   = method.text_keep(ctx)                  # ctx.h_new (B, S, H): hidden states of S generated tokens
+                                                  # entering `text_layer` -> (B, S) bool, or None = keep
+                                                  # all. KV-cache decoding calls it with S = 1 for the
+                                                  # newest token; decoding without a cache with every
+                                                  # generated token (the newest is kept regardless).
+The engine splits the decoder into segments at sorted(set(drop_points) | {text_layer}); layers before the
+first boundary keep a full KV cache, every later segment a compact cache of the tokens it kept.
 """
 import dataclasses
 from typing import Any, Optional, Sequence
@@ -28,12 +39,13 @@ import jax
 class ScoreContext:
   """What a method may look at when scoring at a drop point (all arrays for the CURRENT sequence).
 
+  The current sequence is packed: real tokens first, in original order, padding after.
   h        (B, T, H)  hidden state entering layer `layer`
   h_prev   (B, T, H)  hidden state entering layer `layer - 1` (only if method.needs_prev_hidden), else None
   positions(B, T)     RoPE positions of the current tokens
   valid    (B, T)     bool, real (non-padding) tokens
   image_mask (B, T)   bool, image tokens still present
-  last_index (B,)     index (in the current sequence) of the last real prompt token
+  last_index (B,)     index (in the current sequence) of the last real token
   layer    int        static, the drop point
   model               the Llava module (for its layers' weights and the predictors)
   rng      PRNG key   for random methods
@@ -51,7 +63,7 @@ class ScoreContext:
 
 @dataclasses.dataclass
 class TextContext:
-  """Decode-time context for the newest token: h_new (B, 1, H) entering layer `layer`."""
+  """Decode-time context: h_new (B, S, H) hidden states of generated tokens entering layer `layer`."""
   h_new: Any
   layer: int
   model: Any
@@ -67,11 +79,14 @@ class Sparsifier:
   def drop_points(self, model_cfg) -> Sequence[int]:
     return ()
 
-  def keep_counts(self, n_image_tokens: int) -> Sequence[int]:
+  def keep_counts(self, n_image_tokens: int) -> Sequence[Optional[int]]:
     return ()
 
   def score(self, i: int, ctx: ScoreContext) -> jax.Array:
     raise ValueError(f'{self.name} has no drop points; score() should not be called')
+
+  def text_layer(self, model_cfg) -> Optional[int]:
+    return None
 
   def text_keep(self, ctx: TextContext):
     return None
