@@ -104,10 +104,12 @@ class Processor:
            'id': np.int32(rec['index'])}
     for k in SPAN_KEYS:
       out[k] = np.int32(getattr(enc, k))
-    if self.prompt:
-      out['prompt_ids'], _ = templates.encode_prompt(self.tok, rec['conversations'],
-                                                     rec['has_image'], **kw)
-      out.update(answer=rec['answer'], question_type=rec['question_type'], record_id=rec['id'])
+    if self.prompt:   # prompt of the last round kept by truncation; its gold answer
+      conv = rec['conversations'][:2 * enc.num_rounds]
+      out['prompt_ids'], gold = templates.encode_prompt(self.tok, conv, rec['has_image'], **kw)
+      if len(conv) == len(rec['conversations']):
+        gold = rec['answer']
+      out.update(answer=gold, question_type=rec['question_type'], record_id=rec['id'])
     out['pixel_values'] = images.load_pixels(rec['image'], self.image_size, rec['has_image'])
     return out
 
@@ -251,7 +253,8 @@ def make_eval_samples(config, split, limit=None):
   """Per-sample dicts for generation evaluation, in record order (bad records skipped, counted).
 
   Each: prompt_ids (P,) int32 (up to and including the last "ASSISTANT:"), pixel_values (H, W, 3)
-  float32, has_image bool, image_start int, answer str (gold short answer), question_type str,
+  float32, has_image bool, image_start int, answer str (gold short answer; when truncation
+  dropped trailing rounds, prompt and answer are those of the last kept round), question_type str,
   id int (record index), record_id str, full: the teacher-forcing sample (input_ids, labels,
   attention_mask (L,) int32, pixel_values, has_image and the span keys, unbatched).
   """

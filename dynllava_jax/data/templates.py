@@ -48,6 +48,7 @@ class Encoded:
   answer_start: int
   answer_end: int
   truncated: bool = False
+  num_rounds: int = 1   # (question, answer) rounds kept after truncation
 
   def as_dict(self):
     d = dataclasses.asdict(self)
@@ -158,14 +159,16 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
   for s, e in ans:
     labels[s:e] = ids[s:e]
   truncated = False
+  kept = len(ans)
   if len(ids) > max_len:
     truncated = True
     fit = [i for i, (_, e) in enumerate(ans) if e <= max_len]
     if fit:
-      keep = fit[-1] + 1
-      ans = ans[:keep]
+      kept = fit[-1] + 1
+      ans = ans[:kept]
       length = ans[-1][1]
     elif ans[0][0] < max_len:
+      kept = 1
       ans = [(ans[0][0], max_len)]
       length = max_len
     else:
@@ -174,7 +177,7 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
           f'max_len {max_len}')
     ids, labels = ids[:length], labels[:length]
   return Encoded(ids, labels.astype(np.int32), bool(has_image), int(image_start), int(instr_start),
-                 int(instr_end), int(ans[-1][0]), int(ans[-1][1]), truncated)
+                 int(instr_end), int(ans[-1][0]), int(ans[-1][1]), truncated, kept)
 
 
 def encode_prompt(tok, conversations, has_image, *, num_image_tokens, image_token_id, bos_id,
