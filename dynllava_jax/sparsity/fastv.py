@@ -1,0 +1,85 @@
+"""FastV (Chen et al., 2024): drop image tokens once, entering layer K, by the attention the LAST prompt
+token paid them in layer K−1 (mean over heads); keep round(N·(1−R)); kept tokens keep their original RoPE
+positions. With a KV cache it prunes once, at prefill (the decode steps then see only the kept tokens).
+
+`needs_prev_hidden=True`: the engine hands the hidden state entering layer K−1 (`ctx.h_prev`), and the
+score recomputes that layer's attention row with its own input_norm, q/k projections and RoPE — identical
+to the probabilities the dense forward used there (plain softmax over causal, real keys).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynllava_jax.model.attention import NEG_INF, apply_rope, rope_cos_sin
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
+
+
+def decoder_layer(model, index):
+  """The `index`-th (0-based) layer of the stacked decoder as a plain DecoderLayer module."""
+  stacked = model.language_model.layers
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
+def query_attention(layer, h, positions, valid, query_index):
+  """Attention probabilities of one query token per sample over all keys, mean over heads.
+
+  layer: a DecoderLayer; h (B, T, H) hidden state ENTERING that layer; positions (B, T) RoPE positions;
+  valid (B, T) bool real tokens; query_index (B,) int index of the query token. Keys j ≤ query_index that
+  are valid are allowed (causal); plain softmax in fp32. Returns (B, T) float32 (0 on disallowed keys).
+  """
+  b, t, _ = h.shape
+  lc = layer.attn.lc
+  hd, hq, hkv = lc.head_dim, lc.heads, lc.kv_heads
+  x = layer.input_norm(h)
+  qi = query_index.astype(jnp.int32)[:, None]
+  xq = jnp.take_along_axis(x, qi[:, :, None], axis=1)                          # (B, 1, H)
+  pq = jnp.take_along_axis(positions, qi, axis=1)                              # (B, 1)
+  q = layer.attn.q_proj(xq).reshape(b, 1, hq, hd)
+  k = layer.attn.k_proj(x).reshape(b, t, hkv, hd)
+  q = apply_rope(q, *rope_cos_sin(pq, hd, lc.rope_theta))
+  k = apply_rope(k, *rope_cos_sin(positions, hd, lc.rope_theta))
+  qg = q.reshape(b, hkv, hq // hkv, hd)
+  s = jnp.einsum('bhgd,bkhd->bhgk', qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+  allowed = (jnp.arange(t)[None, :] <= qi) & valid.astype(bool)               # (B, T)
+  s = jnp.where(allowed[:, None, None, :], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1) * allowed[:, None, None, :]
+  return jnp.mean(p.reshape(b, hq, t), axis=1)
+
+
+def round_half_up(x):
+  return int(math.floor(x + 0.5))
+
+
+class FastV(Sparsifier):
+  """FastV(K, R). K = the 0-based layer entered after the drop (K ≥ 1), R = fraction of image tokens dropped."""
+  name = 'fastv'
+  needs_prev_hidden = True
+  renumber_positions = False
+
+  def __init__(self, k=3, r=0.75):
+    if int(k) < 1:
+      raise ValueError(f'fastv: K={k} must be >= 1 (the score uses layer K-1\'s attention)')
+    if not 0.0 <= float(r) < 1.0:
+      raise ValueError(f'fastv: R={r} must be in [0, 1) (the fraction of image tokens dropped)')
+    self.k, self.r = int(k), float(r)
+
+  def drop_points(self, model_cfg):
+    if self.k >= model_cfg.llm.layers:
+      raise ValueError(f'fastv: K={self.k} must be < llm.layers={model_cfg.llm.layers}')
+    return (self.k,)
+
+  def keep_counts(self, n_image_tokens):
+    return (max(1, round_half_up(n_image_tokens * (1.0 - self.r))),)
+
+  def score(self, i, ctx: ScoreContext):
+    if ctx.h_prev is None:
+      raise ValueError('fastv needs ctx.h_prev (the hidden state entering layer K-1); the engine must '
+                       'honour needs_prev_hidden=True')
+    layer = decoder_layer(ctx.model, ctx.layer - 1)
+    return query_attention(layer, ctx.h_prev, ctx.positions, ctx.valid, ctx.last_index)
+
+  def describe(self):
+    return {'method': self.name, 'K': self.k, 'R': self.r}

@@ -1,0 +1,42 @@
+"""Random keeping (a sanity floor): at Dynamic-LLaVA's `sparse_layer`, keep k = ⌊N·r_I⌋ image tokens
+chosen uniformly at random per sample (the same budget as Dynamic-LLaVA's top-k prefill).
+
+The draw uses `ctx.rng` when the engine passes one, else a fixed key from `seed` (deterministic).
+"""
+import math
+
+import jax
+
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
+
+
+def dynamic_budget(n_image_tokens, keep_ratio):
+  """Dynamic-LLaVA's top-k budget k = ⌊N·r_I⌋ (at least 1)."""
+  return max(1, int(math.floor(n_image_tokens * keep_ratio + 1e-9)))
+
+
+class RandomKeep(Sparsifier):
+  name = 'random'
+
+  def __init__(self, sparse_layer=2, keep_ratio=0.2, seed=0):
+    if not 0.0 < float(keep_ratio) <= 1.0:
+      raise ValueError(f'random: keep_ratio={keep_ratio} must be in (0, 1]')
+    self.sparse_layer, self.keep_ratio, self.seed = int(sparse_layer), float(keep_ratio), int(seed)
+
+  def drop_points(self, model_cfg):
+    if not 0 <= self.sparse_layer < model_cfg.llm.layers:
+      raise ValueError(f'{self.name}: sparse_layer={self.sparse_layer} must be in [0, '
+                       f'{model_cfg.llm.layers})')
+    return (self.sparse_layer,)
+
+  def keep_counts(self, n_image_tokens):
+    return (dynamic_budget(n_image_tokens, self.keep_ratio),)
+
+  def score(self, i, ctx: ScoreContext):
+    key = ctx.rng if ctx.rng is not None else jax.random.key(self.seed)
+    key = jax.random.fold_in(key, i)
+    return jax.random.uniform(key, ctx.image_mask.shape)
+
+  def describe(self):
+    return {'method': self.name, 'sparse_layer': self.sparse_layer, 'keep_ratio': self.keep_ratio,
+            'seed': self.seed}
