@@ -28,7 +28,10 @@ from configs.common import num_image_tokens
 # ---------------------------------------------------------------- drop schedule
 
 def image_token_schedule(model_cfg, method=None, n_image=None):
-  """Image tokens present in each LLM layer under `method`'s drop points -> list of length llm.layers."""
+  """Image tokens present in each LLM layer under `method`'s drop points -> list of length llm.layers.
+
+  A threshold-mode drop (keep count None) is counted at the configured budget ⌊N·r_I⌋.
+  """
   n = num_image_tokens(model_cfg) if n_image is None else n_image
   layers = model_cfg.llm.layers
   sched = [n] * layers
@@ -39,6 +42,8 @@ def image_token_schedule(model_cfg, method=None, n_image=None):
   if len(points) != len(counts):
     raise ValueError(f'{method.name}: {len(points)} drop points but {len(counts)} keep counts')
   for p, k in zip(points, counts):
+    if k is None:   # threshold mode: a data-dependent count; use the configured keep ratio's budget
+      k = int(n * model_cfg.sparse.image_keep_ratio + 1e-9)
     for layer in range(p, layers):
       sched[layer] = k
   return sched

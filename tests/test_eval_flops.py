@@ -1,0 +1,41 @@
+"""FLOPs: the paper's Eq. 13 numbers, and the analytic whole-prefill count against XLA's cost analysis."""
+import pytest
+
+from configs.common import model_config
+from configs.dynllava import get_config
+from dynllava_jax.eval import flops as F
+from dynllava_jax.sparsity.fastv import FastV
+from dynllava_jax.sparsity.random_keep import RandomKeep
+
+
+def _dynamic_budget(size):
+  # Dynamic-LLaVA's prefill budget (sparse_layer 2, k = ⌊576·0.2⌋ = 115) — RandomKeep shares it.
+  return RandomKeep(sparse_layer=2, keep_ratio=0.2)
+
+
+@pytest.mark.parametrize('size,dense,sparse', [('7b', 10.07, 2.49), ('13b', 19.6, 4.66)])
+def test_eq13_reproduces_paper(size, dense, sparse):
+  mc = model_config(size)
+  assert F.tflops(F.eq13_flops(mc)) == pytest.approx(dense, abs=0.005)
+  assert F.tflops(F.eq13_flops(mc, _dynamic_budget(size))) == pytest.approx(sparse, abs=0.005)
+
+
+def test_eq13_fastv_7b():
+  mc = model_config('7b')
+  assert F.image_token_schedule(mc, FastV(3, 0.75))[:4] == [576, 576, 576, 144]
+  assert F.tflops(F.eq13_flops(mc, FastV(3, 0.75))) == pytest.approx(3.2, abs=0.005)
+
+
+def test_analytic_dense_matches_xla_tiny():
+  mc = get_config('size=tiny,dense=True').model
+  xla = F.xla_dense_forward_flops(mc, batch=2, text_tokens=24)
+  ana = F.prefill_flops(mc, None, text_tokens=24, batch=2, lm_head='all')['total']
+  assert ana == pytest.approx(xla, rel=0.05)
+
+
+def test_prefill_flops_rejects_bad_input():
+  mc = model_config('7b')
+  with pytest.raises(ValueError, match='lm_head'):
+    F.prefill_flops(mc, None, lm_head='first')
+  with pytest.raises(ValueError, match='seq_lens'):
+    F.prefill_flops(mc, None, seq_lens=[1, 2])
