@@ -161,18 +161,26 @@ class DataIterator:
   `set_state(state)` continues exactly after the batch the state was taken at.
   """
 
+  LOG_EVERY = 1000   # batches between summary lines while skips keep occurring
+
   def __init__(self, it, counter, name):
     self._it, self.counter, self.name = it, counter, name
+    self._batches, self._logged = 0, 0
 
   def __iter__(self):
     return self
 
   def __next__(self):
     try:
-      return next(self._it)
+      batch = next(self._it)
     except StopIteration:
       self.counter.log_summary(f'{self.name}: ')
       raise
+    self._batches += 1
+    if self._batches % self.LOG_EVERY == 0 and self.counter.num_skipped > self._logged:
+      self._logged = self.counter.num_skipped
+      self.counter.log_summary(f'{self.name}: ')
+    return batch
 
   def get_state(self):
     return {'grain': self._it.get_state(), 'skipped': self.counter.state()}
