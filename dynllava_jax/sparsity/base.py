@@ -18,6 +18,7 @@ Prefill contract (the engine in `dynllava_jax.decode.prefill` calls these, all u
                                                   # real token, in original order, original RoPE positions
                                                   # unless method.renumber_positions is True (then kept
                                                   # tokens are numbered 0, 1, 2, ... after each drop).
+  method.validate(model_cfg, n_image_tokens)      # called once by the engine before anything runs
 Decode contract:
   layer  = method.text_layer(model_cfg)           # int or None: generated tokens may be dropped from the
                                                   # layers >= layer (Dynamic-LLaVA: sparse_layer)
@@ -87,6 +88,16 @@ class Sparsifier:
 
   def text_layer(self, model_cfg) -> Optional[int]:
     return None
+
+  def validate(self, model_cfg, n_image_tokens: int) -> None:
+    """Raises ValueError (one actionable line) if this method cannot run on this model."""
+    for p in self.drop_points(model_cfg):
+      if not 1 <= p < model_cfg.llm.layers:
+        raise ValueError(f'{self.name}: drop point {p} must be in 1..{model_cfg.llm.layers - 1} (the hidden '
+                         'state entering that decoder layer)')
+    t = self.text_layer(model_cfg)
+    if t is not None and not 1 <= t < model_cfg.llm.layers:
+      raise ValueError(f'{self.name}: text_layer {t} must be in 1..{model_cfg.llm.layers - 1}')
 
   def text_keep(self, ctx: TextContext):
     return None

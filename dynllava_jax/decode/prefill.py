@@ -1,0 +1,209 @@
+"""Sparsified prefill: the decoder run in segments split at the method's drop points (METHODS.md §1).
+
+All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
+original order, padding after; slot order is causal order. At each boundary p (a drop point, or the
+method's text layer) the engine decides, per sample, which tokens stay:
+  - at a drop point i: every real text token, the k_i best present image tokens by `method.score` (or those
+    with score > 0 in threshold mode), and the last real token;
+  - at the text layer, when generated tokens are present (decoding without a KV cache): the generated
+    tokens `method.text_keep` keeps, and always the newest (last) one;
+and gathers the kept tokens, in order, with their RoPE positions (renumbered 0.. if
+`method.renumber_positions`), into the next segment's static length. Layers after p run on the short
+sequence. Dropped tokens are gone, so this equals a masked forward with exact-zero attention to them.
+
+    out = prefill(model, cfg, method, input_ids, pixel_values, attention_mask)
+    out.logits_last (B, vocab); out.segments[s].kv = (k, v) each (L_s, B, T_s, Hkv, D)
+"""
+import dataclasses
+from functools import partial
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from configs.common import num_image_tokens
+from dynllava_jax.decode import request as R
+from dynllava_jax.decode.config import eval_defaults
+from dynllava_jax.model.attention import causal_allowed
+from dynllava_jax.sparsity.base import ScoreContext, TextContext
+
+
+@struct.dataclass
+class Segment:
+  """One segment's view of the sequence after its boundary gather (layers [start, stop)).
+
+  kv       (k, v) each (L_s, B, T_s, Hkv, D) or None; slots [0, count) hold kept tokens, in order
+  count    (B,) int32 kept tokens
+  positions (B, T_s) int32 RoPE positions; orig (B, T_s) int32 slot in the packed prompt (T0 coordinates)
+  valid    (B, T_s) bool; image (B, T_s) bool image tokens present
+  """
+  kv: Any
+  count: Any
+  positions: Any
+  orig: Any
+  valid: Any
+  image: Any
+  start: int = struct.field(pytree_node=False)
+  stop: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class ForwardOut:
+  """logits_last (B, V) at each sample's last real token; logits (B, T_last, V) of the last segment or
+  None; segments: tuple of Segment; kept (n_seg, B, T0) bool: which packed prompt slots each segment holds."""
+  logits_last: Any
+  logits: Any
+  segments: Tuple[Segment, ...]
+  kept: Any
+
+
+def pack(keep, size):
+  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid."""
+  t = keep.shape[1]
+  idx = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
+  if size > t:
+    idx = jnp.concatenate([idx, jnp.full((keep.shape[0], size - t), t - 1, jnp.int32)], axis=1)
+  idx = idx[:, :size]
+  count = jnp.sum(keep, axis=-1).astype(jnp.int32)
+  valid = jnp.arange(size)[None, :] < count[:, None]
+  return idx, valid, count
+
+
+def select_image(scores, image_mask, k):
+  """Per sample keep the k best image tokens (ties: earlier), or score > 0 when k is None. (B, T) bool."""
+  if k is None:
+    return image_mask & (scores > 0)
+  s = jnp.where(image_mask, scores.astype(jnp.float32), -jnp.inf)
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  b, t = s.shape
+  rank = jnp.zeros((b, t), jnp.int32).at[jnp.arange(b)[:, None], order].set(
+      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  return image_mask & (rank < k)
+
+
+def _take(x, idx):
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _run(model, h, positions, valid, start, stop, return_kv):
+  t = h.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), valid.shape)
+  allowed = causal_allowed(idx, idx, valid)
+  lm = model.language_model
+  out = lm.run_layers(h, positions, allowed, start=start, stop=stop, mode=model.mc.attention,
+                      return_kv=return_kv, remat=model.mc.remat)
+  return out if return_kv else (out, None)
+
+
+def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
+                   return_logits=False):
+  """The segmented forward on packed inputs (traceable; sizes static).
+
+  h (B, T0, H) embeddings; valid (B, T0) bool; image_mask (B, T0) bool; gen_mask (B, T0) bool generated
+  tokens (or None: a plain prompt); rng a PRNG key or None; sizes = request.segment_sizes(...).
+  """
+  mc = model.mc
+  n_layers = mc.llm.layers
+  n_img = num_image_tokens(mc)
+  pts = tuple(int(p) for p in method.drop_points(mc))
+  counts = tuple(method.keep_counts(n_img))
+  tl = method.text_layer(mc)
+  bounds = R.boundaries(method, mc)
+  b, t0 = valid.shape
+  positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
+  orig = positions
+  image_mask = image_mask & valid
+  gen = None if gen_mask is None else gen_mask & valid
+  segments, kept = [], []
+  start = 0
+  for j, stop in enumerate(bounds + (n_layers,)):
+    h_prev = None
+    nxt_drop = stop in pts and stop < n_layers
+    if nxt_drop and method.needs_prev_hidden and stop - 1 > start:
+      h, kv1 = _run(model, h, positions, valid, start, stop - 1, return_kv)
+      h_prev = h
+      h, kv2 = _run(model, h, positions, valid, stop - 1, stop, return_kv)
+      kv = None if kv1 is None else jax.tree.map(lambda a, c: jnp.concatenate([a, c], 0), kv1, kv2)
+    else:
+      if nxt_drop and method.needs_prev_hidden:
+        h_prev = h
+      h, kv = _run(model, h, positions, valid, start, stop, return_kv)
+    count = jnp.sum(valid, -1).astype(jnp.int32)
+    segments.append(Segment(kv, count, positions, orig, valid, image_mask, start, stop))
+    kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], orig].max(valid))
+    if stop == n_layers:
+      break
+    last = jnp.arange(h.shape[1])[None, :] == (count - 1)[:, None]
+    keep = valid
+    if stop in pts:
+      i = pts.index(stop)
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=valid, image_mask=image_mask,
+                         last_index=count - 1, layer=stop, model=model, rng=key)
+      scores = method.score(i, ctx)
+      keep = valid & (~image_mask | select_image(scores, image_mask, counts[i]))
+    if gen is not None and tl is not None and stop == tl:
+      tk = method.text_keep(TextContext(h_new=h, layer=stop, model=model))
+      if tk is not None:
+        keep = keep & (~gen | tk)
+    keep = keep | (last & valid)
+    idx, valid, _ = pack(keep, sizes[j + 1])
+    h, orig, image_mask = _take(h, idx), _take(orig, idx), _take(image_mask, idx) & valid
+    gen = None if gen is None else _take(gen, idx) & valid
+    if method.renumber_positions:
+      positions = jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=jnp.int32), idx.shape)
+    else:
+      positions = _take(positions, idx)
+    start = stop
+  count = segments[-1].count
+  lm = model.language_model
+  h_last = _take(h, (count - 1)[:, None])
+  logits_last = lm.head(h_last)[:, 0]
+  logits = lm.head(h) if return_logits else None
+  return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept))
+
+
+@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits'))
+def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return_kv, return_logits):
+  h, image_mask = model.embed(ids, pixel_values)
+  valid = jnp.arange(ids.shape[1])[None, :] < n_real[:, None]
+  return sparse_forward(model, method, h, valid, image_mask, None, rng, sizes=sizes, return_kv=return_kv,
+                        return_logits=return_logits)
+
+
+def eval_section(cfg):
+  """The `eval` section of a root config, or its defaults when cfg is a model config."""
+  if cfg is not None and 'eval' in cfg:
+    return cfg.eval
+  return eval_defaults('tiny')
+
+
+@dataclasses.dataclass
+class PrefillOutput:
+  """Host-facing prefill result: `out` (ForwardOut, device arrays), the packed `request`, static `sizes`."""
+  out: ForwardOut
+  request: R.Request
+  sizes: Tuple[int, ...]
+
+  @property
+  def logits_last(self):
+    return self.out.logits_last
+
+
+def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, rng=None,
+            return_kv=True, return_logits=False, max_new_tokens=1, extra_len=0):
+  """Validates, packs and runs the sparsified prefill. cfg: root config (its `eval` buckets) or None.
+
+  Returns PrefillOutput; `.out.logits_last` (B, vocab) float32, `.out.segments[s].kv` the caches.
+  """
+  ev = eval_section(cfg)
+  mc = model.mc
+  method.validate(mc, num_image_tokens(mc))
+  req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+                         bucket=ev.prefill_bucket, extra_len=extra_len)
+  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket)
+  pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
+  out = _prefill_jit(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
+                     return_kv=return_kv, return_logits=return_logits)
+  return PrefillOutput(out, req, sizes)

@@ -1,0 +1,90 @@
+"""Dynamic-LLaVA's learned sparsification at inference (METHODS.md §1).
+
+Image tokens: at `sparse_layer` the image predictor scores each sample's image tokens; scores are the keep
+log-probability log_softmax(logits)[..., 0] and the engine keeps the top k = ⌊N_img·r_I⌋ (the paper's
+"TopkArgmax", `topk=True`), or, with `topk=False` (the main text's plain argmax), the engine's threshold mode
+keeps every image token with logit0 > logit1 (the score is then the margin logit0 − logit1).
+Generated text: the output-text predictor on a token's hidden state entering `sparse_layer` keeps it iff
+logit0 > logit1 (no rate control), for every layer from `sparse_layer` on.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext
+
+
+def image_keep_count(n_image_tokens, ratio):
+  """k = ⌊N·r⌋ (at least 1), e.g. 576 · 0.2 -> 115."""
+  return max(1, int(math.floor(n_image_tokens * ratio + 1e-6)))
+
+
+def gather_image_tokens(h, image_mask, n):
+  """Per sample, the first n tokens flagged in image_mask, in order.
+
+  h (B, T, H), image_mask (B, T) bool -> (h_img (B, n, H), idx (B, n) int32 into T, present (B, n) bool).
+  Samples with fewer flagged tokens get present=False in the tail (their idx point at other tokens).
+  """
+  t = h.shape[1]
+  idx = jnp.argsort(~image_mask, axis=-1, stable=True)[:, :n].astype(jnp.int32)
+  if n > t:
+    raise ValueError(f'sequence of {t} tokens cannot hold {n} image tokens')
+  present = jnp.take_along_axis(image_mask, idx, axis=1)
+  return jnp.take_along_axis(h, idx[..., None], axis=1), idx, present
+
+
+class DynamicSparsifier(Sparsifier):
+  """image / text switch the two predictors; topk picks TopkArgmax (True) or plain argmax (False)."""
+
+  def __init__(self, image=True, text=True, topk=True, keep_ratio=0.2, sparse_layer=None):
+    self.image, self.text, self.topk = bool(image), bool(text), bool(topk)
+    self.keep_ratio = float(keep_ratio)
+    self.sparse_layer = sparse_layer   # None = model_cfg.sparse.sparse_layer
+    self.name = 'dynamic' if (self.image and self.text) else ('dynamic_image' if self.image else 'dynamic_text')
+    if not (self.image or self.text):
+      raise ValueError('DynamicSparsifier needs image=True or text=True (use the dense method for neither)')
+    if not 0.0 < self.keep_ratio <= 1.0:
+      raise ValueError(f'DynamicSparsifier keep_ratio={keep_ratio} must be in (0, 1]')
+
+  def _layer(self, model_cfg):
+    return int(model_cfg.sparse.sparse_layer if self.sparse_layer is None else self.sparse_layer)
+
+  def drop_points(self, model_cfg):
+    return (self._layer(model_cfg),) if self.image else ()
+
+  def keep_counts(self, n_image_tokens):
+    if not self.image:
+      return ()
+    return (image_keep_count(n_image_tokens, self.keep_ratio) if self.topk else None,)
+
+  def text_layer(self, model_cfg):
+    return self._layer(model_cfg) if self.text else None
+
+  def validate(self, model_cfg, n_image_tokens):
+    super().validate(model_cfg, n_image_tokens)
+    if not model_cfg.sparse.enabled:
+      raise ValueError(f'{self.name} needs the keep-predictors: build the model with model.sparse.enabled=True '
+                       '(or use the dense method)')
+
+  def score(self, i, ctx: ScoreContext):
+    n = ctx.model.num_image_tokens
+    h_img, idx, present = gather_image_tokens(ctx.h, ctx.image_mask, n)
+    logits = ctx.model.image_score_predictor(h_img, present.astype(h_img.dtype))
+    if self.topk:
+      s = jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    else:
+      s = logits[..., 0] - logits[..., 1]
+    b = ctx.h.shape[0]
+    out = jnp.zeros(ctx.h.shape[:2], jnp.float32)
+    return out.at[jnp.arange(b)[:, None], idx].set(jnp.where(present, s, 0.0))
+
+  def text_keep(self, ctx: TextContext):
+    if not self.text:
+      return None
+    logits = ctx.model.output_text_score_predictor(ctx.h_new)
+    return logits[..., 0] > logits[..., 1]
+
+  def describe(self):
+    return {'method': self.name, 'image': self.image, 'text': self.text, 'topk': self.topk,
+            'keep_ratio': self.keep_ratio, 'sparse_layer': self.sparse_layer}
