@@ -1,0 +1,191 @@
+"""Generation: sparsified prefill, then one jitted `lax.while_loop` over a static-shape state.
+
+    out = generate(model, cfg, method, input_ids, pixel_values, attention_mask,
+                   max_new_tokens=32, sampling='greedy', rng=None, use_cache=True)
+    out.tokens (B, max_new) int32 (pad after each sample's end), out.lengths (B,) (EOS included)
+
+KV-cache mode: the loop runs in chunks; a chunk exits early when some active sample's next write would
+overflow a segment cache; the host then grows that cache to the next multiple of `eval.cache_bucket`
+(one compile per capacity tuple) and continues. So compact caches hold, and cost, only what was kept.
+Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
+"""
+import dataclasses
+from functools import partial
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from configs.common import num_image_tokens
+from dynllava_jax.decode import cache as C
+from dynllava_jax.decode import request as R
+from dynllava_jax.decode.prefill import eval_section, prefill
+from dynllava_jax.decode.sampling import as_sampling
+from dynllava_jax.decode.step import decode_step
+from dynllava_jax.sparsity.registry import make_sparsifier
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """Host (numpy) results of one `generate` call.
+
+  tokens (B, M) int32, pad_token_id after each sample's end; lengths (B,) generated tokens incl. EOS;
+  kept_image_ratio (B,) image tokens present in the last segment / the sample's image tokens (1.0 for
+  text-only samples); kept_text_ratio (B,) fraction of the fed generated tokens the method kept at its text
+  layer (1.0 when none was fed); text_keep (B, M) bool decision for generated token j (True where no
+  decision was made); kv_cache_bytes_prefill / _final: K/V bytes holding tokens after prefill / at the end
+  (all segments and samples; 0 without a cache); kv_cache_bytes_allocated: final buffer bytes;
+  capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None.
+  """
+  tokens: np.ndarray
+  lengths: np.ndarray
+  kept_image_ratio: np.ndarray
+  kept_text_ratio: np.ndarray
+  kv_cache_bytes_prefill: int
+  kv_cache_bytes_final: int
+  kv_cache_bytes_allocated: int
+  text_keep: np.ndarray
+  capacities: list
+  logits: Optional[np.ndarray] = None
+  method: str = ''
+  use_cache: bool = True
+
+
+@struct.dataclass
+class LoopState:
+  """caches: tuple of SegmentCache; tokens (B, M); keep (B, M) bool; logits (B, M, V) or (B, 1, 1);
+  step () int32 = tokens produced so far; done (B,); lengths (B,); rng PRNG key."""
+  caches: Tuple[Any, ...]
+  tokens: jax.Array
+  keep: jax.Array
+  logits: jax.Array
+  step: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  rng: jax.Array
+
+
+def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
+  """Token 0 from the prefill logits and the loop's start state (without caches)."""
+  tok = sampling.sample(logits_last, jax.random.fold_in(rng, 0))
+  tokens = jnp.full((b, m), pad_id, jnp.int32).at[:, 0].set(tok)
+  v = logits_last.shape[-1]
+  logits = (jnp.zeros((b, m, v), jnp.float32).at[:, 0].set(logits_last) if record_logits
+            else jnp.zeros((b, 1, 1), jnp.float32))
+  return tokens, logits, tok == eos_id
+
+
+@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'pad_id', 'eos_id', 'record_logits'))
+def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits):
+  caches = tuple(C.from_segment(s, c) for s, c in zip(out.segments, capacities))
+  b = out.logits_last.shape[0]
+  tokens, logits, done = _first(out.logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)
+  return LoopState(caches, tokens, jnp.ones((b, max_new), bool), logits, jnp.int32(1), done,
+                   jnp.ones((b,), jnp.int32), rng)
+
+
+def _overflow(state):
+  over = jnp.bool_(False)
+  for c in state.caches:
+    over = over | jnp.any(~state.done & (c.length >= c.capacity))
+  return over
+
+
+@partial(jax.jit, static_argnames=('method', 'sampling', 'pad_id', 'eos_id', 'record_logits'))
+def _run_chunk(model, method, state, *, sampling, pad_id, eos_id, record_logits):
+  m = state.tokens.shape[1]
+
+  def cond(st):
+    return (st.step < m) & ~jnp.all(st.done) & ~_overflow(st)
+
+  def body(st):
+    active = ~st.done
+    cur = jax.lax.dynamic_index_in_dim(st.tokens, st.step - 1, axis=1, keepdims=False)
+    logits, caches, keep = decode_step(model, method, st.caches, cur, active)
+    nxt = sampling.sample(logits, jax.random.fold_in(st.rng, st.step))
+    nxt = jnp.where(active, nxt, pad_id)
+    tokens = jax.lax.dynamic_update_index_in_dim(st.tokens, nxt, st.step, axis=1)
+    old = jax.lax.dynamic_index_in_dim(st.keep, st.step - 1, axis=1, keepdims=False)
+    keep_rec = jax.lax.dynamic_update_index_in_dim(st.keep, jnp.where(active, keep, old), st.step - 1, axis=1)
+    rec = st.logits
+    if record_logits:
+      rec = jax.lax.dynamic_update_index_in_dim(rec, jnp.where(active[:, None], logits, 0.0), st.step, axis=1)
+    return st.replace(caches=caches, tokens=tokens, keep=keep_rec, logits=rec, step=st.step + 1,
+                      done=st.done | (active & (nxt == eos_id)), lengths=st.lengths + active.astype(jnp.int32))
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def _grown(state, bucket):
+  """Host: capacities after growing every cache some active sample would overflow on its next write."""
+  done = np.asarray(state.done)
+  caps = []
+  for c in state.caches:
+    length = np.asarray(c.length)
+    cap = c.capacity
+    if np.any(~done & (length >= cap)):
+      cap = max(cap + bucket, R.round_up(int(length.max()) + 1, bucket))
+    caps.append(cap)
+  return tuple(caps)
+
+
+def _ratios(seg_image, n_img, keep, lengths):
+  kept_img = np.asarray(seg_image).sum(-1)
+  img_ratio = np.where(n_img > 0, kept_img / np.maximum(n_img, 1), 1.0)
+  keep = np.asarray(keep)
+  fed = np.maximum(np.asarray(lengths) - 1, 0)
+  m = np.arange(keep.shape[1])[None, :] < fed[:, None]
+  txt_ratio = np.where(fed > 0, (keep & m).sum(-1) / np.maximum(fed, 1), 1.0)
+  return img_ratio.astype(np.float32), txt_ratio.astype(np.float32)
+
+
+def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
+             sampling=None, rng=None, use_cache=None, return_logits=False):
+  """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
+
+  cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
+  registry name; input_ids / attention_mask (B, T) left- or right-padded; pixel_values (B, H, W, 3) or None
+  for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
+  rng: PRNG key (needed only for sampling and random methods; default key 0).
+  """
+  ev = eval_section(cfg)
+  mc = model.mc
+  if isinstance(method, str):
+    method = make_sparsifier(method, mc)
+  m = int(ev.max_new_tokens if max_new_tokens is None else max_new_tokens)
+  use_cache = bool(ev.use_cache if use_cache is None else use_cache)
+  samp = as_sampling(sampling, ev)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if not use_cache:
+    from dynllava_jax.decode.nocache import generate_nocache
+    return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
+                            sampling=samp, rng=rng, return_logits=return_logits)
+  p_rng, d_rng = jax.random.split(rng)
+  pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
+                max_new_tokens=m)
+  req, out = pre.request, pre.out
+  bucket = int(ev.cache_bucket)
+  counts = [int(np.asarray(s.count).max()) for s in out.segments]
+  caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
+  caps = tuple(caps)
+  kw = dict(sampling=samp, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id),
+            record_logits=bool(return_logits))
+  state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
+  bytes_prefill = C.used_bytes(state.caches)
+  history = [caps]
+  while True:
+    state = _run_chunk(model, method, state, **kw)
+    if int(state.step) >= m or bool(np.all(np.asarray(state.done))):
+      break
+    caps = _grown(state, bucket)
+    history.append(caps)
+    state = state.replace(caches=tuple(C.grow(c, cap) for c, cap in zip(state.caches, caps)))
+  img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
+  return GenerateOutput(
+      tokens=np.asarray(state.tokens), lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,
+      kept_text_ratio=txt_ratio, kv_cache_bytes_prefill=bytes_prefill,
+      kv_cache_bytes_final=C.used_bytes(state.caches), kv_cache_bytes_allocated=C.allocated_bytes(state.caches),
+      text_keep=np.asarray(state.keep), capacities=history,
+      logits=np.asarray(state.logits) if return_logits else None, method=method.name, use_cache=True)

@@ -1,0 +1,102 @@
+"""Decoding without a KV cache: every step re-runs the sparsified forward on prompt + generated tokens.
+
+The packed buffer (B, T) holds each sample's prompt, then its generated tokens (appended in place, static
+shape). Each step runs `prefill.sparse_forward` with `gen_mask` marking the generated tokens, so at the
+method's text layer the generated tokens it drops (Dynamic-LLaVA: output-text predictor, logit0 > logit1)
+leave the sequence for the later layers; the newest token is always kept; decisions are recomputed every
+step from the current forward (there is no padding to a common kept count and no duplicated token). Image
+tokens are dropped at the drop points as in prefill, recomputed every step as well.
+The whole generation is one jitted `lax.while_loop`.
+"""
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.common import num_image_tokens
+from dynllava_jax.decode import request as R
+from dynllava_jax.decode.prefill import sparse_forward
+
+
+@partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'pad_id', 'eos_id',
+                                   'record_logits', 'text_seg'))
+def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max_new, pad_id, eos_id,
+          record_logits, text_seg):
+  b, t = ids.shape
+  p_rng, d_rng = jax.random.split(rng)          # as in KV-cache mode: prefill / drop rng, sampling rng
+  h0, image_mask = model.embed(ids, pixel_values)
+  slots = jnp.arange(t)[None, :]
+  gen_idx = n_real[:, None] + jnp.arange(max_new)[None, :]         # (B, M) buffer slot of token g
+  v = model.mc.llm.vocab_size
+  init = dict(
+      h=h0, count=n_real, tokens=jnp.full((b, max_new), pad_id, jnp.int32),
+      keep=jnp.ones((b, max_new), bool),
+      logits=jnp.zeros((b, max_new, v) if record_logits else (b, 1, 1), jnp.float32),
+      step=jnp.int32(0), done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+      image=jnp.zeros((b,), jnp.int32))
+
+  def cond(st):
+    return (st['step'] < max_new) & ~jnp.all(st['done'])
+
+  def body(st):
+    step, count = st['step'], st['count']
+    valid = slots < count[:, None]
+    gen = valid & (slots >= n_real[:, None])
+    out = sparse_forward(model, method, st['h'], valid, image_mask, gen, p_rng,
+                         sizes=sizes, return_kv=False)
+    active = ~st['done']
+    nxt = sampling.sample(out.logits_last, jax.random.fold_in(d_rng, step))
+    nxt = jnp.where(active, nxt, pad_id)
+    finished = active & (nxt == eos_id)
+    tokens = jax.lax.dynamic_update_index_in_dim(st['tokens'], nxt, step, axis=1)
+    keep = st['keep']
+    if text_seg is not None:
+      kept = jnp.take_along_axis(out.kept[text_seg], jnp.minimum(gen_idx, t - 1), axis=1)
+      fed = gen_idx < count[:, None]
+      keep = jnp.where(fed, kept, True)
+    rec = st['logits']
+    if record_logits:
+      rec = jax.lax.dynamic_update_index_in_dim(rec, jnp.where(active[:, None], out.logits_last, 0.0), step,
+                                                axis=1)
+    append = active & ~finished & (step + 1 < max_new)
+    emb = model.language_model.embed_tokens(nxt)
+    idx = jnp.where(append, count, t)
+    h = st['h'].at[jnp.arange(b), idx].set(emb.astype(st['h'].dtype), mode='drop')
+    image = jnp.sum(out.segments[-1].image, -1).astype(jnp.int32)
+    return dict(h=h, count=count + append.astype(jnp.int32), tokens=tokens, keep=keep, logits=rec,
+                step=step + 1, done=st['done'] | finished, lengths=st['lengths'] + active.astype(jnp.int32),
+                image=jnp.where(active, image, st['image']))
+
+  return jax.lax.while_loop(cond, body, init)
+
+
+def generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, *, max_new_tokens, sampling,
+                     rng, return_logits=False):
+  """`generate(..., use_cache=False)`; ev: the eval config section. Returns GenerateOutput."""
+  from dynllava_jax.decode.generate import GenerateOutput
+  mc = model.mc
+  m = int(max_new_tokens)
+  method.validate(mc, num_image_tokens(mc))
+  req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=m,
+                         bucket=ev.prefill_bucket, extra_len=m)
+  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket, extra=m)
+  bounds = R.boundaries(method, mc)
+  tl = method.text_layer(mc)
+  text_seg = bounds.index(tl) + 1 if tl is not None else None
+  pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
+  st = _loop(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
+             sampling=sampling, max_new=m, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id),
+             record_logits=bool(return_logits), text_seg=text_seg)
+  lengths = np.asarray(st['lengths'])
+  keep = np.asarray(st['keep'])
+  fed = np.maximum(lengths - 1, 0)
+  mask = np.arange(m)[None, :] < fed[:, None]
+  txt_ratio = np.where(fed > 0, (keep & mask).sum(-1) / np.maximum(fed, 1), 1.0).astype(np.float32)
+  img = np.asarray(st['image'])
+  img_ratio = np.where(req.n_img > 0, img / np.maximum(req.n_img, 1), 1.0).astype(np.float32)
+  return GenerateOutput(
+      tokens=np.asarray(st['tokens']), lengths=lengths, kept_image_ratio=img_ratio, kept_text_ratio=txt_ratio,
+      kv_cache_bytes_prefill=0, kv_cache_bytes_final=0, kv_cache_bytes_allocated=0, text_keep=keep,
+      capacities=[], logits=np.asarray(st['logits']) if return_logits else None, method=method.name,
+      use_cache=False)
