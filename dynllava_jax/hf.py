@@ -235,6 +235,8 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
     ptype = cfg.get('mm_projector_type', 'linear')
     if ptype != 'mlp2x_gelu':
       raise ValueError(f"mm_projector_type={ptype!r}: only LLaVA-1.5's 'mlp2x_gelu' is supported")
+    if cfg.get('mm_use_im_start_end') or cfg.get('mm_use_im_patch_token'):
+      raise ValueError('mm_use_im_start_end / mm_use_im_patch_token add image marker tokens; LLaVA-1.5 uses neither')
     if 'anyres' in str(cfg.get('image_aspect_ratio', '')):
       raise ValueError('image_aspect_ratio=anyres (LLaVA-NeXT) is not supported; LLaVA-1.5 uses pad')
     vdict = _clip_vision_dict(clip_cfg) or cfg.get('vision_config') or KNOWN_CLIP.get(cfg.get('mm_vision_tower'))

@@ -151,3 +151,35 @@ def sample_batch(overrides=None, batch=2, text_before=3, text_after=5, left_pad=
 def read_config_json(path):
   with open(os.path.join(str(path), 'config.json')) as f:
     return json.load(f)
+
+
+def flat_params(model):
+  """{'a.b.c': numpy array} of an NNX model's parameters (host copies)."""
+  import jax
+  from flax import nnx
+  return {'.'.join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def rewrite_safetensors(path, fn, config_fn=None):
+  """Rewrites path/model.safetensors as fn(dict of numpy arrays) (and config.json via config_fn)."""
+  from safetensors.numpy import load_file, save_file
+  f = os.path.join(str(path), 'model.safetensors')
+  save_file(fn(load_file(f)), f, metadata={'format': 'pt'})
+  if config_fn is not None:
+    cfg = config_fn(read_config_json(path))
+    with open(os.path.join(str(path), 'config.json'), 'w') as fh:
+      json.dump(cfg, fh)
+
+
+def random_llava(config, seed=0, std=0.05):
+  """An NNX Llava for `config` with N(0, std) parameters, filled without running the (slow on CPU) init."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from dynllava_jax.model.llava import Llava
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  flat = nnx.to_flat_state(state)
+  for _, v in flat:
+    v.set_value(jnp.asarray((rng.standard_normal(v.shape) * std).astype(np.float32)).astype(v.dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
