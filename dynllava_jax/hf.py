@@ -403,7 +403,7 @@ def _check_keys(needed, sources, unknown, mc, layout, clip_dir):
     raise ValueError(f'unknown keys (no such parameter in a model with this config.json): '
                      f'{_names(K.file_from_canonical(c, layout) for c in extra)}')
   if missing:
-    if all(m.startswith('vt.') for m in missing) and not clip_dir:
+    if not any(c.startswith('vt.') for c in sources) and not clip_dir:
       raise ValueError(f'checkpoint has no vision tower weights (e.g. {K.file_from_canonical(missing[0], layout)}): '
                        'pass clip_dir= a local HF CLIP directory')
     raise ValueError(f'missing keys for layout {layout!r}: {_names(K.file_from_canonical(m, layout) for m in missing)}')
