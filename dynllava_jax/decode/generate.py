@@ -37,7 +37,8 @@ class GenerateOutput:
   layer (1.0 when none was fed); text_keep (B, M) bool decision for generated token j (True where no
   decision was made); kv_cache_bytes_prefill / _final: K/V bytes holding tokens after prefill / at the end
   (all segments and samples; 0 without a cache); kv_cache_bytes_allocated: final buffer bytes;
-  capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None.
+  capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None;
+  caches: the final SegmentCache tuple (device arrays) when return_caches=True, else None.
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -49,6 +50,7 @@ class GenerateOutput:
   text_keep: np.ndarray
   capacities: list
   logits: Optional[np.ndarray] = None
+  caches: Optional[tuple] = None
   method: str = ''
   use_cache: bool = True
 
@@ -142,7 +144,7 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
-             sampling=None, rng=None, use_cache=None, return_logits=False):
+             sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
@@ -188,4 +190,5 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
       kept_text_ratio=txt_ratio, kv_cache_bytes_prefill=bytes_prefill,
       kv_cache_bytes_final=C.used_bytes(state.caches), kv_cache_bytes_allocated=C.allocated_bytes(state.caches),
       text_keep=np.asarray(state.keep), capacities=history,
-      logits=np.asarray(state.logits) if return_logits else None, method=method.name, use_cache=True)
+      logits=np.asarray(state.logits) if return_logits else None,
+      caches=state.caches if return_caches else None, method=method.name, use_cache=True)
