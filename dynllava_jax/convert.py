@@ -1,0 +1,106 @@
+"""HF / released LLaVA checkpoint <-> orbax params checkpoint (a thin wrapper of `dynllava_jax.hf`).
+
+    python -m dynllava_jax.convert --hf_dir llava-1.5-7b-hf --out ckpt/llava7b --dtype bfloat16
+    python -m dynllava_jax.convert --hf_dir dynamic-llava-7b --clip_dir clip-vit-large-patch14-336 --out ckpt/dyn7b
+    python -m dynllava_jax.convert --export --ckpt ckpt/dyn7b --out hf_out --layout original
+
+The orbax directory holds the pure dict of `nnx.state(model, nnx.Param)` (StandardCheckpointer; what
+`train.init_from` reads) and `model_config.json` (the model ConfigDict) inside it.
+"""
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dynllava_jax import hf
+from dynllava_jax.hf_keys import LAYOUTS
+from dynllava_jax.model.llava import check_model_config
+
+CONFIG_NAME = 'model_config.json'
+
+
+def save_params(model, config, ckpt_dir):
+  """Writes the params (orbax) and `model_config.json` into ckpt_dir (which must not exist yet)."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  if os.path.exists(ckpt_dir):
+    raise FileExistsError(f'{ckpt_dir} exists: choose a new --out directory')
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(ckpt_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  ckptr.wait_until_finished()
+  with open(os.path.join(ckpt_dir, CONFIG_NAME), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return ckpt_dir
+
+
+def read_model_config(ckpt_dir):
+  full = os.path.join(os.path.abspath(ckpt_dir), CONFIG_NAME)
+  if not os.path.exists(full):
+    raise FileNotFoundError(f'{full} not found: {ckpt_dir} was not written by dynllava_jax.convert')
+  with open(full) as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  check_model_config(c)
+  return c
+
+
+def load_params(ckpt_dir, *, shardings=None, mesh=None):
+  """-> (nnx Llava, model config) from a `save_params` directory; params restored into their shardings."""
+  config = read_model_config(ckpt_dir)
+  graphdef, state = nnx.split(hf.abstract_llava(config), nnx.Param)
+  if mesh is not None and shardings is None:
+    from dynllava_jax.sharding import state_shardings
+    shardings = state_shardings(mesh, state)
+  abstract = nnx.to_pure_dict(state)
+  if shardings is not None:
+    sh = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(ckpt_dir), abstract)
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), config
+
+
+def main(argv=None):
+  try:
+    return _main(argv)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+def _main(argv):
+  ap = argparse.ArgumentParser(prog='python -m dynllava_jax.convert', description=__doc__.split('\n')[0])
+  ap.add_argument('--hf_dir', help='HF / released checkpoint directory to import')
+  ap.add_argument('--clip_dir', help='local HF CLIP directory (original checkpoints without the tower)')
+  ap.add_argument('--out', required=True, help='output: orbax dir (import) or HF dir (--export)')
+  ap.add_argument('--dtype', default=None, help='float32 | bfloat16 | float16 (import: param dtype, '
+                  'default float32; export: stored dtype, default the params\')')
+  ap.add_argument('--export', action='store_true', help='orbax --ckpt -> HF --out')
+  ap.add_argument('--ckpt', help='orbax dir written by an import (with --export)')
+  ap.add_argument('--layout', default='hf5', choices=LAYOUTS, help='export key layout')
+  ap.add_argument('--max_shard_gb', type=float, default=5.0)
+  a = ap.parse_args(argv)
+  dtype = jnp.dtype(a.dtype) if a.dtype else None
+  if a.export:
+    if not a.ckpt:
+      ap.error('--export needs --ckpt (the orbax dir to export)')
+    model, config = load_params(a.ckpt)
+    out = hf.save_llava(model, config, a.out, layout=a.layout, dtype=dtype,
+                        max_shard_bytes=int(a.max_shard_gb * 1e9))
+    print(f'wrote {a.layout} checkpoint {out}')
+    return 0
+  if not a.hf_dir:
+    ap.error('give --hf_dir (import) or --export --ckpt')
+  model, config = hf.load_llava(a.hf_dir, dtype=dtype or jnp.float32, clip_dir=a.clip_dir)
+  out = save_params(model, config, a.out)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f'wrote {out} ({n:,} params, {config.param_dtype}, sparse={config.sparse.enabled})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
