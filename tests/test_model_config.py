@@ -47,6 +47,8 @@ def test_published_parameter_counts():
   assert family == 'hf'
   assert (c7.image_token_id, c7.pad_token_id, c7.llm.rms_eps, c7.llm.kv_heads) == (32000, 32001, 1e-5, 32)
   assert count(c7) == PUBLISHED['7b']
+  preset = model_config('7b')
+  assert c7.llm.to_dict() == preset.llm.to_dict() and c7.vision.to_dict() == preset.vision.to_dict()
   cfg13 = dict(LLAVA_7B_HF, text_config=dict(LLAVA_7B_HF['text_config'], **LLAVA_13B_TEXT))
   c13, _ = hf.config_from_hf(cfg13)
   assert count(c13) == PUBLISHED['13b']
