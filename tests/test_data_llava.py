@@ -84,3 +84,12 @@ def test_strict_read_time_over_long(tmp_path):
   long = next(s for s in evals if s['record_id'] == 'good-long-multi')   # truncated: last kept round
   np.testing.assert_array_equal(long['prompt_ids'], long['full']['input_ids'][:long['full']['answer_start']])
   assert long['answer'].startswith('The square is red')
+
+
+def test_validation_split_by_id_hash(tmp_path):
+  c = cfg(tmp_path, json_file='llava_fixture_clean.json')
+  c.data.val_permille = 500
+  import tensorflow_datasets as tfds
+  src = tfds.builder_from_directory(builders.build(c)).as_data_source()
+  assert set(src) == {'train', 'validation'}
+  assert len(src['train']) + len(src['validation']) == 5 and len(src['validation']) > 0

@@ -66,8 +66,15 @@ def build(config):
   if not os.path.exists(os.path.join(ds_dir, 'dataset_info.json')):
     tfds.disable_progress_bar()
     manual = config.data.manual_dir or None
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    except (OSError, FileExistsError):
+      # Another process (e.g. another host on a shared disk) finished the same build first.
+      if not os.path.exists(os.path.join(ds_dir, 'dataset_info.json')):
+        raise
+      log.info('%s was built by another process', ds_dir)
+      return _finish(config, ds_dir)
     ds_dir = os.fspath(builder.data_dir)
     counter = getattr(builder, 'counter', None)
     report = {'total': 0, 'skipped': {}, 'skipped_ids': []}
@@ -75,6 +82,11 @@ def build(config):
       report = {**counter.state(), 'skipped_ids': counter.skipped_ids}
       counter.log_summary(f'{config.data.name} build: ')
     _write_json(os.path.join(ds_dir, REPORT), report)
+  return _finish(config, ds_dir)
+
+
+def _finish(config, ds_dir):
+  """Writes the digits tokenizer if missing; applies strict mode to the build report."""
   if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
     digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER))
   report = read_report(ds_dir)
