@@ -370,7 +370,7 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   if mesh is not None and shardings is None:
     from dynllava_jax.sharding import state_shardings
     shardings = state_shardings(mesh, state)
-  flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  flat_sh = _flat_shardings(shardings)
   needed = K.canonical_names(shapes)
   _check_keys(needed, sources, unknown, mc, layout, clip_dir)
   by_path = {}
@@ -378,15 +378,12 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
     by_path.setdefault(p, []).append((canon, i, kind))
   npdt = _np_dtype(mc.param_dtype)
   for p, var in flat:
+    # A 0-block image predictor keeps one unused placeholder block: it stays zero.
     buf = np.zeros(var.shape, npdt)
-    if p[0] == 'image_score_predictor' and p[1] == 'blocks' and mc.sparse.num_layers == 0:
-      pass     # the unused placeholder block of a 0-block predictor stays zero
     for canon, i, kind in by_path.get(p, []):
       src, key = sources[canon]
-      x = K.to_ours(src.get(key), kind)
-      _fill_slice(buf, i, x, p, key, kind, mc)
+      _fill_slice(buf, i, src.get(key), p, key, kind, mc)
     sh = flat_sh.get(p)
-    sh = getattr(sh, 'value', sh)
     var.set_value(jax.device_put(buf, sh) if sh is not None else jnp.asarray(buf))
     del buf
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -409,36 +406,50 @@ def _check_keys(needed, sources, unknown, mc, layout, clip_dir):
     raise ValueError(f'missing keys for layout {layout!r}: {_names(K.file_from_canonical(m, layout) for m in missing)}')
 
 
-def _fill_slice(buf, i, x, path, key, kind, mc):
+def _flat_shardings(shardings):
+  """nnx.State or nested (pure) dict of NamedSharding -> {path tuple: NamedSharding}."""
+  if shardings is None:
+    return {}
+  if isinstance(shardings, nnx.State):
+    return {p: getattr(v, 'value', v) for p, v in nnx.to_flat_state(shardings)}
+  out = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(prefix + (k,), v)
+    else:
+      out[prefix] = getattr(node, 'value', node)
+  walk((), shardings)
+  return out
+
+
+_VOCAB_PATHS = {('language_model', 'embed_tokens', 'embedding'): 0, ('language_model', 'lm_head', 'kernel'): 1}
+
+
+def _fill_slice(buf, i, raw, path, key, kind, mc):
+  """Checks the stored tensor's shape against config.json, transforms it and writes it into buf[i].
+
+  For original checkpoints (`source_vocab_size`), the rows beyond the stored vocabulary get the mean row.
+  """
   target = buf if i is None else buf[i]
-  vocab_pad = mc.source_vocab_size and path in (('language_model', 'embed_tokens', 'embedding'),
-                                                 ('language_model', 'lm_head', 'kernel'))
-  if vocab_pad:
-    axis = 0 if path[1] == 'embed_tokens' else 1
-    v = mc.source_vocab_size
-    want = list(target.shape)
-    want[axis] = v
-    if tuple(x.shape) != tuple(want):
-      _shape_error(key, x, want, kind, mc)
-    xf = x.astype(np.float32)
-    mean = xf.mean(axis=axis, keepdims=True)
-    idx = [slice(None)] * 2
-    idx[axis] = slice(0, v)
-    target[tuple(idx)] = x.astype(target.dtype)
-    idx[axis] = slice(v, None)
-    target[tuple(idx)] = mean.astype(target.dtype)
-    return
-  if tuple(x.shape) != tuple(target.shape):
-    _shape_error(key, x, target.shape, kind, mc)
-  target[...] = x.astype(target.dtype)
-
-
-def _shape_error(key, x, want, kind, mc):
+  axis = _VOCAB_PATHS.get(path) if mc.source_vocab_size else None
+  want = list(target.shape)
+  if axis is not None:
+    want[axis] = mc.source_vocab_size
   stored = K.expected_stored_shape(tuple(want), kind, mc.vision.patch_size)
-  got = K.expected_stored_shape(tuple(x.shape), kind, mc.vision.patch_size) if kind != 'patch' else '?'
-  if kind == 'patch':
-    raise ValueError(f'tensor {key} does not match config.json: expected shape {stored}')
-  raise ValueError(f'tensor {key} has shape {got} but config.json implies {stored}')
+  if tuple(raw.shape) != stored:
+    raise ValueError(f'tensor {key} has shape {tuple(raw.shape)} but config.json implies {stored}')
+  x = K.to_ours(raw, kind)
+  if axis is None:
+    target[...] = x.astype(target.dtype)
+    return
+  v = mc.source_vocab_size
+  idx = [slice(None)] * target.ndim
+  idx[axis] = slice(0, v)
+  target[tuple(idx)] = x.astype(target.dtype)
+  idx[axis] = slice(v, None)
+  target[tuple(idx)] = x.astype(np.float32).mean(axis=axis, keepdims=True).astype(target.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -60,15 +60,17 @@ def test_unsupported_rope_scaling(ckpt):
   assert "rope_type 'linear'" in one_line_error(ValueError, hf.load_llava, ckpt)
 
 
-def test_wrong_shape(ckpt):
-  key = 'model.language_model.layers.1.mlp.up_proj.weight'
-
+@pytest.mark.parametrize('key,bad,want', [
+    ('model.language_model.layers.1.mlp.up_proj.weight', (161, 64), (160, 64)),
+    ('model.vision_tower.embeddings.patch_embedding.weight', (48, 3, 7, 7), (48, 3, 8, 8)),
+])
+def test_wrong_shape(ckpt, key, bad, want):
   def fn(t):
-    t[key] = np.zeros((161, 64), np.float32)
+    t[key] = np.zeros(bad, np.float32)
     return t
   rewrite_safetensors(ckpt, fn)
   msg = one_line_error(ValueError, hf.load_llava, ckpt)
-  assert key in msg and '(161, 64)' in msg and '(160, 64)' in msg
+  assert key in msg and str(bad) in msg and str(want) in msg
 
 
 def test_missing_key(ckpt):

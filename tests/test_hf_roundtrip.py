@@ -152,3 +152,24 @@ def test_released_checkpoint_vocab_and_clip_dir(tmp_path):
   assert read_config_json(back)['vocab_size'] == 250 and 'image_token_index' not in read_config_json(back)
   for k, x in released.items():
     np.testing.assert_array_equal(back_t[k], x, err_msg=k)
+
+
+def test_pytorch_bin_checkpoint(tmp_path, tiny_hf):
+  """Without safetensors, a (sharded) pytorch_model.bin checkpoint is read memory-mapped, bf16 included."""
+  import torch
+  path, model, _ = tiny_hf
+  tensors = load_file(os.path.join(path, 'model.safetensors'))
+  out = tmp_path / 'bin'
+  os.makedirs(out)
+  keys = sorted(tensors)
+  halves = {'pytorch_model-00001-of-00002.bin': keys[:40], 'pytorch_model-00002-of-00002.bin': keys[40:]}
+  for name, ks in halves.items():
+    torch.save({k: torch.from_numpy(tensors[k]).to(torch.bfloat16) for k in ks}, str(out / name))
+  with open(out / hf.BIN_INDEX, 'w') as f:
+    json.dump({'weight_map': {k: name for name, ks in halves.items() for k in ks}}, f)
+  with open(out / 'config.json', 'w') as f:
+    json.dump(read_config_json(path), f)
+  model_bf, _ = hf.load_llava(str(out), dtype=jnp.bfloat16)
+  want = flat_params(model)
+  for k, v in flat_params(model_bf).items():
+    np.testing.assert_array_equal(v, want[k].astype(ml_dtypes.bfloat16), err_msg=k)
