@@ -58,8 +58,8 @@ class SkipCounter:
     if n <= self.max_logged:
       log.warning('skipping %s id=%s: %s%s', self.what[:-1], record_id, reason,
                   f': {detail}' if detail else '')
-      if len(self.skipped_ids) < 1000:
-        self.skipped_ids.append((str(record_id), reason))
+    if len(self.skipped_ids) < 1000:
+      self.skipped_ids.append((str(record_id), reason))
 
   @property
   def num_skipped(self):
