@@ -22,13 +22,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from configs.common import model_config
 from dynllava_jax import hf_keys as K
-from dynllava_jax.model.layers import dtype_of
 from dynllava_jax.model.llava import Llava, check_model_config
 
 SAFE_SINGLE, SAFE_INDEX = 'model.safetensors', 'model.safetensors.index.json'
@@ -361,9 +359,11 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   clip_cfg = _read_json(clip_dir) if clip_dir else None
   mc, _ = config_from_hf(cfg, list(sources), clip_cfg,
                          shapes=lambda ck: sources[ck][0].get_shape(sources[ck][1]))
+  for name, d in [('dtype', dtype), ('compute_dtype', compute_dtype or dtype)]:
+    if jnp.dtype(d).name not in ('float32', 'bfloat16', 'float16'):
+      raise ValueError(f'{name}={jnp.dtype(d).name}: use float32, bfloat16 or float16')
   mc.param_dtype = jnp.dtype(dtype).name
   mc.dtype = jnp.dtype(compute_dtype or dtype).name
-  dtype_of(mc.param_dtype)   # one clear error for an unsupported dtype
   graphdef, state = nnx.split(abstract_llava(mc))
   flat = nnx.to_flat_state(state)
   shapes = {p: v.shape for p, v in flat}
@@ -372,7 +372,7 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
     shardings = state_shardings(mesh, state)
   flat_sh = _flat_shardings(shardings)
   needed = K.canonical_names(shapes)
-  _check_keys(needed, sources, unknown, mc, layout, clip_dir)
+  _check_keys(needed, sources, mc, layout, clip_dir)
   by_path = {}
   for canon, p, i, kind in needed:
     by_path.setdefault(p, []).append((canon, i, kind))
@@ -384,13 +384,15 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
       src, key = sources[canon]
       _fill_slice(buf, i, src.get(key), p, key, kind, mc)
     sh = flat_sh.get(p)
-    var.set_value(jax.device_put(buf, sh) if sh is not None else jnp.asarray(buf))
+    # make_array_from_callback hands each (local) device only its own slice: multi-host safe.
+    var.set_value(jax.make_array_from_callback(buf.shape, sh, lambda idx: buf[idx])
+                  if sh is not None else jnp.asarray(buf))
     del buf
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
   return model, mc
 
 
-def _check_keys(needed, sources, unknown, mc, layout, clip_dir):
+def _check_keys(needed, sources, mc, layout, clip_dir):
   want = {c for c, *_ in needed}
   missing = sorted(want - set(sources))
   if mc.sparse.enabled and mc.sparse.num_layers == 0:
@@ -398,7 +400,7 @@ def _check_keys(needed, sources, unknown, mc, layout, clip_dir):
   extra = sorted(set(sources) - want)
   if extra:
     raise ValueError(f'unknown keys (no such parameter in a model with this config.json): '
-                     f'{_names(K.file_from_canonical(c, layout) for c in extra)}')
+                     f'{_names(sources[c][1] for c in extra)}')
   if missing:
     if not any(c.startswith('vt.') for c in sources) and not clip_dir:
       raise ValueError(f'checkpoint has no vision tower weights (e.g. {K.file_from_canonical(missing[0], layout)}): '
@@ -566,14 +568,3 @@ def save_llava(model, config, out_dir, layout='hf5', *, dtype=None, max_shard_by
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(hf_config_dict(config, layout, npdt.name), f, indent=2)
   return out_dir
-
-
-def config_to_json(config):
-  return config.to_json_best_effort(indent=2)
-
-
-def config_from_json(text):
-  """Model ConfigDict from `config_to_json` output (the file `convert` writes beside a checkpoint)."""
-  c = ml_collections.ConfigDict(json.loads(text))
-  check_model_config(c)
-  return c
