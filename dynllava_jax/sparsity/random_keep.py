@@ -1,11 +1,13 @@
 """Random keeping (a sanity floor): at Dynamic-LLaVA's `sparse_layer`, keep k = ⌊N·r_I⌋ image tokens
 chosen uniformly at random per sample (the same budget as Dynamic-LLaVA's top-k prefill).
 
-The draw uses `ctx.rng` when the engine passes one, else a fixed key from `seed` (deterministic).
+The draw uses `ctx.rng` when the engine passes one (it folds in the drop index), else a fixed key from
+`seed` (deterministic).
 """
 import math
 
 import jax
+import jax.numpy as jnp
 
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
 
@@ -33,9 +35,14 @@ class RandomKeep(Sparsifier):
     return (dynamic_budget(n_image_tokens, self.keep_ratio),)
 
   def score(self, i, ctx: ScoreContext):
-    key = ctx.rng if ctx.rng is not None else jax.random.key(self.seed)
-    key = jax.random.fold_in(key, i)
-    return jax.random.uniform(key, ctx.image_mask.shape)
+    """Uniform draws indexed by (sample, image-token ordinal), so the choice does not depend on the
+    sequence length, padding or packing. (B, T) float32."""
+    key = ctx.rng if ctx.rng is not None else jax.random.fold_in(jax.random.key(self.seed), i)
+    n = int(ctx.model.num_image_tokens)
+    mask = ctx.image_mask.astype(bool)
+    draws = jax.random.uniform(key, (mask.shape[0], n))
+    ordinal = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, n - 1)
+    return jnp.take_along_axis(draws, ordinal, axis=1)
 
   def describe(self):
     return {'method': self.name, 'sparse_layer': self.sparse_layer, 'keep_ratio': self.keep_ratio,

@@ -1,0 +1,103 @@
+"""Reports: the markdown results table, accuracy-vs-FLOPs plot and kept-patch images (matplotlib, Agg).
+
+rows: the dicts `dynllava_jax.eval.run.run_eval` returns (one per method, keys in `COLUMNS`).
+"""
+import math
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+from dynllava_jax.data.images import CLIP_MEAN, CLIP_STD
+
+COLUMNS = ('method', 'accuracy', 'ppl', 'kept_image_ratio', 'kept_text_ratio', 'prefill_flops_eq13',
+           'prefill_flops_xla', 'kv_cache_bytes', 'prefill_s', 'decode_ms_per_token')
+
+
+def _fmt(key, v):
+  if v is None:
+    return '—'
+  if isinstance(v, str):
+    return v
+  if isinstance(v, float) and math.isnan(v):
+    return 'nan'
+  if key.startswith('prefill_flops'):
+    return f'{v / 1e9:.3f} G'
+  if key == 'kv_cache_bytes':
+    return f'{v / 2**20:.3f} MiB'
+  if key in ('prefill_s',):
+    return f'{v * 1000:.1f} ms'
+  if isinstance(v, float):
+    return f'{v:.4g}'
+  return str(v)
+
+
+def markdown_table(rows, columns=COLUMNS):
+  """GitHub markdown table of the rows (FLOPs in GFLOPs, bytes in MiB, prefill in ms)."""
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  for r in rows:
+    lines.append('| ' + ' | '.join(_fmt(c, r.get(c)) for c in columns) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_accuracy_vs_flops(rows, path, flops_key='prefill_flops_xla'):
+  """Scatter of accuracy against prefill FLOPs, one labelled point per method. Writes `path` (png)."""
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for r in rows:
+    x, y = r.get(flops_key), r.get('accuracy')
+    if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+      continue
+    ax.scatter([x / 1e9], [y])
+    ax.annotate(r['method'], (x / 1e9, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+  ax.set_xlabel(f'prefill GFLOPs ({flops_key})')
+  ax.set_ylabel('accuracy')
+  ax.set_title('accuracy vs prefill FLOPs')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def unnormalize(pixels):
+  """CLIP-normalised (H, W, 3) -> RGB in [0, 1]."""
+  x = np.asarray(pixels, np.float32) * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)
+  return np.clip(x, 0.0, 1.0)
+
+
+def highlight(pixels, keep, dim=0.25):
+  """Image (H, W, 3) CLIP-normalised with the kept patches bright and the dropped ones dimmed.
+
+  keep (N,) bool over the g×g patch grid in row-major order (N = g²)."""
+  img = unnormalize(pixels)
+  keep = np.asarray(keep, bool)
+  g = int(round(math.sqrt(keep.size)))
+  if g * g != keep.size:
+    raise ValueError(f'keep has {keep.size} entries; expected a square patch grid')
+  p = img.shape[0] // g
+  mask = np.kron(keep.reshape(g, g), np.ones((p, p), bool))[..., None]
+  return np.where(mask, img, img * dim)
+
+
+def plot_kept_patches(images, keeps, titles, path):
+  """One row per method (titles), one column per sample: images with kept patches highlighted.
+
+  images: list over samples of (H, W, 3); keeps: {title: list over samples of (N,) bool}."""
+  cols, rows = len(images), len(titles)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.9 * rows), squeeze=False)
+  for i, t in enumerate(titles):
+    for j, img in enumerate(images):
+      ax = axes[i][j]
+      ax.imshow(highlight(img, keeps[t][j]), interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0:
+        ax.set_ylabel(t, fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,121 @@
+"""Teacher-forced answer NLL with any Sparsifier's pruning applied (the paper's generation metric: PPL of
+the gold answer, teacher-forced through the KV-cache decode semantics).
+
+One forward over the full sequence (prompt + gold answer), with pruning expressed as key-column masks in
+exact-zero attention (`model.attention='exact_zero'` semantics: a masked key gets weight exactly 0), which
+is the same computation as physically removing the tokens:
+  - image tokens: at each drop point p the method scores the present tokens (`method.score`, the last PROMPT
+    token as `last_index`, so answer tokens cannot influence the choice — causal attention makes the
+    prompt's hidden states independent of what follows), the engine's rule keeps the k best present image
+    tokens per sample (ties: the earlier token; k None: score > 0); from p on, dropped tokens are no key
+    for anyone. With `method.renumber_positions` the present tokens get positions 0, 1, 2, … after each drop.
+  - generated text (KV-cache decoding fed the gold tokens): from `method.text_layer` on, an answer token is
+    a key for LATER tokens only if `method.text_keep` keeps it (decided from its hidden state entering that
+    layer); it always attends to itself. Layers before text_layer see every token (their cache is full).
+Logits at position t score token t + 1; the NLL is summed over the answer tokens (positions > last_index
+that are real). Shapes: input_ids / attention_mask (B, T) right-padded, pixel_values (B, H, W, 3),
+last_index (B,) = index of the last prompt token.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynllava_jax.model.llava import dense_allowed, positions_from_mask
+from dynllava_jax.sparsity.base import ScoreContext, TextContext
+
+
+def keep_top_k(scores, present_image, k):
+  """(B, T) scores, (B, T) bool present image tokens -> (B, T) bool: the k best per sample (ties: earlier
+  index); k None -> every present image token with score > 0."""
+  if k is None:
+    return present_image & (scores > 0)
+  t = scores.shape[1]
+  s = jnp.where(present_image, scores.astype(jnp.float32), -jnp.inf)
+  # Stable: sort by (−score, index).
+  order = jnp.lexsort((jnp.broadcast_to(jnp.arange(t), s.shape), -s), axis=-1)
+  rank = jnp.argsort(order, axis=-1)
+  return present_image & (rank < k)
+
+
+def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_index, rng=None):
+  """Logits (B, T, V) of the full sequence with `method`'s pruning, and the final keep state.
+
+  Returns (logits, present) where present (B, T) bool marks the tokens that are keys in the LAST layer
+  (image tokens kept by the drops, answer tokens kept by text_keep, all other real tokens).
+  """
+  mc = model.mc
+  lm = model.language_model
+  n_layers = mc.llm.layers
+  valid = attention_mask.astype(bool)
+  h, image_mask = model.embed(input_ids, pixel_values)
+  positions = positions_from_mask(attention_mask)
+  allowed = dense_allowed(attention_mask)
+  t = input_ids.shape[1]
+  is_answer = valid & (jnp.arange(t)[None, :] > last_index[:, None])
+
+  points = tuple(method.drop_points(mc))
+  counts = tuple(method.keep_counts(model.num_image_tokens))
+  text_layer = method.text_layer(mc)
+  bounds = sorted(set(points) | ({text_layer} if text_layer is not None else set()))
+  present_image = image_mask & valid
+  text_keep = jnp.ones_like(valid)
+  masked = False
+  start = 0
+  for p in bounds + [n_layers]:
+    kw = dict(key_keep=_key_keep(present_image, image_mask, text_keep, valid) if masked else None,
+              mode='exact_zero' if masked else mc.attention)
+    h_prev = None
+    if method.needs_prev_hidden and p in points:
+      if p < 1:
+        raise ValueError(f'{method.name}: drop point {p} needs the hidden state entering layer {p - 1}')
+      h_prev = lm.run_layers(h, positions, allowed, start=start, stop=p - 1, **kw)
+      h = lm.run_layers(h_prev, positions, allowed, start=max(start, p - 1), stop=p, **kw)
+    else:
+      h = lm.run_layers(h, positions, allowed, start=start, stop=p, **kw)
+    if p >= n_layers:
+      break
+    if p in points:
+      i = points.index(p)
+      present = valid & (~image_mask | present_image)
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=present & ~is_answer,
+                         image_mask=present_image & ~is_answer, last_index=last_index, layer=p,
+                         model=model, rng=None if rng is None else jax.random.fold_in(rng, i))
+      present_image = keep_top_k(method.score(i, ctx), present_image & ~is_answer, counts[i])
+      masked = True
+      if method.renumber_positions:
+        present = valid & (~image_mask | present_image)
+        positions = jnp.where(present, jnp.cumsum(present.astype(jnp.int32), axis=1) - 1, 0)
+    if p == text_layer:
+      keep = method.text_keep(TextContext(h_new=h, layer=p, model=model))
+      if keep is not None:
+        text_keep = jnp.where(is_answer, keep.astype(bool), True)
+        masked = True
+    start = p
+  return lm.head(h), _key_keep(present_image, image_mask, text_keep, valid).astype(bool)
+
+
+def _key_keep(present_image, image_mask, text_keep, valid):
+  return (valid & (~image_mask | present_image) & text_keep).astype(jnp.float32)
+
+
+def answer_nll(model, method, input_ids, pixel_values, attention_mask, last_index, rng=None):
+  """Per-sample (Σ NLL over answer tokens, answer-token count), both (B,) float32."""
+  logits, _ = pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_index, rng)
+  t = input_ids.shape[1]
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  target = input_ids[:, 1:]
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  pos = jnp.arange(1, t)[None, :]
+  scored = (pos > last_index[:, None]) & attention_mask[:, 1:].astype(bool)
+  return jnp.sum(jnp.where(scored, nll, 0.0), axis=1), jnp.sum(scored, axis=1).astype(jnp.float32)
+
+
+def make_answer_nll(method, graphdef):
+  """jit-compiled `fn(state, input_ids, pixel_values, attention_mask, last_index, rng)` -> answer_nll."""
+
+  @jax.jit
+  def fn(state, input_ids, pixel_values, attention_mask, last_index, rng):
+    model = nnx.merge(graphdef, state)
+    return answer_nll(model, method, input_ids, pixel_values, attention_mask, last_index, rng)
+
+  return fn
