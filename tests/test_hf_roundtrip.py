@@ -173,3 +173,15 @@ def test_pytorch_bin_checkpoint(tmp_path, tiny_hf):
   want = flat_params(model)
   for k, v in flat_params(model_bf).items():
     np.testing.assert_array_equal(v, want[k].astype(ml_dtypes.bfloat16), err_msg=k)
+
+
+def test_tiny_preset_export_matches_hf(tmp_path):
+  """The project's `tiny` preset (with predictors) exported as hf5: HF ignores the predictors, same logits."""
+  model, config = sparse_model(seed=3)
+  out = hf.save_llava(model, config, str(tmp_path / 'tiny'), layout='hf5')
+  assert read_config_json(out)['sparse_config']['d_model'] == config.sparse.d_model
+  ids, pix, mask = sample_batch(dict(image_size=64), left_pad=(2, 0))
+  ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
+  ref = hf_logits(out, ids, pix, mask)
+  m = mask.astype(bool)
+  assert np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max() <= 1e-4
