@@ -35,9 +35,15 @@ class SegmentCache:
 
 
 def from_segment(seg, capacity):
-  """Cache from a prefill `Segment` (its kv (L, B, T_s, Hkv, D), count, positions), padded to capacity."""
+  """Cache from a prefill `Segment` (its kv (L, B, T_s, Hkv, D), count, positions), padded to capacity.
+
+  Slots >= count (padding, or dropped tokens the gather parked there) are zeroed: nothing but kept tokens
+  is ever in the buffer.
+  """
   k, v = seg.kv
   t = k.shape[2]
+  held = (jnp.arange(t)[None, :] < seg.count[:, None])[None, :, :, None, None]
+  k, v = jnp.where(held, k, 0), jnp.where(held, v, 0)
   if capacity < t:
     k, v = k[:, :, :capacity], v[:, :, :capacity]
   elif capacity > t:

@@ -144,13 +144,15 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
-             sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False):
+             sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False,
+             eos_token_id=None):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
   registry name; input_ids / attention_mask (B, T) left- or right-padded; pixel_values (B, H, W, 3) or None
   for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
-  rng: PRNG key (needed only for sampling and random methods; default key 0).
+  rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
+  (default model.mc.eos_token_id).
   """
   ev = eval_section(cfg)
   mc = model.mc
@@ -160,10 +162,11 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   use_cache = bool(ev.use_cache if use_cache is None else use_cache)
   samp = as_sampling(sampling, ev)
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  eos = int(mc.eos_token_id if eos_token_id is None else eos_token_id)
   if not use_cache:
     from dynllava_jax.decode.nocache import generate_nocache
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
-                            sampling=samp, rng=rng, return_logits=return_logits)
+                            sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos)
   p_rng, d_rng = jax.random.split(rng)
   pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
                 max_new_tokens=m)
@@ -172,7 +175,7 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   counts = [int(np.asarray(s.count).max()) for s in out.segments]
   caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
   caps = tuple(caps)
-  kw = dict(sampling=samp, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id),
+  kw = dict(sampling=samp, pad_id=int(mc.pad_token_id), eos_id=eos,
             record_logits=bool(return_logits))
   state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
   bytes_prefill = C.used_bytes(state.caches)

@@ -72,7 +72,7 @@ def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max
 
 
 def generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, *, max_new_tokens, sampling,
-                     rng, return_logits=False):
+                     rng, return_logits=False, eos_token_id=None):
   """`generate(..., use_cache=False)`; ev: the eval config section. Returns GenerateOutput."""
   from dynllava_jax.decode.generate import GenerateOutput
   mc = model.mc
@@ -86,7 +86,7 @@ def generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask,
   text_seg = bounds.index(tl) + 1 if tl is not None else None
   pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
   st = _loop(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
-             sampling=sampling, max_new=m, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id),
+             sampling=sampling, max_new=m, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id if eos_token_id is None else eos_token_id),
              record_logits=bool(return_logits), text_seg=text_seg)
   lengths = np.asarray(st['lengths'])
   keep = np.asarray(st['keep'])
