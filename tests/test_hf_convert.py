@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
