@@ -1,0 +1,308 @@
+"""The evaluation harness behind `eval.py`: every method through the same engine, one row per method.
+
+    rows = run_eval(config, workdir, ['dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform'])
+
+Per method (keys of each row, see `report.COLUMNS`):
+  accuracy            greedy generation (`config.eval.max_new_tokens`, KV cache) vs the gold answer: exact
+                      match after normalisation (digits_vqa: `metrics.digits_match`; other sets: VQA-style)
+  ppl                 teacher-forced perplexity of the gold LONG answers (≥ model.sparse.len_ot tokens) with
+                      the method's pruning (`teacher.answer_nll`; Dynamic: output-text pruning as in
+                      KV-cache decoding); nan when the split has no long answer
+  kept_image_ratio    mean over image samples of kept / N image tokens after the last drop
+  kept_text_ratio     mean over samples of the generated tokens kept at the method's text layer
+  prefill_flops_eq13  the paper's Eq. 13 (image tokens only, batch 1)
+  prefill_flops_xla   XLA cost analysis of the engine's compiled prefill (batch 1, the mean eval prompt
+                      length, abstract shapes, padded buckets included); prefill_flops_analytic beside it
+  kv_cache_bytes      K/V bytes holding tokens after generation, per sample (kv_cache_bytes_prefill: after
+                      prefill)
+  prefill_s           warm median prefill seconds of the first eval batch
+  decode_ms_per_token (warm generate − warm prefill) / (longest generation − 1), first eval batch
+Outputs: `<workdir>/eval/results.md`, `results.json`, `accuracy_vs_flops.png`, `kept_patches.png`.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs.common import num_image_tokens
+from dynllava_jax.decode import request as R
+from dynllava_jax.decode.generate import generate
+from dynllava_jax.decode.prefill import prefill, sparse_forward
+from dynllava_jax.eval import flops as F
+from dynllava_jax.eval import metrics as M
+from dynllava_jax.eval import report
+from dynllava_jax.eval import teacher
+from dynllava_jax.model.llava import Llava
+from dynllava_jax.sparsity.registry import make_sparsifier
+
+DEFAULT_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')
+
+
+# ---------------------------------------------------------------- model
+
+def load_model(config, workdir, allow_random_init=False, report_fn=print):
+  """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step).
+
+  Without a checkpoint: a random-init model (step None) only when allow_random_init, else ValueError.
+  """
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    from dynllava_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train import optim  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
+    mesh = shd.make_mesh(config.mesh)
+    tx = optim.make_optimizer(config.train)
+    graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+      restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn)
+    finally:
+      ck.close()
+    if restored is not None:
+      step, state, _ = restored
+      return st.merge_model(graphdef, state), int(step)
+    if not allow_random_init:
+      raise ValueError(f'no checkpoint in {ckpt_dir} restores; pass --allow_random_init to evaluate a '
+                       'random-init model')
+  elif not allow_random_init:
+    raise ValueError(f'no checkpoint in {ckpt_dir}; train first (train.py --workdir {workdir}) or pass '
+                     '--allow_random_init to evaluate a random-init model')
+  return nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(config.seed)))(), None
+
+
+# ---------------------------------------------------------------- FLOPs of the engine's prefill
+
+def layer_lengths(method, model_cfg, sizes):
+  """Per-LLM-layer sequence length from the engine's static segment sizes."""
+  bounds = R.boundaries(method, model_cfg) + (model_cfg.llm.layers,)
+  out, start = [], 0
+  for size, stop in zip(sizes, bounds):
+    out += [size] * (stop - start)
+    start = stop
+  return out
+
+
+def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16):
+  """(XLA FLOPs, analytic FLOPs) of the engine's prefill (`sparse_forward` with KV outputs) for `batch`
+  prompts of `text_tokens` text + N image tokens, on abstract shapes (no weights are allocated)."""
+  n = num_image_tokens(model_cfg)
+  n_real = np.full((batch,), text_tokens + n, np.int32)
+  n_img = np.full((batch,), n, np.int32)
+  t0 = R.round_up(text_tokens + n, bucket)
+  sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket)
+  graphdef, state = F.abstract_model(model_cfg)
+
+  def fn(state, ids, count, pix):
+    model = nnx.merge(graphdef, state)
+    h, image_mask = model.embed(ids, pix)
+    valid = jnp.arange(ids.shape[1])[None, :] < count[:, None]
+    out = sparse_forward(model, method, h, valid, image_mask, None, jax.random.key(0), sizes=sizes)
+    return out.logits_last, [s.kv for s in out.segments]
+
+  s = model_cfg.vision.image_size
+  xla = F.xla_flops(fn, state, jax.ShapeDtypeStruct((batch, t0), jnp.int32),
+                    jax.ShapeDtypeStruct((batch,), jnp.int32),
+                    jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32))
+  analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
+                             seq_lens=layer_lengths(method, model_cfg, sizes))['total']
+  return xla, analytic
+
+
+# ---------------------------------------------------------------- data
+
+def _load_samples(config, split, limit):
+  from dynllava_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  builders.build(config)
+  tok = tok_lib.load_tokenizer(builders.tokenizer_path(config))
+  samples = pipeline.make_eval_samples(config, split, limit)
+  if not samples:
+    raise ValueError(f'{config.data.name}/{split} gave no eval samples')
+  return samples, tok
+
+
+def _batches(samples, batch_size):
+  return [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+
+
+def _prompt_batch(config, batch):
+  from dynllava_jax.data.pipeline import left_pad_batch  # pylint: disable=g-import-not-at-top
+  ids, mask = left_pad_batch([s['prompt_ids'] for s in batch], config.model.pad_token_id)
+  pix = np.stack([s['pixel_values'] for s in batch]).astype(np.float32)
+  return ids, mask, pix
+
+
+def long_answer_batches(config, samples, batch_size):
+  """Right-padded teacher-forcing batches of the long-answer samples, one static shape:
+  (ids (B, L), mask, pix, last_index (B,), weight (B,) 1 = real row, 0 = filler)."""
+  min_len = int(config.model.sparse.len_ot)
+  long = [s for s in samples
+          if int(s['full']['answer_end']) - int(s['full']['answer_start']) >= min_len]
+  if not long:
+    return []
+  length = R.round_up(max(int(s['full']['answer_end']) for s in long), config.eval.prefill_bucket)
+  out = []
+  for group in _batches(long, batch_size):
+    rows = group + [group[0]] * (batch_size - len(group))
+    ids = np.full((batch_size, length), config.model.pad_token_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for b, s in enumerate(rows):
+      e = int(s['full']['answer_end'])
+      ids[b, :e], mask[b, :e] = s['full']['input_ids'][:e], 1
+    last = np.array([int(s['full']['answer_start']) - 1 for s in rows], np.int32)
+    pix = np.stack([s['pixel_values'] for s in rows]).astype(np.float32)
+    weight = (np.arange(batch_size) < len(group)).astype(np.float32)
+    out.append((ids, mask, pix, last, weight))
+  return out
+
+
+# ---------------------------------------------------------------- one method
+
+def _is_digits(config):
+  return config.data.name == 'digits_vqa'
+
+
+def image_keep_grids(model, config, method, ids, mask, pix, rng):
+  """(B, N) bool: which image patches the method's prefill keeps to the last layer (from the engine; the
+  prefill key is derived from `rng` as `generate` derives it)."""
+  pre = prefill(model, config, method, ids, pix, mask, rng=jax.random.split(rng)[0], return_kv=False)
+  kept = np.asarray(pre.out.kept[-1])
+  packed = pre.request.ids
+  n = num_image_tokens(model.mc)
+  out = np.ones((packed.shape[0], n), bool)
+  for b in range(packed.shape[0]):
+    slots = np.flatnonzero(packed[b, :pre.request.n_real[b]] == model.mc.image_token_id)
+    if slots.size == n:
+      out[b] = kept[b, slots]
+  return out
+
+
+def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None):
+  """One row of results for method `name` (see the module docstring)."""
+  mc = model.mc
+  method = make_sparsifier(name, config)
+  rng = jax.random.key(config.seed) if rng is None else rng
+  max_new = int(config.eval.max_new_tokens)
+  match = M.digits_match if _is_digits(config) else M.vqa_match
+  scores, img_ratios, txt_ratios, kv_final, kv_pre = [], [], [], 0, 0
+  first = None
+  for batch in _batches(samples, batch_size):
+    ids, mask, pix = _prompt_batch(config, batch)
+    out = generate(model, config, method, ids, pix, mask, max_new_tokens=max_new, sampling='greedy',
+                   rng=rng)
+    first = first or (ids, mask, pix, out)
+    for b, s in enumerate(batch):
+      text = tok.decode([int(t) for t in out.tokens[b, :out.lengths[b]]])
+      scores.append(match(text, s['answer']))
+      if s['has_image']:
+        img_ratios.append(float(out.kept_image_ratio[b]))
+      txt_ratios.append(float(out.kept_text_ratio[b]))
+    kv_final += out.kv_cache_bytes_final
+    kv_pre += out.kv_cache_bytes_prefill
+
+  nll_fn = teacher.make_answer_nll(method, nnx.graphdef(model))
+  state = nnx.state(model)
+  nll, cnt = 0.0, 0.0
+  for ids, mask, pix, last, w in long_answer_batches(config, samples, batch_size):
+    s, c = nll_fn(state, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask), jnp.asarray(last), rng)
+    nll += float(np.sum(np.asarray(s) * w))
+    cnt += float(np.sum(np.asarray(c) * w))
+
+  ids, mask, pix, out0 = first
+  prefill_s, _ = M.time_call(lambda: prefill(model, config, method, ids, pix, mask, rng=rng,
+                                             max_new_tokens=max_new).out.logits_last,
+                             runs=timing_runs)
+  gen_s, _ = M.time_call(lambda: generate(model, config, method, ids, pix, mask, max_new_tokens=max_new,
+                                          sampling='greedy', rng=rng).tokens, runs=timing_runs)
+  steps = int(np.max(out0.lengths)) - 1
+  decode_ms = 1000.0 * max(gen_s - prefill_s, 0.0) / steps if steps > 0 else float('nan')
+
+  text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - num_image_tokens(mc)
+  xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket))
+  n = len(samples)
+  return {
+      'method': name,
+      'accuracy': M.accuracy(scores),
+      'ppl': M.perplexity(nll, cnt),
+      'kept_image_ratio': float(np.mean(img_ratios)) if img_ratios else 1.0,
+      'kept_text_ratio': float(np.mean(txt_ratios)) if txt_ratios else 1.0,
+      'prefill_flops_eq13': F.eq13_flops(mc, method),
+      'prefill_flops_xla': xla,
+      'prefill_flops_analytic': analytic,
+      'kv_cache_bytes': kv_final / n,
+      'kv_cache_bytes_prefill': kv_pre / n,
+      'prefill_s': prefill_s,
+      'decode_ms_per_token': decode_ms,
+      'num_samples': n,
+      'ppl_tokens': cnt,
+      'settings': method.describe(),
+  }
+
+
+# ---------------------------------------------------------------- all methods
+
+def check_methods(config, methods):
+  methods = [m.strip() for m in methods if m.strip()]
+  if not methods:
+    raise ValueError('no methods given; e.g. --methods dense,dynamic,fastv')
+  for m in methods:
+    make_sparsifier(m, config)          # unknown names raise with the known list
+    if m.startswith('dynamic') and not config.model.sparse.enabled:
+      raise ValueError(f'method {m!r} needs the keep-predictors: use a config with model.sparse.enabled=True '
+                       '(configs/dynllava.py without dense=True) or drop it from --methods')
+  return methods
+
+
+def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=False, split='validation',
+             limit=None, batch_size=8, timing_runs=3, json_path=None, plots=True, report_fn=print):
+  """Evaluates each method; writes <workdir>/eval/{results.md,results.json,*.png} (+ json_path).
+  Returns the list of row dicts."""
+  methods = check_methods(config, methods)
+  model, step = load_model(config, workdir, allow_random_init, report_fn)
+  samples, tok = _load_samples(config, split, limit)
+  report_fn(f'evaluating {methods} on {config.data.name}/{split}: {len(samples)} samples, '
+            f'{"random init" if step is None else f"checkpoint step {step}"}')
+  rows = []
+  for name in methods:
+    row = evaluate_method(model, config, name, samples, tok, batch_size=batch_size, timing_runs=timing_runs)
+    row['checkpoint_step'] = step
+    rows.append(row)
+    report_fn(f'  {name}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
+              f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  table = report.markdown_table(rows)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(f'# eval: {config.data.name}/{split}, {len(samples)} samples, '
+            f'{"random init" if step is None else f"step {step}"}\n\n{table}\n')
+  for path in [os.path.join(out_dir, 'results.json')] + ([json_path] if json_path else []):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(rows, f, indent=1, default=_json_default)
+  if plots:
+    report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_flops.png'))
+    imgs = [s for s in samples if s['has_image']][:4]
+    if imgs:
+      ids, mask, pix = _prompt_batch(config, imgs)
+      keeps = {}
+      for name in methods:
+        keeps[name] = list(image_keep_grids(model, config, make_sparsifier(name, config), ids, mask, pix,
+                                            jax.random.key(config.seed)))
+      report.plot_kept_patches(list(pix), keeps, methods, os.path.join(out_dir, 'kept_patches.png'))
+  report_fn(table)
+  return rows
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  return str(x)

@@ -1,0 +1,48 @@
+"""Evaluation entry point: accuracy, perplexity, kept ratios, FLOPs, KV bytes and latency per method.
+
+    python eval.py --config configs/dynllava.py:size=tiny --workdir runs/tiny \
+        [--methods dense,dynamic,fastv,pdrop,random,uniform] [--json OUT.json] [--limit 64] \
+        [--allow_random_init] [--config.eval.max_new_tokens=32]
+
+Restores the newest checkpoint in <workdir>/checkpoints (random init only with --allow_random_init) and
+writes <workdir>/eval/results.md, results.json and plots; prints the table. Bad input: one line on stderr,
+exit status 2. See docs/eval.md.
+"""
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/dynllava.py', 'Model / data / eval config.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints/); results go to <workdir>/eval.')
+_METHODS = flags.DEFINE_string('methods', 'dense,dynamic,fastv,pdrop,random,uniform',
+                               'Comma-separated sparsification methods.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results JSON here.')
+_SPLIT = flags.DEFINE_string('split', 'validation', 'Dataset split to evaluate.')
+_LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate only the first N samples.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Generation batch size.')
+_RUNS = flags.DEFINE_integer('timing_runs', 3, 'Warm timing repetitions (median).')
+_RANDOM = flags.DEFINE_bool('allow_random_init', False, 'Evaluate a random-init model when no checkpoint.')
+_PLOTS = flags.DEFINE_bool('plots', True, 'Write accuracy-vs-FLOPs and kept-patch plots.')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
+  try:
+    run_eval(_CONFIG.value, _WORKDIR.value, _METHODS.value.split(','),
+             allow_random_init=_RANDOM.value, split=_SPLIT.value, limit=_LIMIT.value,
+             batch_size=_BATCH.value, timing_runs=_RUNS.value, json_path=_JSON.value, plots=_PLOTS.value)
+  except ValueError as e:
+    print(f'eval.py: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
