@@ -1,0 +1,82 @@
+"""eval.py end to end on a tiny random-init model (a few samples), the metric helpers and the report."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dynllava_jax.eval import metrics as M
+from dynllava_jax.eval import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ('method', 'accuracy', 'ppl', 'kept_image_ratio', 'kept_text_ratio', 'prefill_flops_eq13',
+        'prefill_flops_xla', 'kv_cache_bytes', 'prefill_s', 'decode_ms_per_token')
+
+
+def _eval(tmp_path, *extra):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', 'configs/dynllava.py:size=tiny',
+         '--workdir', str(tmp_path / 'run'), '--limit', '3', '--batch_size', '3', '--timing_runs', '1',
+         '--config.eval.max_new_tokens=4', f'--config.data.data_dir={tmp_path / "tfds"}',
+         '--config.data.digits.num_train=8', '--config.data.digits.num_val=24',
+         '--config.data.digits.num_test=8', *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_end_to_end_random_init(tmp_path):
+  out_json = tmp_path / 'out.json'
+  p = _eval(tmp_path, '--allow_random_init', '--methods', 'dense,random', '--json', str(out_json))
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = json.loads(out_json.read_text())
+  assert [r['method'] for r in rows] == ['dense', 'random']
+  for r in rows:
+    assert set(KEYS) <= set(r), set(KEYS) - set(r)
+    assert 0.0 <= r['accuracy'] <= 1.0 and r['prefill_s'] > 0 and r['kv_cache_bytes'] > 0
+  dense, rnd = rows
+  assert dense['kept_image_ratio'] == 1.0 and rnd['kept_image_ratio'] == pytest.approx(12 / 64)
+  assert rnd['prefill_flops_xla'] < dense['prefill_flops_xla']
+  assert rnd['prefill_flops_eq13'] < dense['prefill_flops_eq13']
+  assert rnd['kv_cache_bytes'] < dense['kv_cache_bytes']
+  for r in rows:   # the analytic count of the engine's (bucketed) prefill is within 5% of XLA's
+    assert r['prefill_flops_analytic'] == pytest.approx(r['prefill_flops_xla'], rel=0.05)
+  ev = tmp_path / 'run' / 'eval'
+  for f in ('results.md', 'results.json', 'accuracy_vs_flops.png', 'kept_patches.png'):
+    assert (ev / f).stat().st_size > 0, f
+  assert '| random |' in (ev / 'results.md').read_text()
+  assert '| random |' in p.stdout
+
+
+def test_eval_refuses_missing_checkpoint_and_bad_method(tmp_path):
+  p = _eval(tmp_path, '--methods', 'dense')
+  assert p.returncode == 2 and 'allow_random_init' in p.stderr.strip().splitlines()[-1]
+  p = _eval(tmp_path, '--allow_random_init', '--methods', 'dense,nosuch')
+  assert p.returncode == 2 and "unknown sparsification method 'nosuch'" in p.stderr
+
+
+def test_answer_normalisation():
+  assert M.digits_match(' There are 6 digits .</s>', 'there are 6 digits .') == 1.0
+  assert M.digits_match('7', '1') == 0.0
+  assert M.normalize_vqa('The Two dogs!') == '2 dogs'
+  assert M.normalize_vqa('1,000.5 apples.') == '1000.5 apples'
+  assert M.vqa_match('Yes.', 'yes') == 1.0
+  assert M.vqa_match('two', ['2', '2', 'two', 'three']) == 1.0
+  assert M.vqa_match('3', ['2', '2', 'three']) == pytest.approx(1 / 3)
+  assert M.perplexity([np.log(4.0) * 3], [3]) == pytest.approx(4.0)
+  assert np.isnan(M.perplexity([0.0], [0]))
+  assert M.decode_ms_per_token(1.5, 11, 0.5, 1) == pytest.approx(100.0)
+
+
+def test_report_table_and_highlight():
+  rows = [{'method': 'dense', 'accuracy': 0.5, 'prefill_flops_xla': 2e9, 'kv_cache_bytes': 2 ** 20}]
+  t = report.markdown_table(rows)
+  assert '| dense | 0.5 |' in t and '2.000 G' in t and '1.000 MiB' in t
+  img = np.zeros((8, 8, 3), np.float32)
+  keep = np.array([True, False, False, True])
+  out = report.highlight(img, keep, dim=0.5)
+  assert out.shape == (8, 8, 3)
+  assert np.all(out[:4, :4] > out[:4, 4:]) and np.allclose(out[4:, 4:], out[:4, :4])
+  with pytest.raises(ValueError, match='square'):
+    report.highlight(img, np.ones(3, bool))
