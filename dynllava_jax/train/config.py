@@ -1,8 +1,105 @@
-"""Defaults of the `train` config section (owned by the training loop)."""
+"""Defaults of the `train` config section (owned by the training loop) and the start-up checks.
+
+Fields (see docs/training.md):
+  steps: optimizer steps in total (dense warm-up included).
+  dense_warmup_steps: the first steps train with plain CE and no predictors (a dense stage, so a model
+    trained from scratch first learns the task); sparsification (Gumbel decisions, ratio losses) starts
+    after them and tau anneals over the remaining steps.
+  lr, predictor_lr: peak learning rates of the two AdamW groups (LLM + projector | predictors).
+  warmup_ratio: linear warm-up as a fraction of `steps`, then cosine to `min_lr_ratio`·peak.
+  weight_decay, predictor_weight_decay: decoupled AdamW decay per group (matrices only, not biases/norms).
+  b1, b2, adam_eps: AdamW moments.
+  grad_clip: global-norm clipping over all trainable params (0 = off).
+  grad_accum: micro-batches per optimizer step (the global batch is split inside the jitted step).
+  freeze_vision: the CLIP tower gets no gradients and no optimizer state (the released recipe).
+  freeze_projector: also freeze the projector (the paper's text; the released code trains it).
+  remat: jax.checkpoint per layer (overrides model.remat when not None).
+  compute_dtype: '' keeps model.dtype, else float32 | bfloat16 (params stay model.param_dtype).
+  log_every, eval_every, save_every: in optimizer steps (0 = never; a final save always happens).
+  eval_batches: validation batches per evaluation.
+  keep_checkpoints: the last K checkpoints are kept.
+  init_from: orbax dir with model params (`dynllava_jax.convert` layout: the pure dict of
+    nnx.state(model, nnx.Param)); params missing there (e.g. predictors) keep their fresh init.
+  distributed, coordinator_address, num_processes, process_id: multi-host start-up
+    (jax.distributed.initialize; '' / -1 = read from the environment / cluster auto-detection).
+  step_sleep_s: sleep after every step (throttles a shared machine; tests use it to preempt mid-run).
+  progress: tqdm bar on the console.
+"""
 import ml_collections
 
 
 def train_defaults(size='tiny'):
   c = ml_collections.ConfigDict()
-  c.steps = 200 if size == 'tiny' else 10000
+  tiny = size == 'tiny'
+  c.steps = 600 if tiny else 10000
+  c.dense_warmup_steps = 300 if tiny else 0
+  # The released recipe fine-tunes LLaVA-1.5: lr 5e-6 / 2e-4. The tiny model learns from scratch.
+  c.lr = 2e-3 if tiny else 5e-6
+  c.predictor_lr = 2e-3 if tiny else 2e-4
+  c.warmup_ratio = 0.03
+  c.min_lr_ratio = 0.0
+  c.weight_decay = 0.0
+  c.predictor_weight_decay = 0.0
+  c.b1, c.b2, c.adam_eps = 0.9, 0.999, 1e-8
+  c.grad_clip = 1.0
+  c.grad_accum = 1
+  c.freeze_vision = True
+  c.freeze_projector = False
+  c.remat = ml_collections.FieldReference(None, field_type=bool)
+  c.compute_dtype = ''
+  c.log_every = 10 if tiny else 50
+  c.eval_every = 0
+  c.eval_batches = 4
+  c.save_every = 200 if tiny else 1000
+  c.keep_checkpoints = 3
+  c.init_from = ''
+  c.distributed = False
+  c.coordinator_address = ''
+  c.num_processes = -1
+  c.process_id = -1
+  c.step_sleep_s = 0.0
+  c.progress = True
   return c
+
+
+def apply_overrides(config):
+  """Copies the train section's numerics overrides (remat, compute dtype) into config.model."""
+  t = config.train
+  with config.unlocked():
+    if t.remat is not None:
+      config.model.remat = bool(t.remat)
+    if t.compute_dtype:
+      config.model.dtype = t.compute_dtype
+  return config
+
+
+def check_config(config, num_devices):
+  """Raises ValueError with one actionable line for a config that cannot train on `num_devices`."""
+  from dynllava_jax.model.llava import check_model_config  # local: keeps this module import-light
+  check_model_config(config.model)
+  t, m = config.train, config.mesh
+  if t.steps <= 0:
+    raise ValueError(f'train.steps={t.steps} must be > 0')
+  if not 0 <= t.dense_warmup_steps <= t.steps:
+    raise ValueError(f'train.dense_warmup_steps={t.dense_warmup_steps} must be in [0, steps={t.steps}]')
+  if not 0.0 <= t.warmup_ratio < 1.0:
+    raise ValueError(f'train.warmup_ratio={t.warmup_ratio} must be in [0, 1)')
+  if t.grad_accum < 1:
+    raise ValueError(f'train.grad_accum={t.grad_accum} must be >= 1')
+  if t.compute_dtype not in ('', 'float32', 'bfloat16'):
+    raise ValueError(f"train.compute_dtype={t.compute_dtype!r}: use '', 'float32' or 'bfloat16'")
+  sizes = [int(m[a]) for a in ('data', 'fsdp', 'tensor')]
+  known = 1
+  for s in sizes:
+    known *= s if s > 0 else 1
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+    raise ValueError(f'mesh {dict(m)} does not divide the {num_devices} available devices')
+  if -1 not in sizes and known != num_devices:
+    raise ValueError(f'mesh {dict(m)} uses {known} devices but {num_devices} are available; '
+                     'set one axis to -1 or match the count')
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  data_par = sizes[0] * sizes[1]
+  b = config.data.batch_size
+  if b % t.grad_accum or (b // t.grad_accum) % data_par:
+    raise ValueError(f'data.batch_size={b} must split into train.grad_accum={t.grad_accum} micro-batches '
+                     f'each divisible by the data axes data*fsdp={data_par}')

@@ -1,0 +1,252 @@
+"""The training loop: set-up (distributed, checks, mesh, state), resume, steps, telemetry, eval, checkpoints.
+
+    summary = train(config, workdir)      # resumes from <workdir>/checkpoints when there is one
+
+Preemption: SIGTERM (and SIGINT) set a flag; the running step finishes, a checkpoint is saved and
+`train` returns with summary['preempted'] = True. All processes agree on the flag before acting on it.
+"""
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dynllava_jax import sharding as shd
+from dynllava_jax.train import checkpoint as ckpt_lib
+from dynllava_jax.train import metrics as met
+from dynllava_jax.train import optim
+from dynllava_jax.train import state as st
+from dynllava_jax.train import step as step_lib
+from dynllava_jax.train.config import apply_overrides, check_config
+
+log = logging.getLogger('dynllava_jax.train')
+BATCH_AXES = ('data', 'fsdp')
+_DISTRIBUTED = False
+
+
+def maybe_initialize_distributed(train_cfg):
+  """jax.distributed.initialize when train.distributed (args from the config, else the environment)."""
+  global _DISTRIBUTED
+  if not train_cfg.distributed or _DISTRIBUTED:
+    return
+  kw = {}
+  if train_cfg.coordinator_address:
+    kw['coordinator_address'] = train_cfg.coordinator_address
+  if train_cfg.num_processes >= 0:
+    kw['num_processes'] = int(train_cfg.num_processes)
+  if train_cfg.process_id >= 0:
+    kw['process_id'] = int(train_cfg.process_id)
+  jax.distributed.initialize(**kw)
+  _DISTRIBUTED = True
+
+
+def setup(config, devices=None):
+  """Overrides, distributed start-up and config checks -> mesh. Raises ValueError (one line) on bad configs."""
+  apply_overrides(config)
+  maybe_initialize_distributed(config.train)
+  devices = jax.devices() if devices is None else devices
+  check_config(config, len(devices))
+  return shd.make_mesh(config.mesh, devices)
+
+
+class Preemption:
+  """SIGTERM / SIGINT -> flag (restores the previous handlers on close)."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    self.flag = True
+    log.warning('signal %d received: finishing the step, saving, exiting', signum)
+
+  def requested(self):
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(multihost_utils.process_allgather(np.asarray(self.flag)).any())
+
+  def close(self):
+    for sig, h in self._old.items():
+      signal.signal(sig, h)
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def to_device(batch, sharding):
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  keys = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'has_image', 'image_start',
+          'instr_start', 'instr_end', 'answer_start', 'answer_end')
+  return pipeline.to_global({k: batch[k] for k in keys}, sharding)
+
+
+class Trainer:
+  """Everything `train` needs, built once (tests drive it step by step)."""
+
+  def __init__(self, config, workdir, devices=None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = setup(config, devices)
+    self.tx = optim.make_optimizer(config.train)
+    self.graphdef, self.abstract, self.shardings = st.state_shardings(self.mesh, config, self.tx)
+    self.batch_sharding = batch_sharding(self.mesh)
+    sparse = config.model.sparse.enabled
+    self._steps = {}
+    self.sparse = sparse
+    t = config.train
+    self.n_train_matmul = None
+    self.stage_switch = t.dense_warmup_steps if sparse else t.steps
+
+  def init_state(self):
+    _, state, _ = st.create_state(self.mesh, self.config, self.tx)
+    if self.config.train.init_from:
+      state = self._load_init(state)
+    return state
+
+  def _load_init(self, state):
+    target = st.abstract_with_shardings(
+        {'params': state['params'], 'frozen': state['frozen']},
+        {'params': self.shardings['params'], 'frozen': self.shardings['frozen']})
+    loaded = ckpt_lib.load_params(self.config.train.init_from, target)
+    merged = jax.tree.map(lambda new, old: old if new is None else new,
+                          loaded, {'params': state['params'], 'frozen': state['frozen']},
+                          is_leaf=lambda x: x is None)
+    return {**state, **merged}
+
+  def step_fn(self, step):
+    sparse = self.sparse and step >= self.stage_switch
+    if sparse not in self._steps:
+      self._steps[sparse] = step_lib.jit_train_step(self.config, self.graphdef, self.tx, self.shardings,
+                                                    self.batch_sharding, sparse=sparse)
+    return self._steps[sparse]
+
+  def eval_fn(self, step):
+    key = ('eval', self.sparse and step >= self.stage_switch)
+    if key not in self._steps:
+      self._steps[key] = step_lib.make_eval_step(self.config, self.graphdef, sparse=key[1])
+    return self._steps[key]
+
+  def flops(self, state, batch):
+    if self.n_train_matmul is None:
+      flat = jax.tree_util.tree_flatten_with_path(state['params'])[0]
+      self.n_train_matmul = sum(x.size for p, x in flat
+                                if x.ndim >= 2 and 'embed_tokens' not in jax.tree_util.keystr(p))
+      self.n_vision = st.count_params(state['frozen'].get('vision_tower', state['params'].get('vision_tower', {})))
+    b, t = batch['input_ids'].shape
+    return met.flops_per_step(self.config, self.n_train_matmul, self.n_vision, b, t,
+                              float(np.sum(batch['attention_mask'])))
+
+
+def evaluate(trainer, state, step, split='validation', max_batches=None):
+  """Validation loss (CE), kept ratios and teacher-forced answer accuracy over `max_batches` batches."""
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = pipeline.make_iterator(trainer.config, split, shuffle=False, num_epochs=1, drop_remainder=False)
+  fn = trainer.eval_fn(step)
+  tot, correct, n = {}, 0, 0
+  with jax.set_mesh(trainer.mesh):
+    for i, batch in enumerate(it):
+      if max_batches is not None and i >= max_batches:
+        break
+      b = batch['input_ids'].shape[0]
+      if b % (trainer.mesh.shape['data'] * trainer.mesh.shape['fsdp']):
+        break
+      out = jax.device_get(fn(state, to_device(batch, trainer.batch_sharding)))
+      correct += int(np.sum(out.pop('answer_correct')))
+      n += b
+      for k, v in out.items():
+        tot[k] = tot.get(k, 0.0) + float(v)
+  it.close()
+  if not n:
+    return {}
+  res = {'loss': tot['ce_sum'] / max(tot['n_tokens'], 1.0), 'answer_accuracy': correct / n, 'samples': n}
+  for name in ('image', 'answer'):
+    if tot.get(f'n_{name}', 0) > 0:
+      res[f'kept_{name}'] = tot[f'kept_{name}'] / tot[f'n_{name}']
+  return res
+
+
+def train(config, workdir, devices=None):
+  """Trains config.train.steps steps into `workdir` (resuming when it has checkpoints).
+
+  Returns a dict: step, preempted (bool), state (the final train state), trainer, last (last logged
+  metrics), eval (last evaluation or {}).
+  """
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  trainer = Trainer(config, workdir, devices)
+  t = config.train
+  main = jax.process_index() == 0
+  tel = None
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+  it = pipeline.make_iterator(config, 'train')
+  pre = Preemption()
+  try:
+    target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
+    restored = ckpt.restore_latest(target, report=lambda m: print(m, flush=True) if main else None)
+    if restored is None:
+      state, step = trainer.init_state(), 0
+    else:
+      step, state, data_state = restored
+      it.set_state(data_state)
+      if main:
+        print(f'resumed from {ckpt.directory}/{step}', flush=True)
+    tel = met.Telemetry(workdir, t.steps, step, enabled=main, progress=t.progress)
+    last, last_eval, saved_at, preempted = {}, {}, step if restored else -1, False
+    timer = met.StepTimer()
+    tokens, flops, n_since = 0.0, 0.0, 0
+    with jax.set_mesh(trainer.mesh):
+      while step < t.steps:
+        batch = next(it)
+        fn = trainer.step_fn(step)
+        state, m = fn(state, to_device(batch, trainer.batch_sharding))
+        step += 1
+        n_since += 1
+        tokens += float(np.sum(batch['attention_mask']))
+        flops += trainer.flops(state, batch)
+        if t.step_sleep_s:
+          time.sleep(t.step_sleep_s)
+        tel.advance()
+        if (t.log_every and step % t.log_every == 0) or step == t.steps:
+          m = jax.device_get(m)
+          tel.check_finite(step, m)
+          dt = timer.lap()
+          m = {**m, 'step_time_s': dt / n_since, 'tokens_per_s': tokens / dt,
+               'tflops_per_s': flops / dt / 1e12}
+          tokens, flops, n_since = 0.0, 0.0, 0
+          tel.write(step, m)
+          last = m
+        if t.eval_every and step % t.eval_every == 0:
+          last_eval = evaluate(trainer, state, step, max_batches=t.eval_batches)
+          tel.write(step, last_eval, prefix='eval')
+          tel.message(f'step {step} eval: ' + ', '.join(f'{k}={v:.4g}' for k, v in last_eval.items()))
+          timer.lap()
+        preempted = pre.requested()
+        if (t.save_every and step % t.save_every == 0) or preempted:
+          tel.check_finite(step, jax.device_get({'loss': m['loss'], 'grad_norm': m['grad_norm']}))
+          ckpt.save(step, state, it.get_state())
+          saved_at = step
+        if preempted:
+          tel.message(f'preempted: saved step {step} to {ckpt.directory}')
+          break
+    if saved_at != step:
+      ckpt.save(step, state, it.get_state())
+    ckpt.wait()
+  finally:
+    pre.close()
+    ckpt.close()
+    it.close()
+    if tel is not None:
+      tel.close()
+  return {'step': step, 'preempted': preempted, 'state': state, 'trainer': trainer, 'last': last,
+          'eval': last_eval}

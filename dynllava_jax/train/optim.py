@@ -1,0 +1,86 @@
+"""AdamW with parameter groups, warm-up + cosine schedules and global-norm clipping.
+
+Parameter split (`split_params`): the model's nnx.Param variables are split into
+  frozen:    the CLIP tower (train.freeze_vision) and, with train.freeze_projector, the projector.
+             No gradients are computed for them and the optimizer holds no state for them.
+  trainable: everything else, in two optimizer groups (`param_group`):
+             'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
+             'main'      = LLM + projector (train.lr, train.weight_decay).
+Weight decay applies to matrices (ndim >= 2) only, never to biases or norm scales.
+Gradient accumulation is done inside the jitted step (`step.py`), not by the optimizer.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+PREDICTORS = ('image_score_predictor', 'output_text_score_predictor', 'instruct_score_predictor')
+
+
+def frozen_filter(train_cfg):
+  """nnx filter of the frozen params."""
+  parts = []
+  if train_cfg.freeze_vision:
+    parts.append(nnx.PathContains('vision_tower'))
+  if train_cfg.freeze_projector:
+    parts.append(nnx.PathContains('projector'))
+  if not parts:
+    return nnx.Nothing
+  return nnx.All(nnx.Param, nnx.Any(*parts))
+
+
+def split_params(model, train_cfg):
+  """-> (graphdef, frozen, trainable) with frozen / trainable as pure nested dicts of arrays."""
+  graphdef, frozen, trainable = nnx.split(model, frozen_filter(train_cfg), ...)
+  return graphdef, nnx.to_pure_dict(frozen), nnx.to_pure_dict(trainable)
+
+
+def param_group(path):
+  """'predictor' for keep-predictor params, else 'main'. path: tuple of keys."""
+  return 'predictor' if path and str(path[0]) in PREDICTORS else 'main'
+
+
+def _labels(params):
+  def one(path, _):
+    return param_group(tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path))
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _decay_mask(params):
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def schedule(peak, steps, warmup_ratio, min_ratio=0.0):
+  """Linear warm-up for round(warmup_ratio·steps) steps, then cosine to min_ratio·peak at `steps`."""
+  warm = int(round(warmup_ratio * steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warm, decay_steps=max(steps, warm + 1),
+      end_value=peak * min_ratio)
+
+
+def schedules(train_cfg):
+  t = train_cfg
+  return {'main': schedule(t.lr, t.steps, t.warmup_ratio, t.min_lr_ratio),
+          'predictor': schedule(t.predictor_lr, t.steps, t.warmup_ratio, t.min_lr_ratio)}
+
+
+def make_optimizer(train_cfg):
+  """optax GradientTransformation over the trainable pure dict."""
+  t = train_cfg
+  sch = schedules(t)
+
+  def adamw(lr, wd):
+    return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=wd, mask=_decay_mask)
+
+  groups = optax.multi_transform(
+      {'main': adamw(sch['main'], t.weight_decay),
+       'predictor': adamw(sch['predictor'], t.predictor_weight_decay)}, _labels)
+  parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  return optax.chain(*parts, groups)
+
+
+def global_norm(tree):
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
