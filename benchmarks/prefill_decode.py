@@ -1,0 +1,113 @@
+"""Dense vs Dynamic-LLaVA prefill and KV-cache decoding, side by side in one process (random weights).
+
+    python benchmarks/prefill_decode.py --json runs/bench/prefill_decode.json [--size bench]
+        [--batches 1,8] [--new_tokens 64,512] [--text_tokens 64] [--runs 3] [--methods dense,dynamic]
+
+Per (method, batch): warm median prefill seconds (`decode.prefill`, KV outputs, block_until_ready), XLA
+FLOPs of that compiled prefill (abstract shapes), then for each generation length M in --new_tokens one
+generation (greedy, KV cache, EOS disabled so every sample generates M tokens) giving the K/V bytes that
+hold tokens after prefill and after M tokens. Decode ms/token = warm median of
+(generate(M_max) − generate(M_min)) / (M_max − M_min), so the prefill cancels. With --runs 0 nothing is
+timed: one generation per length gives the KV bytes only (for long lengths on a slow CPU).
+Random weights: Dynamic's image budget is exact (⌊N·r_I⌋); its output-text keep rate is whatever the
+random output-text predictor gives (`kept_text_ratio` in the output).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+from flax import nnx  # pylint: disable=wrong-import-position
+
+from benchmarks import common  # pylint: disable=wrong-import-position
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--json', default=None)
+  ap.add_argument('--size', default='bench')
+  ap.add_argument('--batches', default='1,8')
+  ap.add_argument('--new_tokens', default='64,512')
+  ap.add_argument('--text_tokens', type=int, default=64)
+  ap.add_argument('--runs', type=int, default=3, help='timed warm repetitions; 0 = one untimed '
+                  'generation per length (KV bytes only)')
+  ap.add_argument('--methods', default='dense,dynamic')
+  ap.add_argument('--no_flops', action='store_true')
+  args = ap.parse_args()
+
+  from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.decode.prefill import prefill  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval import metrics as M  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import engine_prefill_flops  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
+
+  cfg = common.bench_config(args.size)
+  mc = cfg.model
+  t0 = time.time()
+  model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()
+  print(f'model {args.size} built in {time.time() - t0:.1f}s', flush=True)
+  batches = [int(x) for x in args.batches.split(',')]
+  lens = sorted(int(x) for x in args.new_tokens.split(','))
+  methods = args.methods.split(',')
+  rows = []
+  for b in batches:
+    ids, pix, mask = common.make_prompts(mc, b, args.text_tokens)
+    for name in methods:
+      method = make_sparsifier(name, cfg)
+      rng = jax.random.key(0)
+      prefill_s = None
+      if args.runs > 0:
+        prefill_s, _ = M.time_call(lambda: prefill(model, cfg, method, ids, pix, mask, rng=rng,
+                                                   max_new_tokens=max(lens)).out, runs=args.runs)
+      flops = None
+      if not args.no_flops:
+        flops, _ = engine_prefill_flops(mc, method, args.text_tokens, b, int(cfg.eval.prefill_bucket))
+      outs, times = {}, {}
+      for m in lens:
+        gen = lambda: generate(model, cfg, method, ids, pix, mask, max_new_tokens=m, sampling='greedy',
+                               rng=rng)
+        if args.runs > 0:
+          times[m], outs[m] = M.time_call(gen, runs=args.runs, warmup=1)
+        else:
+          times[m], outs[m] = None, gen()
+      ms_tok = None
+      if args.runs > 0 and len(lens) > 1:
+        ms_tok = M.decode_ms_per_token(times[lens[-1]], lens[-1], times[lens[0]], lens[0])
+      elif args.runs > 0:
+        ms_tok = 1000.0 * (times[lens[0]] - prefill_s) / max(lens[0] - 1, 1)
+      for m in lens:
+        o = outs[m]
+        assert int(o.lengths.min()) == m, 'EOS is disabled: every sample must generate max_new_tokens'
+        rows.append({
+            'case': f'{args.size}_b{b}_new{m}', 'method': name, 'batch': b, 'new_tokens': m,
+            'prompt_tokens': int(ids.shape[1]), 'prefill_s': prefill_s, 'decode_ms_per_token': ms_tok,
+            'generate_s': times[m], 'kv_cache_bytes': int(o.kv_cache_bytes_final),
+            'kv_cache_bytes_prefill': int(o.kv_cache_bytes_prefill),
+            'kv_cache_bytes_allocated': int(o.kv_cache_bytes_allocated),
+            'kept_image_ratio': float(np.mean(o.kept_image_ratio)),
+            'kept_text_ratio': float(np.mean(o.kept_text_ratio)), 'flops_xla': flops})
+        print(rows[-1], flush=True)
+  # Ratios dynamic / dense per (batch, new_tokens).
+  by = {(r['method'], r['batch'], r['new_tokens']): r for r in rows}
+  for r in rows:
+    d = by.get(('dense', r['batch'], r['new_tokens']))
+    if d is not None and r['method'] != 'dense':
+      if r['prefill_s']:
+        r['prefill_speedup_vs_dense'] = d['prefill_s'] / r['prefill_s']
+      if r['decode_ms_per_token']:
+        r['decode_speed_vs_dense'] = d['decode_ms_per_token'] / r['decode_ms_per_token']
+      r['kv_bytes_vs_dense'] = r['kv_cache_bytes'] / d['kv_cache_bytes']
+  keys = ['case', 'method', 'batch', 'prefill_s', 'decode_ms_per_token', 'kv_cache_bytes', 'kept_text_ratio',
+          'flops_xla', 'prefill_speedup_vs_dense', 'decode_speed_vs_dense', 'kv_bytes_vs_dense']
+  common.print_rows(rows, keys)
+  common.write_json(args.json, rows, {**common.environment(), 'args': vars(args),
+                                      'threads': os.environ.get('XLA_FLAGS', '')})
+
+
+if __name__ == '__main__':
+  main()
