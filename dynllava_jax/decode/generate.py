@@ -95,7 +95,8 @@ def _overflow(state):
   return over
 
 
-@partial(jax.jit, static_argnames=('method', 'sampling', 'pad_id', 'eos_id', 'record_logits'))
+@partial(jax.jit, static_argnames=('method', 'sampling', 'pad_id', 'eos_id', 'record_logits'),
+         donate_argnames=('state',))
 def _run_chunk(model, method, state, *, sampling, pad_id, eos_id, record_logits):
   m = state.tokens.shape[1]
 
