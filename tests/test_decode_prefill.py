@@ -215,3 +215,14 @@ def test_registry_names_and_static_hashing():
   txt = registry.make_sparsifier('dynamic_text', cfg)
   assert img.text_layer(cfg.model) is None and img.drop_points(cfg.model) == (1,)
   assert txt.drop_points(cfg.model) == () and txt.text_layer(cfg.model) == 1
+
+
+def test_text_only_batch_shorter_than_the_image_block(setup):
+  cfg, model, _ = setup
+  ids, _, mask = make_batch(cfg, [(7, None, 'left'), (5, None, 'right')], seed=3)
+  po = prefill(model, cfg, registry.make_sparsifier('dynamic', cfg), ids, None, mask)
+  assert po.out.segments[0].valid.shape[1] < model.num_image_tokens
+  ref = np.asarray(model(jnp.asarray(ids), None, jnp.asarray(mask)))
+  last = np.array([np.flatnonzero(m)[-1] for m in mask])
+  np.testing.assert_allclose(np.asarray(po.logits_last), ref[np.arange(2), last], atol=2e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(po.out.segments[1].count), mask.sum(-1))

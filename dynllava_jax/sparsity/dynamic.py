@@ -26,11 +26,12 @@ def gather_image_tokens(h, image_mask, n):
   h (B, T, H), image_mask (B, T) bool -> (h_img (B, n, H), idx (B, n) int32 into T, present (B, n) bool).
   Samples with fewer flagged tokens get present=False in the tail (their idx point at other tokens).
   """
-  t = h.shape[1]
-  idx = jnp.argsort(~image_mask, axis=-1, stable=True)[:, :n].astype(jnp.int32)
-  if n > t:
-    raise ValueError(f'sequence of {t} tokens cannot hold {n} image tokens')
-  present = jnp.take_along_axis(image_mask, idx, axis=1)
+  b, t = image_mask.shape
+  idx = jnp.argsort(~image_mask, axis=-1, stable=True).astype(jnp.int32)
+  if n > t:    # a short (text-only) sequence: pad with repeats of the last slot, marked absent
+    idx = jnp.concatenate([idx, jnp.full((b, n - t), t - 1, jnp.int32)], axis=1)
+  idx = idx[:, :n]
+  present = jnp.take_along_axis(image_mask, idx, axis=1) & (jnp.arange(n) < t)[None, :]
   return jnp.take_along_axis(h, idx[..., None], axis=1), idx, present
 
 
@@ -77,7 +78,7 @@ class DynamicSparsifier(Sparsifier):
       s = logits[..., 0] - logits[..., 1]
     b = ctx.h.shape[0]
     out = jnp.zeros(ctx.h.shape[:2], jnp.float32)
-    return out.at[jnp.arange(b)[:, None], idx].set(jnp.where(present, s, 0.0))
+    return out.at[jnp.arange(b)[:, None], jnp.where(present, idx, ctx.h.shape[1])].set(s, mode='drop')
 
   def text_keep(self, ctx: TextContext):
     if not self.text:
