@@ -155,8 +155,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
   (default model.mc.eos_token_id).
   """
-  ev = eval_section(cfg)
   mc = model.mc
+  ev = eval_section(cfg, mc)
   if isinstance(method, str):
     method = make_sparsifier(method, mc)
   m = int(ev.max_new_tokens if max_new_tokens is None else max_new_tokens)

@@ -172,11 +172,12 @@ def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return
                         return_logits=return_logits)
 
 
-def eval_section(cfg):
-  """The `eval` section of a root config, or its defaults when cfg is a model config."""
+def eval_section(cfg, model_cfg=None):
+  """The `eval` section of a root config, or the defaults (tiny ones for a model of hidden size < 1024)."""
   if cfg is not None and 'eval' in cfg:
     return cfg.eval
-  return eval_defaults('tiny')
+  small = model_cfg is None or model_cfg.llm.hidden < 1024
+  return eval_defaults('tiny' if small else '7b')
 
 
 @dataclasses.dataclass
@@ -197,8 +198,8 @@ def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *,
 
   Returns PrefillOutput; `.out.logits_last` (B, vocab) float32, `.out.segments[s].kv` the caches.
   """
-  ev = eval_section(cfg)
   mc = model.mc
+  ev = eval_section(cfg, mc)
   method.validate(mc, num_image_tokens(mc))
   req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
                          bucket=ev.prefill_bucket, extra_len=extra_len)
