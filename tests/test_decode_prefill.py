@@ -172,6 +172,10 @@ def test_dense_prefill_matches_model_call(setup):
   last = np.array([np.flatnonzero(m)[-1] for m in mask])
   np.testing.assert_allclose(np.asarray(po.logits_last), ref[np.arange(len(last)), last], atol=2e-4, rtol=1e-4)
   assert len(po.out.segments) == 1
+  # keep ratio 1: the image drop keeps every token, so the logits are the dense ones
+  full = prefill(model, cfg, DynamicSparsifier(image=True, text=False, keep_ratio=1.0), ids, pix, mask)
+  np.testing.assert_allclose(np.asarray(full.logits_last), ref[np.arange(len(last)), last], atol=2e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(full.out.segments[1].count), mask.sum(-1))
 
 
 def test_bad_requests_raise_clear_errors(setup):
