@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from configs.common import num_image_tokens
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.prefill import eval_section, prefill

@@ -16,7 +16,7 @@ sequence. Dropped tokens are gone, so this equals a masked forward with exact-ze
 """
 import dataclasses
 from functools import partial
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
