@@ -39,3 +39,22 @@ def test_prefill_flops_rejects_bad_input():
     F.prefill_flops(mc, None, lm_head='first')
   with pytest.raises(ValueError, match='seq_lens'):
     F.prefill_flops(mc, None, seq_lens=[1, 2])
+
+
+@pytest.fixture(scope='module')
+def tiny_engine_flops():
+  from dynllava_jax.eval.run import engine_prefill_flops
+  from dynllava_jax.sparsity.registry import make_sparsifier
+  cfg = get_config('size=tiny')
+  return lambda name: engine_prefill_flops(cfg.model, make_sparsifier(name, cfg), text_tokens=40, batch=2,
+                                           bucket=16)
+
+
+def test_analytic_engine_prefill_matches_xla_tiny(tiny_engine_flops):
+  """Dense and sparse (one drop with a learned scorer; three drops with renumbered positions)."""
+  dense_xla, dense_ana = tiny_engine_flops('dense')
+  assert dense_ana == pytest.approx(dense_xla, rel=0.05)
+  for name in ('dynamic', 'pdrop'):
+    xla, analytic = tiny_engine_flops(name)
+    assert analytic == pytest.approx(xla, rel=0.05), name
+    assert xla < 0.9 * dense_xla, name
