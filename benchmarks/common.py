@@ -47,7 +47,8 @@ def environment():
   """Host facts recorded beside every result."""
   import jax  # pylint: disable=g-import-not-at-top
   return {'python': platform.python_version(), 'jax': jax.__version__, 'backend': jax.default_backend(),
-          'cpu_count': os.cpu_count(), 'machine': platform.machine()}
+          'cpu_count': os.cpu_count(), 'machine': platform.machine(),
+          'loadavg_1_5_15min_at_end': list(os.getloadavg())}
 
 
 def write_json(path, rows, meta):
