@@ -78,7 +78,7 @@ def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
   return tokens, logits, tok == eos_id
 
 
-@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'pad_id', 'eos_id', 'record_logits'))
+@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits'))
 def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits):
   caches = tuple(C.from_segment(s, c) for s, c in zip(out.segments, capacities))
   b = out.logits_last.shape[0]
@@ -94,7 +94,7 @@ def _overflow(state):
   return over
 
 
-@partial(jax.jit, static_argnames=('method', 'sampling', 'pad_id', 'eos_id', 'record_logits'),
+@partial(jax.jit, static_argnames=('method', 'sampling', 'record_logits'),
          donate_argnames=('state',))
 def _run_chunk(model, method, state, *, sampling, pad_id, eos_id, record_logits):
   m = state.tokens.shape[1]
@@ -175,7 +175,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   counts = [int(np.asarray(s.count).max()) for s in out.segments]
   caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
   caps = tuple(caps)
-  kw = dict(sampling=samp, pad_id=int(mc.pad_token_id), eos_id=eos,
+  # pad / eos ids are traced (a new stop token compiles nothing new)
+  kw = dict(sampling=samp, pad_id=jnp.int32(mc.pad_token_id), eos_id=jnp.int32(eos),
             record_logits=bool(return_logits))
   state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
   bytes_prefill = C.used_bytes(state.caches)

@@ -19,8 +19,7 @@ from dynllava_jax.decode import request as R
 from dynllava_jax.decode.prefill import sparse_forward
 
 
-@partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'pad_id', 'eos_id',
-                                   'record_logits', 'text_seg'))
+@partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'record_logits', 'text_seg'))
 def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max_new, pad_id, eos_id,
           record_logits, text_seg):
   b, t = ids.shape
