@@ -10,7 +10,10 @@ hold tokens after prefill and after M tokens. Decode ms/token = warm median of
 (generate(M_max) − generate(M_min)) / (M_max − M_min), so the prefill cancels. With --runs 0 nothing is
 timed: one generation per length gives the KV bytes only (for long lengths on a slow CPU).
 Random weights: Dynamic's image budget is exact (⌊N·r_I⌋); its output-text keep rate is whatever the
-random output-text predictor gives (`kept_text_ratio` in the output).
+random output-text predictor gives (`kept_text_ratio` in the output). `--text_keep_rate R` simulates a
+trained predictor's rate: it shifts the output-text predictor's last bias so that a fraction R of the
+prompt's text tokens (hidden states entering sparse_layer) would be kept; the measured rate on the
+generated tokens is reported as kept_text_ratio.
 """
 import argparse
 import os
@@ -26,6 +29,30 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from benchmarks import common  # pylint: disable=wrong-import-position
 
 
+def calibrate_text_keep(model, ids, pix, mask, rate):
+  """Shifts the output-text predictor's keep logit so that a fraction `rate` of the prompt's text tokens
+  (hidden states entering sparse_layer) has logit0 > logit1. Returns the shift."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.llava import dense_allowed, positions_from_mask  # pylint: disable=g-import-not-at-top
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f'--text_keep_rate={rate} must be in (0, 1]')
+  sl = int(model.mc.sparse.sparse_layer)
+
+  @nnx.jit
+  def margins(model, ids, pix, mask):
+    h, image_mask = model.embed(ids, pix)
+    h = model.language_model.run_layers(h, positions_from_mask(mask), dense_allowed(mask), stop=sl)
+    lg = model.output_text_score_predictor(h)
+    return lg[..., 0] - lg[..., 1], image_mask
+
+  m, image_mask = margins(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
+  text = np.asarray(m)[~np.asarray(image_mask) & (np.asarray(mask) > 0)]
+  shift = float(np.quantile(text, 1.0 - rate))
+  bias = model.output_text_score_predictor.fc_4.bias
+  bias[...] = bias[...] + jnp.array([-shift, 0.0], bias[...].dtype)
+  return shift
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--json', default=None)
@@ -37,6 +64,8 @@ def main():
                   'generation per length (KV bytes only)')
   ap.add_argument('--methods', default='dense,dynamic')
   ap.add_argument('--no_flops', action='store_true')
+  ap.add_argument('--text_keep_rate', type=float, default=None,
+                  help='calibrate the random output-text predictor to keep about this fraction')
   args = ap.parse_args()
 
   from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
@@ -51,6 +80,10 @@ def main():
   t0 = time.time()
   model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()
   print(f'model {args.size} built in {time.time() - t0:.1f}s', flush=True)
+  if args.text_keep_rate is not None:
+    ids, pix, mask = common.make_prompts(mc, 1, args.text_tokens, seed=1)
+    shift = calibrate_text_keep(model, ids, pix, mask, args.text_keep_rate)
+    print(f'output-text predictor bias shifted by {shift:.4g} for a keep rate of {args.text_keep_rate}')
   batches = [int(x) for x in args.batches.split(',')]
   lens = sorted(int(x) for x in args.new_tokens.split(','))
   methods = args.methods.split(',')
@@ -90,7 +123,8 @@ def main():
             'kv_cache_bytes_prefill': int(o.kv_cache_bytes_prefill),
             'kv_cache_bytes_allocated': int(o.kv_cache_bytes_allocated),
             'kept_image_ratio': float(np.mean(o.kept_image_ratio)),
-            'kept_text_ratio': float(np.mean(o.kept_text_ratio)), 'flops_xla': flops})
+            'kept_text_ratio': float(np.mean(o.kept_text_ratio)), 'flops_xla': flops,
+            'text_keep_rate_calibrated': args.text_keep_rate if name.startswith('dynamic') else None})
         print(rows[-1], flush=True)
   # Ratios dynamic / dense per (batch, new_tokens).
   by = {(r['method'], r['batch'], r['new_tokens']): r for r in rows}
