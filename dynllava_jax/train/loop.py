@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dynllava_jax import sharding as shd
 from dynllava_jax.train import checkpoint as ckpt_lib
+from dynllava_jax.train import evaluate
 from dynllava_jax.train import metrics as met
 from dynllava_jax.train import optim
 from dynllava_jax.train import state as st
@@ -132,8 +133,10 @@ class Trainer:
                                                     self.batch_sharding, sparse=sparse)
     return self._steps[sparse]
 
-  def eval_fn(self, step):
-    key = ('eval', self.sparse and step >= self.stage_switch)
+  def eval_fn(self, step, sparse=None):
+    """Jitted eval step; sparse None = the stage `step` trains in."""
+    sparse = (self.sparse and step >= self.stage_switch) if sparse is None else sparse
+    key = ('eval', sparse)
     if key not in self._steps:
       self._steps[key] = step_lib.make_eval_step(self.config, self.graphdef, sparse=key[1])
     return self._steps[key]
@@ -147,34 +150,6 @@ class Trainer:
     b, t = batch['input_ids'].shape
     return met.flops_per_step(self.config, self.n_train_matmul, self.n_vision, b, t,
                               float(np.sum(batch['attention_mask'])))
-
-
-def evaluate(trainer, state, step, split='validation', max_batches=None):
-  """Validation loss (CE), kept ratios and teacher-forced answer accuracy over `max_batches` batches."""
-  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  it = pipeline.make_iterator(trainer.config, split, shuffle=False, num_epochs=1, drop_remainder=False)
-  fn = trainer.eval_fn(step)
-  tot, correct, n = {}, 0, 0
-  with jax.set_mesh(trainer.mesh):
-    for i, batch in enumerate(it):
-      if max_batches is not None and i >= max_batches:
-        break
-      b = batch['input_ids'].shape[0]
-      if b % (trainer.mesh.shape['data'] * trainer.mesh.shape['fsdp']):
-        break
-      out = jax.device_get(fn(state, to_device(batch, trainer.batch_sharding)))
-      correct += int(np.sum(out.pop('answer_correct')))
-      n += b
-      for k, v in out.items():
-        tot[k] = tot.get(k, 0.0) + float(v)
-  it.close()
-  if not n:
-    return {}
-  res = {'loss': tot['ce_sum'] / max(tot['n_tokens'], 1.0), 'answer_accuracy': correct / n, 'samples': n}
-  for name in ('image', 'answer'):
-    if tot.get(f'n_{name}', 0) > 0:
-      res[f'kept_{name}'] = tot[f'kept_{name}'] / tot[f'n_{name}']
-  return res
 
 
 def train(config, workdir, devices=None):
@@ -227,7 +202,7 @@ def train(config, workdir, devices=None):
           tel.write(step, m)
           last = m
         if t.eval_every and step % t.eval_every == 0:
-          last_eval = evaluate(trainer, state, step, max_batches=t.eval_batches)
+          last_eval = evaluate.validation_metrics(trainer, state, step, max_batches=t.eval_batches)
           tel.write(step, last_eval, prefix='eval')
           tel.message(f'step {step} eval: ' + ', '.join(f'{k}={v:.4g}' for k, v in last_eval.items()))
           timer.lap()

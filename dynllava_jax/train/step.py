@@ -102,17 +102,29 @@ def jit_train_step(config, graphdef, tx, shardings, batch_sharding, *, sparse):
 
 
 def make_eval_step(config, graphdef, *, sparse):
-  """eval_step(state, batch) -> dict of sums + per-sample `answer_correct` (B,) bool."""
-  sc = config.model.sparse
+  """eval_step(state, batch) -> per-sample (B,) arrays: ce_sum, n_tokens, kept_image, n_image,
+  kept_answer, n_answer (kept_* are the sample's kept ratio times its indicator n_*), answer_correct."""
 
   def eval_step(state, batch):
     model = merge_model(graphdef, state)
     out = F.train_forward(model, batch, sparse=sparse)
-    sums = F.loss_sums(out, batch, sc)
+    _, _, nll, valid = F.ce_sums(out['logits'], batch['labels'])
+    b = nll.shape[0]
+    res = {'ce_sum': jnp.sum(nll, axis=1), 'n_tokens': jnp.sum(valid, axis=1).astype(jnp.float32)}
+    zeros = jnp.zeros((b,), jnp.float32)
+    res.update(kept_image=zeros, n_image=zeros, kept_answer=zeros, n_answer=zeros)
+    if 'm_img' in out:
+      has = batch['has_image'].astype(jnp.float32)
+      res.update(kept_image=has * jnp.mean(out['m_img'], axis=1), n_image=has)
+    if 'm_ot' in out:
+      q = out['ot_qual'].astype(jnp.float32)
+      span = out['ot_span']
+      ratio = jnp.sum(jnp.where(span, out['m_ot'], 0.0), axis=1) / jnp.maximum(jnp.sum(span, axis=1), 1)
+      res.update(kept_answer=q * ratio, n_answer=q)
     pred = jnp.argmax(out['logits'][:, :-1], axis=-1)
     tgt = batch['input_ids'][:, 1:]
     span = F.span_mask(batch['answer_start'] - 1, batch['answer_end'] - 1, tgt.shape[1])
-    ok = jnp.all(jnp.where(span, pred == tgt, True), axis=1) & jnp.any(span, axis=1)
-    return {**sums, 'answer_correct': ok}
+    res['answer_correct'] = jnp.all(jnp.where(span, pred == tgt, True), axis=1) & jnp.any(span, axis=1)
+    return res
 
   return jax.jit(eval_step)
