@@ -1,0 +1,75 @@
+"""Bad configs fail at start-up with one clear line; train.py exits non-zero with it on stderr."""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs.dynllava import get_config
+from dynllava_jax.train import loop
+from dynllava_jax.train import optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BAD = [
+    ({'model.sparse.image_keep_ratio': 0.0}, 'image_keep_ratio=0.0 must be in (0, 1]'),
+    ({'model.sparse.text_keep_ratio': 1.5}, 'text_keep_ratio=1.5 must be in (0, 1]'),
+    ({'model.sparse.sparse_layer': 4}, 'sparse_layer=4 must be in [0, llm.layers=4)'),
+    ({'mesh.data': 3}, 'does not divide the 8 available devices'),
+    ({'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 1}, 'uses 4 devices but 8 are available'),
+    ({'data.batch_size': 12}, 'data.batch_size=12 must split'),
+    ({'data.batch_size': 16, 'train.grad_accum': 4}, 'each divisible by the data axes data*fsdp=8'),
+]
+
+
+def _set(c, key, value):
+  *path, last = key.split('.')
+  node = c
+  for p in path:
+    node = node[p]
+  node[last] = value
+
+
+@pytest.mark.parametrize('overrides,message', BAD)
+def test_bad_config_is_one_line(overrides, message):
+  c = get_config('size=tiny')
+  for k, v in overrides.items():
+    _set(c, k, v)
+  with pytest.raises(ValueError) as e:
+    loop.setup(c, jax.devices())
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_train_py_exits_nonzero_with_the_line_on_stderr(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+             PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, 'train.py', '--workdir', str(tmp_path), '--config',
+                      'configs/dynllava.py:size=tiny', '--config.model.sparse.sparse_layer=9'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2
+  lines = [l for l in p.stderr.splitlines() if l.startswith('train.py:')]
+  assert lines == ['train.py: bad config: sparse.sparse_layer=9 must be in [0, llm.layers=4)'], p.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_param_groups_and_frozen_tower():
+  c = get_config('size=tiny')
+  assert optim.param_group(('image_score_predictor', 'down', 'kernel')) == 'predictor'
+  assert optim.param_group(('language_model', 'lm_head', 'kernel')) == 'main'
+  sch = optim.schedules(c.train)
+  warm = int(round(c.train.warmup_ratio * c.train.steps))
+  assert float(sch['main'](0)) == 0.0
+  assert abs(float(sch['main'](warm)) - c.train.lr) < 1e-9
+  assert abs(float(sch['predictor'](warm)) - c.train.predictor_lr) < 1e-9
+  assert float(sch['main'](c.train.steps)) < 1e-9
+  # the frozen CLIP tower has no optimizer state (and no gradients: it is not in `params`)
+  from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
+  c.mesh.fsdp = 1
+  mesh = loop.setup(c, jax.devices()[:1])
+  tx = optim.make_optimizer(c.train)
+  _, abstract, _ = st.state_shardings(mesh, c, tx)
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract['opt_state'])[0]]
+  assert opt_paths and not any('vision_tower' in p for p in opt_paths)
+  assert any('image_score_predictor' in p for p in opt_paths)
+  assert 'vision_tower' in abstract['frozen'] and 'vision_tower' not in abstract['params']
