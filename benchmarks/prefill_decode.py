@@ -3,12 +3,13 @@
     python benchmarks/prefill_decode.py --json runs/bench/prefill_decode.json [--size bench]
         [--batches 1,8] [--new_tokens 64,512] [--text_tokens 64] [--runs 3] [--methods dense,dynamic]
 
-Per (method, batch): warm median prefill seconds (`decode.prefill`, KV outputs, block_until_ready), XLA
-FLOPs of that compiled prefill (abstract shapes), then for each generation length M in --new_tokens one
-generation (greedy, KV cache, EOS disabled so every sample generates M tokens) giving the K/V bytes that
-hold tokens after prefill and after M tokens. Decode ms/token = warm median of
-(generate(M_max) − generate(M_min)) / (M_max − M_min), so the prefill cancels. With --runs 0 nothing is
-timed: one generation per length gives the KV bytes only (for long lengths on a slow CPU).
+Per batch, every method first runs once per shape (compiles; these generations — greedy, KV cache, EOS
+disabled so every sample generates M tokens — give the K/V bytes holding tokens after prefill and after M
+tokens), then `--runs` timed repetitions with the methods INTERLEAVED (so dense and Dynamic see the same
+machine load): prefill (`decode.prefill`, KV outputs, block_until_ready) and generate(M) for each M.
+prefill_s = median; decode_ms_per_token = median over repetitions of
+(generate(M_max) − generate(M_min)) / (M_max − M_min), so the prefill cancels. flops_xla: XLA cost analysis
+of the compiled prefill (abstract shapes). With --runs 0 nothing is timed (KV bytes only).
 Random weights: Dynamic's image budget is exact (⌊N·r_I⌋); its output-text keep rate is whatever the
 random output-text predictor gives (`kept_text_ratio` in the output). `--text_keep_rate R` simulates a
 trained predictor's rate: it shifts the output-text predictor's last bias so that a fraction R of the
@@ -17,6 +18,7 @@ generated tokens is reported as kept_text_ratio.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -90,36 +92,52 @@ def main():
   rows = []
   for b in batches:
     ids, pix, mask = common.make_prompts(mc, b, args.text_tokens)
+    objs = {name: make_sparsifier(name, cfg) for name in methods}
+    rng = jax.random.key(0)
+
+    def run_prefill(name):
+      return jax.block_until_ready(prefill(model, cfg, objs[name], ids, pix, mask, rng=rng,
+                                           max_new_tokens=max(lens)).out)
+
+    def run_gen(name, m):
+      return generate(model, cfg, objs[name], ids, pix, mask, max_new_tokens=m, sampling='greedy', rng=rng)
+
+    # Warm-up (compiles every shape) and the outputs whose KV bytes are reported.
+    outs = {name: {m: run_gen(name, m) for m in lens} for name in methods}
     for name in methods:
-      method = make_sparsifier(name, cfg)
-      rng = jax.random.key(0)
-      prefill_s = None
-      if args.runs > 0:
-        prefill_s, _ = M.time_call(lambda: prefill(model, cfg, method, ids, pix, mask, rng=rng,
-                                                   max_new_tokens=max(lens)).out, runs=args.runs)
+      run_prefill(name)
+    # Timed repetitions, methods interleaved so that they see the same machine load.
+    t_pre = {name: [] for name in methods}
+    t_gen = {(name, m): [] for name in methods for m in lens}
+    for _ in range(args.runs):
+      for name in methods:
+        t0 = time.perf_counter()
+        run_prefill(name)
+        t_pre[name].append(time.perf_counter() - t0)
+        for m in lens:
+          t0 = time.perf_counter()
+          run_gen(name, m)
+          t_gen[(name, m)].append(time.perf_counter() - t0)
+    for name in methods:
       flops = None
       if not args.no_flops:
-        flops, _ = engine_prefill_flops(mc, method, args.text_tokens, b, int(cfg.eval.prefill_bucket))
-      outs, times = {}, {}
-      for m in lens:
-        gen = lambda: generate(model, cfg, method, ids, pix, mask, max_new_tokens=m, sampling='greedy',
-                               rng=rng)
-        if args.runs > 0:
-          times[m], outs[m] = M.time_call(gen, runs=args.runs, warmup=1)
-        else:
-          times[m], outs[m] = None, gen()
+        flops, _ = engine_prefill_flops(mc, objs[name], args.text_tokens, b, int(cfg.eval.prefill_bucket))
+      prefill_s = statistics.median(t_pre[name]) if args.runs else None
       ms_tok = None
-      if args.runs > 0 and len(lens) > 1:
-        ms_tok = M.decode_ms_per_token(times[lens[-1]], lens[-1], times[lens[0]], lens[0])
-      elif args.runs > 0:
-        ms_tok = 1000.0 * (times[lens[0]] - prefill_s) / max(lens[0] - 1, 1)
+      if args.runs and len(lens) > 1:
+        per_rep = [M.decode_ms_per_token(t1, lens[-1], t0_, lens[0])
+                   for t0_, t1 in zip(t_gen[(name, lens[0])], t_gen[(name, lens[-1])])]
+        ms_tok = statistics.median(per_rep)
+      elif args.runs:
+        ms_tok = 1000.0 * (statistics.median(t_gen[(name, lens[0])]) - prefill_s) / max(lens[0] - 1, 1)
       for m in lens:
-        o = outs[m]
+        o = outs[name][m]
         assert int(o.lengths.min()) == m, 'EOS is disabled: every sample must generate max_new_tokens'
         rows.append({
             'case': f'{args.size}_b{b}_new{m}', 'method': name, 'batch': b, 'new_tokens': m,
             'prompt_tokens': int(ids.shape[1]), 'prefill_s': prefill_s, 'decode_ms_per_token': ms_tok,
-            'generate_s': times[m], 'kv_cache_bytes': int(o.kv_cache_bytes_final),
+            'prefill_s_runs': t_pre[name], 'generate_s_runs': t_gen[(name, m)],
+            'kv_cache_bytes': int(o.kv_cache_bytes_final),
             'kv_cache_bytes_prefill': int(o.kv_cache_bytes_prefill),
             'kv_cache_bytes_allocated': int(o.kv_cache_bytes_allocated),
             'kept_image_ratio': float(np.mean(o.kept_image_ratio)),
