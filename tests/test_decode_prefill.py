@@ -1,4 +1,6 @@
 """Sparsified prefill ≡ masked-attention forward with the same keep set; bad requests; the registry."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,16 +87,17 @@ def setup():
   return cfg, model, make_batch(cfg, specs)
 
 
+@partial(jax.jit, static_argnames='points')
 def masked_reference(model, ids, pix, mask, points, keeps):
   """Full-length forward; layers >= points[i] use key_keep = keeps[i] (B, T) with exact-zero attention."""
   lm = model.language_model
-  h, _ = model.embed(jnp.asarray(ids), jnp.asarray(pix))
-  pos, allowed = positions_from_mask(jnp.asarray(mask)), dense_allowed(jnp.asarray(mask))
+  h, _ = model.embed(ids, pix)
+  pos, allowed = positions_from_mask(mask), dense_allowed(mask)
   bounds = (0,) + tuple(points) + (model.mc.llm.layers,)
   for j in range(len(bounds) - 1):
     g = None if j == 0 else jnp.asarray(keeps[j - 1], jnp.float32)
     h = lm.run_layers(h, pos, allowed, start=bounds[j], stop=bounds[j + 1], key_keep=g, mode='exact_zero')
-  return np.asarray(lm.head(h))
+  return lm.head(h)
 
 
 def to_original(kept_packed, mask):
@@ -112,7 +115,7 @@ def check_equivalence(model, cfg, method, ids, pix, mask):
   kept = np.asarray(out.kept)
   points = tuple(method.drop_points(cfg.model))
   keeps = [to_original(kept[j + 1], mask) for j in range(len(points))]
-  ref = masked_reference(model, ids, pix, mask, points, keeps)
+  ref = np.asarray(masked_reference(model, ids, pix, mask, points, keeps))
   seg = out.segments[-1]
   got, orig, valid = np.asarray(out.logits), np.asarray(seg.orig), np.asarray(seg.valid)
   n_checked = 0
@@ -141,15 +144,27 @@ def test_dynamic_topk_gathered_equals_masked(setup):
   seg = po.out.segments[1]
   assert np.asarray(seg.count).tolist() == (mask.sum(-1) - n_img + np.where(n_img > 0, 4, 0)).tolist()
   # the kept image tokens are the top-4 by the image predictor's keep log-prob at sparse_layer
-  lm = model.language_model
-  h, _ = model.embed(jnp.asarray(ids), jnp.asarray(pix))
-  h = lm.run_layers(h, positions_from_mask(jnp.asarray(mask)), dense_allowed(jnp.asarray(mask)),
-                    stop=cfg.model.sparse.sparse_layer)
-  for b in np.flatnonzero(n_img):
-    where = np.flatnonzero(ids[b] == cfg.model.image_token_id)
-    logp = jax.nn.log_softmax(model.image_score_predictor(h[b:b + 1, where]), -1)[0, :, 0]
-    top = where[np.argsort(-np.asarray(logp), kind='stable')[:4]]
+  img_rows = np.flatnonzero(n_img)
+  where = np.stack([np.flatnonzero(ids[b] == cfg.model.image_token_id) for b in img_rows])
+  logp = np.asarray(_image_keep_logp(model, ids, pix, mask, img_rows, where))
+  for r, b in enumerate(img_rows):
+    top = where[r][np.argsort(-logp[r], kind='stable')[:4]]
     assert set(top.tolist()) == set(np.flatnonzero(keeps[0][b] & (ids[b] == cfg.model.image_token_id)).tolist())
+
+
+@jax.jit
+def _dense_logits(model, ids, pix, mask):
+  return model(ids, pix, mask)
+
+
+@jax.jit
+def _image_keep_logp(model, ids, pix, mask, rows, where):
+  """log p(keep) of the image predictor for the image tokens `where` (R, N) of samples `rows` (R,)."""
+  lm = model.language_model
+  h, _ = model.embed(ids, pix)
+  h = lm.run_layers(h, positions_from_mask(mask), dense_allowed(mask), stop=model.mc.sparse.sparse_layer)
+  h_img = h[rows[:, None], where]
+  return jax.nn.log_softmax(model.image_score_predictor(h_img), -1)[..., 0]
 
 
 def test_dynamic_argmax_and_two_drop_points(setup):
@@ -168,7 +183,7 @@ def test_dynamic_argmax_and_two_drop_points(setup):
 def test_dense_prefill_matches_model_call(setup):
   cfg, model, (ids, pix, mask) = setup
   po = prefill(model, cfg, registry.make_sparsifier('dense', cfg), ids, pix, mask)
-  ref = np.asarray(model(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
+  ref = np.asarray(_dense_logits(model, ids, pix, mask))
   last = np.array([np.flatnonzero(m)[-1] for m in mask])
   np.testing.assert_allclose(np.asarray(po.logits_last), ref[np.arange(len(last)), last], atol=2e-4, rtol=1e-4)
   assert len(po.out.segments) == 1
@@ -226,7 +241,7 @@ def test_text_only_batch_shorter_than_the_image_block(setup):
   ids, _, mask = make_batch(cfg, [(7, None, 'left'), (5, None, 'right')], seed=3)
   po = prefill(model, cfg, registry.make_sparsifier('dynamic', cfg), ids, None, mask)
   assert po.out.segments[0].valid.shape[1] < model.num_image_tokens
-  ref = np.asarray(model(jnp.asarray(ids), None, jnp.asarray(mask)))
+  ref = np.asarray(_dense_logits(model, ids, None, mask))
   last = np.array([np.flatnonzero(m)[-1] for m in mask])
   np.testing.assert_allclose(np.asarray(po.logits_last), ref[np.arange(2), last], atol=2e-4, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(po.out.segments[1].count), mask.sum(-1))
