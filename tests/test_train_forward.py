@@ -1,4 +1,6 @@
 """Dynamic-LLaVA training forward: MaskedSoftmax, all-ones ≡ dense, straight-through gradients, the loss."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,69 +77,82 @@ def test_masked_softmax_matches_float64_reference():
   assert NEG_INF < -1e29
 
 
-def _model(c):
-  return Llava(c.model, rngs=nnx.Rngs(0))
+@functools.lru_cache(maxsize=None)
+def _setup(len_ot=4, image_keep_ratio=0.2):
+  """(config, model, jitted forward(params, batch, noise, tau)); one compile shared by the tests."""
+  c = small_config(len_ot=len_ot, image_keep_ratio=image_keep_ratio)
+  model = Llava(c.model, rngs=nnx.Rngs(0))
+  graphdef, frozen, params = optim.split_params(model, c.train)
+
+  @jax.jit
+  def fwd(params, batch, noise, tau):
+    return F.train_forward(nnx.merge(graphdef, frozen, params), batch, tau=tau, noise=noise)
+
+  return c, model, (graphdef, frozen, params), fwd
 
 
-def _keep_all_noise(c, b, t):
+def _noise(c, b, t, key=None, keep_all=False):
   n = (c.model.vision.image_size // c.model.vision.patch_size) ** 2
-  big = lambda shape: jnp.zeros(shape).at[..., 0].set(1e4)
-  return {'image': big((b, n, 2)), 'answer': big((b, t, 2)), 'instruct': big((b, t, 2))}
+  shapes = {'image': (b, n, 2), 'answer': (b, t, 2), 'instruct': (b, t, 2)}
+  if keep_all:
+    return {k: jnp.zeros(v).at[..., 0].set(1e4) for k, v in shapes.items()}
+  return {k: jax.random.gumbel(jax.random.fold_in(key, i), v) for i, (k, v) in enumerate(shapes.items())}
+
+
+def _batch(c):
+  return {k: jnp.asarray(v) for k, v in synthetic_batch(c).items()}
 
 
 def test_all_ones_mask_equals_dense_model():
-  c = small_config()
-  model = _model(c)
-  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(c).items()}
-  out = F.train_forward(model, batch, tau=1.0, noise=_keep_all_noise(c, 2, 40))
+  c, model, (_, _, params), fwd = _setup()
+  batch = _batch(c)
+  out = fwd(params, batch, _noise(c, 2, 40, keep_all=True), 1.0)
   assert float(jnp.min(out['keep'])) == 1.0
-  dense = model(batch['input_ids'], batch['pixel_values'], batch['attention_mask'])
+  dense = nnx.jit(lambda m, b: m(b['input_ids'], b['pixel_values'], b['attention_mask']))(model, batch)
   real = np.asarray(batch['attention_mask'], bool)
   np.testing.assert_allclose(np.asarray(out['logits'])[real], np.asarray(dense)[real], atol=2e-5, rtol=1e-5)
 
 
-def test_gradients_reach_predictors_and_not_the_frozen_tower():
-  c = small_config(image_keep_ratio=0.5)
-  model = _model(c)
-  graphdef, frozen, params = optim.split_params(model, c.train)
-  assert 'vision_tower' in frozen and 'vision_tower' not in params
-  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(c).items()}
-  # a single sample with an image and a qualifying answer, so both predictors are used
-  batch = jax.tree.map(lambda x: x[:1], batch)
-
-  def loss(p):
-    m = nnx.merge(graphdef, frozen, p)
-    out = F.train_forward(m, batch, tau=0.5, rng=jax.random.PRNGKey(3))
-    s = F.loss_sums(out, batch, c.model.sparse)
-    return F.combine(s, s['n_tokens'], 1.0, c.model.sparse.lambda_ratio)[0], out
-
-  (_, out), g = jax.value_and_grad(loss, has_aux=True)(params)
-  assert 0 < float(jnp.sum(out['m_img'])) < out['m_img'].size      # some kept, some dropped
-  for name in ('image_score_predictor', 'output_text_score_predictor', 'projector', 'language_model'):
-    leaves = jax.tree.leaves(g[name])
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves), name
-    assert sum(float(jnp.sum(jnp.abs(x))) for x in leaves) > 0, name
-  # CE alone also reaches the predictors: only through the straight-through keep mask in attention.
-  def ce_only(p):
-    m = nnx.merge(graphdef, frozen, p)
-    out = F.train_forward(m, batch, tau=0.5, rng=jax.random.PRNGKey(3))
-    return F.ce_sums(out['logits'], batch['labels'])[0]
-  gi = jax.grad(ce_only)(params)['image_score_predictor']
-  assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(gi)) > 0
-
-
 def test_text_only_and_short_answers_keep_everything_without_nan():
-  c = small_config(len_ot=5)
-  model = _model(c)
-  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(c).items()}
+  c, _, (_, _, params), fwd = _setup()
+  batch = _batch(c)
   batch['answer_start'] = batch['answer_start'].at[1].set(batch['answer_end'][1])   # empty answer span
-  out = F.train_forward(model, batch, tau=1.0, rng=jax.random.PRNGKey(0))
+  out = fwd(params, batch, _noise(c, 2, 40, jax.random.PRNGKey(0)), 1.0)
   keep = np.asarray(out['keep'])
   assert keep[1].min() == 1.0                      # text-only: every key kept
   assert np.asarray(out['ot_qual']).tolist() == [True, False]
   s = F.loss_sums(out, batch, c.model.sparse)
   assert all(np.isfinite(float(v)) for v in s.values())
   assert float(s['n_image']) == 1.0 and float(s['n_answer']) == 1.0
+
+
+def test_gradients_reach_predictors_and_not_the_frozen_tower():
+  c, _, (graphdef, frozen, params), _ = _setup(image_keep_ratio=0.5)
+  assert 'vision_tower' in frozen and 'vision_tower' not in params
+  # a single sample with an image and a qualifying answer, so both predictors are used
+  batch = jax.tree.map(lambda x: x[:1], _batch(c))
+  noise = _noise(c, 1, 40, jax.random.PRNGKey(3))
+  sc = c.model.sparse
+
+  @jax.jit
+  def grads(p):
+    def loss(p, ce_only):
+      out = F.train_forward(nnx.merge(graphdef, frozen, p), batch, tau=0.5, noise=noise)
+      s = F.loss_sums(out, batch, sc)
+      total = F.combine(s, s['n_tokens'], 1.0, sc.lambda_ratio)[0]
+      return (s['ce_sum'] if ce_only else total), out['m_img']
+    (_, m_img), g = jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(p)
+    g_ce = jax.grad(lambda p: loss(p, True)[0])(p)['image_score_predictor']
+    return m_img, g, g_ce
+
+  m_img, g, g_ce = grads(params)
+  assert 0 < float(jnp.sum(m_img)) < m_img.size      # some kept, some dropped
+  for name in ('image_score_predictor', 'output_text_score_predictor', 'projector', 'language_model'):
+    leaves = jax.tree.leaves(g[name])
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves), name
+    assert sum(float(jnp.sum(jnp.abs(x))) for x in leaves) > 0, name
+  # CE alone also reaches the image predictor: only through the straight-through keep mask in attention.
+  assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_ce)) > 0
 
 
 def test_loss_terms_equal_hand_computed_example():
