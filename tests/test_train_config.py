@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs.dynllava import get_config
@@ -73,3 +74,26 @@ def test_param_groups_and_frozen_tower():
   assert opt_paths and not any('vision_tower' in p for p in opt_paths)
   assert any('image_score_predictor' in p for p in opt_paths)
   assert 'vision_tower' in abstract['frozen'] and 'vision_tower' not in abstract['params']
+
+
+def test_init_from_a_converted_dense_checkpoint(tmp_path):
+  """A plain LLaVA params dir (dynllava_jax.convert layout) initialises the LLM, projector and tower;
+  the predictors it lacks keep their fresh init."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import convert  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  from test_train_forward import small_config  # pylint: disable=g-import-not-at-top
+  dense = small_config()
+  dense.model.sparse.enabled = False
+  ref = Llava(dense.model, rngs=nnx.Rngs(7))
+  convert.save_params(ref, dense.model, tmp_path / 'llava')
+  c = small_config()
+  c.train.init_from = str(tmp_path / 'llava')
+  c.mesh.fsdp = 1
+  tr = loop.Trainer(c, str(tmp_path / 'work'), jax.devices()[:1])
+  state = jax.device_get(tr.init_state())
+  want = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
+  for part, name in (('params', 'language_model'), ('params', 'projector'), ('frozen', 'vision_tower')):
+    jax.tree.map(np.testing.assert_array_equal, state[part][name], jax.device_get(want[name]))
+  assert 'image_score_predictor' in state['params']
+  assert float(np.abs(state['params']['image_score_predictor']['down']['kernel']).sum()) > 0

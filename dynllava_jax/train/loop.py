@@ -117,14 +117,14 @@ class Trainer:
     return state
 
   def _load_init(self, state):
-    target = st.abstract_with_shardings(
-        {'params': state['params'], 'frozen': state['frozen']},
-        {'params': self.shardings['params'], 'frozen': self.shardings['frozen']})
-    loaded = ckpt_lib.load_params(self.config.train.init_from, target)
-    merged = jax.tree.map(lambda new, old: old if new is None else new,
-                          loaded, {'params': state['params'], 'frozen': state['frozen']},
-                          is_leaf=lambda x: x is None)
-    return {**state, **merged}
+    """Overwrites params / frozen params with those `train.init_from` has (the rest keep their init)."""
+    out = dict(state)
+    for part in ('params', 'frozen'):
+      target = st.abstract_with_shardings(state[part], self.shardings[part])
+      loaded = ckpt_lib.load_params(self.config.train.init_from, target)
+      out[part] = jax.tree.map(lambda new, old: old if new is None else new, loaded, state[part],
+                               is_leaf=lambda x: x is None)
+    return out     # AdamW's initial state (zero moments) does not depend on the param values
 
   def step_fn(self, step):
     sparse = self.sparse and step >= self.stage_switch
