@@ -171,7 +171,8 @@ def _is_digits(config):
 def image_keep_grids(model, config, method, ids, mask, pix, rng):
   """(B, N) bool: which image patches the method's prefill keeps to the last layer (from the engine; the
   prefill key is derived from `rng` as `generate` derives it)."""
-  pre = prefill(model, config, method, ids, pix, mask, rng=jax.random.split(rng)[0], return_kv=False)
+  pre = prefill(model, config, method, ids, pix, mask, rng=jax.random.split(rng)[0],
+                max_new_tokens=int(config.eval.max_new_tokens))   # the same compiled program as generate's
   kept = np.asarray(pre.out.kept[-1])
   packed = pre.request.ids
   n = num_image_tokens(model.mc)
