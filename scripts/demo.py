@@ -20,6 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# More, smaller steps learn faster on 2 CPU cores than the data section's default batch of 16.
+DEMO_BATCH = 8
+
 
 def majority_baseline(train_samples, val_samples):
   """Accuracy of always answering the most frequent training answer of the question type."""
@@ -49,6 +52,7 @@ def main():
   from dynllava_jax.train import evaluate, loop  # pylint: disable=g-import-not-at-top
 
   config = get_config('size=tiny')
+  config.data.batch_size = DEMO_BATCH
   if args.steps is not None:
     config.train.steps = args.steps
     config.train.dense_warmup_steps = min(config.train.dense_warmup_steps, args.steps)

@@ -165,6 +165,8 @@ def test_loss_terms_equal_hand_computed_example():
   # sample 1 -> keep (noise 3 > 1), drop, drop, drop.
   m_img = F.gumbel_keep(logits, 0.5, noise)
   np.testing.assert_array_equal(np.asarray(m_img), [[1, 0, 0, 1], [1, 0, 0, 0]])
+  # evaluation's top-k (k = 2): keep log-probs of sample 0 rank tokens 0 > 3 > 2 > 1
+  np.testing.assert_array_equal(np.asarray(F.topk_keep(logits[:1], 2)), [[1, 0, 0, 1]])
   # output-text: sample 0 qualifies with a 4-token span, 1 kept; sample 1 does not qualify (own mean).
   t = 6
   m_ot = jnp.array([[1., 1., 0., 0., 0., 1.], [1., 1., 1., 1., 1., 1.]])

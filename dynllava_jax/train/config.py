@@ -31,11 +31,12 @@ import ml_collections
 def train_defaults(size='tiny'):
   c = ml_collections.ConfigDict()
   tiny = size == 'tiny'
+  # tiny = the CPU demo (scripts/demo.py, batch 8): a dense stage from scratch, then sparsification.
   c.steps = 600 if tiny else 10000
-  c.dense_warmup_steps = 300 if tiny else 0
+  c.dense_warmup_steps = 400 if tiny else 0
   # The released recipe fine-tunes LLaVA-1.5: lr 5e-6 / 2e-4. The tiny model learns from scratch.
-  c.lr = 2e-3 if tiny else 5e-6
-  c.predictor_lr = 2e-3 if tiny else 2e-4
+  c.lr = 3e-3 if tiny else 5e-6
+  c.predictor_lr = 3e-3 if tiny else 2e-4
   c.warmup_ratio = 0.03
   c.min_lr_ratio = 0.0
   c.weight_decay = 0.0

@@ -3,8 +3,9 @@
 `validation_metrics`: CE loss, kept ratios and answer accuracy over batches of the validation iterator.
 `answer_table`: per question type, over `pipeline.make_eval_samples` samples: teacher-forced answer
 accuracy (the argmax prediction of every token of the last answer span, "</s>" included, equals the gold
-token), CE on the answers, kept ratios. Sparse models use deterministic decisions (keep iff logit0 >
-logit1, no Gumbel noise) with the training-time key-column masks (no token removed).
+token), CE on the answers, kept ratios. Sparse models use deterministic decisions (image tokens: per-sample
+top-k with k = ⌊N·r_I⌋ as at prefill; answer tokens: keep iff logit0 > logit1; no Gumbel noise) with the
+training-time key-column masks (no token removed).
 """
 import collections
 

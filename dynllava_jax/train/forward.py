@@ -91,12 +91,25 @@ def text_decisions(predictor, h, start, end, eligible, min_len, tau, noise):
   return m, span, qual, logits
 
 
-def image_decisions(model, h, batch, tau, noise):
-  """Image-predictor decisions M_I (B, N) (1 for samples without an image) and its logits (B, N, 2)."""
+def topk_keep(logits, k):
+  """Inference-style image decisions: per sample the k tokens with the highest keep log-prob -> (B, N)."""
+  score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+  kth = jax.lax.top_k(score, k)[0][:, -1:]
+  return (score >= kth).astype(jnp.float32)
+
+
+def image_decisions(model, h, batch, tau, noise, topk=False):
+  """Image-predictor decisions M_I (B, N) (1 for samples without an image) and its logits (B, N, 2).
+
+  topk: keep exactly floor(N·r_I) tokens per sample (the prefill's TopkArgmax; no gradient) instead of
+  Gumbel decisions."""
   n = model.num_image_tokens
   x = gather_tokens(h, batch['image_start'], n)
   logits = model.image_score_predictor(x)
-  keep = gumbel_keep(logits, tau, noise)
+  if topk:
+    keep = topk_keep(logits, max(1, int(n * model.mc.sparse.image_keep_ratio)))
+  else:
+    keep = gumbel_keep(logits, tau, noise)
   return jnp.where(batch['has_image'][:, None], keep, 1.0), logits
 
 
@@ -109,13 +122,15 @@ def image_keep_columns(m_img, image_start, has_image, t):
   return jnp.where(inside, vals, 1.0)
 
 
-def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, remat=None):
+def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, remat=None,
+                  image_topk=False):
   """Training forward. Returns a dict: logits (B, T, V) fp32, and when sparse: keep (B, T) G, m_img (B, N),
   m_ot / ot_span (B, T), ot_qual (B,), [m_ins / ins_span / ins_qual], the predictor logits.
 
   rng: PRNG key for the Gumbel noise, or `noise` = {'image': (B, N, 2), 'answer': (B, T, 2),
   'instruct': (B, T, 2)} given explicitly (tests); neither = zero noise (deterministic argmax decisions).
   sparse None = config.model.sparse.enabled. Dense mode: plain LLaVA forward.
+  image_topk: image decisions by per-sample top-k (evaluation, as at inference) instead of Gumbel.
   """
   mc = model.mc
   sc = mc.sparse
@@ -137,7 +152,8 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   keep = jnp.ones((b, t), jnp.float32)
   if sc.use_image:
     n = model.num_image_tokens
-    m_img, out['image_logits'] = image_decisions(model, h, batch, tau, _noise(rng, noise, 'image', (b, n, 2)))
+    m_img, out['image_logits'] = image_decisions(model, h, batch, tau, _noise(rng, noise, 'image', (b, n, 2)),
+                                                 topk=image_topk)
     out['m_img'] = m_img
     keep = keep * image_keep_columns(m_img, batch['image_start'], has_image, t)
   if sc.use_output_text:

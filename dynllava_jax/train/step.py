@@ -6,7 +6,8 @@ whole batch's target-token count and sample count, so accumulation gives the ful
 Sparse steps (`sparse=True`) use Gumbel decisions with tau = tau_at(step − dense_warmup_steps,
 steps − dense_warmup_steps); dense steps (the warm-up stage, or model.sparse.enabled=False) are plain CE.
 
-eval_step(state, batch) -> metrics: deterministic decisions (zero noise: keep iff logit0 > logit1),
+eval_step(state, batch) -> metrics: deterministic decisions (image: per-sample top-k, k = ⌊N·r_I⌋, as at
+prefill; text: keep iff logit0 > logit1),
 loss sums, kept ratios and per-sample teacher-forced correctness of the last answer span.
 """
 import jax
@@ -107,7 +108,7 @@ def make_eval_step(config, graphdef, *, sparse):
 
   def eval_step(state, batch):
     model = merge_model(graphdef, state)
-    out = F.train_forward(model, batch, sparse=sparse)
+    out = F.train_forward(model, batch, sparse=sparse, image_topk=True)
     _, _, nll, valid = F.ce_sums(out['logits'], batch['labels'])
     b = nll.shape[0]
     res = {'ce_sum': jnp.sum(nll, axis=1), 'n_tokens': jnp.sum(valid, axis=1).astype(jnp.float32)}
