@@ -61,6 +61,8 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
       restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn)
+      if restored is None:
+        restored = _restore_params_only(ck, graphdef, abstract, report_fn)
     finally:
       ck.close()
     if restored is not None:
@@ -73,6 +75,34 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     raise ValueError(f'no checkpoint in {ckpt_dir}; train first (train.py --workdir {workdir}) or pass '
                      '--allow_random_init to evaluate a random-init model')
   return nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(config.seed)))(), None
+
+
+def _top_modules(tree):
+  return {k for part in ('params', 'frozen') for k in tree.get(part, {})}
+
+
+def _restore_params_only(ck, graphdef, abstract, report_fn):
+  """Fallback when the full train-state restore fails (e.g. another optimizer): the newest step's params
+  and frozen params only, unsharded. Returns (step, state, None) or None; a model-structure mismatch is a
+  ValueError naming the modules that differ (e.g. a checkpoint trained without predictors)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  steps = ck.steps()
+  if not steps:
+    return None
+  step = steps[-1]
+  raw = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  want, got = _top_modules(abstract), _top_modules(raw)
+  if want != got:
+    raise ValueError(f'checkpoint {ck.directory}/{step} holds modules {sorted(got)} but this config builds '
+                     f'{sorted(want)}; evaluate with the config it was trained with (e.g. '
+                     f'configs/dynllava.py:size=tiny,dense=True for a model without predictors)')
+  try:
+    state = {'params': jax.tree.map(lambda a, x: jnp.asarray(a, x.dtype), raw['params'], abstract['params']),
+             'frozen': jax.tree.map(lambda a, x: jnp.asarray(a, x.dtype), raw['frozen'], abstract['frozen'])}
+  except ValueError as e:
+    raise ValueError(f'checkpoint {ck.directory}/{step}: parameters do not match this config ({e})') from None
+  report_fn(f'restored params only from {ck.directory}/{step}')
+  return step, state, None
 
 
 # ---------------------------------------------------------------- FLOPs of the engine's prefill
