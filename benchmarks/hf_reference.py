@@ -6,6 +6,7 @@
 The dense `bench` model (random init, seed 0) is written with `dynllava_jax.hf.save_llava` and loaded by
 `transformers.LlavaForConditionalGeneration.from_pretrained` (nothing from a hub), so both run identical
 weights. Threads: torch.set_num_threads(os.cpu_count()) and XLA's CPU default (all cores).
+Both are warmed up first, then `--runs` repetitions run ours and HF interleaved (the same machine load).
   prefill_s            warm median. Ours: `decode.prefill` (KV caches out, last-position logits). HF: one
                        forward with use_cache=True, logits_to_keep=1.
   decode_ms_per_token  warm median of (generate(M_max) − generate(M_min)) / (M_max − M_min), greedy,
@@ -25,18 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=wrong-import-position
 
 from benchmarks import common  # pylint: disable=wrong-import-position
-
-
-def _median_time(fn, runs, warmup=1):
-  out = None
-  for _ in range(warmup):
-    out = fn()
-  ts = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    out = fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts), out
 
 
 def main():
@@ -76,24 +65,16 @@ def main():
   for b in [int(x) for x in args.batches.split(',')]:
     ids, pix, mask = common.make_prompts(mc, b, args.text_tokens)
     rng = jax.random.key(0)
-    # ---- ours
-    p_s, _ = M.time_call(lambda: prefill(model, cfg, dense, ids, pix, mask, rng=rng,
-                                         max_new_tokens=max(lens)).out, runs=args.runs)
-    t, outs = {}, {}
-    for m in lens:
-      t[m], outs[m] = M.time_call(lambda: generate(model, cfg, dense, ids, pix, mask, max_new_tokens=m,
-                                                   sampling='greedy', rng=rng), runs=args.runs)
-    ours_ms = M.decode_ms_per_token(t[lens[-1]], lens[-1], t[lens[0]], lens[0])
-    ours_tokens = outs[lens[-1]].tokens
-    rows.append({'case': f'{args.size}_b{b}', 'method': 'dense', 'impl': 'dynllava_jax', 'batch': b,
-                 'prefill_s': p_s, 'decode_ms_per_token': ours_ms,
-                 'kv_cache_bytes': int(outs[lens[-1]].kv_cache_bytes_final), 'flops_xla': None,
-                 'threads': threads})
-    print(rows[-1], flush=True)
-    # ---- HF
     tid = torch.from_numpy(ids.astype(np.int64))
     tmask = torch.from_numpy(mask.astype(np.int64))
     tpix = torch.from_numpy(np.ascontiguousarray(pix.transpose(0, 3, 1, 2)))
+
+    def ours_prefill():
+      return jax.block_until_ready(prefill(model, cfg, dense, ids, pix, mask, rng=rng,
+                                           max_new_tokens=max(lens)).out)
+
+    def ours_generate(m):
+      return generate(model, cfg, dense, ids, pix, mask, max_new_tokens=m, sampling='greedy', rng=rng)
 
     def hf_prefill():
       with torch.inference_mode():
@@ -106,11 +87,35 @@ def main():
                                  min_new_tokens=m, do_sample=False, use_cache=True,
                                  return_dict_in_generate=True, pad_token_id=mc.pad_token_id)
 
-    hp_s, _ = _median_time(hf_prefill, args.runs)
-    ht, hout = {}, {}
-    for m in lens:
-      ht[m], hout[m] = _median_time(lambda: hf_generate(m), args.runs)
-    hf_ms = M.decode_ms_per_token(ht[lens[-1]], lens[-1], ht[lens[0]], lens[0])
+    # Warm-up (compiles), then repetitions with ours and HF interleaved (same machine load for both).
+    outs = {m: ours_generate(m) for m in lens}
+    hout = {m: hf_generate(m) for m in lens}
+    ours_prefill()
+    hf_prefill()
+    tp = {'ours': [], 'hf': []}
+    tg = {(k, m): [] for k in ('ours', 'hf') for m in lens}
+    for _ in range(args.runs):
+      for key, pre_fn, gen_fn in (('ours', ours_prefill, ours_generate), ('hf', hf_prefill, hf_generate)):
+        t0 = time.perf_counter()
+        pre_fn()
+        tp[key].append(time.perf_counter() - t0)
+        for m in lens:
+          t0 = time.perf_counter()
+          gen_fn(m)
+          tg[(key, m)].append(time.perf_counter() - t0)
+
+    def per_token(key):
+      return statistics.median(M.decode_ms_per_token(t1, lens[-1], t0, lens[0])
+                               for t0, t1 in zip(tg[(key, lens[0])], tg[(key, lens[-1])]))
+
+    p_s, hp_s = statistics.median(tp['ours']), statistics.median(tp['hf'])
+    ours_ms, hf_ms = per_token('ours'), per_token('hf')
+    ours_tokens = outs[lens[-1]].tokens
+    rows.append({'case': f'{args.size}_b{b}', 'method': 'dense', 'impl': 'dynllava_jax', 'batch': b,
+                 'prefill_s': p_s, 'decode_ms_per_token': ours_ms,
+                 'kv_cache_bytes': int(outs[lens[-1]].kv_cache_bytes_final), 'flops_xla': None,
+                 'threads': threads, 'prefill_s_runs': tp['ours']})
+    print(rows[-1], flush=True)
     pkv = hout[lens[-1]].past_key_values
     kv_bytes = 0
     for layer in getattr(pkv, 'layers', []):
@@ -122,7 +127,8 @@ def main():
     rows.append({'case': f'{args.size}_b{b}', 'method': 'dense', 'impl': f'hf_transformers_{transformers.__version__}',
                  'batch': b, 'prefill_s': hp_s, 'decode_ms_per_token': hf_ms, 'kv_cache_bytes': kv_bytes,
                  'flops_xla': None, 'threads': threads, 'token_agreement_first_m': agree,
-                 'ours_prefill_speedup': hp_s / p_s, 'ours_decode_speedup': hf_ms / ours_ms})
+                 'ours_prefill_speedup': hp_s / p_s, 'ours_decode_speedup': hf_ms / ours_ms,
+                 'prefill_s_runs': tp['hf']})
     print(rows[-1], flush=True)
   common.print_rows(rows, ['case', 'impl', 'batch', 'prefill_s', 'decode_ms_per_token', 'kv_cache_bytes',
                            'ours_prefill_speedup', 'ours_decode_speedup', 'token_agreement_first_m'])
