@@ -16,6 +16,7 @@ from dynllava_jax.train import optim
 def small_config(**sparse):
   c = get_config('size=tiny')
   c.model.vision.image_size = 32          # 16 image tokens
+  c.model.vision.depth = 2                # feature layer -2: one ViT layer runs
   c.model.llm.layers = 2
   c.model.sparse.len_ot = 4
   for k, v in sparse.items():

@@ -18,7 +18,7 @@ from dynllava_jax.train import state as st
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
     'model.llm.layers': 2, 'model.vision.depth': 2, 'data.batch_size': 4, 'data.max_len': 128,
-    'train.steps': 6, 'train.dense_warmup_steps': 2, 'train.log_every': 1, 'train.save_every': 2,
+    'train.steps': 6, 'train.dense_warmup_steps': 0, 'train.log_every': 1, 'train.save_every': 2,
     'train.keep_checkpoints': 3, 'train.progress': False, 'train.warmup_ratio': 0.0,
 }
 
