@@ -43,7 +43,7 @@ def main():
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--steps', type=int, default=None, help='override train.steps')
   ap.add_argument('--eval_limit', type=int, default=300, help='validation samples in the tables')
-  ap.add_argument('--gen_limit', type=int, default=64, help='samples for run_eval (generation)')
+  ap.add_argument('--gen_limit', type=int, default=32, help='samples for run_eval (generation); 0 skips it')
   args = ap.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -92,7 +92,7 @@ def main():
     from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
   except ImportError:
     run_eval = None
-  if run_eval is not None:
+  if run_eval is not None and args.gen_limit > 0:
     run_eval(config, args.workdir, limit=args.gen_limit)
 
 
