@@ -30,24 +30,26 @@ def batches(c):
   return out
 
 
-def run(devices, mesh, tmp_path):
+def run(devices, mesh, tmp_path, init=None):
+  """3 steps; `init` (a state from another mesh) is moved into this mesh's shardings instead of a new init."""
   c = config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   tr = loop.Trainer(c, str(tmp_path), devices)
-  state = tr.init_state()
+  state = tr.init_state() if init is None else jax.device_put(jax.device_get(init), tr.shardings)
+  first = jax.device_get(state) if init is None else None
   losses = []
   with jax.set_mesh(tr.mesh):
     for i, b in enumerate(batches(c)):
       state, m = tr.step_fn(i)(state, loop.to_device(b, tr.batch_sharding))
       losses.append(float(m['loss']))
-  return state, losses
+  return state, losses, first
 
 
 def test_sharded_equals_single_device(tmp_path):
   devs = jax.devices()
   assert len(devs) == 8
-  s8, l8 = run(devs, (2, 2, 2), tmp_path / 'a')
-  s1, l1 = run(devs[:1], (1, 1, 1), tmp_path / 'b')
+  s8, l8, init = run(devs, (2, 2, 2), tmp_path / 'a')
+  s1, l1, _ = run(devs[:1], (1, 1, 1), tmp_path / 'b', init=init)
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   p8, p1 = jax.device_get(s8['params']), jax.device_get(s1['params'])
   diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1))])
