@@ -16,7 +16,6 @@
 """
 import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +208,3 @@ def xla_dense_forward_flops(model_cfg, batch=1, text_tokens=64):
 def tflops(x):
   return x / 1e12
 
-
-def close(a, b, rel=0.05):
-  return math.isclose(a, b, rel_tol=rel)

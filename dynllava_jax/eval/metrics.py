@@ -1,5 +1,5 @@
-"""Evaluation metrics: answer matching (digits_vqa exact match, VQA-style exact match), perplexity,
-KV-cache bytes and warm timings.
+"""Evaluation metrics: answer matching (digits_vqa exact match, VQA-style exact match), perplexity and
+warm timings (KV-cache bytes come from the engine: `GenerateOutput.kv_cache_bytes_*`).
 
 Perplexity: exp(Σ NLL / Σ tokens) over gold answer tokens (teacher forcing); `dynllava_jax.eval.teacher`
 computes the per-token NLL with each method's pruning applied.
@@ -86,22 +86,6 @@ def perplexity(nll_sum, n_tokens):
   if n <= 0:
     return float('nan')
   return math.exp(float(np.sum(nll_sum)) / n)
-
-
-# ---------------------------------------------------------------- memory
-
-def tree_bytes(tree):
-  """Bytes held by the arrays of a pytree (shape × itemsize; abstract arrays allowed)."""
-  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, 'shape')))
-
-
-def kv_bytes_dense(model_cfg, tokens, batch=1, dtype_bytes=None):
-  """Bytes of a dense KV cache holding `tokens` positions per sample in every layer (K and V)."""
-  lc = model_cfg.llm
-  if dtype_bytes is None:
-    dtype_bytes = np.dtype(model_cfg.dtype).itemsize
-  return int(2 * lc.layers * batch * tokens * lc.kv_heads * lc.head_dim * dtype_bytes)
 
 
 # ---------------------------------------------------------------- timing
