@@ -97,3 +97,13 @@ def test_init_from_a_converted_dense_checkpoint(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state[part][name], jax.device_get(want[name]))
   assert 'image_score_predictor' in state['params']
   assert float(np.abs(state['params']['image_score_predictor']['down']['kernel']).sum()) > 0
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+  from dynllava_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  tel = metrics.Telemetry(str(tmp_path), 10, enabled=True, progress=False)
+  tel.check_finite(1, {'loss': 1.0, 'grad_norm': 2.0})
+  with pytest.raises(metrics.NonFiniteLoss) as e:
+    tel.check_finite(7, {'loss': float('nan'), 'grad_norm': 1.0, 'ce': float('nan')})
+  tel.close()
+  assert str(e.value).startswith('loss is nan at step 7') and '\n' not in str(e.value)
