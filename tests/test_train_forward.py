@@ -128,7 +128,7 @@ def test_text_only_and_short_answers_keep_everything_without_nan():
 
 
 def test_gradients_reach_predictors_and_not_the_frozen_tower():
-  c, _, (graphdef, frozen, params), _ = _setup(image_keep_ratio=0.5)
+  c, _, (graphdef, frozen, params), _ = _setup()
   assert 'vision_tower' in frozen and 'vision_tower' not in params
   # a single sample with an image and a qualifying answer, so both predictors are used
   batch = jax.tree.map(lambda x: x[:1], _batch(c))
