@@ -63,13 +63,17 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path):
   p = subprocess.Popen([sys.executable, 'train.py', '--workdir', str(b)]
                        + flags({'train.step_sleep_s': 1.0, 'train.save_every': 0}),
                        cwd=ROOT, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and p.poll() is None:
-    if os.path.exists(b / 'metrics.jsonl') and len(losses(b)) >= 3:
-      break
-    time.sleep(0.2)
-  p.send_signal(signal.SIGTERM)
-  out, err = p.communicate(timeout=300)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+      if os.path.exists(b / 'metrics.jsonl') and len(losses(b)) >= 3:
+        break
+      time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
   assert p.returncode == 0, err[-3000:]
   assert 'preempted' in out
   stopped = max(losses(b))

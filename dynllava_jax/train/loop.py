@@ -6,12 +6,10 @@ Preemption: SIGTERM (and SIGINT) set a flag; the running step finishes, a checkp
 `train` returns with summary['preempted'] = True. All processes agree on the flag before acting on it.
 """
 import logging
-import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
