@@ -94,8 +94,8 @@ def text_decisions(predictor, h, start, end, eligible, min_len, tau, noise):
 def topk_keep(logits, k):
   """Inference-style image decisions: per sample the k tokens with the highest keep log-prob -> (B, N)."""
   score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
-  kth = jax.lax.top_k(score, k)[0][:, -1:]
-  return (score >= kth).astype(jnp.float32)
+  idx = jax.lax.top_k(score, k)[1]                      # exactly k, ties broken by index
+  return jnp.sum(jax.nn.one_hot(idx, score.shape[-1], dtype=jnp.float32), axis=1)
 
 
 def image_decisions(model, h, batch, tau, noise, topk=False):
