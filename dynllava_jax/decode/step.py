@@ -27,7 +27,8 @@ def _segment(model, cache, h):
     return x, (k[:, 0], v[:, 0])
 
   lm = model.language_model
-  h, kv_new = L.split_scan(lm.layers, body, h, start=cache.start, stop=cache.stop, xs=(cache.k, cache.v))
+  h, kv_new = L.split_scan(lm.layers, body, h, start=cache.start, stop=cache.stop, xs=(cache.k, cache.v),
+                           index_params=True)
   return h, kv_new
 
 

@@ -63,7 +63,7 @@ def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_
   start = 0
   for p in bounds + [n_layers]:
     kw = dict(key_keep=_key_keep(present_image, image_mask, text_keep, valid) if masked else None,
-              mode='exact_zero' if masked else mc.attention)
+              mode='exact_zero' if masked else mc.attention, index_params=True)
     h_prev = None
     if method.needs_prev_hidden and p in points:
       if p < 1:

@@ -62,15 +62,35 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None):
+def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, index_params=False):
   """Runs `fn(layer, carry, x) -> (carry, y)` over layers [start, stop) of a stacked (nnx.vmap-made) module.
 
   Functional NNX: the stacked module is split into (graphdef, state); each scan step merges one layer's
   slice. Compile time does not grow with depth. `xs` is an optional pytree with a leading layer axis
   (already sliced to the same range), e.g. a per-layer KV cache.
+
+  index_params: for inference on a sub-range of layers. The default slices the stacked params to
+  [start, stop) before the scan, which XLA materialises as a copy of those layers' weights on every call
+  (cheap next to a training step, but it dominates a one-token decode step). With index_params=True the
+  full stacked params are closed over and each step reads its layer with a dynamic index: no copy. Keep it
+  off under differentiation (the transpose of a closed-over dynamic index accumulates full-size buffers).
   """
   graphdef, state = nnx.split(module)
-  if start != 0 or stop is not None:
+  n_total = jax.tree.leaves(state)[0].shape[0]
+  stop = n_total if stop is None else stop
+  full = start == 0 and stop == n_total
+
+  if index_params and not full:
+    def body_idx(c, inp):
+      i, x = inp
+      st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), state)
+      return fn(nnx.merge(graphdef, st), c, x)
+
+    if remat:
+      body_idx = jax.checkpoint(body_idx, prevent_cse=False)
+    return jax.lax.scan(body_idx, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs))
+
+  if not full:
     state = jax.tree.map(lambda a: a[start:stop], state)
 
   def body(c, inp):

@@ -91,10 +91,11 @@ class Llama(nnx.Module):
                            param_dtype=param_dtype, rngs=rngs)
 
   def run_layers(self, h, positions, allowed, *, start=0, stop=None, key_keep=None,
-                 mode='masked_softmax_eps', return_kv=False, remat=False):
+                 mode='masked_softmax_eps', return_kv=False, remat=False, index_params=False):
     """Runs decoder layers [start, stop) on h (B, T, H).
 
     Returns h, and when return_kv the stacked (k, v), each (L', B, T, Hkv, D).
+    index_params: inference on a sub-range without copying those layers' weights (see `split_scan`).
     """
     stop = self.lc.layers if stop is None else stop
     if stop <= start:
@@ -104,7 +105,8 @@ class Llama(nnx.Module):
       out, kv = layer(carry, positions, allowed, key_keep=key_keep, mode=mode)
       return out, (kv if return_kv else None)
 
-    h, kv = L.split_scan(self.layers, step, h, start=start, stop=stop, remat=remat)
+    h, kv = L.split_scan(self.layers, step, h, start=start, stop=stop, remat=remat,
+                         index_params=index_params)
     return (h, kv) if return_kv else h
 
   def head(self, h):
