@@ -44,6 +44,8 @@ def train_defaults(size='tiny'):
   c.b1, c.b2, c.adam_eps = 0.9, 0.999, 1e-8
   c.grad_clip = 1.0
   c.grad_accum = 1
+  # 'token' = the released token-mean CE; 'sample' = mean over samples of each sample's token-mean CE.
+  c.ce_weighting = 'token'
   c.freeze_vision = True
   c.freeze_projector = False
   c.remat = ml_collections.FieldReference(None, field_type=bool)
@@ -81,6 +83,8 @@ def check_config(config, num_devices):
   t, m = config.train, config.mesh
   if t.steps <= 0:
     raise ValueError(f'train.steps={t.steps} must be > 0')
+  if t.get('ce_weighting', 'token') not in ('token', 'sample'):
+    raise ValueError(f"train.ce_weighting={t.ce_weighting!r}: use 'token' or 'sample'")
   if not 0 <= t.dense_warmup_steps <= t.steps:
     raise ValueError(f'train.dense_warmup_steps={t.dense_warmup_steps} must be in [0, steps={t.steps}]')
   if not 0.0 <= t.warmup_ratio < 1.0:

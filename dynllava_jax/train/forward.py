@@ -219,20 +219,29 @@ def ratio_sums(out, batch, sc):
 
 def loss_sums(out, batch, sc):
   """All additive per-batch sums: ce_sum, n_tokens and `ratio_sums` (empty ratios when dense)."""
-  ce, n, _, _ = ce_sums(out['logits'], batch['labels'])
+  ce, n, nll, valid = ce_sums(out['logits'], batch['labels'])
   s = ratio_sums(out, batch, sc)
-  s.update(ce_sum=ce, n_tokens=n.astype(jnp.float32))
+  per_sample = jnp.sum(nll, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1)
+  s.update(ce_sum=ce, n_tokens=n.astype(jnp.float32), ce_sample_sum=jnp.sum(per_sample))
   return s
 
 
-def combine(sums, n_tokens, batch_size, lam):
+def combine(sums, n_tokens, batch_size, lam, ce_weighting='token'):
   """Loss from sums with global normalisers (so micro-batches add up to the full-batch loss).
+
+  ce_weighting: 'token' (the released recipe: CE averaged over every labelled token of the batch) or
+  'sample' (each sample's own token-mean CE, averaged over samples: long answers no longer dominate).
 
   Returns (loss, terms): loss = ce_sum / n_tokens + λ·(reg_image + reg_answer + reg_instruct) / B;
   terms: ce, reg_image, reg_answer, reg_instruct (each already λ-weighted and normalised).
   """
   nt = jnp.maximum(n_tokens, 1.0)
-  terms = {'ce': sums['ce_sum'] / nt}
+  if ce_weighting == 'token':
+    terms = {'ce': sums['ce_sum'] / nt}
+  elif ce_weighting == 'sample':
+    terms = {'ce': sums['ce_sample_sum'] / batch_size}
+  else:
+    raise ValueError(f"train.ce_weighting={ce_weighting!r}: use 'token' or 'sample'")
   for k in ('reg_image', 'reg_answer', 'reg_instruct'):
     terms[k] = lam * sums[k] / batch_size
   loss = terms['ce'] + terms['reg_image'] + terms['reg_answer'] + terms['reg_instruct']

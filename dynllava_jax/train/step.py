@@ -34,13 +34,14 @@ def make_train_step(config, graphdef, tx, *, sparse):
   """Returns train_step(state, batch) -> (new_state, metrics) (not jitted; see `jit_train_step`)."""
   sc = config.model.sparse
   accum = int(config.train.grad_accum)
+  cew = config.train.get('ce_weighting', 'token')
   sch = optim.schedules(config.train)
 
   def loss_fn(params, frozen, mb, key, tau, n_tok, bsz):
     model = merge_model(graphdef, {'params': params, 'frozen': frozen})
     out = F.train_forward(model, mb, tau=tau, rng=key, sparse=sparse)
     sums = F.loss_sums(out, mb, sc)
-    loss, _ = F.combine(sums, n_tok, bsz, sc.lambda_ratio)
+    loss, _ = F.combine(sums, n_tok, bsz, sc.lambda_ratio, cew)
     return loss, sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -72,7 +73,7 @@ def make_train_step(config, graphdef, tx, *, sparse):
       (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-    loss, terms = F.combine(sums, n_tok, bsz, sc.lambda_ratio)
+    loss, terms = F.combine(sums, n_tok, bsz, sc.lambda_ratio, cew)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, **terms, 'tau': tau if sparse else jnp.zeros(()),
