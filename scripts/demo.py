@@ -12,6 +12,7 @@ decisions) and dense (every token kept), beside a majority-answer baseline (the 
 per question type). If `dynllava_jax.eval.run.run_eval` exists it then runs the generation evaluation.
 """
 import argparse
+import ast
 import collections
 import json
 import os
@@ -45,6 +46,9 @@ def main():
   ap.add_argument('--steps', type=int, default=None, help='override train.steps')
   ap.add_argument('--eval_limit', type=int, default=300, help='validation samples in the tables')
   ap.add_argument('--gen_limit', type=int, default=32, help='samples for run_eval (generation); 0 skips it')
+  ap.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
+                  help='override a config field (Python literal), e.g. --set train.lr=1e-3; repeatable')
+  ap.add_argument('--batch', type=int, default=DEMO_BATCH, help='global batch size')
   args = ap.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -53,7 +57,19 @@ def main():
   from dynllava_jax.train import evaluate, loop  # pylint: disable=g-import-not-at-top
 
   config = get_config('size=tiny')
-  config.data.batch_size = DEMO_BATCH
+  config.data.batch_size = args.batch
+  for item in args.set:
+    key, _, value = item.partition('=')
+    *path, field = key.split('.')
+    node = config
+    for p in path:
+      node = node[p]
+    if field not in node:
+      raise SystemExit(f'--set {item}: the config has no field {key}')
+    try:
+      node[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[field] = value   # a bare string, e.g. --set train.ce_weighting=sample
   if args.steps is not None:
     config.train.steps = args.steps
     config.train.dense_warmup_steps = min(config.train.dense_warmup_steps, args.steps)
