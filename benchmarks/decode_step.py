@@ -31,7 +31,7 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dynllava_jax.decode import cache as C  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.decode.step import decode_step  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.decode.step import decode_step, unstack_layers  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
 
@@ -39,7 +39,8 @@ def main():
   mc, lc, b = cfg.model, cfg.model.llm, args.batch
   model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()
   dense = make_sparsifier('dense', cfg)
-  step = jax.jit(lambda m, c, t: decode_step(m, dense, c, t, jnp.ones((b,), bool)))
+  layers = unstack_layers(model)   # what generate() does once per call
+  step = jax.jit(lambda m, ls, c, t: decode_step(m, dense, c, t, jnp.ones((b,), bool), ls), donate_argnums=2)
 
   def timed(fn, *a):
     jax.block_until_ready(fn(*a))
@@ -53,12 +54,19 @@ def main():
   rows = []
   tok = jnp.full((b,), 5, jnp.int32)
   for cap in [int(x) for x in args.capacities.split(',')]:
-    k = jnp.zeros((lc.layers, b, cap, lc.kv_heads, lc.head_dim), jnp.float32)
+    shape = (b, lc.kv_heads, cap, lc.head_dim)
     length = jnp.full((b,), min(100, cap - 1), jnp.int32)
-    caches = (C.SegmentCache(k, k, length, length, 0, lc.layers),)
-    ms = timed(step, model, caches, tok)
+    new = lambda: tuple(jnp.zeros(shape, jnp.float32) for _ in range(lc.layers))
+    cache_bytes = 2 * lc.layers * b * cap * lc.kv_heads * lc.head_dim * 4
+    state = {'caches': (C.SegmentCache(new(), new(), length, length, 0, lc.layers),)}
+
+    def one(m, ls, t):   # the caches are donated and replaced, as in the decode loop
+      _, state['caches'], _ = step(m, ls, state['caches'], t)
+      return state['caches'][0].length
+
+    ms = timed(one, model, layers, tok)
     rows.append({'case': f'{args.size}_decode_step_cap{cap}', 'method': 'dense', 'batch': b, 'capacity': cap,
-                 'prefill_s': None, 'decode_ms_per_token': ms, 'kv_cache_bytes': int(2 * k.nbytes),
+                 'prefill_s': None, 'decode_ms_per_token': ms, 'kv_cache_bytes': int(cache_bytes),
                  'flops_xla': None})
     print(rows[-1], flush=True)
 

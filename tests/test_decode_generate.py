@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dynllava_jax.decode import cache as C
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.sampling import Sampling
 from test_decode_prefill import make_batch, make_model, small_config
@@ -55,7 +56,7 @@ def test_compact_cache_holds_only_kept_tokens_and_growth_is_invisible(setup):
   np.testing.assert_array_equal(np.asarray(caches[1].length),
                                 n_real - n_img + np.where(n_img > 0, 4, 0) + kept_gen)
   for c in caches:    # slots past `length` were never written
-    k = np.asarray(c.k)
+    k = C.stacked(c.k)   # (L, B, C, Hkv, D)
     tail = np.arange(c.capacity)[None, :] >= np.asarray(c.length)[:, None]
     assert np.all(k[:, tail] == 0)
   assert len(ref.capacities) > 1 and ref.capacities[-1][1] > ref.capacities[0][1], ref.capacities

@@ -1,7 +1,11 @@
 """KV caches for decoding: one per segment (layers [start, stop)), static shapes, explicit pytrees.
 
 Layout of a segment cache:
-  k, v     (L_s, B, C, Hkv, D)  RoPE already applied to k; C = capacity (a multiple of eval.cache_bucket)
+  k, v     tuples of L_s arrays, one per layer, each (B, Hkv, C, D): RoPE already applied to k;
+           C = capacity (a multiple of eval.cache_bucket). One buffer per layer, heads before slots, is
+           what a one-token decode step wants: the attention reads each buffer as is and the new token is
+           written in place (a stacked (L_s, ...) buffer costs a slice copy per layer and step on XLA CPU;
+           benchmarks/decode_step.py measures it).
   length   (B,) int32           slots [0, length) hold tokens, in causal order; the next write goes to
                                 slot `length` (per sample)
   next_pos (B,) int32           RoPE position of the next token fed to this segment
@@ -31,7 +35,16 @@ class SegmentCache:
 
   @property
   def capacity(self):
-    return self.k.shape[2]
+    return self.k[0].shape[2]
+
+  @property
+  def num_layers(self):
+    return len(self.k)
+
+
+def stacked(arrays):
+  """Host view of one cache side as one array (L_s, B, C, Hkv, D) (tests, inspection)."""
+  return np.stack([np.asarray(a) for a in arrays]).transpose(0, 1, 3, 2, 4)
 
 
 def from_segment(seg, capacity):
@@ -49,8 +62,9 @@ def from_segment(seg, capacity):
   elif capacity > t:
     pad = [(0, 0), (0, 0), (0, capacity - t), (0, 0), (0, 0)]
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)   # (L, B, Hkv, C, D)
   last = jnp.take_along_axis(seg.positions, (seg.count - 1)[:, None], axis=1)[:, 0]
-  return SegmentCache(k, v, seg.count, last + 1, seg.start, seg.stop)
+  return SegmentCache(tuple(k), tuple(v), seg.count, last + 1, seg.start, seg.stop)
 
 
 def grow(cache, capacity):
@@ -60,53 +74,68 @@ def grow(cache, capacity):
     raise ValueError(f'cannot shrink a cache from {cache.capacity} to {capacity} slots')
   if extra == 0:
     return cache
-  pad = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
-  return cache.replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))
+  pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
+  return cache.replace(k=tuple(jnp.pad(a, pad) for a in cache.k), v=tuple(jnp.pad(a, pad) for a in cache.v))
 
 
 def attend(q, k_cache, v_cache, length, k_new, v_new):
   """One query token over cache slots [0, length) ∪ itself. fp32 softmax, GQA.
 
-  q (B, 1, Hq, D); k_cache / v_cache (B, C, Hkv, D); length (B,); k_new / v_new (B, 1, Hkv, D)
+  q (B, 1, Hq, D); k_cache / v_cache (B, Hkv, C, D); length (B,); k_new / v_new (B, 1, Hkv, D)
   -> (B, 1, Hq, D) in q.dtype.
   """
   b, _, hq, d = q.shape
-  hkv = k_cache.shape[2]
+  hkv = k_cache.shape[1]
   g = hq // hkv
   qg = q.reshape(b, hkv, g, d)
   scale = d ** -0.5
-  s_c = jnp.einsum('bhgd,bkhd->bhgk', qg, k_cache, preferred_element_type=jnp.float32) * scale
+  s_c = jnp.einsum('bhgd,bhkd->bhgk', qg, k_cache, preferred_element_type=jnp.float32) * scale
   s_s = jnp.einsum('bhgd,bhd->bhg', qg, k_new[:, 0], preferred_element_type=jnp.float32)[..., None] * scale
-  mask = (jnp.arange(k_cache.shape[1])[None, :] < length[:, None])[:, None, None, :]
+  mask = (jnp.arange(k_cache.shape[2])[None, :] < length[:, None])[:, None, None, :]
   s_c = jnp.where(mask, s_c, NEG_INF)
   m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), s_s)
   a_c = jnp.exp(s_c - m) * mask
   a_s = jnp.exp(s_s - m)
   den = jnp.sum(a_c, axis=-1, keepdims=True) + a_s
-  o = jnp.einsum('bhgk,bkhd->bhgd', a_c.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+  o = jnp.einsum('bhgk,bhkd->bhgd', a_c.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
   o = o + a_s * v_new[:, 0, :, None, :].astype(jnp.float32)
   o = o / den
   return o.reshape(b, 1, hq, d).astype(q.dtype)
 
 
-def write(cache, k_new, v_new, write_mask, advance):
-  """Appends the new token where write_mask (B,) is True; next_pos advances where `advance` (B,).
+def write_slot(cache, write_mask):
+  """(B,) slot each sample's new token goes to: `length`, or out of bounds (dropped) where not written."""
+  return jnp.where(write_mask, cache.length, cache.capacity)
+
+
+def write_layer(buf, new, slot):
+  """buf (B, Hkv, C, D) with new (B, Hkv, D) written at [b, :, slot[b]]; out-of-bounds slots are dropped.
+  Inside the decode loop XLA updates the buffer in place."""
+  rows = jnp.arange(buf.shape[0])
+  return buf.at[rows, :, slot].set(new.astype(buf.dtype), mode='drop')
+
+
+def advance(cache, k, v, write_mask, active):
+  """The cache with per-layer buffers k / v (already written), length += write_mask, next_pos += active."""
+  return cache.replace(k=tuple(k), v=tuple(v), length=cache.length + write_mask.astype(jnp.int32),
+                       next_pos=cache.next_pos + active.astype(jnp.int32))
+
+
+def write(cache, k_new, v_new, write_mask, active):
+  """Appends the new token of every layer where write_mask (B,) is True; next_pos advances where `active`.
 
   k_new / v_new (L_s, B, Hkv, D). Rows with write_mask False are scattered out of bounds and dropped.
   """
-  b = cache.length.shape[0]
-  idx = jnp.where(write_mask, cache.length, cache.capacity)
-  rows = jnp.arange(b)
-  k = cache.k.at[:, rows, idx].set(k_new.astype(cache.k.dtype), mode='drop')
-  v = cache.v.at[:, rows, idx].set(v_new.astype(cache.v.dtype), mode='drop')
-  return cache.replace(k=k, v=v, length=cache.length + write_mask.astype(jnp.int32),
-                       next_pos=cache.next_pos + advance.astype(jnp.int32))
+  slot = write_slot(cache, write_mask)
+  k = [write_layer(buf, k_new[i], slot) for i, buf in enumerate(cache.k)]
+  v = [write_layer(buf, v_new[i], slot) for i, buf in enumerate(cache.v)]
+  return advance(cache, k, v, write_mask, active)
 
 
 def bytes_per_token(cache):
   """K + V bytes one token occupies in this segment (all its layers)."""
-  l, _, _, hkv, d = cache.k.shape
-  return 2 * l * hkv * d * cache.k.dtype.itemsize
+  _, hkv, _, d = cache.k[0].shape
+  return 2 * cache.num_layers * hkv * d * cache.k[0].dtype.itemsize
 
 
 def used_bytes(caches):
@@ -116,4 +145,4 @@ def used_bytes(caches):
 
 def allocated_bytes(caches):
   """Bytes of the allocated buffers (host int)."""
-  return int(sum(c.k.nbytes + c.v.nbytes for c in caches))
+  return int(sum(a.nbytes for c in caches for a in c.k + c.v))

@@ -22,7 +22,7 @@ from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.prefill import eval_section, prefill
 from dynllava_jax.decode.sampling import as_sampling
-from dynllava_jax.decode.step import decode_step
+from dynllava_jax.decode.step import decode_step, unstack_layers
 from dynllava_jax.sparsity.registry import make_sparsifier
 
 
@@ -96,7 +96,7 @@ def _overflow(state):
 
 @partial(jax.jit, static_argnames=('method', 'sampling', 'record_logits'),
          donate_argnames=('state',))
-def _run_chunk(model, method, state, *, sampling, pad_id, eos_id, record_logits):
+def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record_logits):
   m = state.tokens.shape[1]
 
   def cond(st):
@@ -105,7 +105,7 @@ def _run_chunk(model, method, state, *, sampling, pad_id, eos_id, record_logits)
   def body(st):
     active = ~st.done
     cur = jax.lax.dynamic_index_in_dim(st.tokens, st.step - 1, axis=1, keepdims=False)
-    logits, caches, keep = decode_step(model, method, st.caches, cur, active)
+    logits, caches, keep = decode_step(model, method, st.caches, cur, active, layers)
     nxt = sampling.sample(logits, jax.random.fold_in(st.rng, st.step))
     nxt = jnp.where(active, nxt, pad_id)
     tokens = jax.lax.dynamic_update_index_in_dim(st.tokens, nxt, st.step, axis=1)
@@ -181,9 +181,11 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
   bytes_prefill = C.used_bytes(state.caches)
   history = [caps]
-  while True:
-    state = _run_chunk(model, method, state, **kw)
-    if int(state.step) >= m or bool(np.all(np.asarray(state.done))):
+  finished = lambda st: int(st.step) >= m or bool(np.all(np.asarray(st.done)))
+  layers = None if finished(state) else unstack_layers(model)   # per-layer weights for the decode loop
+  while not finished(state):
+    state = _run_chunk(model, layers, method, state, **kw)
+    if finished(state):
       break
     caps = _grown(state, bucket)
     history.append(caps)
