@@ -40,6 +40,9 @@ def vision_config(size):
   c.layer_norm_eps = 1e-5
   c.feature_layer = -2
   c.feature_select = 'default'   # 'default' drops CLS, 'full' keeps it
+  # Initial position embeddings: 'normal' (HF CLIP's N(0, 0.02)) | 'sincos2d' (a fixed 2-D sine-cosine
+  # table, big_vision style; CLS row 0). Only the init: the checkpoint layout and the forward are the same.
+  c.pos_init = 'normal'
   return c
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from configs.dynllava import get_config
 from dynllava_jax.data import builders
@@ -62,8 +63,11 @@ print(json.dumps({{'has_tf': has_tf, 'tf_loaded': 'tensorflow' in sys.modules, '
   assert 'tensorflow' not in sys.modules
 
 
-def test_samples(tmp_path):
-  c = small_config(tmp_path)
+@pytest.mark.parametrize('style,min_len,rounds', [('long', 50, (2, 0.1)), ('short', 16, (5, 0.75))])
+def test_samples(tmp_path, style, min_len, rounds):
+  """Long answers reach the output-text predictor's len_ot: 50 (released) for 'long', 16 (tiny) for 'short'.
+  'long' uses the non-tiny round settings (one or two rounds), 'short' the tiny ones (up to 5)."""
+  c = small_config(tmp_path, describe_style=style, max_rounds=rounds[0], extra_round_prob=rounds[1])
   ds_dir = builders.build(c)
   assert builders.build(c) == ds_dir                        # idempotent
   tok = tokenizer_lib.load_tokenizer(builders.tokenizer_path(c))
@@ -71,7 +75,7 @@ def test_samples(tmp_path):
   import tensorflow_datasets as tfds
   src = tfds.builder_from_directory(ds_dir).as_data_source()
   assert {k: len(v) for k, v in src.items()} == {'train': 96, 'validation': 32, 'test': 32}
-  types, long_lens = set(), []
+  types, long_lens, n_rounds = set(), [], []
   for split in src:
     for i in range(len(src[split])):
       r = records.decode(src[split][i])
@@ -80,15 +84,18 @@ def test_samples(tmp_path):
         ids, _ = tok.encode(t['value'])
         assert (ids != 0).all(), t['value']                    # no <unk>: vocabulary covers all
       assert r['answer'] == r['conversations'][-1]['value']
+      if r['has_image']:
+        n_rounds.append(len(r['conversations']) // 2)
       if r['question_type'] == 'describe':
         long_lens.append(len(tok.encode(r['answer'])[0]))
   assert types == set(digits_vqa.QUESTION_TYPES)
-  assert long_lens and min(long_lens) >= 50
-  # Long answers stay whole in training samples (max_len 256) and span >= 50 tokens + </s>.
+  assert max(n_rounds) <= rounds[0] and (np.mean(n_rounds) > 2.5 if rounds[0] == 5 else np.mean(n_rounds) < 1.3)
+  assert long_lens and min(long_lens) >= min_len
+  # Long answers stay whole in training samples (max_len 256) and span >= min_len tokens + </s>.
   for s in pipeline.make_eval_samples(c, 'validation'):
     if s['question_type'] == 'describe':
       f = s['full']
-      assert f['answer_end'] - f['answer_start'] >= 51 and f['answer_end'] == len(f['input_ids'])
+      assert f['answer_end'] - f['answer_start'] >= min_len + 1 and f['answer_end'] == len(f['input_ids'])
 
 
 def test_generation_is_deterministic_and_splits_disjoint():

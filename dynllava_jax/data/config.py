@@ -17,7 +17,7 @@ See docs/data.md. Fields:
   seed: shuffle seed of the reader.
   strict: any bad record is an error naming its id and reason (default: skip, count and log).
   num_workers: grain worker processes (0 = read in the main process).
-  digits: digits_vqa generation settings (canvas size, split sizes, generation seed).
+  digits: digits_vqa generation settings (canvas size, split sizes, generation seed, describe style).
 """
 import ml_collections
 
@@ -30,6 +30,12 @@ def digits_defaults(size='tiny'):
   c.num_val = 300
   c.num_test = 300
   c.seed = 0
+  # describe answers: 'long' (≥ 50 tokens, the released len_ot = 50) | 'short' (24 tokens, tiny len_ot = 16)
+  c.describe_style = 'short' if size == 'tiny' else 'long'
+  # Rounds per image sample: further questions about the same image while a draw < extra_round_prob,
+  # up to max_rounds. tiny: ~3 rounds per image (more grounded answers per forward pass).
+  c.max_rounds = 5 if size == 'tiny' else 2
+  c.extra_round_prob = 0.75 if size == 'tiny' else 0.1
   return c
 
 

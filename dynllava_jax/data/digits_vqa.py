@@ -6,11 +6,16 @@ jitter inside the cell, a random tint per tile and background noise. Questions:
   digit_at:  "what digit is at row r column c ?"  → "7" | "empty"     (needs a few patches)
   count:     "how many digits are there ?"          → "6"              (needs all patches)
   row_sum:   "what is the sum of row r ?"           → "12"             (empty cells count 0)
-  describe:  "describe the grid row by row ."       → a long answer (≥ 50 tokens):
+  describe:  "describe the grid row by row ."       → a long answer, in one of two styles (config
+             `describe_style`): 'long' (≥ 50 tokens, for the released len_ot = 50):
              "there are 6 digits . row 1 : column 1 is 3 , column 2 is empty , column 3 is 5 . ..."
+             or 'short' (24 tokens, for the tiny model's len_ot = 16; less template, shorter sequences):
+             "6 digits . row 1 : 3 empty 5 . row 2 : ..."
   text_add:  "what is a plus b ?"                   → "9"              (text-only, no image)
-About 10% of the samples have a second round (a different question, no image tag), so multi-turn
-masking is exercised. Splits use disjoint source digits, by index: train 0..1257, validation
+Image samples have further rounds (another question about the same image, no image tag), each with
+probability `extra_round_prob` up to `max_rounds` in all (defaults 0.1 and 2: about 10% have a second
+round; the tiny config uses 0.75 and 5, about 3 rounds per image, which gives the from-scratch tiny model
+~3x the image-grounded answers per forward pass, as LLaVA-Instruct's multi-turn conversations do). Splits use disjoint source digits, by index: train 0..1257, validation
 1258..1526, test 1527..1796. Everything is deterministic by `seed`. Canvases up to 128 px are
 stored as PNG, larger ones as JPEG (quality 95).
 """
@@ -45,17 +50,26 @@ def question(qtype, r=0, c=0, a=0, b=0):
   }[qtype]
 
 
-def describe(grid):
-  """Long answer for `grid` (3x3 list of int or None), row by row."""
+DESCRIBE_STYLES = ('long', 'short')
+
+
+def describe(grid, style='long'):
+  """Long answer for `grid` (3x3 list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
+  cell = lambda v: 'empty' if v is None else str(v)
+  if style == 'short':
+    rows = [f'row {r + 1} : ' + ' '.join(cell(v) for v in row) + ' .' for r, row in enumerate(grid)]
+    return ' '.join([f'{n} digits .'] + rows)
+  if style != 'long':
+    raise ValueError(f'digits_vqa describe_style={style!r}: use one of {DESCRIBE_STYLES}')
   parts = [f'there are {n} digits .']
   for r, row in enumerate(grid):
-    cells = [f'column {c + 1} is {"empty" if v is None else v}' for c, v in enumerate(row)]
+    cells = [f'column {c + 1} is {cell(v)}' for c, v in enumerate(row)]
     parts.append(f'row {r + 1} : ' + ' , '.join(cells) + ' .')
   return ' '.join(parts)
 
 
-def answer(qtype, grid, r=0, c=0, a=0, b=0):
+def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
   if qtype == 'digit_at':
     v = grid[r - 1][c - 1]
     return 'empty' if v is None else str(v)
@@ -64,7 +78,7 @@ def answer(qtype, grid, r=0, c=0, a=0, b=0):
   if qtype == 'row_sum':
     return str(sum(v or 0 for v in grid[r - 1]))
   if qtype == 'describe':
-    return describe(grid)
+    return describe(grid, style)
   return str(a + b)
 
 
@@ -72,7 +86,7 @@ def vocabulary_texts():
   """Every text the generator can produce, word-wise (builds the word-level tokenizer)."""
   texts = [templates.SYSTEM, ' '.join(templates.ROLES) + ' : ' + templates.SEP2, 'empty']
   texts += [question(t, 1, 1, 0, 0) for t in QUESTION_TYPES]
-  texts.append(describe([[None] * 3] * 3))
+  texts += [describe([[None] * 3] * 3, style) for style in DESCRIBE_STYLES]
   texts.append(' '.join(str(i) for i in range(9 * GRID * GRID + 1)))
   return texts
 
@@ -116,7 +130,7 @@ def render_canvas(tiles, canvas_size, rng):
   return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _random_question(rng, grid, allow_text=True):
+def _random_question(rng, grid, allow_text=True, style='long'):
   qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=TYPE_PROBS))]
   if qtype == 'text_add' and not allow_text:
     qtype = 'count'
@@ -125,11 +139,16 @@ def _random_question(rng, grid, allow_text=True):
     filled = [(i + 1, j + 1) for i in range(GRID) for j in range(GRID) if grid[i][j] is not None]
     r, c = filled[int(rng.integers(len(filled)))]
   a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-  return qtype, question(qtype, r, c, a, b), answer(qtype, grid, r, c, a, b)
+  return qtype, question(qtype, r, c, a, b), answer(qtype, grid, r, c, a, b, style)
 
 
-def make_sample(split, i, images, labels, canvas_size, seed):
-  """One record (records.features layout) of `split`, deterministic in (seed, split, i)."""
+def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
+                extra_round_prob=SECOND_ROUND_PROB):
+  """One record (records.features layout) of `split`, deterministic in (seed, split, i).
+
+  Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
+  to max_rounds in all; `question_type` / `answer` describe the last round.
+  """
   lo, hi = SOURCE_SPLITS[split]
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty = rng.random((GRID, GRID)) < EMPTY_PROB
@@ -137,12 +156,12 @@ def make_sample(split, i, images, labels, canvas_size, seed):
     empty[int(rng.integers(GRID)), int(rng.integers(GRID))] = False
   src = rng.integers(lo, hi, (GRID, GRID))
   grid = [[None if empty[r, c] else int(labels[src[r, c]]) for c in range(GRID)] for r in range(GRID)]
-  qtype, q, a = _random_question(rng, grid)
+  qtype, q, a = _random_question(rng, grid, style=describe_style)
   has_image = qtype != 'text_add'
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
-  if has_image and rng.random() < SECOND_ROUND_PROB:
-    qtype, q, a = _random_question(rng, grid, allow_text=False)
+  while has_image and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
+    qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style)
     conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
   image = b''
   if has_image:
@@ -166,12 +185,26 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   num_val: int = 300
   num_test: int = 300
   seed: int = 0
+  describe_style: str = 'long'
+  max_rounds: int = 2
+  extra_round_prob: float = SECOND_ROUND_PROB
 
 
-def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0):
+def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
+                max_rounds=2, extra_round_prob=SECOND_ROUND_PROB):
+  if describe_style not in DESCRIBE_STYLES:
+    raise ValueError(f'data.digits.describe_style={describe_style!r}: use one of {DESCRIBE_STYLES}')
+  if max_rounds < 1 or not 0.0 <= extra_round_prob <= 1.0:
+    raise ValueError(f'data.digits: max_rounds={max_rounds} must be >= 1 and extra_round_prob='
+                     f'{extra_round_prob} in [0, 1]')
   name = f'c{canvas_size}_n{num_train}-{num_val}-{num_test}_s{seed}'
+  if describe_style != 'long':
+    name += f'_{describe_style}'
+  if (max_rounds, extra_round_prob) != (2, SECOND_ROUND_PROB):
+    name += f'_r{max_rounds}p{extra_round_prob:g}'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
-                         num_test=num_test, seed=seed)
+                         num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
+                         extra_round_prob=extra_round_prob)
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -199,4 +232,5 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     images, labels = d.images.astype(np.float32), d.target
     c = self.builder_config
     for i in range(num):
-      yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed)
+      yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
+                           c.extra_round_prob)

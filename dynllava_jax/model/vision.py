@@ -37,6 +37,18 @@ class VisionLayer(nnx.Module):
     return x + self.fc2(L.quick_gelu(self.fc1(self.ln2(x))))
 
 
+def sincos2d(side, width, temperature=10000.0):
+  """Fixed 2-D sine-cosine position table (side·side, width), row-major patches: for each patch (y, x),
+  [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with ω_i = temperature^(−i / (width/4)), i < width/4."""
+  if width % 4:
+    raise ValueError(f'vision.pos_init=sincos2d needs width divisible by 4, got {width}')
+  q = width // 4
+  omega = 1.0 / temperature ** (jnp.arange(q, dtype=jnp.float32) / q)
+  y, x = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32), indexing='ij')
+  fx, fy = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(fx), jnp.cos(fx), jnp.sin(fy), jnp.cos(fy)], axis=1)
+
+
 class VisionTower(nnx.Module):
   """CLIP vision transformer with stacked, scanned layers."""
 
@@ -49,9 +61,12 @@ class VisionTower(nnx.Module):
                                rngs=rngs)
     self.class_embed = nnx.Param(
         nnx.initializers.normal(L.INIT_STD)(rngs.params(), (w,), param_dtype), out_sharding=('norm',))
-    self.pos_embed = nnx.Param(
-        nnx.initializers.normal(L.INIT_STD)(rngs.params(), (n + 1, w), param_dtype),
-        out_sharding=('positions', 'embed'))
+    pos_key = rngs.params()
+    if vc.get('pos_init', 'normal') == 'sincos2d':
+      pos = jnp.concatenate([jnp.zeros((1, w)), sincos2d(vc.image_size // p, w)]).astype(param_dtype)
+    else:
+      pos = nnx.initializers.normal(L.INIT_STD)(pos_key, (n + 1, w), param_dtype)
+    self.pos_embed = nnx.Param(pos, out_sharding=('positions', 'embed'))
     self.pre_ln = L.LayerNorm(w, vc.layer_norm_eps, param_dtype=param_dtype)
 
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
