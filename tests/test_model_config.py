@@ -98,3 +98,26 @@ def test_hf_config_rejections():
   bad = dict(LLAVA_7B_HF, text_config=dict(LLAVA_7B_HF['text_config'], hidden_act='gelu'))
   with pytest.raises(ValueError, match="hidden_act='gelu'"):
     hf.config_from_hf(bad)
+
+
+def test_sincos2d_position_init():
+  """vision.pos_init='sincos2d' only changes the initial position table: a fixed 2-D sine-cosine table
+  (row-major patches, CLS row 0); 'normal' stays HF CLIP's N(0, 0.02)."""
+  from dynllava_jax.model.vision import VisionTower, sincos2d
+  vc = model_config('tiny').vision
+  side, w = vc.image_size // vc.patch_size, vc.width
+  table = np.asarray(sincos2d(side, w))
+  q = w // 4
+  assert table.shape == (side * side, w)
+  np.testing.assert_allclose(table[0], np.r_[np.zeros(q), np.ones(q), np.zeros(q), np.ones(q)], atol=1e-7)
+  # patch (y=1, x=2): x-terms at 2·ω, y-terms at 1·ω
+  omega = 1.0 / 10000 ** (np.arange(q) / q)
+  np.testing.assert_allclose(table[side + 2], np.r_[np.sin(2 * omega), np.cos(2 * omega),
+                                                    np.sin(omega), np.cos(omega)], atol=1e-6)
+  vc.pos_init = 'sincos2d'
+  pos = np.asarray(VisionTower(vc, rngs=nnx.Rngs(0)).pos_embed[...])
+  np.testing.assert_array_equal(pos[0], 0)
+  np.testing.assert_allclose(pos[1:], table, atol=1e-7)
+  vc.pos_init = 'normal'
+  pos = np.asarray(VisionTower(vc, rngs=nnx.Rngs(0)).pos_embed[...])
+  assert 0.01 < pos.std() < 0.03
