@@ -103,16 +103,23 @@ def attend(q, k_cache, v_cache, length, k_new, v_new):
   return o.reshape(b, 1, hq, d).astype(q.dtype)
 
 
-def write_slot(cache, write_mask):
-  """(B,) slot each sample's new token goes to: `length`, or out of bounds (dropped) where not written."""
-  return jnp.where(write_mask, cache.length, cache.capacity)
+def write_slot(cache):
+  """(B,) slot each sample's new token goes to: `length` (clamped to the last slot; the decode loop grows
+  a cache before any sample can overflow it)."""
+  return jnp.minimum(cache.length, cache.capacity - 1)
 
 
-def write_layer(buf, new, slot):
-  """buf (B, Hkv, C, D) with new (B, Hkv, D) written at [b, :, slot[b]]; out-of-bounds slots are dropped.
-  Inside the decode loop XLA updates the buffer in place."""
+def write_layer(buf, new, slot, write_mask):
+  """buf (B, Hkv, C, D) with new (B, Hkv, D) written at [b, :, slot[b]] where write_mask[b].
+
+  Where write_mask is False the slot's own content is written back (a no-op), so every index is in bounds
+  and XLA updates the buffer in place; an out-of-bounds 'drop' scatter instead becomes a select over the
+  whole buffer, i.e. a full copy per layer and step.
+  """
   rows = jnp.arange(buf.shape[0])
-  return buf.at[rows, :, slot].set(new.astype(buf.dtype), mode='drop')
+  old = buf[rows, :, slot]
+  val = jnp.where(write_mask[:, None, None], new.astype(buf.dtype), old)
+  return buf.at[rows, :, slot].set(val, mode='promise_in_bounds')
 
 
 def advance(cache, k, v, write_mask, active):
@@ -126,9 +133,9 @@ def write(cache, k_new, v_new, write_mask, active):
 
   k_new / v_new (L_s, B, Hkv, D). Rows with write_mask False are scattered out of bounds and dropped.
   """
-  slot = write_slot(cache, write_mask)
-  k = [write_layer(buf, k_new[i], slot) for i, buf in enumerate(cache.k)]
-  v = [write_layer(buf, v_new[i], slot) for i, buf in enumerate(cache.v)]
+  slot = write_slot(cache)
+  k = [write_layer(buf, k_new[i], slot, write_mask) for i, buf in enumerate(cache.k)]
+  v = [write_layer(buf, v_new[i], slot, write_mask) for i, buf in enumerate(cache.v)]
   return advance(cache, k, v, write_mask, active)
 
 

@@ -50,15 +50,19 @@ def _segment(layers, cache, h, write_mask, active):
   """Runs layers [cache.start, cache.stop) on h (B, 1, H) over the cache, writing each layer's new K/V
   where write_mask -> h, the updated cache."""
   pos = cache.next_pos[:, None]
-  slot = C.write_slot(cache, write_mask)
+  slot = C.write_slot(cache)
   ks, vs = [], []
   for j, i in enumerate(range(cache.start, cache.stop)):
     layer = layers.layer(i)
     q, k, v = layer.attn.qkv(layer.input_norm(h), pos)
-    h = h + layer.attn.out(C.attend(q, cache.k[j], cache.v[j], cache.length, k, v))
+    o = C.attend(q, cache.k[j], cache.v[j], cache.length, k, v)
+    # The write must follow the attention's read of the same buffers; saying so lets XLA update them in
+    # place (without the barrier it copies each buffer, twice, every step).
+    o, kc, vc = jax.lax.optimization_barrier((o, cache.k[j], cache.v[j]))
+    h = h + layer.attn.out(o)
     h = h + layer.mlp(layer.post_norm(h))
-    ks.append(C.write_layer(cache.k[j], k[:, 0], slot))
-    vs.append(C.write_layer(cache.v[j], v[:, 0], slot))
+    ks.append(C.write_layer(kc, k[:, 0], slot, write_mask))
+    vs.append(C.write_layer(vc, v[:, 0], slot, write_mask))
   return h, C.advance(cache, ks, vs, write_mask, active)
 
 
