@@ -305,14 +305,42 @@ def left_pad_batch(prompts, pad_id, length=None):
   return ids, mask
 
 
-def to_global(batch, sharding):
+def pad_length(batch, length, pad_id):
+  """Right-pads a batch's (B, T) token arrays to T = length: input_ids with pad_id, attention_mask with 0,
+  labels with -100 (other arrays unchanged)."""
+  t = batch['input_ids'].shape[1]
+  if length < t:
+    raise ValueError(f'cannot pad a batch of length {t} to {length}')
+  if length == t:
+    return batch
+  out = dict(batch)
+  for key, fill in (('input_ids', pad_id), ('attention_mask', 0), ('labels', templates.IGNORE)):
+    if key in out:
+      out[key] = np.pad(np.asarray(out[key]), ((0, 0), (0, length - t)), constant_values=fill)
+  return out
+
+
+def agree_length(batch, pad_id):
+  """Multi-process: every process pads its part to the longest bucket any process picked (each process
+  buckets its own samples, but a global array needs one T). A no-op in a single process."""
+  if jax.process_count() == 1 or 'input_ids' not in batch:
+    return batch
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  t = int(np.max(multihost_utils.process_allgather(np.int32(batch['input_ids'].shape[1]))))
+  return pad_length(batch, t, pad_id)
+
+
+def to_global(batch, sharding, pad_id=0):
   """Per-process numpy batch → global jax arrays (`jax.make_array_from_process_local_data`).
 
   Args:
     batch: dict of numpy arrays, leading axis = this process's part of the global batch.
     sharding: a jax Sharding for every array (leading axis sharded over the data axes), or a dict
       key → Sharding.
+    pad_id: token id for the extra columns when processes picked different buckets (`agree_length`).
   """
+  batch = agree_length(batch, pad_id)
+
   def one(k, x):
     s = sharding[k] if isinstance(sharding, dict) else sharding
     return jax.make_array_from_process_local_data(s, np.asarray(x))

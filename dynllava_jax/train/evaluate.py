@@ -13,9 +13,9 @@ import jax
 import numpy as np
 
 
-def _to_device(batch, sharding):
+def _to_device(batch, trainer):
   from dynllava_jax.train.loop import to_device  # pylint: disable=g-import-not-at-top
-  return to_device(batch, sharding)
+  return to_device(batch, trainer.batch_sharding, trainer.config.model.pad_token_id)
 
 
 def validation_metrics(trainer, state, step, split='validation', max_batches=None):
@@ -29,7 +29,7 @@ def validation_metrics(trainer, state, step, split='validation', max_batches=Non
     for i, batch in enumerate(it):
       if (max_batches is not None and i >= max_batches) or batch['input_ids'].shape[0] % dp:
         break
-      out = jax.device_get(fn(state, _to_device(batch, trainer.batch_sharding)))
+      out = jax.device_get(fn(state, _to_device(batch, trainer)))
       correct += int(np.sum(out.pop('answer_correct')))
       n += batch['input_ids'].shape[0]
       for k, v in out.items():
@@ -63,7 +63,7 @@ def answer_table(trainer, state, step, samples, batch_size=16, sparse=None):
       full = [s['full'] for s in chunk]
       full += [full[-1]] * (bs - len(full))           # pad the last batch; padded rows are dropped below
       batch = pipeline.pad_batch(full, buckets, cfg.model.pad_token_id)
-      per = jax.device_get(fn(state, _to_device(batch, trainer.batch_sharding)))
+      per = jax.device_get(fn(state, _to_device(batch, trainer)))
       ok = np.asarray(per.pop('answer_correct'))
       for j, s in enumerate(chunk):
         for key in (s['question_type'], 'all'):

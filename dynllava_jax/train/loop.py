@@ -84,11 +84,11 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def to_device(batch, sharding):
+def to_device(batch, sharding, pad_id=0):
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   keys = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'has_image', 'image_start',
           'instr_start', 'instr_end', 'answer_start', 'answer_end')
-  return pipeline.to_global({k: batch[k] for k in keys}, sharding)
+  return pipeline.to_global({k: batch[k] for k in keys}, sharding, pad_id)
 
 
 class Trainer:
@@ -182,7 +182,7 @@ def train(config, workdir, devices=None):
       while step < t.steps:
         batch = next(it)
         fn = trainer.step_fn(step)
-        state, m = fn(state, to_device(batch, trainer.batch_sharding))
+        state, m = fn(state, to_device(batch, trainer.batch_sharding, config.model.pad_token_id))
         step += 1
         n_since += 1
         tokens += float(np.sum(batch['attention_mask']))
