@@ -45,7 +45,7 @@ def main():
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--steps', type=int, default=None, help='override train.steps')
   ap.add_argument('--eval_limit', type=int, default=300, help='validation samples in the tables')
-  ap.add_argument('--gen_limit', type=int, default=32, help='samples for run_eval (generation); 0 skips it')
+  ap.add_argument('--gen_limit', type=int, default=100, help='samples for run_eval (generation); 0 skips it')
   ap.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
                   help='override a config field (Python literal), e.g. --set train.lr=1e-3; repeatable')
   ap.add_argument('--batch', type=int, default=DEMO_BATCH, help='global batch size')

@@ -107,3 +107,23 @@ def test_nan_loss_stops_with_one_line(tmp_path):
     tel.check_finite(7, {'loss': float('nan'), 'grad_norm': 1.0, 'ce': float('nan')})
   tel.close()
   assert str(e.value).startswith('loss is nan at step 7') and '\n' not in str(e.value)
+
+
+def test_schedule_restarts_with_the_sparse_stage():
+  """A sparse run with a dense stage restarts warm-up + cosine at dense_warmup_steps (train.restart_schedule);
+  a dense model or restart_schedule=False keeps one schedule over the run."""
+  c = get_config('size=tiny')
+  t = c.train
+  t.steps, t.dense_warmup_steps = 1000, 600
+  r = optim.restart_step(c)
+  assert r == 600
+  sch = optim.schedules(t, r)['main']
+  w2 = int(round(t.warmup_ratio * 400))
+  assert float(sch(599)) < 0.01 * t.lr                       # the dense stage's cosine has run out
+  assert float(sch(600)) == 0.0                              # the sparse stage warms up again
+  assert abs(float(sch(600 + w2)) - t.lr) < 1e-9
+  assert float(sch(1000)) < 1e-9
+  t.restart_schedule = False
+  assert optim.restart_step(c) == 0
+  t.restart_schedule = True
+  assert optim.restart_step(get_config('size=tiny,dense=True')) == 0

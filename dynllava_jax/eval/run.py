@@ -56,7 +56,7 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     from dynllava_jax.train import optim  # pylint: disable=g-import-not-at-top
     from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
     mesh = shd.make_mesh(config.mesh)
-    tx = optim.make_optimizer(config.train)
+    tx = optim.make_optimizer(config.train, optim.restart_step(config))
     graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:

@@ -41,6 +41,9 @@ def train_defaults(size='tiny'):
   c.lr = 1e-3 if tiny else 5e-6
   c.predictor_lr = 3e-3 if tiny else 2e-4
   c.warmup_ratio = 0.03
+  # With a dense stage (dense_warmup_steps > 0, sparse model): restart warm-up + cosine when the sparse
+  # stage starts, as the released Dynamic-LLaVA run is a fresh fine-tuning run from a trained LLaVA.
+  c.restart_schedule = True
   c.min_lr_ratio = 0.0
   c.weight_decay = 0.0
   c.predictor_weight_decay = 0.0

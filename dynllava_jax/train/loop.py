@@ -98,7 +98,7 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = setup(config, devices)
-    self.tx = optim.make_optimizer(config.train)
+    self.tx = optim.make_optimizer(config.train, optim.restart_step(config))
     self.graphdef, self.abstract, self.shardings = st.state_shardings(self.mesh, config, self.tx)
     self.batch_sharding = batch_sharding(self.mesh)
     sparse = config.model.sparse.enabled

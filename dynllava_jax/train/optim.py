@@ -58,16 +58,36 @@ def schedule(peak, steps, warmup_ratio, min_ratio=0.0):
       end_value=peak * min_ratio)
 
 
-def schedules(train_cfg):
+def restart_step(config):
+  """Step at which the schedules restart: the end of the dense stage of a sparse run when
+  train.restart_schedule (the released Dynamic-LLaVA training is its own fine-tuning run, with its own
+  warm-up and cosine, from a trained LLaVA), else 0 (one schedule over the whole run)."""
+  t = config.train
+  if (config.model.sparse.enabled and t.get('restart_schedule', False)
+      and 0 < t.dense_warmup_steps < t.steps):
+    return int(t.dense_warmup_steps)
+  return 0
+
+
+def _staged(peak, t, restart):
+  if not restart:
+    return schedule(peak, t.steps, t.warmup_ratio, t.min_lr_ratio)
+  return optax.join_schedules(
+      [schedule(peak, restart, t.warmup_ratio, t.min_lr_ratio),
+       schedule(peak, t.steps - restart, t.warmup_ratio, t.min_lr_ratio)], [restart])
+
+
+def schedules(train_cfg, restart=0):
+  """{'main', 'predictor'}: step -> lr. restart > 0: warm-up + cosine over [0, restart), then again over
+  [restart, steps) (see `restart_step`)."""
   t = train_cfg
-  return {'main': schedule(t.lr, t.steps, t.warmup_ratio, t.min_lr_ratio),
-          'predictor': schedule(t.predictor_lr, t.steps, t.warmup_ratio, t.min_lr_ratio)}
+  return {'main': _staged(t.lr, t, restart), 'predictor': _staged(t.predictor_lr, t, restart)}
 
 
-def make_optimizer(train_cfg):
+def make_optimizer(train_cfg, restart=0):
   """optax GradientTransformation over the trainable pure dict."""
   t = train_cfg
-  sch = schedules(t)
+  sch = schedules(t, restart)
 
   def adamw(lr, wd):
     return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=wd, mask=_decay_mask)

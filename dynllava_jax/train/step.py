@@ -35,7 +35,7 @@ def make_train_step(config, graphdef, tx, *, sparse):
   sc = config.model.sparse
   accum = int(config.train.grad_accum)
   cew = config.train.get('ce_weighting', 'token')
-  sch = optim.schedules(config.train)
+  sch = optim.schedules(config.train, optim.restart_step(config))
 
   def loss_fn(params, frozen, mb, key, tau, n_tok, bsz):
     model = merge_model(graphdef, {'params': params, 'frozen': frozen})
