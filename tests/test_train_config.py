@@ -110,11 +110,14 @@ def test_nan_loss_stops_with_one_line(tmp_path):
 
 
 def test_schedule_restarts_with_the_sparse_stage():
-  """A sparse run with a dense stage restarts warm-up + cosine at dense_warmup_steps (train.restart_schedule);
-  a dense model or restart_schedule=False keeps one schedule over the run."""
+  """With train.restart_schedule (tiny's default) a sparse run with a dense stage restarts warm-up + cosine
+  at dense_warmup_steps, peaks scaled by sparse_lr_scale; otherwise, or for a dense model, one schedule."""
   c = get_config('size=tiny')
   t = c.train
   t.steps, t.dense_warmup_steps = 1000, 600
+  t.restart_schedule, t.sparse_lr_scale = False, 1.0
+  assert optim.restart_step(c) == 0
+  t.restart_schedule = True
   r = optim.restart_step(c)
   assert r == 600
   sch = optim.schedules(t, r)['main']
@@ -123,7 +126,11 @@ def test_schedule_restarts_with_the_sparse_stage():
   assert float(sch(600)) == 0.0                              # the sparse stage warms up again
   assert abs(float(sch(600 + w2)) - t.lr) < 1e-9
   assert float(sch(1000)) < 1e-9
-  t.restart_schedule = False
-  assert optim.restart_step(c) == 0
-  t.restart_schedule = True
-  assert optim.restart_step(get_config('size=tiny,dense=True')) == 0
+  t.sparse_lr_scale = 0.1
+  sch = optim.schedules(t, r)
+  assert abs(float(sch['main'](600 + w2)) - 0.1 * t.lr) < 1e-9
+  assert abs(float(sch['predictor'](600 + w2)) - 0.1 * t.predictor_lr) < 1e-9
+  assert abs(float(sch['main'](int(round(t.warmup_ratio * 600)))) - t.lr) < 1e-9   # dense stage unscaled
+  dense = get_config('size=tiny,dense=True')
+  dense.train.restart_schedule = True
+  assert optim.restart_step(dense) == 0

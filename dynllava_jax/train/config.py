@@ -42,8 +42,11 @@ def train_defaults(size='tiny'):
   c.predictor_lr = 3e-3 if tiny else 2e-4
   c.warmup_ratio = 0.03
   # With a dense stage (dense_warmup_steps > 0, sparse model): restart warm-up + cosine when the sparse
-  # stage starts, as the released Dynamic-LLaVA run is a fresh fine-tuning run from a trained LLaVA.
-  c.restart_schedule = True
+  # stage starts, with the peaks scaled by sparse_lr_scale (the released Dynamic-LLaVA run is a fresh
+  # fine-tuning run, at a lower lr, from a trained LLaVA). tiny: on, x0.1 (at x1 the image predictor
+  # overshot and saturated at keep-everything, docs/training.md). Other sizes have no dense stage.
+  c.restart_schedule = tiny
+  c.sparse_lr_scale = 0.1 if tiny else 1.0
   c.min_lr_ratio = 0.0
   c.weight_decay = 0.0
   c.predictor_weight_decay = 0.0

@@ -72,14 +72,15 @@ def restart_step(config):
 def _staged(peak, t, restart):
   if not restart:
     return schedule(peak, t.steps, t.warmup_ratio, t.min_lr_ratio)
+  sparse_peak = peak * float(t.get('sparse_lr_scale', 1.0))
   return optax.join_schedules(
       [schedule(peak, restart, t.warmup_ratio, t.min_lr_ratio),
-       schedule(peak, t.steps - restart, t.warmup_ratio, t.min_lr_ratio)], [restart])
+       schedule(sparse_peak, t.steps - restart, t.warmup_ratio, t.min_lr_ratio)], [restart])
 
 
 def schedules(train_cfg, restart=0):
   """{'main', 'predictor'}: step -> lr. restart > 0: warm-up + cosine over [0, restart), then again over
-  [restart, steps) (see `restart_step`)."""
+  [restart, steps) with the peaks times train.sparse_lr_scale (see `restart_step`)."""
   t = train_cfg
   return {'main': _staged(t.lr, t, restart), 'predictor': _staged(t.predictor_lr, t, restart)}
 
