@@ -27,8 +27,7 @@ def get_builder(config):
   if d.name == 'digits_vqa':
     g = d.digits
     cfg = digits_vqa.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed,
-                                 g.get('describe_style', 'long'), g.get('max_rounds', 2),
-                                 g.get('extra_round_prob', digits_vqa.SECOND_ROUND_PROB))
+                                 g.describe_style, g.max_rounds, g.extra_round_prob)
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:

@@ -128,17 +128,6 @@ def advance(cache, k, v, write_mask, active):
                        next_pos=cache.next_pos + active.astype(jnp.int32))
 
 
-def write(cache, k_new, v_new, write_mask, active):
-  """Appends the new token of every layer where write_mask (B,) is True; next_pos advances where `active`.
-
-  k_new / v_new (L_s, B, Hkv, D). Rows with write_mask False are scattered out of bounds and dropped.
-  """
-  slot = write_slot(cache)
-  k = [write_layer(buf, k_new[i], slot, write_mask) for i, buf in enumerate(cache.k)]
-  v = [write_layer(buf, v_new[i], slot, write_mask) for i, buf in enumerate(cache.v)]
-  return advance(cache, k, v, write_mask, active)
-
-
 def bytes_per_token(cache):
   """K + V bytes one token occupies in this segment (all its layers)."""
   _, hkv, _, d = cache.k[0].shape

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
+from dynllava_jax.sparsity.dynamic import image_keep_count
 
 IGNORE = -100
 
@@ -107,7 +108,7 @@ def image_decisions(model, h, batch, tau, noise, topk=False):
   x = gather_tokens(h, batch['image_start'], n)
   logits = model.image_score_predictor(x)
   if topk:
-    keep = topk_keep(logits, max(1, int(n * model.mc.sparse.image_keep_ratio)))
+    keep = topk_keep(logits, image_keep_count(n, model.mc.sparse.image_keep_ratio))
   else:
     keep = gumbel_keep(logits, tau, noise)
   return jnp.where(batch['has_image'][:, None], keep, 1.0), logits
