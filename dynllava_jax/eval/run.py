@@ -16,12 +16,17 @@ Per method (keys of each row, see `report.COLUMNS`):
   kv_cache_bytes      K/V bytes holding tokens after generation, per sample (kv_cache_bytes_prefill: after
                       prefill)
   prefill_s           warm median prefill seconds of the first eval batch
-  decode_ms_per_token (warm generate − warm prefill) / (longest generation − 1), first eval batch
+  decode_ms_per_token warm generation of max_new_tokens vs of 1 token with EOS ignored (prefill cancels):
+                      median over `timing_runs` interleaved pairs of Δt / (max_new_tokens − 1), first eval
+                      batch; nan when max_new_tokens < 2. A timing, so noisy: it can even come out ≤ 0 for
+                      a tiny model on a busy machine
 Outputs: `<workdir>/eval/results.md`, `results.json`, `accuracy_vs_flops.png`, `kept_patches.png`.
 """
 import json
 import math
 import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +219,29 @@ def image_keep_grids(model, config, method, ids, mask, pix, rng):
   return out
 
 
+def _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, runs):
+  """Warm decode ms/token: generations of max_new and of 1 token, EOS ignored so both run their full length,
+  timed in `runs` interleaved pairs; the median of (t_long − t_short) / (max_new − 1). nan if max_new < 2."""
+  if max_new < 2:
+    return float('nan')
+
+  def gen(m):
+    return generate(model, config, method, ids, pix, mask, max_new_tokens=m, sampling='greedy', rng=rng,
+                    eos_token_id=-1).tokens
+
+  for m in (1, max_new):                    # compile both shapes
+    jax.block_until_ready(gen(m))
+  per_pair = []
+  for _ in range(max(int(runs), 1)):
+    t = {}
+    for m in (1, max_new):
+      t0 = time.perf_counter()
+      jax.block_until_ready(gen(m))
+      t[m] = time.perf_counter() - t0
+    per_pair.append(M.decode_ms_per_token(t[max_new], max_new, t[1], 1))
+  return statistics.median(per_pair)
+
+
 def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None):
   """One row of results for method `name` (see the module docstring)."""
   mc = model.mc
@@ -227,7 +255,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
     ids, mask, pix = _prompt_batch(config, batch)
     out = generate(model, config, method, ids, pix, mask, max_new_tokens=max_new, sampling='greedy',
                    rng=rng)
-    first = first or (ids, mask, pix, out)
+    first = first or (ids, mask, pix)
     for b, s in enumerate(batch):
       text = tok.decode([int(t) for t in out.tokens[b, :out.lengths[b]]])
       scores.append(match(text, s['answer']))
@@ -245,14 +273,11 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
     nll += float(np.sum(np.asarray(s) * w))
     cnt += float(np.sum(np.asarray(c) * w))
 
-  ids, mask, pix, out0 = first
+  ids, mask, pix = first
   prefill_s, _ = M.time_call(lambda: prefill(model, config, method, ids, pix, mask, rng=rng,
                                              max_new_tokens=max_new).out.logits_last,
                              runs=timing_runs)
-  gen_s, _ = M.time_call(lambda: generate(model, config, method, ids, pix, mask, max_new_tokens=max_new,
-                                          sampling='greedy', rng=rng).tokens, runs=timing_runs)
-  steps = int(np.max(out0.lengths)) - 1
-  decode_ms = 1000.0 * max(gen_s - prefill_s, 0.0) / steps if steps > 0 else float('nan')
+  decode_ms = _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, timing_runs)
 
   text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - num_image_tokens(mc)
   xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket))
