@@ -10,7 +10,8 @@ is written into the caches of that layer and every later one; layers before it a
 Returns logits (B, vocab) fp32, the updated caches, keep (B,) bool (True when the method has no text rule).
 
 The layers run unrolled, each from its own weight arrays (`unstack_layers`) and its own cache buffers, and
-each layer writes its new K/V into its buffer right after computing them. A one-token step is bound by
+each layer writes its new K/V into its buffers right after computing them, before its attention reads
+them (read-then-write made XLA copy every buffer each step). A one-token step is bound by
 reading the weights once; a scan over the stacked weights would first copy each layer's slice (XLA CPU
 materialises the dynamic slice feeding a dot), which made the step ~2x slower
 (benchmarks/decode_step.py, docs/benchmarks.md §4).
@@ -55,14 +56,16 @@ def _segment(layers, cache, h, write_mask, active):
   for j, i in enumerate(range(cache.start, cache.stop)):
     layer = layers.layer(i)
     q, k, v = layer.attn.qkv(layer.input_norm(h), pos)
-    o = C.attend(q, cache.k[j], cache.v[j], cache.length, k, v)
-    # The write must follow the attention's read of the same buffers; saying so lets XLA update them in
-    # place (without the barrier it copies each buffer, twice, every step).
-    o, kc, vc = jax.lax.optimization_barrier((o, cache.k[j], cache.v[j]))
+    # Write first, then attend over the written buffers: the attention masks slots >= length (the new
+    # token enters through k / v directly), so the result is the same, and with no read of the old buffer
+    # after the write XLA updates it in place (reading first, then writing, made it copy every buffer).
+    kc = C.write_layer(cache.k[j], k[:, 0], slot, write_mask)
+    vc = C.write_layer(cache.v[j], v[:, 0], slot, write_mask)
+    o = C.attend(q, kc, vc, cache.length, k, v)
     h = h + layer.attn.out(o)
     h = h + layer.mlp(layer.post_norm(h))
-    ks.append(C.write_layer(kc, k[:, 0], slot, write_mask))
-    vs.append(C.write_layer(vc, v[:, 0], slot, write_mask))
+    ks.append(kc)
+    vs.append(vc)
   return h, C.advance(cache, ks, vs, write_mask, active)
 
 
