@@ -76,6 +76,8 @@ def model_config(size='tiny'):
   c.param_dtype = 'float32'
   c.remat = False              # jax.checkpoint per decoder / ViT layer
   c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
+  c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
+                               # (exact; skips keys after each chunk); 0 = one block
   c.sparse = sparse_config()
   return c
 

@@ -245,3 +245,39 @@ def test_text_only_batch_shorter_than_the_image_block(setup):
   last = np.array([np.flatnonzero(m)[-1] for m in mask])
   np.testing.assert_allclose(np.asarray(po.logits_last), ref[np.arange(2), last], atol=2e-4, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(po.out.segments[1].count), mask.sum(-1))
+
+
+def test_query_chunked_causal_attention_is_exact():
+  """dot_attention(causal_chunk=c) ≡ one block: GQA, left padding, T not a multiple of c."""
+  from dynllava_jax.model.attention import causal_allowed, dot_attention
+  b, t, hq, hkv, d = 2, 23, 4, 2, 8
+  q, k, v = (jax.random.normal(key, (b, t, h, d)) for key, h in zip(jax.random.split(jax.random.key(0), 3),
+                                                                     (hq, hkv, hkv)))
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid = jnp.arange(t)[None] >= jnp.array([[0], [5]])        # sample 1 left-padded by 5
+  allowed = causal_allowed(idx, idx, valid)
+  ref = np.asarray(dot_attention(q, k, v, allowed))
+  rows = np.asarray(valid)          # padded queries attend to nothing: their (unused) rows may differ
+  for c in (1, 5, 8, 22):
+    got = np.asarray(dot_attention(q, k, v, allowed, causal_chunk=c))
+    np.testing.assert_allclose(got[rows], ref[rows], atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match='causal_chunk needs key_keep=None'):
+    dot_attention(q, k, v, allowed, key_keep=jnp.ones((b, t)), causal_chunk=5)
+
+
+@pytest.mark.parametrize('method', ['dense', 'dynamic'])
+def test_prefill_with_query_chunks_equals_one_block(setup, method):
+  """model.causal_chunk changes nothing in the prefill: last logits and every segment's K/V."""
+  _, _, (ids, pix, mask) = setup
+  outs = []
+  for chunk in (0, 7):
+    cfg = small_config()
+    cfg.model.causal_chunk = chunk
+    po = prefill(make_model(cfg), cfg, registry.make_sparsifier(method, cfg), ids, pix, mask)
+    outs.append(po)
+  a, c = outs
+  np.testing.assert_allclose(np.asarray(c.logits_last), np.asarray(a.logits_last), atol=2e-5, rtol=2e-5)
+  for sa, sc in zip(a.out.segments, c.out.segments):
+    np.testing.assert_array_equal(np.asarray(sc.count), np.asarray(sa.count))
+    for xa, xc in zip(sa.kv, sc.kv):
+      np.testing.assert_allclose(np.asarray(xc), np.asarray(xa), atol=2e-5, rtol=2e-5)

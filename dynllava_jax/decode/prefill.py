@@ -92,7 +92,8 @@ def _run(model, h, positions, valid, start, stop, return_kv):
   allowed = causal_allowed(idx, idx, valid)
   lm = model.language_model
   out = lm.run_layers(h, positions, allowed, start=start, stop=stop, mode=model.mc.attention,
-                      return_kv=return_kv, remat=model.mc.remat, index_params=True)
+                      return_kv=return_kv, remat=model.mc.remat, index_params=True,
+                      causal_chunk=int(model.mc.get('causal_chunk', 0)))
   return out if return_kv else (out, None)
 
 

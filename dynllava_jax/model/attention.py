@@ -67,19 +67,51 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
 
 
 def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_softmax_eps',
-                  return_probs=False):
+                  return_probs=False, causal_chunk=0):
   """Scaled dot-product attention with GQA. Returns (B, Tq, Hq, D) in q.dtype (and probs if asked).
 
-  allowed (B, Tq, Tk) bool. Probabilities are computed in fp32 and returned as (B, Hq, Tq, Tk).
+  allowed (B, Tq, Tk) bool. Probabilities are computed in fp32 and returned as (B, Hq, Tq, Tk). The
+  products run heads-major ((B, Hkv, G, T, D) operands), which XLA CPU runs ~1.4x faster than
+  sequence-major einsums.
+
+  causal_chunk > 0 (inference): queries in chunks of that many rows, chunk [a, e) against keys [0, e)
+  only. The caller promises `allowed` is causal in sequence order (allowed[b, i, j] implies j <= i), so the
+  skipped keys are disallowed and the result is the same; it needs key_keep None (MaskedSoftmax gives
+  disallowed keys ε/N) and Tq == Tk. Halves the attention FLOPs of a long prefill and keeps each score
+  block in cache (bench prefill: 37 -> 11 ms a layer at 640 tokens).
   """
   b, tq, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
-  qg = q.reshape(b, tq, hkv, g, d)
-  s = jnp.einsum('bqhgd,bkhd->bhgqk', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  p = masked_softmax(s, allowed[:, None, None], key_keep, self_mask, mode)
-  o = jnp.einsum('bhgqk,bkhd->bqhgd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  o = o.reshape(b, tq, hq, d).astype(q.dtype)
+  qh = q.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4)      # (B, Hkv, G, Tq, D)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # (B, Hkv, Tk, D)
+  if causal_chunk and tq > causal_chunk:
+    if key_keep is not None or return_probs or tq != k.shape[1]:
+      raise ValueError('causal_chunk needs key_keep=None, return_probs=False and as many queries as keys')
+    outs = []
+    for a in range(0, tq, causal_chunk):
+      e = min(a + causal_chunk, tq)
+      o, _ = _attend_block(qh[:, :, :, a:e], kh[:, :, :e], vh[:, :, :e], allowed[:, a:e, :e], None, None,
+                           mode, barrier=True)
+      outs.append(o)
+    o = jnp.concatenate(outs, axis=3)
+  else:
+    o, p = _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode)
+  o = o.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
   if return_probs:
     return o, p.reshape(b, hq, tq, -1)
   return o
+
+
+def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode, barrier=False):
+  """qh (B, Hkv, G, Tq, D), kh / vh (B, Hkv, Tk, D), allowed (B, Tq, Tk) -> o (B, Hkv, G, Tq, D) fp32,
+  probs (B, Hkv, G, Tq, Tk). barrier: keep scores and probabilities as separate buffers (XLA CPU otherwise
+  fuses the softmax into the products less efficiently; inference only)."""
+  s = jnp.einsum('bhgqd,bhkd->bhgqk', qh, kh, preferred_element_type=jnp.float32) * (qh.shape[-1] ** -0.5)
+  if barrier:
+    s = jax.lax.optimization_barrier(s)
+  p = masked_softmax(s, allowed[:, None, None], key_keep, self_mask, mode)
+  if barrier:
+    p = jax.lax.optimization_barrier(p)
+  o = jnp.einsum('bhgqk,bhkd->bhgqd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+  return o, p

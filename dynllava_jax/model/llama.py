@@ -61,10 +61,11 @@ class DecoderLayer(nnx.Module):
     self.post_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
     self.mlp = MLP(lc, **kw)
 
-  def __call__(self, h, positions, allowed, key_keep=None, mode='masked_softmax_eps'):
-    """h (B, T, H) -> (h', (k, v)). allowed (B, T, T) bool; key_keep (B, T) or None (dense)."""
+  def __call__(self, h, positions, allowed, key_keep=None, mode='masked_softmax_eps', causal_chunk=0):
+    """h (B, T, H) -> (h', (k, v)). allowed (B, T, T) bool; key_keep (B, T) or None (dense);
+    causal_chunk: see `attention.dot_attention` (inference on causal masks)."""
     q, k, v = self.attn.qkv(self.input_norm(h), positions)
-    o = dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode)
+    o = dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk)
     h = h + self.attn.out(o)
     h = h + self.mlp(self.post_norm(h))
     return constrain(h, ('act_batch', 'act_len', 'act_embed')), (k, v)
@@ -91,18 +92,20 @@ class Llama(nnx.Module):
                            param_dtype=param_dtype, rngs=rngs)
 
   def run_layers(self, h, positions, allowed, *, start=0, stop=None, key_keep=None,
-                 mode='masked_softmax_eps', return_kv=False, remat=False, index_params=False):
+                 mode='masked_softmax_eps', return_kv=False, remat=False, index_params=False,
+                 causal_chunk=0):
     """Runs decoder layers [start, stop) on h (B, T, H).
 
     Returns h, and when return_kv the stacked (k, v), each (L', B, T, Hkv, D).
     index_params: inference on a sub-range without copying those layers' weights (see `split_scan`).
+    causal_chunk: query-chunked attention for causal `allowed` (inference; see `attention.dot_attention`).
     """
     stop = self.lc.layers if stop is None else stop
     if stop <= start:
       return (h, None) if return_kv else h
 
     def step(layer, carry, _):
-      out, kv = layer(carry, positions, allowed, key_keep=key_keep, mode=mode)
+      out, kv = layer(carry, positions, allowed, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk)
       return out, (kv if return_kv else None)
 
     h, kv = L.split_scan(self.layers, step, h, start=start, stop=stop, remat=remat,

@@ -43,6 +43,8 @@ def check_model_config(mc):
         raise ValueError(f'sparse.{name}={r} must be in (0, 1]')
   if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
+  if int(mc.get('causal_chunk', 0)) < 0:
+    raise ValueError(f'model.causal_chunk={mc.causal_chunk} must be >= 0 (0: no chunking)')
 
 
 def positions_from_mask(attention_mask):
