@@ -1,0 +1,117 @@
+"""The kernels under the `bench` model's prefill and decode, XLA CPU vs torch (fp32, same threads).
+
+    python benchmarks/cpu_kernels.py --json benchmarks/results/cpu_kernels.json [--size bench]
+        [--tokens 656] [--runs 15]
+
+Cases (best of --runs, warm; one process, XLA and torch interleaved):
+  gemm_prefill     x (tokens, hidden) @ W (hidden, mlp): the MLP's matmul in a batch-1 prefill -> GFLOP/s.
+  gemm_decode_bM   16 chained (M, hidden) @ (hidden, mlp) matmuls, M = 1 and 8 (a decode step's MLP
+                   reads) -> GB/s of weights read.
+  attention        causal attention of one prefill layer (heads, tokens, head_dim): ours in one block and
+                   in query chunks of `model.causal_chunk`; torch's scaled_dot_product_attention(is_causal).
+It says how far an fp32 CPU prefill can go with XLA's GEMMs: the layer is GEMM-bound, so its floor is the
+GEMM rate (docs/benchmarks.md §5).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # pylint: disable=wrong-import-position
+
+
+def best_of(fn, runs):
+  fn()
+  best = float('inf')
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--json', default=None)
+  ap.add_argument('--size', default='bench')
+  ap.add_argument('--tokens', type=int, default=656)
+  ap.add_argument('--runs', type=int, default=15)
+  args = ap.parse_args()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.attention import causal_allowed, dot_attention  # pylint: disable=g-import-not-at-top
+
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  cfg = common.bench_config(args.size)
+  lc = cfg.model.llm
+  e, m, t, h, d = lc.hidden, lc.mlp_dim, args.tokens, lc.heads, lc.head_dim
+  rng = np.random.default_rng(0)
+
+  def arr(*shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+  def jax_timer(f, *a):
+    f = jax.jit(f)
+    a = [jnp.asarray(x) for x in a]
+    return best_of(lambda: jax.block_until_ready(f(*a)), args.runs)
+
+  def torch_timer(f, *a):
+    a = [torch.from_numpy(x.copy()) for x in a]
+
+    def run():
+      with torch.inference_mode():
+        f(*a)
+    return best_of(run, args.runs)
+
+  rows = []
+
+  def add(case, impl, seconds, **extra):
+    rows.append({'case': case, 'method': 'dense', 'impl': impl, 'batch': 1, 'ms': 1000.0 * seconds,
+                 'prefill_s': None, 'decode_ms_per_token': None, 'kv_cache_bytes': None, 'flops_xla': None,
+                 **extra})
+    print(rows[-1], flush=True)
+
+  x, w = arr(t, e), arr(e, m) * 0.02
+  flops = 2 * t * e * m
+  for impl, timer in (('xla', jax_timer), ('torch', torch_timer)):
+    s = timer(lambda a, b: a @ b, x, w)
+    add('gemm_prefill', impl, s, gflops_per_s=flops / s / 1e9, shape=[t, e, m])
+
+  ws = [arr(e, m) * 0.02 for _ in range(16)]
+  for rows_m in (1, 8):
+    xm = arr(rows_m, e)
+
+    def chain(a, *wl):
+      for wi in wl:
+        a = (a @ wi)[:, :e]
+      return a
+    for impl, timer in (('xla', jax_timer), ('torch', torch_timer)):
+      s = timer(chain, xm, *ws)
+      add(f'gemm_decode_b{rows_m}', impl, s, weight_gb_per_s=16 * e * m * 4 / s / 1e9, shape=[rows_m, e, m])
+
+  q, k, v = arr(1, t, h, d), arr(1, t, h, d), arr(1, t, h, d)
+  idx = np.broadcast_to(np.arange(t), (1, t))
+  allowed = causal_allowed(jnp.asarray(idx), jnp.asarray(idx), jnp.ones((1, t), bool))
+  chunk = int(cfg.model.causal_chunk)
+  for name, c in (('one_block', 0), (f'chunks_of_{chunk}', chunk)):
+    s = jax_timer(lambda qq, kk, vv, cc=c: dot_attention(qq, kk, vv, allowed, causal_chunk=cc), q, k, v)
+    add('attention', f'xla_{name}', s)
+
+  def sdpa(a, b, c):
+    tr = [z.transpose(1, 2) for z in (a, b, c)]
+    return torch.nn.functional.scaled_dot_product_attention(*tr, is_causal=True)
+  add('attention', 'torch_sdpa_causal', torch_timer(sdpa, q, k, v))
+
+  common.print_rows(rows, ['case', 'impl', 'ms', 'gflops_per_s', 'weight_gb_per_s'])
+  common.write_json(args.json, rows, {**common.environment(), 'args': vars(args), 'torch': torch.__version__,
+                                      'torch_threads': threads})
+
+
+if __name__ == '__main__':
+  main()
