@@ -3,7 +3,7 @@
 beside a cache-free 1-token forward through the same layers (weights read once, no attention over a cache).
 
     python benchmarks/decode_step.py --json benchmarks/results/decode_step.json [--size bench]
-        [--batch 1] [--capacities 128,768,1536] [--runs 5]
+        [--batch 1] [--capacities 128,768,1536] [--runs 5] [--blocks 0]
 
 If the step time grows with capacity much faster than the attention's cache read (2·L·C·Hkv·D·4 bytes),
 the cache is being copied rather than updated in place.
@@ -27,13 +27,14 @@ def main():
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--capacities', default='128,768,1536')
   ap.add_argument('--runs', type=int, default=5)
+  ap.add_argument('--blocks', type=int, default=0, help='eval.decode_weight_blocks (0: auto)')
   args = ap.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dynllava_jax.decode import cache as C  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.decode.step import decode_step, unstack_layers  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.decode.step import decode_step, unstack_layers, weight_blocks  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
 
@@ -41,7 +42,7 @@ def main():
   mc, lc, b = cfg.model, cfg.model.llm, args.batch
   model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()
   dense = make_sparsifier('dense', cfg)
-  layers = unstack_layers(model)   # what generate() does once per call
+  layers = unstack_layers(model, weight_blocks(args.blocks, b))   # what generate() does once per call
   n_steps = 8
 
   @partial(jax.jit, donate_argnums=2)

@@ -127,3 +127,18 @@ def test_sampled_generation_is_reproducible(setup):
   assert (a.tokens != ref.tokens).any(), 'temperature 1.5 sampling reproduced the greedy tokens'
   np.testing.assert_allclose(a.kept_image_ratio, [0.25, 0.25, 1.0, 0.25])
   assert a.caches is None
+
+
+def test_blocked_linear_equals_linear_and_weight_block_rule():
+  from flax import nnx as _nnx
+  from dynllava_jax.decode.step import BlockedLinear, weight_blocks
+  for bias in (False, True):
+    lin = _nnx.Linear(12, 10, use_bias=bias, rngs=_nnx.Rngs(0))
+    if bias:
+      lin.bias[...] = jnp.arange(10, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (3, 1, 12))
+    for n in (1, 3, 4, 10):     # uneven splits too
+      np.testing.assert_allclose(np.asarray(BlockedLinear(lin, n)(x)), np.asarray(lin(x)), atol=1e-6, rtol=1e-6)
+  assert weight_blocks(0, 1) == 1 and weight_blocks(0, 8) == 8 and weight_blocks(2, 1) == 2
+  with pytest.raises(ValueError, match='decode_weight_blocks'):
+    weight_blocks(-1, 8)

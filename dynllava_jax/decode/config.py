@@ -8,6 +8,9 @@ Inference engine fields (see docs/inference.md):
   use_cache       KV-cache decoding (True) or re-running the forward every step (False)
   prefill_bucket  packed prompt lengths and per-segment sequence lengths are rounded up to a multiple
   cache_bucket    compact KV caches are allocated / grown in multiples of this many tokens
+  decode_weight_blocks  the KV-cache decode loop holds each matmul kernel as this many column blocks
+                  (`decode.step.BlockedLinear`: XLA CPU runs the blocks' few-row dots concurrently);
+                  0 = auto (8 from batch 4 on, else 1)
 """
 import ml_collections
 
@@ -21,4 +24,5 @@ def eval_defaults(size='tiny'):
   c.use_cache = True
   c.prefill_bucket = 16 if size == 'tiny' else 64
   c.cache_bucket = 16 if size == 'tiny' else 128
+  c.decode_weight_blocks = 0
   return c

@@ -22,7 +22,7 @@ from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.prefill import eval_section, prefill
 from dynllava_jax.decode.sampling import as_sampling
-from dynllava_jax.decode.step import decode_step, unstack_layers
+from dynllava_jax.decode.step import decode_step, unstack_layers, weight_blocks
 from dynllava_jax.sparsity.registry import make_sparsifier
 
 
@@ -182,7 +182,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   bytes_prefill = C.used_bytes(state.caches)
   history = [caps]
   finished = lambda st: int(st.step) >= m or bool(np.all(np.asarray(st.done)))
-  layers = None if finished(state) else unstack_layers(model)   # per-layer weights for the decode loop
+  blocks = weight_blocks(ev.get('decode_weight_blocks', 0), int(np.asarray(input_ids).shape[0]))
+  layers = None if finished(state) else unstack_layers(model, blocks)   # the decode loop's weights
   while not finished(state):
     state = _run_chunk(model, layers, method, state, **kw)
     if finished(state):

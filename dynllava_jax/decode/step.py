@@ -9,13 +9,17 @@ decides (method.text_keep, e.g. Dynamic-LLaVA's output-text predictor, keep = lo
 is written into the caches of that layer and every later one; layers before it always write (when active).
 Returns logits (B, vocab) fp32, the updated caches, keep (B,) bool (True when the method has no text rule).
 
-The layers run unrolled, each from its own weight arrays (`unstack_layers`) and its own cache buffers, and
+The layers run unrolled, each from its own weight arrays (`unstack_layers`; from batch 4 on each matmul
+kernel is held as column blocks that XLA CPU multiplies concurrently, `BlockedLinear`) and its own cache
+buffers, and
 each layer writes its new K/V into its buffers right after computing them, before its attention reads
 them (read-then-write made XLA copy every buffer each step). A one-token step is bound by
 reading the weights once; a scan over the stacked weights would first copy each layer's slice (XLA CPU
 materialises the dynamic slice feeding a dot), which made the step ~2x slower
 (benchmarks/decode_step.py, docs/benchmarks.md §4).
 """
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,26 +29,85 @@ from dynllava_jax.decode import cache as C
 from dynllava_jax.sparsity.base import TextContext
 
 
+class BlockedLinear(nnx.Module):
+  """A Linear whose kernel (in, out) is held as `n` column blocks, separate arrays: y = [x @ W_0 | … | x @ W_n−1].
+
+  A batched decode step's matmuls have a few rows, and XLA CPU runs such a dot on one thread; n
+  independent dots run concurrently. Each output column is the same dot over `in` as before.
+  """
+
+  def __init__(self, linear, n):
+    kernel = linear.kernel[...]
+    out = kernel.shape[1]
+    edges = [round(j * out / n) for j in range(n + 1)]
+    self.n = n
+    for j in range(n):
+      setattr(self, f'block{j}', nnx.Param(kernel[:, edges[j]:edges[j + 1]]))
+    self.bias = None if linear.bias is None else nnx.Param(linear.bias[...])
+
+  def __call__(self, x):
+    y = jnp.concatenate([x @ getattr(self, f'block{j}')[...] for j in range(self.n)], axis=-1)
+    return y if self.bias is None else y + self.bias[...]
+
+
+_LINEARS = (('attn', 'q_proj'), ('attn', 'k_proj'), ('attn', 'v_proj'), ('attn', 'o_proj'),
+            ('mlp', 'gate_proj'), ('mlp', 'up_proj'), ('mlp', 'down_proj'))
+
+
+def _blocked(graphdef, state, n):
+  """One layer (graphdef + its unstacked state) with every Linear as a BlockedLinear -> (graphdef, state)."""
+  layer = nnx.merge(graphdef, state)
+  if n > 1:
+    for parent, name in _LINEARS:
+      mod = getattr(layer, parent)
+      setattr(mod, name, BlockedLinear(getattr(mod, name), n))
+  return nnx.split(layer)
+
+
+def weight_blocks(setting, batch):
+  """eval.decode_weight_blocks: 0 = auto (8 column blocks from batch 4 on, else 1), or a count >= 1.
+  Measured on 2 cores (benchmarks/decode_step.py --blocks): batch 8 step 86 -> 74 ms with 8 blocks, batch 1
+  34 -> 41 ms (slower: a one-row dot already streams the weights at full speed)."""
+  setting = int(setting)
+  if setting < 0:
+    raise ValueError(f'eval.decode_weight_blocks={setting} must be >= 0 (0: auto)')
+  return setting or (8 if batch >= 4 else 1)
+
+
 @struct.dataclass
 class DecoderLayers:
-  """The decoder's layers as separate per-layer weight states (a copy of the stacked ones)."""
+  """The decoder's layers as separate per-layer weight states (a copy of the stacked ones), their matmul
+  kernels in column blocks (`BlockedLinear`), and the LM head likewise."""
   states: tuple
+  head: BlockedLinear
   graphdef: nnx.GraphDef = struct.field(pytree_node=False)
 
   def layer(self, i):
     return nnx.merge(self.graphdef, self.states[i])
 
 
-@jax.jit
-def _unstack(state):
-  n = jax.tree.leaves(state)[0].shape[0]
-  return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(n))
+@partial(jax.jit, static_argnums=2)
+def _unstack(stacked, lm_head, n):
+  graphdef, state = nnx.split(stacked)
+  count = jax.tree.leaves(state)[0].shape[0]
+  states = tuple(_blocked(graphdef, jax.tree.map(lambda a, i=i: a[i], state), n)[1] for i in range(count))
+  return states, BlockedLinear(lm_head, n)
 
 
-def unstack_layers(model):
-  """Per-layer copies of the decoder's stacked weights (one jitted program; costs one copy of them)."""
+def unstack_layers(model, blocks=1):
+  """Per-layer copies of the decoder's stacked weights, matmul kernels in `blocks` column blocks, and the
+  LM head likewise (one jitted program; costs one copy of the weights)."""
   graphdef, state = nnx.split(model.language_model.layers)
-  return DecoderLayers(_unstack(state), graphdef)
+  blocked_graphdef = []
+
+  def probe(st):          # abstract trace: the blocked layer's graphdef (static, the same for every layer)
+    gd, one = _blocked(graphdef, jax.tree.map(lambda a: a[0], st), blocks)
+    blocked_graphdef.append(gd)
+    return one
+
+  jax.eval_shape(probe, state)
+  states, head = _unstack(model.language_model.layers, model.language_model.lm_head, blocks)
+  return DecoderLayers(states, head, blocked_graphdef[0])
 
 
 def _segment(layers, cache, h, write_mask, active):
@@ -87,5 +150,5 @@ def decode_step(model, method, caches, tokens, active, layers=None):
     w = active & keep if (tl is not None and cache.start >= tl) else active
     h, cache = _segment(layers, cache, h, w, active)
     out.append(cache)
-  logits = lm.head(h)[:, 0]
+  logits = layers.head(lm.norm(h))[:, 0].astype(jnp.float32)
   return logits, tuple(out), keep
