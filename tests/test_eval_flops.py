@@ -51,3 +51,18 @@ def test_analytic_engine_prefill_matches_xla_tiny(tiny_engine_flops):
     xla, analytic = tiny_engine_flops(name)
     assert analytic == pytest.approx(xla, rel=0.05), name
     assert xla < 0.9 * dense_xla, name
+
+
+def test_analytic_counts_the_query_chunked_attention():
+  """model.causal_chunk: the analytic count follows the chunks and still matches XLA's cost analysis."""
+  from dynllava_jax.eval.run import engine_prefill_flops
+  from dynllava_jax.sparsity.registry import make_sparsifier
+  assert F.attention_pairs(5, 2) == 2 * 2 + 2 * 4 + 1 * 5 and F.attention_pairs(5, 0) == F.attention_pairs(5, 8) == 25
+  rows = {}
+  for chunk in (0, 16):
+    cfg = get_config('size=tiny,dense=True')
+    cfg.model.causal_chunk = chunk
+    rows[chunk] = engine_prefill_flops(cfg.model, make_sparsifier('dense', cfg), text_tokens=40, batch=1, bucket=16)
+  xla, analytic = rows[16]
+  assert analytic == pytest.approx(xla, rel=0.05)
+  assert xla < rows[0][0] and analytic < rows[0][1]

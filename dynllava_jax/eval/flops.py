@@ -79,12 +79,20 @@ def projector_flops(model_cfg, batch=1):
   return batch * (2 * n * model_cfg.vision.width * h + 2 * n * h * h)
 
 
-def llm_layer_flops(lc, t_q, t_k=None, batch=1):
-  """One decoder layer on t_q query tokens attending over t_k keys."""
+def attention_pairs(t, causal_chunk=0):
+  """Query-key pairs the attention computes on t tokens: t², or with query chunks of `causal_chunk` rows
+  (`model.causal_chunk`, inference) Σ over chunks of rows × keys up to the chunk's end."""
+  if not causal_chunk or t <= causal_chunk:
+    return t * t
+  return sum((min(a + causal_chunk, t) - a) * min(a + causal_chunk, t) for a in range(0, t, causal_chunk))
+
+
+def llm_layer_flops(lc, t_q, t_k=None, batch=1, pairs=None):
+  """One decoder layer on t_q query tokens attending over t_k keys (or `pairs` query-key pairs)."""
   t_k = t_q if t_k is None else t_k
   h, hd = lc.hidden, lc.head_dim
   proj = 2 * t_q * h * hd * (2 * lc.heads + 2 * lc.kv_heads)
-  attn = 4 * t_q * t_k * lc.heads * hd
+  attn = 4 * (t_q * t_k if pairs is None else pairs) * lc.heads * hd
   mlp = 6 * t_q * h * lc.mlp_dim
   return batch * (proj + attn + mlp)
 
@@ -115,11 +123,12 @@ def scoring_flops(model_cfg, method, t, n, batch=1):
 
 
 def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last', seq_lens=None,
-                  include_vision=True):
+                  include_vision=True, causal_chunk=0):
   """Analytic FLOPs of one prefill of `batch` prompts, each `text_tokens` text + N image tokens.
 
   seq_lens: optional per-layer sequence lengths (e.g. the engine's padded buckets); default = text tokens
-  + the image tokens the method keeps in that layer. Returns a dict of parts and 'total'.
+  + the image tokens the method keeps in that layer. causal_chunk: the engine's query-chunked attention
+  (`model.causal_chunk`; 0 = full t² attention, the model-level count). Returns a dict of parts and 'total'.
   """
   if lm_head not in ('last', 'all'):
     raise ValueError(f"lm_head={lm_head!r}: use 'last' or 'all'")
@@ -132,7 +141,7 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   out = {}
   out['vision'] = vit_flops(model_cfg.vision, batch) if include_vision else 0
   out['projector'] = projector_flops(model_cfg, batch) if include_vision else 0
-  out['llm_layers'] = sum(llm_layer_flops(lc, t, t, batch) for t in lens)
+  out['llm_layers'] = sum(llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)) for t in lens)
   score = 0
   if method is not None:
     for p in method.drop_points(model_cfg):
