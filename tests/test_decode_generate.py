@@ -139,6 +139,10 @@ def test_blocked_linear_equals_linear_and_weight_block_rule():
     x = jax.random.normal(jax.random.key(1), (3, 1, 12))
     for n in (1, 3, 4, 10):     # uneven splits too
       np.testing.assert_allclose(np.asarray(BlockedLinear(lin, n)(x)), np.asarray(lin(x)), atol=1e-6, rtol=1e-6)
+  lin16 = _nnx.Linear(12, 10, dtype=jnp.bfloat16, rngs=_nnx.Rngs(0))      # fp32 weights, bf16 compute
+  y = BlockedLinear(lin16, 3)(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(lin16(x), np.float32), atol=1e-2, rtol=1e-2)
   assert weight_blocks(0, 1) == 1 and weight_blocks(0, 8) == 8 and weight_blocks(2, 1) == 2
   with pytest.raises(ValueError, match='decode_weight_blocks'):
     weight_blocks(-1, 8)

@@ -41,13 +41,18 @@ class BlockedLinear(nnx.Module):
     out = kernel.shape[1]
     edges = [round(j * out / n) for j in range(n + 1)]
     self.n = n
+    self.dtype = linear.dtype          # compute dtype, as nnx.Linear (None: promote inputs and weights)
     for j in range(n):
       setattr(self, f'block{j}', nnx.Param(kernel[:, edges[j]:edges[j + 1]]))
     self.bias = None if linear.bias is None else nnx.Param(linear.bias[...])
 
+  def _cast(self, a):
+    return a if self.dtype is None else a.astype(self.dtype)
+
   def __call__(self, x):
-    y = jnp.concatenate([x @ getattr(self, f'block{j}')[...] for j in range(self.n)], axis=-1)
-    return y if self.bias is None else y + self.bias[...]
+    x = self._cast(x)
+    y = jnp.concatenate([x @ self._cast(getattr(self, f'block{j}')[...]) for j in range(self.n)], axis=-1)
+    return y if self.bias is None else y + self._cast(self.bias[...])
 
 
 _LINEARS = (('attn', 'q_proj'), ('attn', 'k_proj'), ('attn', 'v_proj'), ('attn', 'o_proj'),
