@@ -71,8 +71,8 @@ def _blocked(graphdef, state, n):
 
 def weight_blocks(setting, batch):
   """eval.decode_weight_blocks: 0 = auto (8 column blocks from batch 4 on, else 1), or a count >= 1.
-  Measured on 2 cores (benchmarks/decode_step.py --blocks): batch 8 step 86 -> 74 ms with 8 blocks, batch 1
-  34 -> 41 ms (slower: a one-row dot already streams the weights at full speed)."""
+  Measured on 2 cores (benchmarks/decode_step.py --blocks, docs/benchmarks.md §4): at capacity 128 a batch-8
+  step goes 87 -> 78 ms with 8 blocks, a batch-1 step 36 -> 43 ms (a one-row dot is not the bottleneck)."""
   setting = int(setting)
   if setting < 0:
     raise ValueError(f'eval.decode_weight_blocks={setting} must be >= 0 (0: auto)')
