@@ -281,3 +281,18 @@ def test_prefill_with_query_chunks_equals_one_block(setup, method):
     np.testing.assert_array_equal(np.asarray(sc.count), np.asarray(sa.count))
     for xa, xc in zip(sa.kv, sc.kv):
       np.testing.assert_allclose(np.asarray(xc), np.asarray(xa), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('method', ['dense', 'dynamic'])
+def test_last_query_shortcut_equals_full_last_layer(setup, method):
+  """Without return_logits the last layer runs for the last position only (`DecoderLayer.last_query`):
+  same last logits and same K/V of every segment as the full last layer (return_logits=True)."""
+  cfg, model, (ids, pix, mask) = setup
+  m = registry.make_sparsifier(method, cfg)
+  short = prefill(model, cfg, m, ids, pix, mask)
+  full = prefill(model, cfg, m, ids, pix, mask, return_logits=True)
+  np.testing.assert_allclose(np.asarray(short.logits_last), np.asarray(full.logits_last), atol=2e-5, rtol=2e-5)
+  for a, b in zip(short.out.segments, full.out.segments):
+    for xa, xb in zip(a.kv, b.kv):
+      assert xa.shape == xb.shape
+      np.testing.assert_allclose(np.asarray(xa), np.asarray(xb), atol=2e-5, rtol=2e-5)

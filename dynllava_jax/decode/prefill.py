@@ -97,6 +97,21 @@ def _run(model, h, positions, valid, start, stop, return_kv):
   return out if return_kv else (out, None)
 
 
+def _run_last_query(model, h, positions, valid, start, return_kv):
+  """The last segment when only each sample's last real position is read (its logits): layers
+  [start, L − 1) as usual, then the last layer's K/V for every token but its attention output and MLP for
+  the last position only (`DecoderLayer.last_query`; saves ~85 % of that layer). -> (h_last (B, 1, H), kv)."""
+  lm = model.language_model
+  n_layers = lm.lc.layers
+  h, kv = _run(model, h, positions, valid, start, n_layers - 1, return_kv)
+  last = jnp.sum(valid, -1).astype(jnp.int32) - 1
+  h_last, (k, v) = lm.layer_at(n_layers - 1).last_query(h, positions, valid, last)
+  if return_kv:
+    kv = (k[None], v[None]) if kv is None else (jnp.concatenate([kv[0], k[None]], 0),
+                                                jnp.concatenate([kv[1], v[None]], 0))
+  return h_last, kv
+
+
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
                    return_logits=False):
   """The segmented forward on packed inputs (traceable; sizes static).
@@ -126,6 +141,8 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
       h_prev = h
       h, kv2 = _run(model, h, positions, valid, stop - 1, stop, return_kv)
       kv = None if kv1 is None else jax.tree.map(lambda a, c: jnp.concatenate([a, c], 0), kv1, kv2)
+    elif stop == n_layers and not return_logits:
+      h, kv = _run_last_query(model, h, positions, valid, start, return_kv)
     else:
       if nxt_drop and method.needs_prev_hidden:
         h_prev = h
@@ -159,7 +176,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
     start = stop
   count = segments[-1].count
   lm = model.language_model
-  h_last = _take(h, (count - 1)[:, None])
+  h_last = h if not return_logits else _take(h, (count - 1)[:, None])
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None
   return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept))

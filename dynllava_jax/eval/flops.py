@@ -122,13 +122,22 @@ def scoring_flops(model_cfg, method, t, n, batch=1):
   return 0
 
 
+def last_query_layer_flops(lc, t, batch=1):
+  """The engine's last decoder layer when only the last position is read (`DecoderLayer.last_query`):
+  K/V projections of t tokens, then q, attention over t keys, output projection and MLP of one token."""
+  kv = 2 * t * lc.hidden * lc.head_dim * 2 * lc.kv_heads
+  return llm_layer_flops(lc, 1, t, batch) - batch * 2 * lc.hidden * lc.head_dim * 2 * lc.kv_heads + batch * kv
+
+
 def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last', seq_lens=None,
-                  include_vision=True, causal_chunk=0):
+                  include_vision=True, causal_chunk=0, last_query=False):
   """Analytic FLOPs of one prefill of `batch` prompts, each `text_tokens` text + N image tokens.
 
   seq_lens: optional per-layer sequence lengths (e.g. the engine's padded buckets); default = text tokens
   + the image tokens the method keeps in that layer. causal_chunk: the engine's query-chunked attention
-  (`model.causal_chunk`; 0 = full t² attention, the model-level count). Returns a dict of parts and 'total'.
+  (`model.causal_chunk`; 0 = full t² attention, the model-level count). last_query: the engine's last
+  layer computes its output for the last position only (`last_query_layer_flops`; needs lm_head='last').
+  Returns a dict of parts and 'total'.
   """
   if lm_head not in ('last', 'all'):
     raise ValueError(f"lm_head={lm_head!r}: use 'last' or 'all'")
@@ -141,7 +150,12 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   out = {}
   out['vision'] = vit_flops(model_cfg.vision, batch) if include_vision else 0
   out['projector'] = projector_flops(model_cfg, batch) if include_vision else 0
-  out['llm_layers'] = sum(llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)) for t in lens)
+  per_layer = [llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)) for t in lens]
+  if last_query:
+    if lm_head != 'last':
+      raise ValueError("last_query=True needs lm_head='last'")
+    per_layer[-1] = last_query_layer_flops(lc, lens[-1], batch)
+  out['llm_layers'] = sum(per_layer)
   score = 0
   if method is not None:
     for p in method.drop_points(model_cfg):

@@ -145,7 +145,7 @@ def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16):
                     jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32))
   analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
                              seq_lens=layer_lengths(method, model_cfg, sizes),
-                             causal_chunk=int(model_cfg.get('causal_chunk', 0)))['total']
+                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True)['total']
   return xla, analytic
 
 

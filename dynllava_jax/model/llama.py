@@ -25,13 +25,23 @@ class Attention(nnx.Module):
 
   def qkv(self, x, positions):
     """x (B, T, H), positions (B, T) -> q (B, T, Hq, D), k, v (B, T, Hkv, D), RoPE applied to q and k."""
+    return (self.q(x, positions),) + self.kv(x, positions)
+
+  def q(self, x, positions):
+    """Queries only: x (B, T, H) -> (B, T, Hq, D) with RoPE."""
     b, t, _ = x.shape
     hd = self.lc.head_dim
-    q = self.q_proj(x).reshape(b, t, self.lc.heads, hd)
+    cos, sin = rope_cos_sin(positions, hd, self.lc.rope_theta)
+    return apply_rope(self.q_proj(x).reshape(b, t, self.lc.heads, hd), cos, sin)
+
+  def kv(self, x, positions):
+    """Keys (RoPE applied) and values: x (B, T, H) -> k, v (B, T, Hkv, D)."""
+    b, t, _ = x.shape
+    hd = self.lc.head_dim
     k = self.k_proj(x).reshape(b, t, self.lc.kv_heads, hd)
     v = self.v_proj(x).reshape(b, t, self.lc.kv_heads, hd)
     cos, sin = rope_cos_sin(positions, hd, self.lc.rope_theta)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return apply_rope(k, cos, sin), v
 
   def out(self, o):
     """o (B, T, Hq, D) -> (B, T, H)."""
@@ -69,6 +79,19 @@ class DecoderLayer(nnx.Module):
     h = h + self.attn.out(o)
     h = h + self.mlp(self.post_norm(h))
     return constrain(h, ('act_batch', 'act_len', 'act_embed')), (k, v)
+
+
+  def last_query(self, h, positions, allowed_last, last_index):
+    """The layer when only one position per sample is read on: K/V of every token, attention, output
+    projection and MLP for position `last_index` only. h (B, T, H); allowed_last (B, T) bool the keys that
+    position may see; last_index (B,) int -> (h_last (B, 1, H), (k, v) each (B, T, Hkv, D))."""
+    x = self.input_norm(h)
+    k, v = self.attn.kv(x, positions)
+    pick = lambda a: jnp.take_along_axis(a, last_index.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
+    q = self.attn.q(pick(x), pick(positions))
+    o = dot_attention(q, k, v, allowed_last[:, None, :])
+    h_last = pick(h) + self.attn.out(o)
+    return h_last + self.mlp(self.post_norm(h_last)), (k, v)
 
 
 class Llama(nnx.Module):
@@ -111,6 +134,11 @@ class Llama(nnx.Module):
     h, kv = L.split_scan(self.layers, step, h, start=start, stop=stop, remat=remat,
                          index_params=index_params)
     return (h, kv) if return_kv else h
+
+  def layer_at(self, i):
+    """Decoder layer i as its own module (a copy of its slice of the stacked weights)."""
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
   def head(self, h):
     """Final norm + LM head -> fp32 logits (B, T, vocab)."""
