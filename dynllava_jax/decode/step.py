@@ -81,38 +81,28 @@ def weight_blocks(setting, batch):
 
 @struct.dataclass
 class DecoderLayers:
-  """The decoder's layers as separate per-layer weight states (a copy of the stacked ones), their matmul
-  kernels in column blocks (`BlockedLinear`), and the LM head likewise."""
-  states: tuple
+  """The decoder's layers as separate modules holding copies of their slices of the stacked weights, their
+  matmul kernels in column blocks (`BlockedLinear`), and the LM head likewise."""
+  layers: tuple
   head: BlockedLinear
-  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
 
   def layer(self, i):
-    return nnx.merge(self.graphdef, self.states[i])
+    return self.layers[i]
 
 
 @partial(jax.jit, static_argnums=2)
 def _unstack(stacked, lm_head, n):
   graphdef, state = nnx.split(stacked)
   count = jax.tree.leaves(state)[0].shape[0]
-  states = tuple(_blocked(graphdef, jax.tree.map(lambda a, i=i: a[i], state), n)[1] for i in range(count))
-  return states, BlockedLinear(lm_head, n)
+  layers = tuple(nnx.merge(*_blocked(graphdef, jax.tree.map(lambda a, i=i: a[i], state), n))
+                 for i in range(count))
+  return DecoderLayers(layers, BlockedLinear(lm_head, n))
 
 
 def unstack_layers(model, blocks=1):
   """Per-layer copies of the decoder's stacked weights, matmul kernels in `blocks` column blocks, and the
   LM head likewise (one jitted program; costs one copy of the weights)."""
-  graphdef, state = nnx.split(model.language_model.layers)
-  blocked_graphdef = []
-
-  def probe(st):          # abstract trace: the blocked layer's graphdef (static, the same for every layer)
-    gd, one = _blocked(graphdef, jax.tree.map(lambda a: a[0], st), blocks)
-    blocked_graphdef.append(gd)
-    return one
-
-  jax.eval_shape(probe, state)
-  states, head = _unstack(model.language_model.layers, model.language_model.lm_head, blocks)
-  return DecoderLayers(states, head, blocked_graphdef[0])
+  return _unstack(model.language_model.layers, model.language_model.lm_head, blocks)
 
 
 def _segment(layers, cache, h, write_mask, active):
