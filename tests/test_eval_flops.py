@@ -1,4 +1,6 @@
 """FLOPs: the paper's Eq. 13 numbers, and the analytic whole-prefill count against XLA's cost analysis."""
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs.common import model_config
@@ -54,7 +56,8 @@ def test_analytic_engine_prefill_matches_xla_tiny(tiny_engine_flops):
 
 
 def test_analytic_counts_the_query_chunked_attention():
-  """model.causal_chunk: the analytic count follows the chunks and still matches XLA's cost analysis."""
+  """model.causal_chunk: the analytic count follows the chunks and still matches XLA's cost analysis (batch 2:
+  the chunked attention scans over the samples)."""
   from dynllava_jax.eval.run import engine_prefill_flops
   from dynllava_jax.sparsity.registry import make_sparsifier
   assert F.attention_pairs(5, 2) == 2 * 2 + 2 * 4 + 1 * 5 and F.attention_pairs(5, 0) == F.attention_pairs(5, 8) == 25
@@ -62,7 +65,16 @@ def test_analytic_counts_the_query_chunked_attention():
   for chunk in (0, 16):
     cfg = get_config('size=tiny,dense=True')
     cfg.model.causal_chunk = chunk
-    rows[chunk] = engine_prefill_flops(cfg.model, make_sparsifier('dense', cfg), text_tokens=40, batch=1, bucket=16)
+    rows[chunk] = engine_prefill_flops(cfg.model, make_sparsifier('dense', cfg), text_tokens=40, batch=2, bucket=16)
   xla, analytic = rows[16]
   assert analytic == pytest.approx(xla, rel=0.05)
   assert xla < rows[0][0] and analytic < rows[0][1]
+  # The sample loop is seen once per sample: batch 2 costs twice batch 1.
+  from dynllava_jax.model.attention import causal_allowed, dot_attention
+
+  def attention_flops(b, t=40, h=4, d=8):
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+    return F.xla_flops(lambda q, k, v: dot_attention(q, k, v, causal_allowed(idx, idx, idx >= 0),
+                                                     causal_chunk=16), q, q, q)
+  assert 1.9 < attention_flops(2) / attention_flops(1) < 2.2     # a loop body counted once would give ~1
