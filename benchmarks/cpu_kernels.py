@@ -1,14 +1,16 @@
 """The kernels under the `bench` model's prefill and decode, XLA CPU vs torch (fp32, same threads).
 
     python benchmarks/cpu_kernels.py --json benchmarks/results/cpu_kernels.json [--size bench]
-        [--tokens 656] [--runs 15]
+        [--tokens 656] [--batches 1,8] [--runs 15]
 
-Cases (best of --runs, warm; one process, XLA and torch interleaved):
-  gemm_prefill     x (tokens, hidden) @ W (hidden, mlp): the MLP's matmul in a batch-1 prefill -> GFLOP/s.
+Cases (best of --runs, warm; one process, XLA and torch interleaved), per batch B:
+  gemm_{qkv,up,down}_bB  x (B·tokens, in) @ W (in, out) of a prefill layer (q/k/v/o: hidden -> hidden,
+                   gate/up: hidden -> mlp, down: mlp -> hidden) -> GFLOP/s, XLA's dot and torch's.
   gemm_decode_bM   16 chained (M, hidden) @ (hidden, mlp) matmuls, M = 1 and 8 (a decode step's MLP
                    reads) -> GB/s of weights read.
-  attention        causal attention of one prefill layer (heads, tokens, head_dim): ours in one block and
-                   in query chunks of `model.causal_chunk`; torch's scaled_dot_product_attention(is_causal).
+  attention_bB     causal attention of one prefill layer (B, tokens, heads, head_dim): ours in one block
+                   (batch 1) and in query chunks of `model.causal_chunk`; torch's
+                   scaled_dot_product_attention(is_causal).
 It says how far an fp32 CPU prefill can go with XLA's GEMMs: the layer is GEMM-bound, so its floor is the
 GEMM rate (docs/benchmarks.md §5).
 """
@@ -37,6 +39,7 @@ def main():
   ap.add_argument('--json', default=None)
   ap.add_argument('--size', default='bench')
   ap.add_argument('--tokens', type=int, default=656)
+  ap.add_argument('--batches', default='1,8')
   ap.add_argument('--runs', type=int, default=15)
   args = ap.parse_args()
 
@@ -71,17 +74,20 @@ def main():
 
   rows = []
 
-  def add(case, impl, seconds, **extra):
-    rows.append({'case': case, 'method': 'dense', 'impl': impl, 'batch': 1, 'ms': 1000.0 * seconds,
+  def add(case, impl, seconds, batch=1, **extra):
+    rows.append({'case': case, 'method': 'dense', 'impl': impl, 'batch': batch, 'ms': 1000.0 * seconds,
                  'prefill_s': None, 'decode_ms_per_token': None, 'kv_cache_bytes': None, 'flops_xla': None,
                  **extra})
     print(rows[-1], flush=True)
 
-  x, w = arr(t, e), arr(e, m) * 0.02
-  flops = 2 * t * e * m
-  for impl, timer in (('xla', jax_timer), ('torch', torch_timer)):
-    s = timer(lambda a, b: a @ b, x, w)
-    add('gemm_prefill', impl, s, gflops_per_s=flops / s / 1e9, shape=[t, e, m])
+  batches = [int(b) for b in args.batches.split(',')]
+  for b in batches:
+    for name, (k_in, n_out) in (('qkv', (e, e)), ('up', (e, m)), ('down', (m, e))):
+      x, w = arr(b * t, k_in), arr(k_in, n_out) * 0.02
+      flops = 2 * b * t * k_in * n_out
+      for impl, timer in (('xla', jax_timer), ('torch', torch_timer)):
+        s = timer(lambda a, c: a @ c, x, w)
+        add(f'gemm_{name}_b{b}', impl, s, batch=b, gflops_per_s=flops / s / 1e9, shape=[b * t, k_in, n_out])
 
   ws = [arr(e, m) * 0.02 for _ in range(16)]
   for rows_m in (1, 8):
@@ -95,18 +101,20 @@ def main():
       s = timer(chain, xm, *ws)
       add(f'gemm_decode_b{rows_m}', impl, s, weight_gb_per_s=16 * e * m * 4 / s / 1e9, shape=[rows_m, e, m])
 
-  q, k, v = arr(1, t, h, d), arr(1, t, h, d), arr(1, t, h, d)
-  idx = np.broadcast_to(np.arange(t), (1, t))
-  allowed = causal_allowed(jnp.asarray(idx), jnp.asarray(idx), jnp.ones((1, t), bool))
   chunk = int(cfg.model.causal_chunk)
-  for name, c in (('one_block', 0), (f'chunks_of_{chunk}', chunk)):
-    s = jax_timer(lambda qq, kk, vv, cc=c: dot_attention(qq, kk, vv, allowed, causal_chunk=cc), q, k, v)
-    add('attention', f'xla_{name}', s)
 
   def sdpa(a, b, c):
     tr = [z.transpose(1, 2) for z in (a, b, c)]
     return torch.nn.functional.scaled_dot_product_attention(*tr, is_causal=True)
-  add('attention', 'torch_sdpa_causal', torch_timer(sdpa, q, k, v))
+
+  for b in batches:
+    q, k, v = arr(b, t, h, d), arr(b, t, h, d), arr(b, t, h, d)
+    idx = np.broadcast_to(np.arange(t), (b, t))
+    allowed = causal_allowed(jnp.asarray(idx), jnp.asarray(idx), jnp.ones((b, t), bool))
+    for name, c in ((('one_block', 0),) if b == 1 else ()) + ((f'chunks_of_{chunk}', chunk),):
+      s = jax_timer(lambda qq, kk, vv, cc=c: dot_attention(qq, kk, vv, allowed, causal_chunk=cc), q, k, v)
+      add(f'attention_b{b}', f'xla_{name}', s, batch=b)
+    add(f'attention_b{b}', 'torch_sdpa_causal', torch_timer(sdpa, q, k, v), batch=b)
 
   common.print_rows(rows, ['case', 'impl', 'ms', 'gflops_per_s', 'weight_gb_per_s'])
   common.write_json(args.json, rows, {**common.environment(), 'args': vars(args), 'torch': torch.__version__,
