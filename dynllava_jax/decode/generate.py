@@ -10,6 +10,7 @@ overflow a segment cache; the host then grows that cache to the next multiple of
 Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
 """
 import dataclasses
+import time
 from functools import partial
 from typing import Any, Optional, Tuple
 
@@ -37,7 +38,8 @@ class GenerateOutput:
   decision was made); kv_cache_bytes_prefill / _final: K/V bytes holding tokens after prefill / at the end
   (all segments and samples; 0 without a cache); kv_cache_bytes_allocated: final buffer bytes;
   capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None;
-  caches: the final SegmentCache tuple (device arrays) when return_caches=True, else None.
+  caches: the final SegmentCache tuple (device arrays) when return_caches=True, else None; decode_s: wall
+  seconds from the prefill's outputs being ready to the tokens on the host (KV-cache path; else None).
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -52,6 +54,7 @@ class GenerateOutput:
   caches: Optional[tuple] = None
   method: str = ''
   use_cache: bool = True
+  decode_s: Optional[float] = None
 
 
 @struct.dataclass
@@ -172,7 +175,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
                 max_new_tokens=m)
   req, out = pre.request, pre.out
   bucket = int(ev.cache_bucket)
-  counts = [int(np.asarray(s.count).max()) for s in out.segments]
+  counts = [int(np.asarray(s.count).max()) for s in out.segments]      # waits for the prefill
+  t_decode = time.perf_counter()
   caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
   caps = tuple(caps)
   # pad / eos ids are traced (a new stop token compiles nothing new)
@@ -191,11 +195,13 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     caps = _grown(state, bucket)
     history.append(caps)
     state = state.replace(caches=tuple(C.grow(c, cap) for c, cap in zip(state.caches, caps)))
+  tokens = np.asarray(state.tokens)
+  decode_s = time.perf_counter() - t_decode
   img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
   return GenerateOutput(
-      tokens=np.asarray(state.tokens), lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,
+      tokens=tokens, lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,
       kept_text_ratio=txt_ratio, kv_cache_bytes_prefill=bytes_prefill,
       kv_cache_bytes_final=C.used_bytes(state.caches), kv_cache_bytes_allocated=C.allocated_bytes(state.caches),
       text_keep=np.asarray(state.keep), capacities=history,
       logits=np.asarray(state.logits) if return_logits else None,
-      caches=state.caches if return_caches else None, method=method.name, use_cache=True)
+      caches=state.caches if return_caches else None, method=method.name, use_cache=True, decode_s=decode_s)

@@ -78,58 +78,65 @@ def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_
   only. The caller promises `allowed` is causal in sequence order (allowed[b, i, j] implies j <= i), so the
   skipped keys are disallowed and the result is the same; it needs key_keep None (MaskedSoftmax gives
   disallowed keys ε/N) and Tq == Tk. Halves the attention FLOPs of a long prefill; see `_causal_chunked`
-  for how it keeps each score block in cache (bench prefill: 37 -> 9 ms a layer at 656 tokens).
+  for how it keeps each score block in cache.
   """
   b, tq, hq, d = q.shape
-  hkv = k.shape[2]
-  g = hq // hkv
-  qh = q.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4)      # (B, Hkv, G, Tq, D)
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # (B, Hkv, Tk, D)
   if causal_chunk and tq > causal_chunk:
     if key_keep is not None or return_probs or tq != k.shape[1]:
       raise ValueError('causal_chunk needs key_keep=None, return_probs=False and as many queries as keys')
-    o = _causal_chunked(qh, kh, vh, allowed, causal_chunk)
-  else:
-    o, p = _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode)
+    return _causal_chunked(q, k, v, allowed, causal_chunk).astype(q.dtype)
+  qh, kh, vh = _heads_major(q, k, v)
+  o, p = _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode)
   o = o.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
   if return_probs:
     return o, p.reshape(b, hq, tq, -1)
   return o
 
 
-def _causal_chunked(qh, kh, vh, allowed, chunk):
-  """Exact causal attention by query chunks, one sample at a time. qh (B, Hkv, G, T, D), kh / vh
-  (B, Hkv, T, D), allowed (B, T, T) causal -> o (B, Hkv, G, T, D) fp32.
+def _heads_major(q, k, v):
+  """q (B, T, Hq, D), k / v (B, T, Hkv, D) -> (B, Hkv, G, T, D), (B, Hkv, T, D), (B, Hkv, T, D)."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qh = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-  Inference only, tuned for XLA CPU: samples run one after another (a scan over the batch), so a chunk's scores
-  (Hq, chunk, e) stay in cache instead of streaming (B, Hq, chunk, e) through memory (batch 8: 194 -> 84
-  ms a layer); the scale goes on q, and the softmax is normalised after the product with v (one pass over
-  the scores fewer). Scores and exponentials stay separate buffers (`optimization_barrier`): XLA CPU
-  otherwise fuses the softmax into the products less efficiently. A batch sharded over devices would be
-  gathered by the loop: use causal_chunk = 0 there.
+
+def _causal_chunked(q, k, v, allowed, chunk):
+  """Exact causal attention by query chunks, one sample at a time. q (B, T, Hq, D), k / v (B, T, Hkv, D),
+  allowed (B, T, T) causal -> o (B, T, Hq, D) fp32.
+
+  Inference only, tuned for XLA CPU: samples run one after another (a scan over the batch; each sample's
+  heads-major transposes inside it), so a chunk's scores (Hq, chunk, e) stay in cache instead of streaming
+  (B, Hq, chunk, e) through memory (bench batch 8: 194 -> 76 ms a layer); the scale goes on q, and the
+  softmax is normalised after the product with v (one pass over the scores fewer). Scores and
+  exponentials stay separate buffers (`optimization_barrier`): XLA CPU otherwise fuses the softmax into the
+  products less efficiently. A batch sharded over devices would be gathered by the loop: use
+  causal_chunk = 0 there.
   """
-  t, d = qh.shape[-2], qh.shape[-1]
-  qh = qh * jnp.asarray(d ** -0.5, qh.dtype)
+  b, t, hq, d = q.shape
+  q = q * jnp.asarray(d ** -0.5, q.dtype)
 
   def one(args):
-    q, k, v, allow = args                     # (Hkv, G, T, D), (Hkv, T, D), (Hkv, T, D), (T, T)
+    qs, ks, vs, allow = args                  # (T, Hq, D), (T, Hkv, D), (T, Hkv, D), (T, T)
+    qh, kh, vh = (x[0] for x in _heads_major(qs[None], ks[None], vs[None]))
     outs = []
     for a in range(0, t, chunk):
       e = min(a + chunk, t)
-      s = jnp.einsum('hgqd,hkd->hgqk', q[:, :, a:e], k[:, :e], preferred_element_type=jnp.float32)
+      s = jnp.einsum('hgqd,hkd->hgqk', qh[:, :, a:e], kh[:, :e], preferred_element_type=jnp.float32)
       s = jax.lax.optimization_barrier(s)
       s = jnp.where(allow[None, None, a:e, :e], s, NEG_INF)
       p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
       den = jnp.sum(p, axis=-1, keepdims=True)
       p = jax.lax.optimization_barrier(p)
-      o = jnp.einsum('hgqk,hkd->hgqd', p.astype(v.dtype), v[:, :e], preferred_element_type=jnp.float32)
+      o = jnp.einsum('hgqk,hkd->hgqd', p.astype(vh.dtype), vh[:, :e], preferred_element_type=jnp.float32)
       outs.append(o / den)
-    return jnp.concatenate(outs, axis=2)
+    o = jnp.concatenate(outs, axis=2)                                 # (Hkv, G, T, D)
+    return o.transpose(2, 0, 1, 3).reshape(t, hq, d)
 
-  if qh.shape[0] == 1:
-    return one((qh[0], kh[0], vh[0], allowed[0]))[None]
+  if b == 1:
+    return one((q[0], k[0], v[0], allowed[0]))[None]
   # jax.lax.scan looked up at call time, so `eval.flops.unrolled_scans` unrolls it for the cost analysis.
-  return jax.lax.scan(lambda c, x: (c, one(x)), None, (qh, kh, vh, allowed))[1]
+  return jax.lax.scan(lambda c, x: (c, one(x)), None, (q, k, v, allowed))[1]
 
 
 def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode):
