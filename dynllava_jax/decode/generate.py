@@ -82,10 +82,9 @@ def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
 
 
 @partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits'))
-@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits'))
 def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits):
-  """The loop state after the prefill: caches filled from its segments (one fused pass per buffer), the
-  first token sampled from its last logits."""
+  """The loop state after the prefill: caches filled from its segments, the first token sampled from its
+  last logits."""
   caches = tuple(C.from_segment(s, c) for s, c in zip(out.segments, capacities))
   b = out.logits_last.shape[0]
   tokens, logits, done = _first(out.logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)

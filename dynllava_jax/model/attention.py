@@ -107,7 +107,7 @@ def _causal_chunked(q, k, v, allowed, chunk):
 
   Inference only, tuned for XLA CPU: samples run one after another (a scan over the batch; each sample's
   heads-major transposes inside it), so a chunk's scores (Hq, chunk, e) stay in cache instead of streaming
-  (B, Hq, chunk, e) through memory (bench batch 8: 194 -> 80 ms a layer); the scale goes on q, and the
+  (B, Hq, chunk, e) through memory (bench batch 8: 194 -> 85-100 ms a layer); the scale goes on q, and the
   softmax is normalised after the product with v (one pass over the scores fewer). Scores and
   exponentials stay separate buffers (`optimization_barrier`): XLA CPU otherwise fuses the softmax into the
   products less efficiently. A batch sharded over devices would be gathered by the loop: use
