@@ -25,22 +25,26 @@ class Attention(nnx.Module):
 
   def qkv(self, x, positions):
     """x (B, T, H), positions (B, T) -> q (B, T, Hq, D), k, v (B, T, Hkv, D), RoPE applied to q and k."""
-    return (self.q(x, positions),) + self.kv(x, positions)
+    rope = self.rope(positions)
+    return (self.q(x, positions, rope),) + self.kv(x, positions, rope)
 
-  def q(self, x, positions):
-    """Queries only: x (B, T, H) -> (B, T, Hq, D) with RoPE."""
+  def rope(self, positions):
+    """positions (B, T) -> (cos, sin) each (B, T, D)."""
+    return rope_cos_sin(positions, self.lc.head_dim, self.lc.rope_theta)
+
+  def q(self, x, positions, rope=None):
+    """Queries only: x (B, T, H) -> (B, T, Hq, D) with RoPE (`rope`: precomputed `self.rope(positions)`)."""
     b, t, _ = x.shape
-    hd = self.lc.head_dim
-    cos, sin = rope_cos_sin(positions, hd, self.lc.rope_theta)
-    return apply_rope(self.q_proj(x).reshape(b, t, self.lc.heads, hd), cos, sin)
+    cos, sin = self.rope(positions) if rope is None else rope
+    return apply_rope(self.q_proj(x).reshape(b, t, self.lc.heads, self.lc.head_dim), cos, sin)
 
-  def kv(self, x, positions):
+  def kv(self, x, positions, rope=None):
     """Keys (RoPE applied) and values: x (B, T, H) -> k, v (B, T, Hkv, D)."""
     b, t, _ = x.shape
     hd = self.lc.head_dim
     k = self.k_proj(x).reshape(b, t, self.lc.kv_heads, hd)
     v = self.v_proj(x).reshape(b, t, self.lc.kv_heads, hd)
-    cos, sin = rope_cos_sin(positions, hd, self.lc.rope_theta)
+    cos, sin = self.rope(positions) if rope is None else rope
     return apply_rope(k, cos, sin), v
 
   def out(self, o):
@@ -79,7 +83,6 @@ class DecoderLayer(nnx.Module):
     h = h + self.attn.out(o)
     h = h + self.mlp(self.post_norm(h))
     return constrain(h, ('act_batch', 'act_len', 'act_embed')), (k, v)
-
 
   def last_query(self, h, positions, allowed_last, last_index):
     """The layer when only one position per sample is read on: K/V of every token, attention, output
