@@ -34,15 +34,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
-  try:
-    run_eval(_CONFIG.value, _WORKDIR.value, _METHODS.value.split(','),
-             allow_random_init=_RANDOM.value, split=_SPLIT.value, limit=_LIMIT.value,
-             batch_size=_BATCH.value, timing_runs=_RUNS.value, json_path=_JSON.value, plots=_PLOTS.value)
-  except ValueError as e:
-    print(f'eval.py: {e}', file=sys.stderr)
-    sys.exit(2)
+  # ValueError too: the eval-side checks (methods, budgets, samples) raise it with one line.
+  errors.guard('eval.py', lambda: run_eval(
+      _CONFIG.value, _WORKDIR.value, _METHODS.value.split(','), allow_random_init=_RANDOM.value,
+      split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value, timing_runs=_RUNS.value,
+      json_path=_JSON.value, plots=_PLOTS.value), extra=(ValueError,))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from dynllava_jax.errors import flags_parser  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=flags_parser('eval.py'))

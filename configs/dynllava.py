@@ -16,6 +16,8 @@ from dynllava_jax.train.config import train_defaults
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, size='tiny', dense=False)
+  if arg.size not in ('tiny', 'bench', '7b', '13b'):
+    raise ValueError(f'config argument size={arg.size!r} is unknown: use tiny | bench | 7b | 13b')
   c = ml_collections.ConfigDict()
   c.size = arg.size
   c.model = common.model_config(arg.size)

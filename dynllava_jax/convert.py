@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dynllava_jax import errors
 from dynllava_jax import hf
 from dynllava_jax.hf_keys import LAYOUTS
 from dynllava_jax.model.llava import check_model_config
@@ -65,11 +66,12 @@ def load_params(ckpt_dir, *, shardings=None, mesh=None):
 
 
 def main(argv=None):
+  """Exit status 0, or 2 with one line on stderr for bad input (errors.guard); bugs keep their traceback."""
   try:
-    return _main(argv)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.guard('python -m dynllava_jax.convert',
+                        lambda: _main(argv), extra=(ValueError, FileNotFoundError, FileExistsError))
+  except SystemExit as e:
+    return e.code
 
 
 def _main(argv):

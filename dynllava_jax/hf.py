@@ -27,6 +27,7 @@ from flax import nnx
 
 from configs.common import model_config
 from dynllava_jax import hf_keys as K
+from dynllava_jax.errors import UserError, one_line
 from dynllava_jax.model.llava import Llava, check_model_config
 
 SAFE_SINGLE, SAFE_INDEX = 'model.safetensors', 'model.safetensors.index.json'
@@ -96,11 +97,28 @@ class Checkpoint:
         raise FileNotFoundError(f'{full} is listed in the checkpoint index but missing')
       if self.kind == 'safetensors':
         from safetensors import safe_open
-        self._handles[name] = safe_open(full, framework='numpy')
+        try:
+          self._handles[name] = safe_open(full, framework='numpy')
+        except Exception as e:  # SafetensorError is not an OSError / ValueError
+          raise UserError(f'{full} is truncated or not a safetensors file ({one_line(e, 120)}); '
+                          'copy or download it again') from None
       else:
         import torch
-        self._handles[name] = torch.load(full, map_location='cpu', mmap=True, weights_only=True)
+        try:
+          self._handles[name] = torch.load(full, map_location='cpu', mmap=True, weights_only=True)
+        except Exception as e:  # UnpicklingError (a pickle payload) / RuntimeError (not a torch file)
+          raise UserError(f'{full}: not a plain tensor file (torch refuses it with weights_only: '
+                          f'{type(e).__name__}); convert it to safetensors') from None
     return self._handles[name]
+
+  def _read(self, fn, key):
+    try:
+      return fn()
+    except UserError:
+      raise
+    except Exception as e:  # a tensor whose bytes lie past the end of a truncated file
+      raise UserError(f'{os.path.join(self.path, self.files[key])}: tensor {key} does not read '
+                      f'({one_line(e, 120)}); the file is truncated or damaged, copy it again') from None
 
   def keys(self):
     return list(self.files)
@@ -108,7 +126,7 @@ class Checkpoint:
   def get(self, key):
     h = self._open(self.files[key])
     if self.kind == 'safetensors':
-      return h.get_tensor(key)
+      return self._read(lambda: h.get_tensor(key), key)
     t = h[key]
     import torch
     if t.dtype == torch.bfloat16:

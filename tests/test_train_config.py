@@ -50,7 +50,7 @@ def test_train_py_exits_nonzero_with_the_line_on_stderr(tmp_path):
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2
   lines = [l for l in p.stderr.splitlines() if l.startswith('train.py:')]
-  assert lines == ['train.py: bad config: sparse.sparse_layer=9 must be in [0, llm.layers=4)'], p.stderr[-2000:]
+  assert lines == ['train.py: model.sparse.sparse_layer=9 must be in [0, llm.layers=4)'], p.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 

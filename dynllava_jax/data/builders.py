@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from dynllava_jax.data import digits_vqa
 from dynllava_jax.data import llava_instruct
 from dynllava_jax.data import policy
+from dynllava_jax.errors import UserError, suggest
 
 log = logging.getLogger('dynllava_jax.data')
 REPORT = 'build_report.json'
@@ -31,13 +32,14 @@ def get_builder(config):
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:
-      raise ValueError('llava_instruct needs config.data.manual_dir (folder with the LLaVA JSON and '
+      raise UserError('llava_instruct needs config.data.manual_dir (folder with the LLaVA JSON and '
                        'the image folders); see docs/data.md')
     json_path = os.path.join(d.manual_dir, d.json_file)
     folder = d.image_folder or d.manual_dir
     cfg = llava_instruct.make_config(json_path, folder, d.val_permille, d.check_images, d.strict)
     return llava_instruct.LlavaInstruct(config=cfg, data_dir=d.data_dir, file_format='array_record')
-  raise ValueError(f'unknown dataset {d.name!r}: digits_vqa | llava_instruct')
+  raise UserError(f'data.name={d.name!r} is unknown{suggest(d.name, ("digits_vqa", "llava_instruct"))}: '
+                  'digits_vqa | llava_instruct')
 
 
 def _write_json(path, obj):

@@ -24,9 +24,21 @@ def decode_image(data):
   try:
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img.convert('RGB')
+    return to_rgb(img)
   except Exception as e:  # PIL raises many types on bad input
     raise policy.SampleProblem(policy.CORRUPT_IMAGE, f'{type(e).__name__}: {e}') from None
+
+
+def to_rgb(img):
+  """PIL image of any mode -> RGB. 16/32-bit greyscale (modes I;16*, I: 16-bit PNGs) is scaled from
+  0..65535 to 0..255 (PIL's own convert would clip everything above 255 to white); float (F) from 0..1."""
+  if img.mode.startswith('I;16') or img.mode == 'I':
+    a = np.asarray(img, np.float64) / 257.0
+    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+  elif img.mode == 'F':
+    a = np.asarray(img, np.float64) * 255.0
+    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+  return img.convert('RGB')
 
 
 def check_image_file(path, decode=True):
@@ -56,7 +68,7 @@ def expand_to_square(img, color=PAD_COLOR):
 
 def preprocess(img, image_size):
   """RGB PIL image → (image_size, image_size, 3) float32, LLaVA-1.5 / CLIP normalized."""
-  img = expand_to_square(img.convert('RGB'))
+  img = expand_to_square(to_rgb(img))
   if img.size != (image_size, image_size):
     img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
   x = np.asarray(img, np.float32) * np.float32(1 / 255)

@@ -5,6 +5,9 @@ Input: a JSON list of `{"id", "image"?: "coco/train2017/x.jpg", "conversations":
 samples are kept (`has_image` per record). Images are stored as their encoded file bytes (not
 decoded; the reader decodes with PIL).
 
+The JSON must be UTF-8 and a list (else one line naming the file and the byte offset / line). The
+dataset's name includes the JSON's size and mtime, so an edited JSON is built anew.
+
 Build-time checks (policy.check_record + the image file): malformed, bad_roles, tag_without_image,
 image_without_tag, multiple_image_tags, missing_image, corrupt_image. Bad records are skipped and
 counted (`builder.counter`), or raise BadSampleError in strict mode. Split `train`, plus
@@ -22,6 +25,7 @@ import tensorflow_datasets as tfds
 from dynllava_jax.data import images
 from dynllava_jax.data import policy
 from dynllava_jax.data import records
+from dynllava_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -34,14 +38,44 @@ class LlavaInstructConfig(tfds.core.BuilderConfig):
 
 
 def make_config(json_path, image_folder, val_permille=0, check_images='decode', strict=False):
-  """A config named after the JSON file and a hash of the absolute paths and options."""
+  """A config named after the JSON file and a hash of the absolute paths, the options and the JSON's
+  size and modification time: a JSON edited after a build gets a new name, so it is built anew (the old
+  build stays where it was)."""
   json_path, image_folder = os.path.abspath(json_path), os.path.abspath(image_folder)
-  key = json.dumps([json_path, image_folder, val_permille, check_images])
+  try:
+    st = os.stat(json_path)
+    stamp = [st.st_size, st.st_mtime_ns]
+  except OSError:
+    stamp = None        # missing: reported when the build opens it
+  key = json.dumps([json_path, image_folder, val_permille, check_images] + ([stamp] if stamp else []))
   stem = os.path.splitext(os.path.basename(json_path))[0]
   stem = ''.join(ch if ch.isalnum() else '_' for ch in stem)
   name = f'{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}'
   return LlavaInstructConfig(name=name, json_path=json_path, image_folder=image_folder,
                              val_permille=val_permille, check_images=check_images, strict=strict)
+
+
+def read_json_list(path):
+  """The LLaVA JSON at `path` as a list; UserError (one line: file, byte offset / line) when it is
+  missing, not UTF-8, not JSON, or not a list."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise UserError(f'{path}: cannot read the LLaVA JSON ({e.strerror}); check data.manual_dir / '
+                    'data.json_file') from None
+  try:
+    text = raw.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path}: not UTF-8 at byte offset {e.start} (byte 0x{raw[e.start]:02x}); save the '
+                    'file as UTF-8') from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}') from None
+  if not isinstance(data, list):
+    raise UserError(f'{path}: expected a JSON list of records, found a {type(data).__name__}')
+  return data
 
 
 def in_validation(record_id, val_permille):
@@ -66,10 +100,7 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     c = self.builder_config
     self.counter = policy.SkipCounter('records', strict=c.strict)
-    with open(c.json_path) as f:
-      data = json.load(f)
-    if not isinstance(data, list):
-      raise ValueError(f'{c.json_path}: expected a JSON list of records')
+    data = read_json_list(c.json_path)
     parts = {'train': [], 'validation': []}
     for index, record in enumerate(data):
       rid = record.get('id', index) if isinstance(record, dict) else index

@@ -14,6 +14,7 @@ tokenization, optionally in `num_workers` processes) → drop-and-count bad samp
 → batches of batch_size // process_count, right-padded to the smallest bucket ≥ the longest sample.
 """
 import logging
+import os
 
 from absl import flags
 import jax
@@ -27,6 +28,7 @@ from dynllava_jax.data import policy
 from dynllava_jax.data import records
 from dynllava_jax.data import templates
 from dynllava_jax.data import tokenizer as tokenizer_lib
+from dynllava_jax.errors import UserError, one_line
 
 log = logging.getLogger('dynllava_jax.data')
 SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_end')
@@ -115,16 +117,26 @@ class Processor:
 
 
 class SkipFilter:
-  """Drops skip markers, counting them (runs in the main process, after any workers)."""
+  """Drops skip markers, counting them (runs in the main process, after any workers).
 
-  def __init__(self, counter):
-    self.counter = counter
+  When the first `limit` samples (one pass over the source) are all skipped, raises UserError with the
+  counts: nothing would ever be yielded (e.g. data.max_len too small for every sample), so the reader
+  would otherwise spin forever.
+  """
+
+  def __init__(self, counter, limit=None, what=''):
+    self.counter, self.limit, self.what = counter, limit, what
+    self.kept = 0
 
   def __call__(self, sample):
     if 'skip' in sample:
       self.counter.skip(sample['record_id'], sample['skip'], sample.get('detail', ''))
+      if self.limit and not self.kept and self.counter.num_skipped >= self.limit:
+        raise UserError(f'{self.what}: every sample was skipped ({self.counter.summary()}); see '
+                        'docs/data.md (over_long: raise data.max_len)')
       return False
     self.counter.ok()
+    self.kept += 1
     return True
 
 
@@ -205,6 +217,25 @@ def check_tokenizer(config, tok):
     tok.require_id('<pad>', m.pad_token_id)
 
 
+UNK_WARN_FRACTION = 0.1     # warn when more than this share of the sampled text tokens are <unk>
+UNK_SAMPLE_RECORDS = 32
+
+
+def unk_fraction(tok, recs):
+  """Share of the text tokens of `recs` (decoded records) that the tokenizer maps to `<unk>` (None if it
+  has no `<unk>`)."""
+  unk = tok.token_to_id('<unk>')
+  if unk is None:
+    return None
+  n = n_unk = 0
+  for rec in recs:
+    for turn in rec['conversations']:
+      ids, _ = tok.encode(turn['value'].replace(policy.IMAGE_TAG, ' '))
+      n += len(ids)
+      n_unk += int((ids == unk).sum())
+  return n_unk / n if n else 0.0
+
+
 def _source(config, split):
   ds_dir = builders.build(config)
   report = builders.read_report(ds_dir)
@@ -213,8 +244,28 @@ def _source(config, split):
     c.load_state(report)
     c.log_summary(f'{config.data.name} build: ')
   tok_path = builders.tokenizer_path(config)
-  check_tokenizer(config, tokenizer_lib.load_tokenizer(tok_path))
-  src = tfds.builder_from_directory(ds_dir).as_data_source(split=split)
+  tok = tokenizer_lib.load_tokenizer(tok_path)
+  check_tokenizer(config, tok)
+  try:
+    src = tfds.builder_from_directory(ds_dir).as_data_source(split=split)
+  except (KeyError, ValueError) as e:
+    raise UserError(f'{ds_dir} has no split {split!r} ({one_line(e, 120)}); llava_instruct has a '
+                    'validation split only with data.val_permille > 0') from None
+  if len(src) == 0:
+    c = policy.SkipCounter('records')
+    c.load_state(report)
+    raise UserError(f'{config.data.name}/{split} has no records: the build {c.summary()} '
+                    f'(details in {os.path.join(ds_dir, builders.REPORT)})')
+  recs = []
+  for i in range(min(len(src), UNK_SAMPLE_RECORDS)):
+    try:
+      recs.append(records.decode(src[i]))
+    except Exception:  # pylint: disable=broad-except  (a malformed record is the reader's business)
+      pass
+  frac = unk_fraction(tok, recs)
+  if frac is not None and frac > UNK_WARN_FRACTION:
+    log.warning('tokenizer %s maps %.0f%% of the text tokens of the first %d %s records to <unk>: is it '
+                "the data's tokenizer (data.tokenizer)?", tok_path, 100 * frac, len(recs), config.data.name)
   return src, tok_path
 
 
@@ -249,7 +300,7 @@ def make_iterator(config, split, *, shuffle=True, num_epochs=None, process_index
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
   counter = policy.SkipCounter('samples', strict=d.strict)
-  it_ds = it_ds.filter(SkipFilter(counter))
+  it_ds = it_ds.filter(SkipFilter(counter, limit=max(len(src) // pc, 1), what=f'{d.name}/{split}'))
   bucket_lens = buckets(config)
   pad_id = int(config.model.pad_token_id)
   it_ds = it_ds.batch(d.batch_size // pc, drop_remainder=drop_remainder,

@@ -10,6 +10,8 @@ counted by reason (logged with a summary line such as
 import collections
 import logging
 
+from dynllava_jax.errors import UserError
+
 log = logging.getLogger('dynllava_jax.data')
 
 IMAGE_TAG = '<image>'
@@ -27,7 +29,7 @@ REASONS = (MALFORMED, BAD_ROLES, MISSING_IMAGE, CORRUPT_IMAGE, TAG_WITHOUT_IMAGE
            MULTIPLE_TAGS, OVER_LONG)
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError):
   """A bad record in strict mode. `str(err)` is one line: `bad record id=<id>: <reason>: <detail>`."""
 
   def __init__(self, record_id, reason, detail=''):

@@ -11,6 +11,8 @@ import numpy as np
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
+from dynllava_jax.errors import UserError, one_line
+
 # Fixed special ids of the digits_vqa vocabulary (the tiny model config relies on them).
 SPECIALS = ('<unk>', '<s>', '</s>', '<pad>', '<image>')
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(5)
@@ -43,9 +45,10 @@ class Tokenizer:
     """The id of `token`; raises when it is missing or differs from the model config's `expected`."""
     i = self.token_to_id(token)
     if i is None:
-      raise ValueError(f'tokenizer {self.path!r} has no {token!r} token')
+      raise UserError(f'tokenizer {self.path!r} has no {token!r} token')
     if expected is not None and i != expected:
-      raise ValueError(f'tokenizer {self.path!r}: {token!r} has id {i}, the model config says {expected}')
+      raise UserError(f'tokenizer {self.path!r}: {token!r} has id {i}, the model config says {expected}; '
+                      'use the tokenizer the model was made with or fix the model config\'s token ids')
     return i
 
 
@@ -55,8 +58,12 @@ def load_tokenizer(path):
   if os.path.isdir(path):
     path = os.path.join(path, 'tokenizer.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no tokenizer.json at {path!r}')
-  return Tokenizer(tokenizers.Tokenizer.from_file(path), path)
+    raise UserError(f'no tokenizer.json at {path!r}: set data.tokenizer to the tokenizer.json of the model')
+  try:
+    return Tokenizer(tokenizers.Tokenizer.from_file(path), path)
+  except Exception as e:  # pylint: disable=broad-except  (the tokenizers library raises plain Exception)
+    raise UserError(f'{path} is not a valid tokenizer.json ({one_line(e, 160)}); set data.tokenizer to '
+                    'a HF tokenizer.json') from None
 
 
 def word_pre_tokenizer():

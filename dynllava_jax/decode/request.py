@@ -33,6 +33,9 @@ class Request:
   pixel_values: Optional[np.ndarray]
 
 
+PIXEL_LIMIT = 10.0   # CLIP-normalised pixels lie in about [-1.8, 2.2]; raw 0..255 values go far past this
+
+
 def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_new_tokens=0, bucket=16,
                    extra_len=0):
   """Validates a generation / prefill request and packs it. Raises ValueError with one actionable line.
@@ -70,7 +73,11 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
   if (n_img > 0).any():
     if pixel_values is None:
       raise ValueError('the prompts contain image placeholders but pixel_values is None')
-    pix = np.asarray(pixel_values, np.float32)
+    raw = np.asarray(pixel_values)
+    pix = raw.astype(np.float32)
+    if raw.dtype == np.uint8 or (pix.size and float(np.abs(pix).max()) > PIXEL_LIMIT):
+      raise ValueError(f'pixel_values look like raw 0..255 pixels ({raw.dtype}, max {float(pix.max()):g}); '
+                       'give CLIP-normalised floats (dynllava_jax.data.images.preprocess)')
     s = model_cfg.vision.image_size
     if pix.shape != (b, s, s, 3):
       raise ValueError(f'pixel_values has shape {pix.shape}; this model expects ({b}, {s}, {s}, 3) '

@@ -37,6 +37,7 @@ from configs.common import num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.prefill import prefill, sparse_forward
+from dynllava_jax.errors import UserError
 from dynllava_jax.eval import flops as F
 from dynllava_jax.eval import metrics as M
 from dynllava_jax.eval import report
@@ -65,7 +66,8 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
-      restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn)
+      restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
+                                    strict=False)
       if restored is None:
         restored = _restore_params_only(ck, graphdef, abstract, report_fn)
     finally:
@@ -101,6 +103,15 @@ def _restore_params_only(ck, graphdef, abstract, report_fn):
     raise ValueError(f'checkpoint {ck.directory}/{step} holds modules {sorted(got)} but this config builds '
                      f'{sorted(want)}; evaluate with the config it was trained with (e.g. '
                      f'configs/dynllava.py:size=tiny,dense=True for a model without predictors)')
+  for part in ('params', 'frozen'):    # another model size: name the first param whose shape differs
+    shapes = {jax.tree_util.keystr(p): tuple(np.shape(a)) for p, a in
+              jax.tree_util.tree_flatten_with_path(raw[part])[0]}
+    for p, x in jax.tree_util.tree_flatten_with_path(abstract[part])[0]:
+      key = jax.tree_util.keystr(p)
+      if key in shapes and shapes[key] != tuple(x.shape):
+        raise UserError(f'checkpoint {ck.directory}/{step} was trained with another model size: {part}{key} '
+                        f'is {shapes[key]} there, {tuple(x.shape)} in this config; evaluate with the config '
+                        'it was trained with')
   try:
     state = {'params': jax.tree.map(lambda a, x: jnp.asarray(a, x.dtype), raw['params'], abstract['params']),
              'frozen': jax.tree.map(lambda a, x: jnp.asarray(a, x.dtype), raw['frozen'], abstract['frozen'])}

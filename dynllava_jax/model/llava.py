@@ -11,6 +11,7 @@ prefill (gathers) and decoding (caches) compose them without copies of the model
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from configs.common import num_image_tokens
@@ -59,6 +60,20 @@ def dense_allowed(attention_mask):
   return causal_allowed(idx, idx, attention_mask)
 
 
+def check_placeholders(mc, input_ids):
+  """Eager calls only (a no-op under jit): every row holds 0 or exactly N image placeholders, else a
+  ValueError in one line (a short row would silently use only its first features)."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  n = num_image_tokens(mc)
+  counts = np.asarray(input_ids == mc.image_token_id).sum(-1).reshape(-1)
+  bad = np.flatnonzero((counts != 0) & (counts != n))
+  if bad.size:
+    raise ValueError(f'sample {int(bad[0])} has {int(counts[bad[0]])} image placeholders '
+                     f'(image_token_id={mc.image_token_id}); this model needs exactly {n} per image '
+                     '(or 0 for a text-only sample)')
+
+
 def merge_image_features(text_emb, image_feats, image_mask):
   """Static-shape merge: the j-th placeholder of sample b gets image_feats[b, j].
 
@@ -102,6 +117,7 @@ class Llava(nnx.Module):
     image_mask = input_ids == self.mc.image_token_id
     h = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:
+      check_placeholders(self.mc, input_ids)
       h = merge_image_features(h, self.image_features(pixel_values), image_mask)
     return h, image_mask
 

@@ -2,33 +2,104 @@
 
   state: params + frozen params + optimizer state + step + RNG key (orbax StandardSave, sharded arrays)
   data:  the grain iterator state (`DataIterator.get_state()`, JSON)
+  meta:  the state's signature (path, shape, dtype of every leaf) and digest (per leaf: two modular sums of
+         its bit patterns and its count of non-finite values), JSON
 
-The last `keep` checkpoints are kept. `restore_latest` walks the steps newest first; a checkpoint that
-fails to restore (truncated, corrupt) is reported in one line and the previous one is tried.
-`load_params` reads model params written by `dynllava_jax.convert` for `train.init_from`.
+Promises (docs/reliability.md):
+  - atomic: orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete, so a step killed
+    or failing mid-save (kill -9, full disk) never appears; leftover tmp dirs are removed at start-up.
+  - verified: a restored state must match its stored digest exactly (the sums are over uint32 words, so
+    they do not depend on sharding or summation order) and be all-finite; a mismatch is a broken step.
+  - another run's checkpoints are never restored into, trained over or deleted by retention: when the
+    stored signature differs from this config's state, `restore_latest` stops with one line (UserError),
+    or with `start_over` moves them to `checkpoints/old/<time>/` first.
+  - a broken step (truncated, flipped bytes) is reported in one line, moved to `checkpoints/broken/<step>`
+    and the previous step is restored; when no step restores, one line (UserError) unless `start_over`.
+
+The last `keep` (>= 1) checkpoints are kept. `load_params` reads model params written by
+`dynllava_jax.convert` for `train.init_from`.
 """
 import logging
 import os
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dynllava_jax.errors import UserError, one_line
+
 log = logging.getLogger('dynllava_jax.train')
+BROKEN, OLD = 'broken', 'old'
+
+
+def signature(tree):
+  """[[path, shape, dtype], ...] of a state (arrays or ShapeDtypeStructs), in tree-flatten order."""
+  return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))]
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _words(x):
+  """The bit patterns of x as uint32 words (exact, any dtype)."""
+  dt = np.dtype(x.dtype)
+  if dt == np.bool_:
+    return x.astype(jnp.uint32)
+  if dt.itemsize >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  small = jnp.uint16 if dt.itemsize == 2 else jnp.uint8
+  return jax.lax.bitcast_convert_type(x, small).astype(jnp.uint32)
+
+
+@jax.jit
+def _digest_arrays(leaves):
+  out = []
+  for x in leaves:
+    w = _words(x)
+    bad = (jnp.sum(~jnp.isfinite(x)).astype(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.inexact)
+           else jnp.zeros((), jnp.uint32))
+    h = (w ^ (w >> 16)) * jnp.uint32(0x45D9F3B)       # a word mix, so low-bit flips reach the sum
+    h = (h ^ (h >> 16)) * jnp.uint32(0x45D9F3B)
+    h = h ^ (h >> 16)
+    out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(h, dtype=jnp.uint32), bad]))
+  return out
+
+
+def digest(tree):
+  """Per leaf [sum of its uint32 words, sum of the mixed words, non-finite count], mod 2**32 (python ints)."""
+  leaves = jax.tree.leaves(tree)
+  return [[int(v) for v in np.asarray(d)] for d in jax.device_get(_digest_arrays(leaves))]
+
+
+def describe_difference(want, got):
+  """One phrase naming the first difference between two signatures."""
+  w, g = {p: (s, d) for p, s, d in want}, {p: (s, d) for p, s, d in got}
+  for p in w:
+    if p not in g:
+      return f'{p} is missing there'
+    if tuple(w[p][0]) != tuple(g[p][0]) or w[p][1] != g[p][1]:
+      return f'{p} is {tuple(g[p][0])} {g[p][1]} there, {tuple(w[p][0])} {w[p][1]} here'
+  extra = [p for p in g if p not in w]
+  return f'it has {extra[0]}, which this config does not' if extra else 'the leaf order differs'
 
 
 class Checkpointer:
-  """Thin wrapper over ocp.CheckpointManager with the bundle layout above."""
+  """Thin wrapper over ocp.CheckpointManager with the bundle layout and promises above."""
 
   def __init__(self, workdir, keep=3, async_save=True):
+    if keep < 1:
+      raise UserError(f'train.keep_checkpoints={keep} must be >= 1 (0 would keep no checkpoint at all)')
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                         enable_async_checkpointing=async_save)
-    self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data'))
+    self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
 
   def save(self, step, state, data_state, force=True):
     """Saves the bundle for `step` (async; call wait() before relying on it)."""
+    meta = {'version': 1, 'signature': signature(state), 'digest': digest(state)}
     self.mgr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})), force=force)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(meta)), force=force)
 
   def wait(self):
     self.mgr.wait_until_finished()
@@ -36,26 +107,113 @@ class Checkpointer:
   def steps(self):
     return sorted(self.mgr.all_steps())
 
+  def meta(self, step):
+    """The stored signature / digest of `step`, or None (a checkpoint from before they were written)."""
+    if not os.path.isdir(os.path.join(self.directory, str(int(step)), 'meta')):
+      return None
+    try:
+      return self.mgr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # pylint: disable=broad-except
+      return {}          # unreadable meta: the step counts as broken when restored
+
   def restore(self, step, abstract_state):
-    """Restores one step into `abstract_state` (ShapeDtypeStructs with shardings) -> (state, data)."""
+    """Restores and verifies one step into `abstract_state` (ShapeDtypeStructs with shardings)
+    -> (state, data). Raises ValueError when the restored values do not match the stored digest."""
+    meta = self.meta(step)
+    if meta == {}:
+      raise ValueError('its meta item does not read')
     out = self.mgr.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out['state'], out['data']
+    state = out['state']
+    if meta is not None:
+      self._verify(state, meta)
+    return state, out['data']
 
-  def restore_latest(self, abstract_state, report=print):
-    """-> (step, state, data) of the newest checkpoint that restores, or None when there is none.
+  @staticmethod
+  def _verify(state, meta):
+    sig, got = signature(state), digest(state)
+    if sig != meta['signature']:
+      raise ValueError(f'restored leaves differ from the stored ones: {describe_difference(meta["signature"], sig)}')
+    for (path, _, _), want, have in zip(sig, meta['digest'], got):
+      if want[2] or have[2]:
+        raise ValueError(f'{path} holds {max(want[2], have[2])} non-finite values')
+      if list(want) != list(have):
+        raise ValueError(f'{path} does not match its stored digest (the files were changed or damaged)')
 
-    Each failing checkpoint is reported in one line through `report`.
+  def restore_latest(self, abstract_state, report=print, *, strict=True, start_over=False):
+    """-> (step, state, data) of the newest checkpoint that restores and verifies, or None.
+
+    strict (training): steps written for another state signature (another model / optimizer config)
+    raise UserError; a broken step newer than the restored one is moved to `checkpoints/broken/<step>`;
+    when steps exist but none restores, UserError. With `start_over` those two stops instead move every
+    step to `checkpoints/old/<time>/` and return None (a fresh start). Not strict (evaluation): foreign
+    or unrestorable steps just give None. Each failing step is reported in one line through `report`.
     """
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    want = signature(abstract_state)
+    for step in steps:
+      meta = self.meta(step)
+      if meta and meta.get('signature') != want:
+        why = describe_difference(want, meta['signature'])
+        if not strict:
+          report(f'checkpoint {self.directory}/{step} was written for another config ({why})')
+          return None
+        if start_over:
+          self._start_over(steps, report, f'{self.directory}/{step} belongs to another config ({why})')
+          return None
+        raise UserError(f'checkpoint {self.directory}/{step} was written by another config ({why}); '
+                        'train with the config it was written with, use a new --workdir, or pass '
+                        f'--config.train.restart=True to move the old checkpoints to {self.directory}/{OLD}/ '
+                        'and start over')
+    broken, errors = [], []
+    for step in reversed(steps):
       try:
         state, data = self.restore(step, abstract_state)
-        return step, state, data
       except Exception as e:  # pylint: disable=broad-except
-        msg = str(e).strip().splitlines()
-        report(f'checkpoint {self.directory}/{step} failed to restore ({type(e).__name__}: '
-               f'{msg[0][:200] if msg else ""}); trying the previous one')
+        msg = one_line(e, 200)
+        report(f'checkpoint {self.directory}/{step} failed to restore ({msg}); trying the previous one')
+        broken.append(step)
+        errors.append(msg)
+        continue
+      if strict:
+        for b in broken:
+          dest = self._move(b, BROKEN)
+          report(f'moved the broken checkpoint {self.directory}/{b} to {dest}')
+      return step, state, data
+    if steps and strict:
+      if start_over:
+        self._start_over(steps, report, f'no checkpoint in {self.directory} restores')
+        return None
+      raise UserError(f'no checkpoint in {self.directory} restores (steps {steps}; newest: {errors[0]}); '
+                      'nothing was deleted. Train with the config they were written with, use a new '
+                      f'--workdir, or pass --config.train.restart=True to move them to {self.directory}/{OLD}/ '
+                      'and start over')
     return None
+
+  def _move(self, step, kind, sub=''):
+    """Moves step dir `step` to checkpoints/<kind>/[<sub>/]<step>[-n] (process 0); returns the new path."""
+    src = os.path.join(self.directory, str(int(step)))
+    dest_dir = os.path.join(self.directory, kind, sub) if sub else os.path.join(self.directory, kind)
+    dest = os.path.join(dest_dir, str(int(step)))
+    n = 1
+    while os.path.exists(dest):
+      dest = os.path.join(dest_dir, f'{int(step)}-{n}')
+      n += 1
+    if jax.process_index() == 0:
+      os.makedirs(dest_dir, exist_ok=True)
+      os.rename(src, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'checkpoint move {kind} {step}')
+    self.mgr.reload()
+    return dest
+
+  def _start_over(self, steps, report, why):
+    sub = time.strftime('%Y%m%d-%H%M%S')
+    for s in steps:
+      self._move(s, OLD, sub)
+    report(f'{why}: train.restart=True, so moved steps {steps} to {self.directory}/{OLD}/{sub}/ and '
+           'starting over')
 
   def close(self):
     self.mgr.wait_until_finished()

@@ -17,7 +17,10 @@ Fields (see docs/training.md):
   compute_dtype: '' keeps model.dtype, else float32 | bfloat16 (params stay model.param_dtype).
   log_every, eval_every, save_every: in optimizer steps (0 = never; a final save always happens).
   eval_batches: validation batches per evaluation.
-  keep_checkpoints: the last K checkpoints are kept.
+  keep_checkpoints: the last K (>= 1) checkpoints are kept.
+  restart: when the workdir's checkpoints belong to another config or none of them restores, move them to
+    checkpoints/old/<time>/ and start over (default: stop with one line; nothing is ever deleted).
+    Checkpoints that fit this config are resumed either way, so a relaunch never starts over.
   init_from: orbax dir with model params (`dynllava_jax.convert` layout: the pure dict of
     nnx.state(model, nnx.Param)); params missing there (e.g. predictors) keep their fresh init.
   distributed, coordinator_address, num_processes, process_id: multi-host start-up
@@ -25,7 +28,11 @@ Fields (see docs/training.md):
   step_sleep_s: sleep after every step (throttles a shared machine; tests use it to preempt mid-run).
   progress: tqdm bar on the console.
 """
+import os
+
 import ml_collections
+
+from dynllava_jax.errors import UserError, suggest
 
 
 def train_defaults(size='tiny'):
@@ -64,6 +71,7 @@ def train_defaults(size='tiny'):
   c.eval_batches = 4
   c.save_every = 200 if tiny else 1000
   c.keep_checkpoints = 3
+  c.restart = False
   c.init_from = ''
   c.distributed = False
   c.coordinator_address = ''
@@ -86,34 +94,74 @@ def apply_overrides(config):
 
 
 def check_config(config, num_devices):
-  """Raises ValueError with one actionable line for a config that cannot train on `num_devices`."""
+  """Raises UserError (a ValueError) with one actionable line for a config that cannot train on
+  `num_devices`."""
   from dynllava_jax.model.llava import check_model_config  # local: keeps this module import-light
-  check_model_config(config.model)
+  try:
+    check_model_config(config.model)
+  except ValueError as e:
+    raise UserError(f'model.{e}' if not str(e).startswith('model.') else str(e)) from None
+  check_data_config(config)
   t, m = config.train, config.mesh
   if t.steps <= 0:
-    raise ValueError(f'train.steps={t.steps} must be > 0')
+    raise UserError(f'train.steps={t.steps} must be > 0')
+  for name in ('lr', 'predictor_lr'):
+    if not t[name] >= 0:
+      raise UserError(f'train.{name}={t[name]} must be >= 0 (a negative rate trains by gradient ascent)')
+  if t.keep_checkpoints < 1:
+    raise UserError(f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (0 keeps no checkpoint)')
+  for name in ('log_every', 'eval_every', 'save_every', 'eval_batches'):
+    if t[name] < 0:
+      raise UserError(f'train.{name}={t[name]} must be >= 0')
   if t.get('ce_weighting', 'token') not in ('token', 'sample'):
-    raise ValueError(f"train.ce_weighting={t.ce_weighting!r}: use 'token' or 'sample'")
+    raise UserError(f"train.ce_weighting={t.ce_weighting!r}: use 'token' or 'sample'")
   if not 0 <= t.dense_warmup_steps <= t.steps:
-    raise ValueError(f'train.dense_warmup_steps={t.dense_warmup_steps} must be in [0, steps={t.steps}]')
+    raise UserError(f'train.dense_warmup_steps={t.dense_warmup_steps} must be in [0, steps={t.steps}]')
   if not 0.0 <= t.warmup_ratio < 1.0:
-    raise ValueError(f'train.warmup_ratio={t.warmup_ratio} must be in [0, 1)')
+    raise UserError(f'train.warmup_ratio={t.warmup_ratio} must be in [0, 1)')
   if t.grad_accum < 1:
-    raise ValueError(f'train.grad_accum={t.grad_accum} must be >= 1')
+    raise UserError(f'train.grad_accum={t.grad_accum} must be >= 1')
   if t.compute_dtype not in ('', 'float32', 'bfloat16'):
-    raise ValueError(f"train.compute_dtype={t.compute_dtype!r}: use '', 'float32' or 'bfloat16'")
+    raise UserError(f"train.compute_dtype={t.compute_dtype!r}: use '', 'float32' or 'bfloat16'")
   sizes = [int(m[a]) for a in ('data', 'fsdp', 'tensor')]
   known = 1
   for s in sizes:
     known *= s if s > 0 else 1
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-    raise ValueError(f'mesh {dict(m)} does not divide the {num_devices} available devices')
+    raise UserError(f'mesh {dict(m)} does not divide the {num_devices} available devices')
   if -1 not in sizes and known != num_devices:
-    raise ValueError(f'mesh {dict(m)} uses {known} devices but {num_devices} are available; '
+    raise UserError(f'mesh {dict(m)} uses {known} devices but {num_devices} are available; '
                      'set one axis to -1 or match the count')
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   data_par = sizes[0] * sizes[1]
   b = config.data.batch_size
   if b % t.grad_accum or (b // t.grad_accum) % data_par:
-    raise ValueError(f'data.batch_size={b} must split into train.grad_accum={t.grad_accum} micro-batches '
+    raise UserError(f'data.batch_size={b} must split into train.grad_accum={t.grad_accum} micro-batches '
                      f'each divisible by the data axes data*fsdp={data_par}')
+
+
+DATASETS = ('digits_vqa', 'llava_instruct')
+
+
+def check_data_config(config):
+  """The data section's start-up checks (dataset name, batch size, LLaVA folder, max_len) -> UserError."""
+  d = config.data
+  if d.name not in DATASETS:
+    raise UserError(f'data.name={d.name!r} is unknown{suggest(d.name, DATASETS)}: use one of {DATASETS}')
+  if d.batch_size < 1:
+    raise UserError(f'data.batch_size={d.batch_size} must be >= 1')
+  if d.name == 'llava_instruct':
+    if not d.manual_dir:
+      raise UserError('data.manual_dir is empty: llava_instruct needs the folder with the LLaVA JSON and '
+                      'the image folders (docs/data.md)')
+    if not os.path.isdir(d.manual_dir):
+      raise UserError(f'data.manual_dir={d.manual_dir!r} is not a folder: point it at the folder with '
+                      'the LLaVA JSON and the image folders (docs/data.md)')
+    json_path = os.path.join(d.manual_dir, d.json_file)
+    if not os.path.isfile(json_path):
+      raise UserError(f'data.json_file: {json_path} does not exist (data.manual_dir + data.json_file)')
+  v = config.model.vision
+  n = (v.image_size // v.patch_size) ** 2 + (1 if v.feature_select == 'full' else 0)   # image tokens
+  if d.max_len <= n + 1:
+    raise UserError(f'data.max_len={d.max_len} leaves no room for text after the {n} image tokens of '
+                    f'this model; use data.max_len > {n + 1} (e.g. {n + 128})')

@@ -157,16 +157,19 @@ def train(config, workdir, devices=None):
   metrics), eval (last evaluation or {}).
   """
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  trainer = Trainer(config, workdir, devices)
-  t = config.train
+  from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
+  pre = Preemption()     # from the start, so a SIGTERM during set-up or the final save still exits cleanly
   main = jax.process_index() == 0
-  tel = None
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-  it = pipeline.make_iterator(config, 'train')
-  pre = Preemption()
+  say = lambda m: print(m, flush=True) if main else None
+  lock = ckpt = it = tel = None
   try:
+    lock = WorkdirLock(workdir, report=say) if main else None     # one writer per workdir
+    trainer = Trainer(config, workdir, devices)
+    t = config.train
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
-    restored = ckpt.restore_latest(target, report=lambda m: print(m, flush=True) if main else None)
+    restored = ckpt.restore_latest(target, report=say, start_over=bool(t.get('restart', False)))
+    it = pipeline.make_iterator(config, 'train')
     if restored is None:
       state, step = trainer.init_state(), 0
     else:
@@ -216,10 +219,9 @@ def train(config, workdir, devices=None):
       ckpt.save(step, state, it.get_state())
     ckpt.wait()
   finally:
+    for part in (ckpt, it, tel, lock):
+      if part is not None:
+        part.close()
     pre.close()
-    ckpt.close()
-    it.close()
-    if tel is not None:
-      tel.close()
   return {'step': step, 'preempted': preempted, 'state': state, 'trainer': trainer, 'last': last,
           'eval': last_eval}

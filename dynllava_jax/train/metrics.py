@@ -1,5 +1,7 @@
 """Telemetry: a tqdm progress bar with ETA, TensorBoard scalars (tensorboardX), a JSONL log, NaN stop.
 
+On resume, lines of metrics.jsonl after the restored step move to metrics.dropped.jsonl (each step once).
+
 Scalars per logged step: loss, ce, reg_image, reg_answer, reg_instruct (λ-weighted), kept_image,
 kept_answer, kept_instruct (mean kept ratio over samples with an image / qualifying answers), tau, lr,
 predictor_lr, grad_norm, param_norm, update_norm, step_time_s, tokens_per_s, tflops_per_s.
@@ -45,7 +47,9 @@ class Telemetry:
     os.makedirs(workdir, exist_ok=True)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.writer = SummaryWriter(os.path.join(workdir, 'tb'))
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_after(path, start_step)
+    self.jsonl = open(path, 'a')
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=total_steps, initial=start_step, desc='train', dynamic_ncols=True,
@@ -93,6 +97,31 @@ class Telemetry:
       self.writer.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+def _drop_after(path, step):
+  """Resume: lines of `path` logged after `step` (by a run that stopped before saving them) move to
+  `metrics.dropped.jsonl` beside it, so every step appears once in metrics.jsonl."""
+  if not os.path.exists(path):
+    return
+  keep, drop = [], []
+  with open(path) as f:
+    for line in f:
+      try:
+        late = int(json.loads(line)['step']) > step
+      except (ValueError, KeyError, TypeError):
+        late = False        # a torn last line from a kill -9: kept as is, never parsed again
+        if not line.endswith('\n'):
+          line, late = line + '\n', True
+      (drop if late else keep).append(line)
+  if not drop:
+    return
+  with open(os.path.join(os.path.dirname(path), 'metrics.dropped.jsonl'), 'a') as f:
+    f.writelines(drop)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 class StepTimer:
