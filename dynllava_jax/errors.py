@@ -12,6 +12,7 @@ exception keeps its traceback (a bug, not bad input).
 """
 import difflib
 import errno
+import os
 import re
 import sys
 
@@ -36,12 +37,18 @@ def one_line(e, limit=300):
 
 def disk_error(e):
   """An OSError caused by the disk / permissions (ENOSPC, EROFS, EACCES, ...), searched along the cause
-  chain (orbax wraps the writer's error); None otherwise."""
+  chain (orbax wraps the writer's error); tensorstore's `... [os_error_code='28']` ValueErrors count too
+  (returned as an OSError). None otherwise."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
       return e
+    m = re.search(r"os_error_code='?(\d+)", str(e))
+    if m and int(m.group(1)) in DISK_ERRNOS:
+      path = re.search(r'Failed (?:writing|to write)[^"]*"([^"]+)"', str(e))
+      code = int(m.group(1))
+      return OSError(code, os.strerror(code), path.group(1) if path else None)
     e = e.__cause__ or e.__context__
   return None
 

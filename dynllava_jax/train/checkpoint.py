@@ -21,6 +21,8 @@ The last `keep` (>= 1) checkpoints are kept. `load_params` reads model params wr
 """
 import logging
 import os
+import re
+import shutil
 import time
 
 import jax
@@ -74,13 +76,37 @@ def digest(tree):
 def describe_difference(want, got):
   """One phrase naming the first difference between two signatures."""
   w, g = {p: (s, d) for p, s, d in want}, {p: (s, d) for p, s, d in got}
-  for p in w:
+  for p in sorted(w, key=lambda p: 'opt_state' in p):      # model params first, their moments after
     if p not in g:
       return f'{p} is missing there'
     if tuple(w[p][0]) != tuple(g[p][0]) or w[p][1] != g[p][1]:
       return f'{p} is {tuple(g[p][0])} {g[p][1]} there, {tuple(w[p][0])} {w[p][1]} here'
   extra = [p for p in g if p not in w]
   return f'it has {extra[0]}, which this config does not' if extra else 'the leaf order differs'
+
+
+class _NoThreadTraceback(logging.Filter):
+  """orbax logs the traceback of a failed (background) save, then re-raises the error in the caller
+  (which reports it: one line for a full disk, a traceback for a bug); keep only orbax's log line."""
+
+  def filter(self, record):
+    if record.exc_info and 'orbax' in (record.pathname or ''):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger('absl').addFilter(_NoThreadTraceback())
+
+
+def remove_tmp_dirs(directory):
+  """Removes `<step>.orbax-checkpoint-tmp*` dirs (saves cut short by kill -9 or a full disk; never valid
+  checkpoints). Process 0 only; orbax's own clean-up misses the older `-<timestamp>` names."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if re.match(r'^\d+\.orbax-checkpoint-tmp', name):
+      log.warning('removing the half-written checkpoint %s', os.path.join(directory, name))
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 class Checkpointer:
@@ -90,6 +116,7 @@ class Checkpointer:
     if keep < 1:
       raise UserError(f'train.keep_checkpoints={keep} must be >= 1 (0 would keep no checkpoint at all)')
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    remove_tmp_dirs(self.directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                         enable_async_checkpointing=async_save)
     self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
@@ -229,8 +256,14 @@ def load_params(path, abstract_params):
   A shape mismatch is a ValueError naming the param.
   """
   path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise UserError(f'train.init_from={path} is not a directory (a `python -m dynllava_jax.convert` output)')
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path)
+  try:
+    meta = ckptr.metadata(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'train.init_from={path} is not an orbax params checkpoint ({one_line(e, 120)}); '
+                    'write one with python -m dynllava_jax.convert') from None
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
   flat_meta = {tuple(str(getattr(k, 'key', k)) for k in p): m
@@ -241,12 +274,15 @@ def load_params(path, abstract_params):
     m = flat_meta.get(key)
     if m is None:
       return None
-    if tuple(m.shape) != tuple(x.shape):
-      raise ValueError(f'init_from {path}: param {"/".join(key)} has shape {tuple(m.shape)}, '
-                       f'the model expects {tuple(x.shape)}')
+    if tuple(getattr(m, 'shape', ()) or ()) != tuple(x.shape):
+      raise UserError(f'init_from {path}: param {"/".join(key)} has shape {tuple(m.shape)}, '
+                      f'the model expects {tuple(x.shape)} (a checkpoint of another model size?)')
     return x
 
   wanted = jax.tree_util.tree_map_with_path(target, abstract_params)
+  if jax.tree.leaves(abstract_params) and not jax.tree.leaves(wanted):
+    raise UserError(f'init_from {path} holds none of the params of this model (its top level: '
+                    f'{sorted({k[0] for k in flat_meta})[:6]}); give a python -m dynllava_jax.convert output')
   restore_tree = _nest({k: None for k in flat_meta})
   flat_wanted = {tuple(str(getattr(k, 'key', k)) for k in p): x
                  for p, x in jax.tree_util.tree_flatten_with_path(wanted)[0]}
