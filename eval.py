@@ -13,10 +13,10 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/dynllava.py', 'Model / data / eval config.',
-                                          lock_config=True)
+from dynllava_jax import errors
+
+_CONFIG = errors.define_config_flag('eval.py', 'configs/dynllava.py', 'Model / data / eval config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints/); results go to <workdir>/eval.')
 _METHODS = flags.DEFINE_string('methods', 'dense,dynamic,fastv,pdrop,random,uniform',
                                'Comma-separated sparsification methods.')
@@ -34,7 +34,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
   # ValueError too: the eval-side checks (methods, budgets, samples) raise it with one line.
   errors.guard('eval.py', lambda: run_eval(
@@ -44,5 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from dynllava_jax.errors import flags_parser  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=flags_parser('eval.py'))
+  app.run(main, flags_parser=errors.flags_parser('eval.py'))

@@ -14,10 +14,10 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/dynllava.py', 'Training config.',
-                                          lock_config=True)
+from dynllava_jax import errors
+
+_CONFIG = errors.define_config_flag('train.py', 'configs/dynllava.py', 'Training config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs, metrics.jsonl.')
 flags.mark_flag_as_required('workdir')
 
@@ -26,7 +26,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import loop  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import metrics  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
@@ -41,5 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from dynllava_jax.errors import flags_parser  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=flags_parser('train.py'))
+  app.run(main, flags_parser=errors.flags_parser('train.py'))

@@ -94,6 +94,18 @@ def flags_parser(prog):
   return parse
 
 
+def define_config_flag(prog, default, help_text):
+  """config_flags.DEFINE_config_file('config', ...) (locked). Without --config on the command line the
+  default file and its overrides are parsed right here, at import time: a bad override is one line and
+  exit 2 as in `flags_parser`."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    return config_flags.DEFINE_config_file('config', default, help_text, lock_config=True)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    print(f'{prog}: {_flag_message(e)}', file=sys.stderr, flush=True)
+    sys.exit(USER_EXIT)
+
+
 def _flag_message(e):
   """One line for a flag-parsing error (absl / ml_collections wrap the real error in its traceback)."""
   text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -101,6 +113,9 @@ def _flag_message(e):
   typo = re.search(r"'(\w+)'?\s*Did you mean \"(\w+)\"", text)
   if typo:
     return f'bad flag: the config has no field {typo.group(1)!r} (did you mean {typo.group(2)!r}?)'
+  bare = re.fullmatch(r"""["']*(\w+)["']*""", text)
+  if bare:
+    return f'bad flag: the config has no field {bare.group(1)!r}'
   if 'Traceback' in text:    # an error raised inside the config file: keep its last line
     last = re.findall(r'\b(\w+(?:Error|Exception)): (.*?)(?= File "|$)', text)
     if last:

@@ -8,10 +8,11 @@ corrupt tokenizer.json, an `<image>` id that disagrees with the model config) is
 exit status 2 (docs/reliability.md).
 """
 from absl import app
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/dynllava.py', 'Config (its data section).',
-                                          lock_config=True)
+from dynllava_jax import errors
+
+PROG = 'python -m dynllava_jax.data.build'
+_CONFIG = errors.define_config_flag(PROG, 'configs/dynllava.py', 'Config (its data section).')
 
 
 def build(config):
@@ -31,10 +32,8 @@ def build(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
-  print(errors.guard('python -m dynllava_jax.data.build', lambda: build(_CONFIG.value)), flush=True)
+  print(errors.guard(PROG, lambda: build(_CONFIG.value)), flush=True)
 
 
 if __name__ == '__main__':
-  from dynllava_jax.errors import flags_parser  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=flags_parser('python -m dynllava_jax.data.build'))
+  app.run(main, flags_parser=errors.flags_parser(PROG))

@@ -78,6 +78,13 @@ def build(config):
         raise
       log.info('%s was built by another process', ds_dir)
       return _finish(config, ds_dir)
+    except AssertionError as e:      # tfds: 'No examples were yielded' for a split
+      counter = getattr(builder, 'counter', None)
+      if counter is None or 'No examples' not in str(e):
+        raise
+      raise UserError(f'{config.data.name}: no record of {_source_name(config)} survives the build '
+                      f'({counter.summary()}); fix the data (docs/data.md), e.g. the image folder '
+                      '(data.image_folder)') from None
     ds_dir = os.fspath(builder.data_dir)
     counter = getattr(builder, 'counter', None)
     report = {'total': 0, 'skipped': {}, 'skipped_ids': []}
@@ -86,6 +93,11 @@ def build(config):
       counter.log_summary(f'{config.data.name} build: ')
     _write_json(os.path.join(ds_dir, REPORT), report)
   return _finish(config, ds_dir)
+
+
+def _source_name(config):
+  d = config.data
+  return os.path.join(d.manual_dir, d.json_file) if d.name == 'llava_instruct' else d.name
 
 
 def _finish(config, ds_dir):

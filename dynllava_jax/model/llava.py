@@ -114,10 +114,11 @@ class Llava(nnx.Module):
 
   def embed(self, input_ids, pixel_values=None):
     """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask)."""
+    if pixel_values is not None:
+      check_placeholders(self.mc, input_ids)
     image_mask = input_ids == self.mc.image_token_id
     h = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:
-      check_placeholders(self.mc, input_ids)
       h = merge_image_features(h, self.image_features(pixel_values), image_mask)
     return h, image_mask
 
