@@ -106,3 +106,30 @@ def test_bad_layout_and_dtype(ckpt, tmp_path):
   assert 'layout' in one_line_error(ValueError, hf.save_llava, None, None, str(tmp_path), layout='gguf')
   assert read_config_json(ckpt)['model_type'] == 'llava'
   assert 'dtype=int8' in one_line_error(ValueError, hf.load_llava, ckpt, dtype='int8')
+
+
+def test_truncated_safetensors(ckpt, capsys):
+  from dynllava_jax import convert  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ckpt, 'model.safetensors')
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  msg = one_line_error(ValueError, hf.load_llava, ckpt)
+  assert path in msg and 'truncated' in msg
+  assert convert.main(['--hf_dir', ckpt, '--out', os.path.join(ckpt, 'out')]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'truncated' in err[0] and not os.path.exists(os.path.join(ckpt, 'out'))
+
+
+def test_bin_with_a_pickle_payload(ckpt, capsys):
+  """A pytorch_model.bin that is a pickle of arbitrary objects is refused (never unpickled) in one line."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import convert  # pylint: disable=g-import-not-at-top
+  os.remove(os.path.join(ckpt, 'model.safetensors'))
+  path = os.path.join(ckpt, 'pytorch_model.bin')
+  with open(path, 'wb') as f:
+    pickle.dump({'model.weight': os.getcwd}, f)
+  msg = one_line_error(ValueError, hf.load_llava, ckpt)
+  assert msg.startswith(f'{path}: not a plain tensor file') and msg.endswith('convert it to safetensors')
+  assert convert.main(['--hf_dir', ckpt, '--out', os.path.join(ckpt, 'out')]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'not a plain tensor file' in err[0]

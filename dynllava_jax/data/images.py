@@ -50,6 +50,8 @@ def check_image_file(path, decode=True):
     raise policy.SampleProblem(policy.MISSING_IMAGE, f'no file {path}') from None
   except OSError as e:
     raise policy.SampleProblem(policy.MISSING_IMAGE, f'{path}: {e}') from None
+  except (ValueError, UnicodeError) as e:     # a NUL byte or a lone surrogate in the path
+    raise policy.SampleProblem(policy.MISSING_IMAGE, f'{path!r} is not a usable path: {e}') from None
   if decode:
     decode_image(data)
   return data

@@ -132,6 +132,9 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     if record.get('image') is not None:
       data = images.check_image_file(os.path.join(c.image_folder, record['image']),
                                      decode=c.check_images == 'decode')
+    bad = policy.check_unicode(record)
+    if bad:
+      raise policy.SampleProblem(*bad)
     return {'index': index, 'id': str(record.get('id', index)), 'image': data,
             'has_image': record.get('image') is not None,
             'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},

@@ -150,3 +150,17 @@ class SampleProblem(Exception):
   def __init__(self, reason, detail=''):
     self.reason, self.detail = reason, detail
     super().__init__(f'{reason}: {detail}' if detail else reason)
+
+
+def check_unicode(record):
+  """(MALFORMED, detail) when a string of the record (id, roles, texts) cannot be stored as UTF-8 (a lone
+  surrogate such as "\\ud800" from a JSON escape), else None."""
+  strings = [('id', record.get('id'))] + [(f'turn {i}', t.get(k)) for i, t in enumerate(record['conversations'])
+                                          for k in ('from', 'value')]
+  for where, text in strings:
+    if isinstance(text, str):
+      try:
+        text.encode('utf-8')
+      except UnicodeEncodeError as e:
+        return MALFORMED, f'{where} is not valid Unicode ({e.reason} at character {e.start})'
+  return None
