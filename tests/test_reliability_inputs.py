@@ -269,3 +269,27 @@ def test_eval_on_a_checkpoint_of_another_size(tmp_path, capsys):
   line = guard_exit(lambda: eval_run.load_model(c3, str(tmp_path), report_fn=lambda m: None), capsys,
                     'eval.py', extra=(ValueError,))
   assert 'was trained with another model size' in line and 'language_model' in line, line
+
+
+# ------------------------------------------------------------------------------ the handler itself
+
+def test_handler_keeps_tracebacks_of_bugs_and_reports_disk_errors(capsys):
+  def bug():
+    raise RuntimeError('a bug')
+  with pytest.raises(RuntimeError, match='a bug'):
+    errors.guard('train.py', bug)
+  with pytest.raises(KeyError):
+    errors.guard('eval.py', lambda: {}['x'], extra=(ValueError,))
+  assert errors.guard('train.py', lambda: 7) == 7
+
+  def full():
+    try:
+      raise OSError(28, 'No space left on device', '/w/checkpoints/4.orbax-checkpoint-tmp/x')
+    except OSError as e:
+      raise RuntimeError('orbax save failed') from e
+  line = guard_exit(full, capsys)
+  assert line == ('train.py: cannot write (/w/checkpoints/4.orbax-checkpoint-tmp/x): No space left on device; '
+                  'free disk space or choose a writable directory (a half-written checkpoint is never restored)')
+  line = guard_exit(lambda: (_ for _ in ()).throw(policy.BadSampleError('r7', 'missing_image', 'no file')),
+                    capsys, 'python -m dynllava_jax.data.build')
+  assert line == 'python -m dynllava_jax.data.build: bad record id=r7: missing_image: no file'
