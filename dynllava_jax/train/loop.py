@@ -163,8 +163,8 @@ def train(config, workdir, devices=None):
   say = lambda m: print(m, flush=True) if main else None
   lock = ckpt = it = tel = None
   try:
+    trainer = Trainer(config, workdir, devices)                   # config checks first: nothing written
     lock = WorkdirLock(workdir, report=say) if main else None     # one writer per workdir
-    trainer = Trainer(config, workdir, devices)
     t = config.train
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
