@@ -234,16 +234,18 @@ def test_model_call_with_too_few_placeholders_is_refused():
 # ------------------------------------------------------------------------------ checkpoints of another size
 
 def test_init_from_a_checkpoint_of_another_size(tmp_path, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dynllava_jax import convert  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  small = tu.config({'model.llm.hidden': 64, 'model.llm.head_dim': 16, 'model.llm.mlp_dim': 128})
-  model = Llava(small.model, rngs=nnx.Rngs(0))
-  convert.save_params(model, small.model, str(tmp_path / 'small'))
-  big = Llava(tu.config().model, rngs=nnx.Rngs(0))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(nnx.state(big, nnx.Param)))
+
+  def params(c):      # the dynllava_jax.convert layout (pure dict of the Params), abstract
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(c.model, rngs=nnx.Rngs(0))), nnx.Param))
+  small = params(tu.config({'model.llm.hidden': 64, 'model.llm.head_dim': 16, 'model.llm.mlp_dim': 128}))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(tmp_path / 'small'), jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), small))
+  ckptr.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params(tu.config()))
   line = guard_exit(lambda: ckpt_lib.load_params(str(tmp_path / 'small'), abstract), capsys)
   assert 'has shape' in line and 'a checkpoint of another model size?' in line, line
   line = guard_exit(lambda: ckpt_lib.load_params(str(tmp_path / 'nowhere'), abstract), capsys)

@@ -54,23 +54,66 @@ def _words(x):
 
 
 @jax.jit
-def _digest_arrays(leaves):
-  out = []
-  for x in leaves:
-    w = _words(x)
-    bad = (jnp.sum(~jnp.isfinite(x)).astype(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.inexact)
-           else jnp.zeros((), jnp.uint32))
-    h = (w ^ (w >> 16)) * jnp.uint32(0x45D9F3B)       # a word mix, so low-bit flips reach the sum
-    h = (h ^ (h >> 16)) * jnp.uint32(0x45D9F3B)
+def _digest_leaf(x):
+  """(3,) uint32 for one array; jitted per shape / dtype / sharding (small programs: one per distinct
+  leaf type compiles much faster than one program over the whole state)."""
+  w = _words(x)
+  bad = (jnp.sum(~jnp.isfinite(x)).astype(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.inexact)
+         else jnp.zeros((), jnp.uint32))
+  h = (w ^ (w >> 16)) * jnp.uint32(0x45D9F3B)       # a word mix, so low-bit flips reach the sum
+  h = (h ^ (h >> 16)) * jnp.uint32(0x45D9F3B)
+  h = h ^ (h >> 16)
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(h, dtype=jnp.uint32), bad])
+
+
+def _np_words(a):
+  a = np.asarray(a)
+  if a.dtype == np.bool_:
+    return a.astype(np.uint32).reshape(-1)
+  if a.dtype.itemsize >= 4:
+    return np.ascontiguousarray(a).view(np.uint32).reshape(-1)
+  small = np.uint16 if a.dtype.itemsize == 2 else np.uint8
+  return np.ascontiguousarray(a).view(small).reshape(-1).astype(np.uint32)
+
+
+def _np_digest(a):
+  """_digest_leaf in numpy (bit-identical), for arrays in host memory."""
+  w = _np_words(a)
+  with np.errstate(over='ignore'):
+    h = (w ^ (w >> 16)) * np.uint32(0x45D9F3B)
+    h = (h ^ (h >> 16)) * np.uint32(0x45D9F3B)
     h = h ^ (h >> 16)
-    out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(h, dtype=jnp.uint32), bad]))
+  bad = int((~np.isfinite(np.asarray(a, np.float32))).sum()) if np.issubdtype(np.asarray(a).dtype, np.inexact) \
+      or str(np.asarray(a).dtype) == 'bfloat16' else 0
+  return np.asarray([w.sum(dtype=np.uint64) % 2**32, h.sum(dtype=np.uint64) % 2**32, bad], np.uint64)
+
+
+def _host_digest(x):
+  """Digest of a CPU array from its addressable shards (each element once: replica 0 only)."""
+  if not isinstance(x, jax.Array):
+    return _np_digest(x)
+  out = np.zeros(3, np.uint64)
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      out = (out + _np_digest(np.asarray(shard.data))) % 2**32
   return out
 
 
 def digest(tree):
-  """Per leaf [sum of its uint32 words, sum of the mixed words, non-finite count], mod 2**32 (python ints)."""
+  """Per leaf [sum of its uint32 words, sum of the mixed words, non-finite count], mod 2**32 (python ints).
+
+  Arrays on CPU are digested in numpy shard by shard (no compilation); on accelerators by a small jitted
+  program per leaf type. Both give the same numbers. Multi-process: the per-process sums are added up."""
   leaves = jax.tree.leaves(tree)
-  return [[int(v) for v in np.asarray(d)] for d in jax.device_get(_digest_arrays(leaves))]
+  on_cpu = [not isinstance(x, jax.Array) or next(iter(x.devices())).platform == 'cpu' for x in leaves]
+  dev = jax.device_get([None if c else _digest_leaf(x) for x, c in zip(leaves, on_cpu)])
+  parts = np.stack([_host_digest(x) if c else np.zeros(3, np.uint64) for x, c in zip(leaves, on_cpu)]) \
+      if leaves else np.zeros((0, 3), np.uint64)
+  if jax.process_count() > 1 and any(on_cpu):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    parts = np.asarray(multihost_utils.process_allgather(parts.astype(np.int64))).astype(np.uint64)
+    parts = parts.reshape(-1, len(leaves), 3).sum(0) % 2**32
+  return [[int(v) for v in (np.asarray(d) if d is not None else p)] for d, p in zip(dev, parts)]
 
 
 def describe_difference(want, got):

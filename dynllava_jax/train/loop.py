@@ -156,7 +156,6 @@ def train(config, workdir, devices=None):
   Returns a dict: step, preempted (bool), state (the final train state), trainer, last (last logged
   metrics), eval (last evaluation or {}).
   """
-  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
   pre = Preemption()     # from the start, so a SIGTERM during set-up or the final save still exits cleanly
   main = jax.process_index() == 0
@@ -169,6 +168,7 @@ def train(config, workdir, devices=None):
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
     restored = ckpt.restore_latest(target, report=say, start_over=bool(t.get('restart', False)))
+    from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (tfds: after the checks)
     it = pipeline.make_iterator(config, 'train')
     if restored is None:
       state, step = trainer.init_state(), 0
