@@ -7,6 +7,8 @@ Bad input (a JSON that is not UTF-8 / JSON / a list, a missing folder, every rec
 corrupt tokenizer.json, an `<image>` id that disagrees with the model config) is one line on stderr and
 exit status 2 (docs/reliability.md).
 """
+import logging
+
 from absl import app
 
 from dynllava_jax import errors
@@ -23,15 +25,22 @@ def build(config):
   from dynllava_jax.train.config import check_data_config  # pylint: disable=g-import-not-at-top
   check_data_config(config)
   pipeline._source(config, 'train')  # pylint: disable=protected-access  (build + tokenizer + empty checks)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   ds_dir = builders.build(config)
-  c = policy.SkipCounter('records')
-  c.load_state(builders.read_report(ds_dir))
-  return f'{ds_dir}: {c.summary()}'
+  sizes = {k: v.num_examples for k, v in tfds.builder_from_directory(ds_dir).info.splits.items()}
+  report = builders.read_report(ds_dir)
+  line = f'{ds_dir}: ' + ', '.join(f'{k} {n}' for k, n in sorted(sizes.items()))
+  if report['total']:
+    c = policy.SkipCounter('records')
+    c.load_state(report)
+    line += f'; {c.summary()}'
+  return line
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger('absl').setLevel(logging.WARNING)
   print(errors.guard(PROG, lambda: build(_CONFIG.value)), flush=True)
 
 
