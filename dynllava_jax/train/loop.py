@@ -158,11 +158,11 @@ def train(config, workdir, devices=None):
   """
   from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
   pre = Preemption()     # from the start, so a SIGTERM during set-up or the final save still exits cleanly
-  main = jax.process_index() == 0
-  say = lambda m: print(m, flush=True) if main else None
   lock = ckpt = it = tel = None
   try:
-    trainer = Trainer(config, workdir, devices)                   # config checks first: nothing written
+    trainer = Trainer(config, workdir, devices)   # distributed start-up, config checks: nothing written yet
+    main = jax.process_index() == 0
+    say = lambda m: print(m, flush=True) if main else None
     lock = WorkdirLock(workdir, report=say) if main else None     # one writer per workdir
     t = config.train
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
