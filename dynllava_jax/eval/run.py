@@ -37,7 +37,7 @@ from configs.common import num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.prefill import prefill, sparse_forward
-from dynllava_jax.errors import UserError
+from dynllava_jax.errors import UserError, one_line
 from dynllava_jax.eval import flops as F
 from dynllava_jax.eval import metrics as M
 from dynllava_jax.eval import report
@@ -97,7 +97,11 @@ def _restore_params_only(ck, graphdef, abstract, report_fn):
   if not steps:
     return None
   step = steps[-1]
-  raw = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  try:
+    raw = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  except Exception as e:  # pylint: disable=broad-except  (truncated / damaged: said in one line)
+    raise UserError(f'no checkpoint in {ck.directory} restores (newest, step {step}: {one_line(e, 160)}); '
+                    'evaluate another workdir or retrain') from None
   want, got = _top_modules(abstract), _top_modules(raw)
   if want != got:
     raise ValueError(f'checkpoint {ck.directory}/{step} holds modules {sorted(got)} but this config builds '
