@@ -211,7 +211,10 @@ def test_stale_tmp_dirs_are_removed_and_half_written_steps_never_count(tmp_path)
   saved(tmp_path, [2]).close()
   for name in ('4.orbax-checkpoint-tmp', '6.orbax-checkpoint-tmp-1733000000'):
     os.makedirs(tmp_path / 'checkpoints' / name / 'state')
-  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)          # a reader (eval) leaves them
+  assert ck.steps() == [2] and len(os.listdir(tmp_path / 'checkpoints')) == 3
+  ck.close()
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False, cleanup=True)   # the writer removes them
   assert ck.steps() == [2]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   ck.close()
@@ -233,7 +236,7 @@ def test_full_disk_mid_save_is_one_line_and_nothing_half_written_restores(tmp_pa
   line = tu.user_line(p)
   assert 'cannot write' in line and 'File too large' in line and 'free disk space' in line, line
   assert any('orbax-checkpoint-tmp' in n for n in os.listdir(tmp_path / 'checkpoints'))
-  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False, cleanup=True)
   assert ck.steps() == [1] and os.listdir(tmp_path / 'checkpoints') == ['1']
   step, state, _ = ck.restore_latest(target({'w': jnp.ones((8,))}))
   assert step == 1 and float(state['w'].sum()) == 8.0

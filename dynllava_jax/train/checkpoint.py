@@ -155,12 +155,15 @@ def remove_tmp_dirs(directory):
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the bundle layout and promises above."""
 
-  def __init__(self, workdir, keep=3, async_save=True):
+  def __init__(self, workdir, keep=3, async_save=True, cleanup=False):
+    """cleanup: remove half-written `<step>.orbax-checkpoint-tmp*` dirs first. Only for the workdir's one
+    writer (training, holding the workdir lock): a reader (eval) must not delete a save in progress."""
     if keep < 1:
       raise UserError(f'train.keep_checkpoints={keep} must be >= 1 (0 would keep no checkpoint at all)')
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    remove_tmp_dirs(self.directory)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+    if cleanup:
+      remove_tmp_dirs(self.directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup,
                                         enable_async_checkpointing=async_save)
     self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
 

@@ -165,7 +165,7 @@ def train(config, workdir, devices=None):
     say = lambda m: print(m, flush=True) if main else None
     lock = WorkdirLock(workdir, report=say) if main else None     # one writer per workdir
     t = config.train
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, cleanup=True)
     target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
     restored = ckpt.restore_latest(target, report=say, start_over=bool(t.get('restart', False)))
     from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (tfds: after the checks)
