@@ -53,7 +53,11 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
   if self_mask is None:
     self_mask = jnp.eye(tq, tk, dtype=bool) if tq == tk else jnp.zeros((tq, tk), bool)
   g = key_keep.astype(jnp.float32).reshape(key_keep.shape[0], *([1] * (s.ndim - 3)), 1, tk)
-  g = jnp.maximum(g, self_mask.astype(jnp.float32))
+  # G' = G + (1−G)·I in this algebraic form: its gradient w.r.t. G is 1 off the diagonal and 0 on it.
+  # `maximum(G, I)` has the same value but JAX splits a tie's gradient in halves (0.5 for a dropped key off
+  # the diagonal, 0.5 for a kept one on it), which shifts the predictors' gradients.
+  i = self_mask.astype(jnp.float32)
+  g = g + (1.0 - g) * i
   if mode == 'masked_softmax_eps':
     a = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     ag = a * g
