@@ -55,6 +55,9 @@ def llm_config(size):
       '7b': (32064, 4096, 32, 32, 32, 11008),
       '13b': (32064, 5120, 40, 40, 40, 13824)}[size]
   c.head_dim = c.hidden // c.heads
+  # Ids >= text_vocab_size are padding rows (no tokenizer id): masked out of the training CE and of
+  # sampling (`dynllava_jax/model/vocab.py`). 0 = every id is a text id.
+  c.text_vocab_size = 0
   c.rope_theta = 10000.0
   c.rms_eps = 1e-5
   c.max_position = {'tiny': 1024}.get(size, 4096)

@@ -15,7 +15,9 @@ Original (liuhaotian / Dynamic-LLaVA) checkpoints have a 32000-token vocabulary 
 (LLaVA splices images at id −200). Like HF's own llava-1.5-hf conversion, the import appends `<image>` and
 `<pad>` (ids V, V+1) and pads the vocabulary to a multiple of 64; new embedding / LM-head rows are the mean
 of the existing rows (HF adds small noise; we keep it deterministic). `config.source_vocab_size` remembers V
-so `save_llava(..., layout='original')` writes the original V rows back (bit-exact round trip).
+so `save_llava(..., layout='original')` writes the original V rows back (bit-exact round trip), and
+`config.llm.text_vocab_size = V` keeps the padded ids out of the training loss and of sampling
+(`model/vocab.py`); HF-layout exports carry it as a `text_vocab_size` entry of config.json.
 """
 import json
 import os
@@ -228,6 +230,7 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
     c.image_token_id = int(cfg.get('image_token_id', cfg['image_token_index']))
     pad = tc['pad_token_id'] if tc['pad_token_id'] is not None else cfg.get('pad_token_id')
     c.pad_token_id = int(pad) if pad is not None else c.image_token_id + 1
+    c.llm.text_vocab_size = int(cfg.get('text_vocab_size') or 0)     # written by our export
   else:
     tc = _fill_llm(c, cfg)
     ptype = cfg.get('mm_projector_type', 'linear')
@@ -251,10 +254,12 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
     if 'image_token_index' in cfg:     # written by our export
       c.image_token_id = int(cfg['image_token_index'])
       c.pad_token_id = int(cfg['pad_token_id'] if cfg.get('pad_token_id') is not None else c.image_token_id + 1)
+      c.llm.text_vocab_size = int(cfg.get('text_vocab_size') or 0)
     else:                              # a released checkpoint: append <image>, <pad>
       v = c.llm.vocab_size
       c.source_vocab_size = v
       c.llm.vocab_size = -(-(v + 2) // 64) * 64
+      c.llm.text_vocab_size = v        # the padded ids are not text: masked in the loss and sampling
       c.image_token_id, c.pad_token_id = v, v + 1
   _fill_sparse(c, cfg.get('sparse_config'), keys, shapes)
   check_model_config(c)
@@ -482,12 +487,16 @@ def hf_config_dict(mc, layout, dtype_name):
                vision_config=vision)
     if not mc.get('source_vocab_size'):
       out['image_token_index'] = mc.image_token_id
+      if lc.get('text_vocab_size'):
+        out['text_vocab_size'] = int(lc.text_vocab_size)
   else:
     out = dict(model_type='llava', architectures=['LlavaForConditionalGeneration'], text_config=text,
                vision_config=vision, image_token_index=mc.image_token_id,
                image_seq_length=(vc.image_size // vc.patch_size) ** 2, vision_feature_layer=vc.feature_layer,
                vision_feature_select_strategy=vc.feature_select, projector_hidden_act='gelu',
                multimodal_projector_bias=True, tie_word_embeddings=False, dtype=dtype_name)
+    if lc.get('text_vocab_size'):
+      out['text_vocab_size'] = int(lc.text_vocab_size)
   if sparse:
     out['sparse_config'] = sparse
   return out

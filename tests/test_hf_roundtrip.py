@@ -140,6 +140,8 @@ def test_released_checkpoint_vocab_and_clip_dir(tmp_path):
   model2, config2 = hf.load_llava(str(rel), clip_dir=str(clip))
   assert config2.source_vocab_size == 250 and config2.llm.vocab_size == 256
   assert (config2.image_token_id, config2.pad_token_id) == (250, 251)
+  assert config2.llm.text_vocab_size == 250         # the padded ids stay out of the loss and sampling
+  assert hf.read_config(hf.save_llava(model2, config2, str(tmp_path / 'hf5'))).llm.text_vocab_size == 250
   p1, p2 = flat_params(model), flat_params(model2)
   emb = p2['language_model.embed_tokens.embedding']
   np.testing.assert_array_equal(emb[:250], p1['language_model.embed_tokens.embedding'][:250])

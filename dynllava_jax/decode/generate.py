@@ -24,6 +24,7 @@ from dynllava_jax.decode import request as R
 from dynllava_jax.decode.prefill import eval_section, prefill
 from dynllava_jax.decode.sampling import as_sampling
 from dynllava_jax.decode.step import decode_step, unstack_layers, weight_blocks
+from dynllava_jax.model.vocab import text_vocab_size
 from dynllava_jax.sparsity.registry import make_sparsifier
 
 
@@ -165,7 +166,7 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     method = make_sparsifier(method, mc)
   m = int(ev.max_new_tokens if max_new_tokens is None else max_new_tokens)
   use_cache = bool(ev.use_cache if use_cache is None else use_cache)
-  samp = as_sampling(sampling, ev)
+  samp = as_sampling(sampling, ev, text_vocab_size(mc))
   rng = jax.random.PRNGKey(0) if rng is None else rng
   eos = int(mc.eos_token_id if eos_token_id is None else eos_token_id)
   if not use_cache:
