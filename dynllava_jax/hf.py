@@ -286,10 +286,31 @@ def _fill_sparse(c, sparse_cfg, keys, shapes):
       sc.dim_feedforward = int(shapes('pred_image.transformer.0.mlp.fc1.weight')[0])
 
 
+def _has_weights(path):
+  return any(os.path.exists(os.path.join(path, n)) for n in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+
+
+def _clip_dir(cfg, path, clip_dir):
+  """The CLIP directory to read: clip_dir, else an original config's `mm_vision_tower` when it names a local
+  directory with a config.json (relative to the checkpoint directory, or as given), else None."""
+  if clip_dir:
+    if not os.path.isdir(str(clip_dir)):
+      raise FileNotFoundError(f'clip_dir {clip_dir} does not exist')
+    return str(clip_dir)
+  tower = cfg.get('mm_vision_tower')
+  if detect_family(cfg) != 'original' or not isinstance(tower, str) or not tower:
+    return None
+  for d in (os.path.join(str(path), tower), tower):
+    if os.path.isfile(os.path.join(d, 'config.json')):
+      return d
+  return None
+
+
 def read_config(path, clip_dir=None):
   """Model ConfigDict of a checkpoint directory without reading any tensor."""
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
+  clip_dir = _clip_dir(cfg, path, clip_dir)
   layout = _layout(cfg, ckpt.keys())
   canon = {K.canonical_from_file(k, layout): k for k in ckpt.keys()}
   canon.pop(None, None)
@@ -349,7 +370,10 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   """Loads a LLaVA-1.5 / Dynamic-LLaVA checkpoint directory -> (nnx Llava, model ConfigDict).
 
   dtype: parameter dtype (float32 | bfloat16 | float16); compute_dtype defaults to dtype.
-  clip_dir: a local HF CLIP(Vision)Model directory, for original checkpoints saved without the tower.
+  clip_dir: a local HF CLIP(Vision)Model directory. Its config.json gives the vision sizes when the
+  checkpoint's config.json has none; its weights, if it has any, the tower when the checkpoint has none
+  (weights inside the checkpoint win). Default: an original config's `mm_vision_tower` when that names a
+  local directory (relative to `path` or as given).
   shardings: pytree of NamedSharding matching `nnx.state(model)` (see `dynllava_jax.sharding.state_shardings`
   on `abstract_llava(read_config(path))`), or mesh: derive them from the logical names. Each leaf then goes
   straight to its shards. Raises ValueError / FileNotFoundError with one line naming the problem.
@@ -357,7 +381,8 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
   layout = _layout(cfg, ckpt.keys())
-  clip = Checkpoint(clip_dir) if clip_dir else None
+  clip_dir = _clip_dir(cfg, path, clip_dir)
+  clip = Checkpoint(clip_dir) if clip_dir and _has_weights(clip_dir) else None   # config.json only: sizes
   sources, unknown = _sources(ckpt, layout, clip)
   if unknown:
     raise ValueError(f'{path}: unknown keys for layout {layout!r}: {_names(unknown)}')
@@ -377,7 +402,7 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
     shardings = state_shardings(mesh, state)
   flat_sh = _flat_shardings(shardings)
   needed = K.canonical_names(shapes)
-  _check_keys(needed, sources, mc, layout, clip_dir)
+  _check_keys(needed, sources, mc, layout, clip_dir if clip is not None else None)
   by_path = {}
   for canon, p, i, kind in needed:
     by_path.setdefault(p, []).append((canon, i, kind))
@@ -409,7 +434,7 @@ def _check_keys(needed, sources, mc, layout, clip_dir):
   if missing:
     if not any(c.startswith('vt.') for c in sources) and not clip_dir:
       raise ValueError(f'checkpoint has no vision tower weights (e.g. {K.file_from_canonical(missing[0], layout)}): '
-                       'pass clip_dir= a local HF CLIP directory')
+                       'pass clip_dir= a local HF CLIP directory with weights')
     raise ValueError(f'missing keys for layout {layout!r}: {_names(K.file_from_canonical(m, layout) for m in missing)}')
 
 

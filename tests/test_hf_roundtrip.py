@@ -156,6 +156,40 @@ def test_released_checkpoint_vocab_and_clip_dir(tmp_path):
     np.testing.assert_array_equal(back_t[k], x, err_msg=k)
 
 
+def test_released_checkpoint_with_tower_and_config_only_clip_dir(tmp_path):
+  """Tower weights inside the checkpoint, vision sizes only in a CLIP config.json (no weights beside it):
+  loads with clip_dir=, or by itself when `mm_vision_tower` names that directory."""
+  model, config = sparse_model(seed=1)
+  full = hf.save_llava(model, config, str(tmp_path / 'full'), layout='original')
+  cfg = read_config_json(full)
+  del cfg['vision_config']
+  cfg['mm_vision_tower'] = 'some/local-clip'
+  with open(os.path.join(full, 'config.json'), 'w') as f:
+    json.dump(cfg, f)
+  with pytest.raises(ValueError, match='unknown: pass clip_dir'):
+    hf.load_llava(full)
+  v = config.vision
+  clip = os.path.join(full, 'clip')
+  os.makedirs(clip)
+  with open(os.path.join(clip, 'config.json'), 'w') as f:
+    json.dump(dict(model_type='clip', vision_config=dict(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
+        image_size=v.image_size, patch_size=v.patch_size)), f)
+  model2, config2 = hf.load_llava(full, clip_dir=clip)
+  assert_same_params(model, model2)
+  assert config2.vision.to_dict() == config.vision.to_dict()
+  cfg['mm_vision_tower'] = 'clip'                   # relative to the checkpoint directory
+  with open(os.path.join(full, 'config.json'), 'w') as f:
+    json.dump(cfg, f)
+  assert hf.read_config(full).vision.to_dict() == config.vision.to_dict()
+  assert_same_params(model, hf.load_llava(full)[0])
+  # No tower anywhere: the error says where weights are needed.
+  tensors = load_file(os.path.join(full, 'model.safetensors'))
+  save_file({k: x for k, x in tensors.items() if 'vision_tower' not in k}, os.path.join(full, 'model.safetensors'))
+  with pytest.raises(ValueError, match='no vision tower weights'):
+    hf.load_llava(full)
+
+
 def test_pytorch_bin_checkpoint(tmp_path, tiny_hf):
   """Without safetensors, a (sharded) pytorch_model.bin checkpoint is read memory-mapped, bf16 included."""
   import torch
