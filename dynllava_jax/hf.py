@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.common import model_config
+from dynllava_jax.presets import model_config
 from dynllava_jax import hf_keys as K
 from dynllava_jax.model.llava import Llava, check_model_config
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
 from dynllava_jax.model.attention import causal_allowed

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import causal_allowed
 from dynllava_jax.model.llama import Llama
