@@ -90,7 +90,7 @@ def model_config(size='tiny'):
 
 
 def sparse_config():
-  """Dynamic-LLaVA predictor and rate settings (METHODS.md §1, released defaults)."""
+  """Dynamic-LLaVA predictor and rate settings (docs/methods.md, released defaults)."""
   c = ml_collections.ConfigDict()
   c.enabled = False            # predictors exist / are used
   c.sparse_layer = 2

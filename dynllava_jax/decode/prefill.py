@@ -1,4 +1,4 @@
-"""Sparsified prefill: the decoder run in segments split at the method's drop points (METHODS.md §1).
+"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md).
 
 All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
 original order, padding after; slot order is causal order. At each boundary p (a drop point, or the

@@ -1,4 +1,4 @@
-"""Dynamic-LLaVA training forward and loss (METHODS.md §1). No token is removed; shapes are static.
+"""Dynamic-LLaVA training forward and loss (docs/methods.md). No token is removed; shapes are static.
 
     out = train_forward(model, batch, tau=tau, rng=key)          # sparse (config.model.sparse.enabled)
     sums = loss_sums(out, batch, model.mc.sparse)                # per-batch sums (see below)
