@@ -26,6 +26,25 @@ test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The benchmarks quoted in docs/benchmarks.md (not tests; about an hour on 2 CPU cores). JSON files go to
+# $(BENCH_OUT); `make bench BENCH_OUT=benchmarks/results` refreshes the committed ones.
+BENCH_OUT ?= runs/bench
+bench: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	$(VPY) benchmarks/xla_cost.py --json $(BENCH_OUT)/xla_cost.json
+	$(VPY) benchmarks/prefill_decode.py --batches 8 --new_tokens 4,36 --runs 3 --json $(BENCH_OUT)/prefill_decode_b8.json
+	$(VPY) benchmarks/prefill_decode.py --batches 1 --new_tokens 8,40 --runs 3 --json $(BENCH_OUT)/prefill_decode_b1.json
+	$(VPY) benchmarks/prefill_decode.py --batches 1 --new_tokens 64,512 --runs 0 --no_flops --text_keep_rate 0.5 \
+	    --json $(BENCH_OUT)/kv_bytes_b1.json
+	$(VPY) benchmarks/hf_reference.py --batches 8 --new_tokens 4,36 --runs 5 --json $(BENCH_OUT)/hf_reference_b8.json
+	$(VPY) benchmarks/hf_reference.py --batches 8 --new_tokens 4,36 --runs 5 --json $(BENCH_OUT)/hf_reference_b8_run2.json
+	$(VPY) benchmarks/hf_reference.py --batches 1 --new_tokens 8,72 --runs 5 --json $(BENCH_OUT)/hf_reference_b1.json
+	$(VPY) benchmarks/decode_step.py --batch 1 --capacities 128,768,1536 --json $(BENCH_OUT)/decode_step_b1.json
+	$(VPY) benchmarks/decode_step.py --batch 8 --capacities 128,768,1536 --runs 3 --json $(BENCH_OUT)/decode_step_b8.json
+	$(VPY) benchmarks/decode_step.py --batch 1 --capacities 128,768 --blocks 8 --json $(BENCH_OUT)/decode_step_b1_blocks8.json
+	$(VPY) benchmarks/cpu_kernels.py --json $(BENCH_OUT)/cpu_kernels.json
+	$(VPY) benchmarks/summarize.py $(BENCH_OUT)/*.json
+
 lock: $(STAMP)
 	$(VPY) -m pip freeze | sed 's/+cpu$$//' > constraints-py311.txt
 

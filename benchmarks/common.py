@@ -28,7 +28,7 @@ def bench_config(size='bench', ignore_eos=True):
 
 def make_prompts(model_cfg, batch, text_tokens=64, seed=0):
   """(input_ids (B, T) int32, pixel_values (B, S, S, 3) float32, attention_mask (B, T) int32)."""
-  from configs.common import num_image_tokens  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.presets import num_image_tokens  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   n = num_image_tokens(model_cfg)
   pre = min(8, text_tokens - 1)

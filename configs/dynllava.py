@@ -4,23 +4,24 @@
     python train.py --config configs/dynllava.py:size=7b,dense=True ...
 
 Arguments: size (tiny | bench | 7b | 13b), dense (no predictors: plain LLaVA-1.5).
-Each section's defaults live beside the code that reads them; this file picks sizes and overrides.
+Each section's defaults live beside the code that reads them (model sizes: `dynllava_jax/presets.py`); this
+file picks sizes and overrides.
 """
 import ml_collections
 
-from configs import common
 from dynllava_jax.data.config import data_defaults
 from dynllava_jax.decode.config import eval_defaults
+from dynllava_jax.presets import model_config, parse_arg
 from dynllava_jax.train.config import train_defaults
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', dense=False)
+  arg = parse_arg(arg, size='tiny', dense=False)
   if arg.size not in ('tiny', 'bench', '7b', '13b'):
     raise ValueError(f'config argument size={arg.size!r} is unknown: use tiny | bench | 7b | 13b')
   c = ml_collections.ConfigDict()
   c.size = arg.size
-  c.model = common.model_config(arg.size)
+  c.model = model_config(arg.size)
   c.model.sparse.enabled = not arg.dense
   if arg.size == 'tiny':
     s = c.model.sparse

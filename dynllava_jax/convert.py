@@ -77,7 +77,8 @@ def main(argv=None):
 def _main(argv):
   ap = argparse.ArgumentParser(prog='python -m dynllava_jax.convert', description=__doc__.split('\n')[0])
   ap.add_argument('--hf_dir', help='HF / released checkpoint directory to import')
-  ap.add_argument('--clip_dir', help='local HF CLIP directory (original checkpoints without the tower)')
+  ap.add_argument('--clip_dir', help='local HF CLIP directory (original checkpoints: tower sizes from its config.json, '
+                  'and its weights when the checkpoint has no tower)')
   ap.add_argument('--out', required=True, help='output: orbax dir (import) or HF dir (--export)')
   ap.add_argument('--dtype', default=None, help='float32 | bfloat16 | float16 (import: param dtype, '
                   'default float32; export: stored dtype, default the params\')')

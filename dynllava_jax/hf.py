@@ -15,7 +15,9 @@ Original (liuhaotian / Dynamic-LLaVA) checkpoints have a 32000-token vocabulary 
 (LLaVA splices images at id −200). Like HF's own llava-1.5-hf conversion, the import appends `<image>` and
 `<pad>` (ids V, V+1) and pads the vocabulary to a multiple of 64; new embedding / LM-head rows are the mean
 of the existing rows (HF adds small noise; we keep it deterministic). `config.source_vocab_size` remembers V
-so `save_llava(..., layout='original')` writes the original V rows back (bit-exact round trip).
+so `save_llava(..., layout='original')` writes the original V rows back (bit-exact round trip), and
+`config.llm.text_vocab_size = V` keeps the padded ids out of the training loss and of sampling
+(`model/vocab.py`); HF-layout exports carry it as a `text_vocab_size` entry of config.json.
 """
 import json
 import os
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.common import model_config
+from dynllava_jax.presets import model_config
 from dynllava_jax import hf_keys as K
 from dynllava_jax.errors import UserError, one_line
 from dynllava_jax.model.llava import Llava, check_model_config
@@ -246,6 +248,7 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
     c.image_token_id = int(cfg.get('image_token_id', cfg['image_token_index']))
     pad = tc['pad_token_id'] if tc['pad_token_id'] is not None else cfg.get('pad_token_id')
     c.pad_token_id = int(pad) if pad is not None else c.image_token_id + 1
+    c.llm.text_vocab_size = int(cfg.get('text_vocab_size') or 0)     # written by our export
   else:
     tc = _fill_llm(c, cfg)
     ptype = cfg.get('mm_projector_type', 'linear')
@@ -269,10 +272,12 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
     if 'image_token_index' in cfg:     # written by our export
       c.image_token_id = int(cfg['image_token_index'])
       c.pad_token_id = int(cfg['pad_token_id'] if cfg.get('pad_token_id') is not None else c.image_token_id + 1)
+      c.llm.text_vocab_size = int(cfg.get('text_vocab_size') or 0)
     else:                              # a released checkpoint: append <image>, <pad>
       v = c.llm.vocab_size
       c.source_vocab_size = v
       c.llm.vocab_size = -(-(v + 2) // 64) * 64
+      c.llm.text_vocab_size = v        # the padded ids are not text: masked in the loss and sampling
       c.image_token_id, c.pad_token_id = v, v + 1
   _fill_sparse(c, cfg.get('sparse_config'), keys, shapes)
   check_model_config(c)
@@ -299,10 +304,31 @@ def _fill_sparse(c, sparse_cfg, keys, shapes):
       sc.dim_feedforward = int(shapes('pred_image.transformer.0.mlp.fc1.weight')[0])
 
 
+def _has_weights(path):
+  return any(os.path.exists(os.path.join(path, n)) for n in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX))
+
+
+def _clip_dir(cfg, path, clip_dir):
+  """The CLIP directory to read: clip_dir, else an original config's `mm_vision_tower` when it names a local
+  directory with a config.json (relative to the checkpoint directory, or as given), else None."""
+  if clip_dir:
+    if not os.path.isdir(str(clip_dir)):
+      raise FileNotFoundError(f'clip_dir {clip_dir} does not exist')
+    return str(clip_dir)
+  tower = cfg.get('mm_vision_tower')
+  if detect_family(cfg) != 'original' or not isinstance(tower, str) or not tower:
+    return None
+  for d in (os.path.join(str(path), tower), tower):
+    if os.path.isfile(os.path.join(d, 'config.json')):
+      return d
+  return None
+
+
 def read_config(path, clip_dir=None):
   """Model ConfigDict of a checkpoint directory without reading any tensor."""
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
+  clip_dir = _clip_dir(cfg, path, clip_dir)
   layout = _layout(cfg, ckpt.keys())
   canon = {K.canonical_from_file(k, layout): k for k in ckpt.keys()}
   canon.pop(None, None)
@@ -362,7 +388,10 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   """Loads a LLaVA-1.5 / Dynamic-LLaVA checkpoint directory -> (nnx Llava, model ConfigDict).
 
   dtype: parameter dtype (float32 | bfloat16 | float16); compute_dtype defaults to dtype.
-  clip_dir: a local HF CLIP(Vision)Model directory, for original checkpoints saved without the tower.
+  clip_dir: a local HF CLIP(Vision)Model directory. Its config.json gives the vision sizes when the
+  checkpoint's config.json has none; its weights, if it has any, the tower when the checkpoint has none
+  (weights inside the checkpoint win). Default: an original config's `mm_vision_tower` when that names a
+  local directory (relative to `path` or as given).
   shardings: pytree of NamedSharding matching `nnx.state(model)` (see `dynllava_jax.sharding.state_shardings`
   on `abstract_llava(read_config(path))`), or mesh: derive them from the logical names. Each leaf then goes
   straight to its shards. Raises ValueError / FileNotFoundError with one line naming the problem.
@@ -370,7 +399,8 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
   layout = _layout(cfg, ckpt.keys())
-  clip = Checkpoint(clip_dir) if clip_dir else None
+  clip_dir = _clip_dir(cfg, path, clip_dir)
+  clip = Checkpoint(clip_dir) if clip_dir and _has_weights(clip_dir) else None   # config.json only: sizes
   sources, unknown = _sources(ckpt, layout, clip)
   if unknown:
     raise ValueError(f'{path}: unknown keys for layout {layout!r}: {_names(unknown)}')
@@ -390,7 +420,7 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
     shardings = state_shardings(mesh, state)
   flat_sh = _flat_shardings(shardings)
   needed = K.canonical_names(shapes)
-  _check_keys(needed, sources, mc, layout, clip_dir)
+  _check_keys(needed, sources, mc, layout, clip_dir if clip is not None else None)
   by_path = {}
   for canon, p, i, kind in needed:
     by_path.setdefault(p, []).append((canon, i, kind))
@@ -422,7 +452,7 @@ def _check_keys(needed, sources, mc, layout, clip_dir):
   if missing:
     if not any(c.startswith('vt.') for c in sources) and not clip_dir:
       raise ValueError(f'checkpoint has no vision tower weights (e.g. {K.file_from_canonical(missing[0], layout)}): '
-                       'pass clip_dir= a local HF CLIP directory')
+                       'pass clip_dir= a local HF CLIP directory with weights')
     raise ValueError(f'missing keys for layout {layout!r}: {_names(K.file_from_canonical(m, layout) for m in missing)}')
 
 
@@ -500,12 +530,16 @@ def hf_config_dict(mc, layout, dtype_name):
                vision_config=vision)
     if not mc.get('source_vocab_size'):
       out['image_token_index'] = mc.image_token_id
+      if lc.get('text_vocab_size'):
+        out['text_vocab_size'] = int(lc.text_vocab_size)
   else:
     out = dict(model_type='llava', architectures=['LlavaForConditionalGeneration'], text_config=text,
                vision_config=vision, image_token_index=mc.image_token_id,
                image_seq_length=(vc.image_size // vc.patch_size) ** 2, vision_feature_layer=vc.feature_layer,
                vision_feature_select_strategy=vc.feature_select, projector_hidden_act='gelu',
                multimodal_projector_bias=True, tie_word_embeddings=False, dtype=dtype_name)
+    if lc.get('text_vocab_size'):
+      out['text_vocab_size'] = int(lc.text_vocab_size)
   if sparse:
     out['sparse_config'] = sparse
   return out

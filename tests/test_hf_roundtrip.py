@@ -140,6 +140,8 @@ def test_released_checkpoint_vocab_and_clip_dir(tmp_path):
   model2, config2 = hf.load_llava(str(rel), clip_dir=str(clip))
   assert config2.source_vocab_size == 250 and config2.llm.vocab_size == 256
   assert (config2.image_token_id, config2.pad_token_id) == (250, 251)
+  assert config2.llm.text_vocab_size == 250         # the padded ids stay out of the loss and sampling
+  assert hf.read_config(hf.save_llava(model2, config2, str(tmp_path / 'hf5'))).llm.text_vocab_size == 250
   p1, p2 = flat_params(model), flat_params(model2)
   emb = p2['language_model.embed_tokens.embedding']
   np.testing.assert_array_equal(emb[:250], p1['language_model.embed_tokens.embedding'][:250])
@@ -152,6 +154,40 @@ def test_released_checkpoint_vocab_and_clip_dir(tmp_path):
   assert read_config_json(back)['vocab_size'] == 250 and 'image_token_index' not in read_config_json(back)
   for k, x in released.items():
     np.testing.assert_array_equal(back_t[k], x, err_msg=k)
+
+
+def test_released_checkpoint_with_tower_and_config_only_clip_dir(tmp_path):
+  """Tower weights inside the checkpoint, vision sizes only in a CLIP config.json (no weights beside it):
+  loads with clip_dir=, or by itself when `mm_vision_tower` names that directory."""
+  model, config = sparse_model(seed=1)
+  full = hf.save_llava(model, config, str(tmp_path / 'full'), layout='original')
+  cfg = read_config_json(full)
+  del cfg['vision_config']
+  cfg['mm_vision_tower'] = 'some/local-clip'
+  with open(os.path.join(full, 'config.json'), 'w') as f:
+    json.dump(cfg, f)
+  with pytest.raises(ValueError, match='unknown: pass clip_dir'):
+    hf.load_llava(full)
+  v = config.vision
+  clip = os.path.join(full, 'clip')
+  os.makedirs(clip)
+  with open(os.path.join(clip, 'config.json'), 'w') as f:
+    json.dump(dict(model_type='clip', vision_config=dict(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
+        image_size=v.image_size, patch_size=v.patch_size)), f)
+  model2, config2 = hf.load_llava(full, clip_dir=clip)
+  assert_same_params(model, model2)
+  assert config2.vision.to_dict() == config.vision.to_dict()
+  cfg['mm_vision_tower'] = 'clip'                   # relative to the checkpoint directory
+  with open(os.path.join(full, 'config.json'), 'w') as f:
+    json.dump(cfg, f)
+  assert hf.read_config(full).vision.to_dict() == config.vision.to_dict()
+  assert_same_params(model, hf.load_llava(full)[0])
+  # No tower anywhere: the error says where weights are needed.
+  tensors = load_file(os.path.join(full, 'model.safetensors'))
+  save_file({k: x for k, x in tensors.items() if 'vision_tower' not in k}, os.path.join(full, 'model.safetensors'))
+  with pytest.raises(ValueError, match='no vision tower weights'):
+    hf.load_llava(full)
 
 
 def test_pytorch_bin_checkpoint(tmp_path, tiny_hf):

@@ -53,7 +53,7 @@ def reference_masked_softmax(s, allowed, g, eps=1e-6):
   """float64 numpy: G' = G + (1−G)·I, a = exp(s − max s) with disallowed = −inf, p = (aG' + ε/N)/(ΣaG' + ε)."""
   s = np.where(allowed, s.astype(np.float64), -np.inf)
   n = s.shape[-1]
-  gp = np.maximum(g[:, None, :].astype(np.float64), np.eye(n)[None])
+  gp = g[:, None, :].astype(np.float64) + (1 - g[:, None, :].astype(np.float64)) * np.eye(n)[None]
   a = np.exp(s - s.max(-1, keepdims=True))
   ag = a * gp
   return (ag + eps / n) / (ag.sum(-1, keepdims=True) + eps)

@@ -29,19 +29,12 @@ from dynllava_jax.data import records
 from dynllava_jax.data import templates
 from dynllava_jax.data import tokenizer as tokenizer_lib
 from dynllava_jax.errors import UserError, one_line
+from dynllava_jax.presets import num_image_tokens
 
 log = logging.getLogger('dynllava_jax.data')
 SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_end')
 
 
-def num_image_tokens(model_cfg):
-  """N, image tokens per image (configs.common.num_image_tokens)."""
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-    return common.num_image_tokens(model_cfg)
-  except ImportError:
-    v = model_cfg.vision
-    return (v.image_size // v.patch_size) ** 2 + (1 if v.feature_select == 'full' else 0)
 
 
 def buckets(config):

@@ -5,7 +5,7 @@ Layout of a segment cache:
            C = capacity (a multiple of eval.cache_bucket). One buffer per layer, heads before slots, is
            what a one-token decode step wants: the attention reads each buffer as is and the new token is
            written in place (a stacked (L_s, ...) buffer costs a slice copy per layer and step on XLA CPU;
-           benchmarks/decode_step.py measures it).
+           docs/benchmarks.md §4).
   length   (B,) int32           slots [0, length) hold tokens, in causal order; the next write goes to
                                 slot `length` (per sample)
   next_pos (B,) int32           RoPE position of the next token fed to this segment
@@ -116,8 +116,7 @@ def write_layer(buf, new, slot, write_mask):
   and XLA updates the buffer in place; an out-of-bounds 'drop' scatter instead becomes a select over the
   whole buffer, i.e. a full copy per layer and step. The scatter indexes (batch, head) pairs rather than
   batch rows: at batch 1 a row scatter is simplified to a dynamic-update-slice, which XLA then duplicated
-  into the attention's (bitcast) read — a copy of every buffer per step (decode step 79 -> 44 ms at
-  capacity 1536, benchmarks/decode_step.py).
+  into the attention's (bitcast) read — a copy of every buffer per step (docs/benchmarks.md §4).
   """
   b, h = buf.shape[:2]
   rows, heads, slots = jnp.arange(b)[:, None], jnp.arange(h)[None, :], slot[:, None]

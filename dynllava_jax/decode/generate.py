@@ -9,10 +9,9 @@ overflow a segment cache; the host then grows that cache to the next multiple of
 (one compile per capacity tuple) and continues. So compact caches hold, and cost, only what was kept.
 Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
 """
-import dataclasses
 import time
 from functools import partial
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,40 +20,13 @@ from flax import struct
 
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
+from dynllava_jax.decode.nocache import generate_nocache
+from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import eval_section, prefill
 from dynllava_jax.decode.sampling import as_sampling
 from dynllava_jax.decode.step import decode_step, unstack_layers, weight_blocks
+from dynllava_jax.model.vocab import text_vocab_size
 from dynllava_jax.sparsity.registry import make_sparsifier
-
-
-@dataclasses.dataclass
-class GenerateOutput:
-  """Host (numpy) results of one `generate` call.
-
-  tokens (B, M) int32, pad_token_id after each sample's end; lengths (B,) generated tokens incl. EOS;
-  kept_image_ratio (B,) image tokens present in the last segment / the sample's image tokens (1.0 for
-  text-only samples); kept_text_ratio (B,) fraction of the fed generated tokens the method kept at its text
-  layer (1.0 when none was fed); text_keep (B, M) bool decision for generated token j (True where no
-  decision was made); kv_cache_bytes_prefill / _final: K/V bytes holding tokens after prefill / at the end
-  (all segments and samples; 0 without a cache); kv_cache_bytes_allocated: final buffer bytes;
-  capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None;
-  caches: the final SegmentCache tuple (device arrays) when return_caches=True, else None; decode_s: wall
-  seconds from the prefill's outputs being ready to the tokens on the host (KV-cache path; else None).
-  """
-  tokens: np.ndarray
-  lengths: np.ndarray
-  kept_image_ratio: np.ndarray
-  kept_text_ratio: np.ndarray
-  kv_cache_bytes_prefill: int
-  kv_cache_bytes_final: int
-  kv_cache_bytes_allocated: int
-  text_keep: np.ndarray
-  capacities: list
-  logits: Optional[np.ndarray] = None
-  caches: Optional[tuple] = None
-  method: str = ''
-  use_cache: bool = True
-  decode_s: Optional[float] = None
 
 
 @struct.dataclass
@@ -165,11 +137,10 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     method = make_sparsifier(method, mc)
   m = int(ev.max_new_tokens if max_new_tokens is None else max_new_tokens)
   use_cache = bool(ev.use_cache if use_cache is None else use_cache)
-  samp = as_sampling(sampling, ev)
+  samp = as_sampling(sampling, ev, text_vocab_size(mc))
   rng = jax.random.PRNGKey(0) if rng is None else rng
   eos = int(mc.eos_token_id if eos_token_id is None else eos_token_id)
   if not use_cache:
-    from dynllava_jax.decode.nocache import generate_nocache
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
                             sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos)
   p_rng, d_rng = jax.random.split(rng)

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.decode import request as R
+from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import sparse_forward
 
 
@@ -73,7 +74,6 @@ def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max
 def generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, *, max_new_tokens, sampling,
                      rng, return_logits=False, eos_token_id=None):
   """`generate(..., use_cache=False)`; ev: the eval config section. Returns GenerateOutput."""
-  from dynllava_jax.decode.generate import GenerateOutput
   mc = model.mc
   m = int(max_new_tokens)
   method.validate(mc, num_image_tokens(mc))

@@ -1,4 +1,4 @@
-"""Sparsified prefill: the decoder run in segments split at the method's drop points (METHODS.md §1).
+"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md).
 
 All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
 original order, padding after; slot order is causal order. At each boundary p (a drop point, or the
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
 from dynllava_jax.model.attention import causal_allowed

@@ -1,18 +1,25 @@
 """Next-token choice: greedy, or temperature / top-p (nucleus) sampling with an explicit PRNG key.
 
     s = Sampling(temperature=0.7, top_p=0.9);  tok = s.sample(logits, key)     # logits (B, V) -> (B,)
+
+`text_vocab_size` > 0: ids >= it (vocabulary padding, `model/vocab.py`) are never chosen, greedy or sampled;
+`generate` sets it from `model.llm.text_vocab_size`.
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.model.vocab import mask_padded
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """temperature 0 = greedy (argmax, the key is unused); top_p in (0, 1] (1 = full distribution)."""
+  """temperature 0 = greedy (argmax, the key is unused); top_p in (0, 1] (1 = full distribution);
+  text_vocab_size: ids >= it are never chosen (0 = none masked)."""
   temperature: float = 0.0
   top_p: float = 1.0
+  text_vocab_size: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -26,6 +33,7 @@ class Sampling:
 
   def sample(self, logits, key):
     """logits (B, V) fp32 -> tokens (B,) int32."""
+    logits = mask_padded(logits, self.text_vocab_size)
     if self.greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = logits.astype(jnp.float32) / self.temperature
@@ -39,8 +47,14 @@ class Sampling:
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
-def as_sampling(spec, eval_cfg=None):
-  """Sampling from None (eval config or greedy), 'greedy', a dict, or a Sampling."""
+def as_sampling(spec, eval_cfg=None, text_vocab_size=0):
+  """Sampling from None (eval config or greedy), 'greedy', a dict, or a Sampling; text_vocab_size > 0
+  (the model's, `model.vocab.text_vocab_size`) replaces the spec's."""
+  s = _as_sampling(spec, eval_cfg)
+  return dataclasses.replace(s, text_vocab_size=int(text_vocab_size)) if text_vocab_size else s
+
+
+def _as_sampling(spec, eval_cfg):
   if isinstance(spec, Sampling):
     return spec
   if spec is None:

@@ -15,8 +15,7 @@ buffers, and
 each layer writes its new K/V into its buffers right after computing them, before its attention reads
 them (read-then-write made XLA copy every buffer each step). A one-token step is bound by
 reading the weights once; a scan over the stacked weights would first copy each layer's slice (XLA CPU
-materialises the dynamic slice feeding a dot), which made the step ~2x slower
-(benchmarks/decode_step.py, docs/benchmarks.md §4).
+materialises the dynamic slice feeding a dot). The three designs and their timings: docs/benchmarks.md §4.
 """
 from functools import partial
 
@@ -71,8 +70,7 @@ def _blocked(graphdef, state, n):
 
 def weight_blocks(setting, batch):
   """eval.decode_weight_blocks: 0 = auto (8 column blocks from batch 4 on, else 1), or a count >= 1.
-  Measured on 2 cores (benchmarks/decode_step.py --blocks, docs/benchmarks.md §4): at capacity 128 a batch-8
-  step goes 87 -> 78 ms with 8 blocks, a batch-1 step 36 -> 43 ms (a one-row dot is not the bottleneck)."""
+  Blocks help a batched step and slow a batch-1 one (docs/benchmarks.md §4)."""
   setting = int(setting)
   if setting < 0:
     raise ValueError(f'eval.decode_weight_blocks={setting} must be >= 0 (0: auto)')

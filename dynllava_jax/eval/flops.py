@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 
 
 # ---------------------------------------------------------------- drop schedule

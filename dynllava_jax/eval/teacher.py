@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
+from dynllava_jax.model.vocab import mask_padded, text_vocab_size
 from dynllava_jax.sparsity.base import ScoreContext, TextContext
 
 
@@ -102,7 +103,7 @@ def answer_nll(model, method, input_ids, pixel_values, attention_mask, last_inde
   """Per-sample (Σ NLL over answer tokens, answer-token count), both (B,) float32."""
   logits, _ = pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_index, rng)
   t = input_ids.shape[1]
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  logp = jax.nn.log_softmax(mask_padded(logits[:, :-1], text_vocab_size(model.mc)), axis=-1)
   target = input_ids[:, 1:]
   nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
   pos = jnp.arange(1, t)[None, :]

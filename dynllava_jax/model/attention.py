@@ -53,7 +53,11 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
   if self_mask is None:
     self_mask = jnp.eye(tq, tk, dtype=bool) if tq == tk else jnp.zeros((tq, tk), bool)
   g = key_keep.astype(jnp.float32).reshape(key_keep.shape[0], *([1] * (s.ndim - 3)), 1, tk)
-  g = jnp.maximum(g, self_mask.astype(jnp.float32))
+  # G' = G + (1−G)·I in this algebraic form: its gradient w.r.t. G is 1 off the diagonal and 0 on it.
+  # `maximum(G, I)` has the same value but JAX splits a tie's gradient in halves (0.5 for a dropped key off
+  # the diagonal, 0.5 for a kept one on it), which shifts the predictors' gradients.
+  i = self_mask.astype(jnp.float32)
+  g = g + (1.0 - g) * i
   if mode == 'masked_softmax_eps':
     a = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     ag = a * g
@@ -71,8 +75,7 @@ def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_
   """Scaled dot-product attention with GQA. Returns (B, Tq, Hq, D) in q.dtype (and probs if asked).
 
   allowed (B, Tq, Tk) bool. Probabilities are computed in fp32 and returned as (B, Hq, Tq, Tk). The
-  products run heads-major ((B, Hkv, G, T, D) operands), which XLA CPU runs ~1.4x faster than
-  sequence-major einsums.
+  products run heads-major ((B, Hkv, G, T, D) operands; why: docs/benchmarks.md §5).
 
   causal_chunk > 0 (inference): queries in chunks of that many rows, chunk [a, e) against keys [0, e)
   only. The caller promises `allowed` is causal in sequence order (allowed[b, i, j] implies j <= i), so the
@@ -105,13 +108,12 @@ def _causal_chunked(q, k, v, allowed, chunk):
   """Exact causal attention by query chunks, one sample at a time. q (B, T, Hq, D), k / v (B, T, Hkv, D),
   allowed (B, T, T) causal -> o (B, T, Hq, D) fp32.
 
-  Inference only, tuned for XLA CPU: samples run one after another (a scan over the batch; each sample's
-  heads-major transposes inside it), so a chunk's scores (Hq, chunk, e) stay in cache instead of streaming
-  (B, Hq, chunk, e) through memory (bench batch 8: 194 -> 85-100 ms a layer); the scale goes on q, and the
-  softmax is normalised after the product with v (one pass over the scores fewer). Scores and
-  exponentials stay separate buffers (`optimization_barrier`): XLA CPU otherwise fuses the softmax into the
-  products less efficiently. A batch sharded over devices would be gathered by the loop: use
-  causal_chunk = 0 there.
+  Inference only, laid out for XLA CPU (measurements: docs/benchmarks.md §5): samples run one after another
+  (a scan over the batch; each sample's heads-major transposes inside it), so a chunk's scores
+  (Hq, chunk, e) stay in cache instead of streaming (B, Hq, chunk, e) through memory; the scale goes on q,
+  and the softmax is normalised after the product with v (one pass over the scores fewer). Scores and
+  exponentials stay separate buffers (`optimization_barrier`), which XLA CPU runs faster than the fused
+  form. A batch sharded over devices would be gathered by the loop: use causal_chunk = 0 there.
   """
   b, t, hq, d = q.shape
   q = q * jnp.asarray(d ** -0.5, q.dtype)
@@ -123,8 +125,8 @@ def _causal_chunked(q, k, v, allowed, chunk):
     outs = []
     for a in range(0, t, chunk):
       e = min(a + chunk, t)
-      # (G, rows) flattened into one row axis, everything 3-D (with a G axis, even of 1, XLA CPU ran the
-      # chunk 2x slower at batch 1)
+      # (G, rows) flattened into one row axis, everything 3-D (a G axis, even of 1, is slower on XLA CPU:
+      # docs/benchmarks.md §5)
       rows = g * (e - a)
       s = jnp.einsum('hqd,hkd->hqk', qh[:, :, a:e].reshape(hkv, rows, d), kh[:, :e],
                      preferred_element_type=jnp.float32)

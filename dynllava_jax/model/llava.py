@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.common import num_image_tokens
+from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import causal_allowed
 from dynllava_jax.model.llama import Llama
@@ -35,6 +35,9 @@ def check_model_config(mc):
                      f'{vc.patch_size} and heads={vc.heads} must divide width={vc.width}')
   if not 0 < mc.image_token_id < lc.vocab_size:
     raise ValueError(f'image_token_id={mc.image_token_id} is outside the vocabulary ({lc.vocab_size})')
+  if not 0 <= int(lc.get('text_vocab_size', 0) or 0) <= lc.vocab_size:
+    raise ValueError(f'llm.text_vocab_size={lc.text_vocab_size} must be in [0, vocab_size={lc.vocab_size}] '
+                     '(0: every id is a text id)')
   if sc.enabled:
     if not 0 <= sc.sparse_layer < lc.layers:
       raise ValueError(f'sparse.sparse_layer={sc.sparse_layer} must be in [0, llm.layers={lc.layers})')

@@ -1,4 +1,4 @@
-"""Dynamic-LLaVA keep-predictors (METHODS.md §1). Logit index 0 = keep (the released code).
+"""Dynamic-LLaVA keep-predictors (docs/methods.md). Logit index 0 = keep (the released code).
 
 ImagePredictor: image hidden states (B, N, H) + previous keep mask (B, N) -> logits (B, N, 2).
 TextPredictor (output-text and instruct): hidden states (B, T, H) -> logits (B, T, 2), no token mixing.

@@ -1,4 +1,4 @@
-"""Dynamic-LLaVA's learned sparsification at inference (METHODS.md §1).
+"""Dynamic-LLaVA's learned sparsification at inference (docs/methods.md).
 
 Image tokens: at `sparse_layer` the image predictor scores each sample's image tokens; scores are the keep
 log-probability log_softmax(logits)[..., 0] and the engine keeps the top k = ⌊N_img·r_I⌋ (the paper's

@@ -12,9 +12,10 @@ import collections
 import jax
 import numpy as np
 
+from dynllava_jax.train.batch import to_device
+
 
 def _to_device(batch, trainer):
-  from dynllava_jax.train.loop import to_device  # pylint: disable=g-import-not-at-top
   return to_device(batch, trainer.batch_sharding, trainer.config.model.pad_token_id)
 
 

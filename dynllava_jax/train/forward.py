@@ -1,4 +1,4 @@
-"""Dynamic-LLaVA training forward and loss (METHODS.md §1). No token is removed; shapes are static.
+"""Dynamic-LLaVA training forward and loss (docs/methods.md). No token is removed; shapes are static.
 
     out = train_forward(model, batch, tau=tau, rng=key)          # sparse (config.model.sparse.enabled)
     sums = loss_sums(out, batch, model.mc.sparse)                # per-batch sums (see below)
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
+from dynllava_jax.model.vocab import mask_padded, text_vocab_size
 from dynllava_jax.sparsity.dynamic import image_keep_count
 
 IGNORE = -100
@@ -125,7 +126,8 @@ def image_keep_columns(m_img, image_start, has_image, t):
 
 def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, remat=None,
                   image_topk=False):
-  """Training forward. Returns a dict: logits (B, T, V) fp32, and when sparse: keep (B, T) G, m_img (B, N),
+  """Training forward. Returns a dict: logits (B, T, V) fp32 (ids >= model.llm.text_vocab_size at NEG_INF,
+  `model/vocab.py`), and when sparse: keep (B, T) G, m_img (B, N),
   m_ot / ot_span (B, T), ot_qual (B,), [m_ins / ins_span / ins_qual], the predictor logits.
 
   rng: PRNG key for the Gumbel noise, or `noise` = {'image': (B, N, 2), 'answer': (B, T, 2),
@@ -145,7 +147,7 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   h, _ = model.embed(ids, batch['pixel_values'])
   if not sparse:
     h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat)
-    return {'logits': lm.head(h)}
+    return {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
   k = sc.sparse_layer
   h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat)
   out = {}
@@ -170,7 +172,7 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
     out.update(m_ins=m, ins_span=span, ins_qual=qual)
     keep = keep * m
   h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat)
-  out['logits'] = lm.head(h)
+  out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   out['keep'] = keep
   return out
 

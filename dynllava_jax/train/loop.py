@@ -12,10 +12,10 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dynllava_jax import sharding as shd
 from dynllava_jax.train import checkpoint as ckpt_lib
+from dynllava_jax.train.batch import BATCH_AXES, batch_sharding, to_device  # noqa: F401 (re-exported)
 from dynllava_jax.train import evaluate
 from dynllava_jax.train import metrics as met
 from dynllava_jax.train import optim
@@ -24,7 +24,6 @@ from dynllava_jax.train import step as step_lib
 from dynllava_jax.train.config import apply_overrides, check_config
 
 log = logging.getLogger('dynllava_jax.train')
-BATCH_AXES = ('data', 'fsdp')
 _DISTRIBUTED = False
 
 
@@ -78,17 +77,6 @@ class Preemption:
   def close(self):
     for sig, h in self._old.items():
       signal.signal(sig, h)
-
-
-def batch_sharding(mesh):
-  return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def to_device(batch, sharding, pad_id=0):
-  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  keys = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'has_image', 'image_start',
-          'instr_start', 'instr_end', 'answer_start', 'answer_end')
-  return pipeline.to_global({k: batch[k] for k in keys}, sharding, pad_id)
 
 
 class Trainer:

@@ -1,0 +1,29 @@
+"""Vocabulary rows a model carries beyond its tokenizer, kept out of the loss and of sampling.
+
+An original-layout checkpoint (liuhaotian LLaVA-1.5 / released Dynamic-LLaVA) has the tokenizer's V rows
+(32000 for Vicuna); `hf.load_llava` appends `<image>` and `<pad>` and pads to a multiple of 64 (32064) with
+mean rows, and sets `model.llm.text_vocab_size = V`. The released training softmax and sampling run over
+those V ids only, so ours mask ids >= V: `mask_padded(logits, n)` gives them NEG_INF before the
+cross-entropy (`train/forward.py`, `eval/teacher.py`) and before greedy / sampled choice
+(`decode/sampling.py`). The model's own logits (`Llava.__call__`) stay unmasked (HF parity).
+
+    n = text_vocab_size(model.mc)              # 0: every id is a text id (nothing masked)
+    logits = mask_padded(logits, n)            # (..., V_model) -> same, ids >= n at NEG_INF
+"""
+import jax.numpy as jnp
+
+from dynllava_jax.model.attention import NEG_INF
+
+
+def text_vocab_size(mc):
+  """`model.llm.text_vocab_size` as an int; 0 (mask nothing) when unset, 0 or the whole vocabulary."""
+  n = int(mc.llm.get('text_vocab_size', 0) or 0)
+  return 0 if n >= int(mc.llm.vocab_size) else n
+
+
+def mask_padded(logits, n):
+  """logits (..., V) with entries for ids >= n set to NEG_INF (a finite −inf: no NaN in gradients);
+  n = 0 returns logits unchanged."""
+  if not n or n >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < n, logits, jnp.asarray(NEG_INF, logits.dtype))

@@ -1,0 +1,116 @@
+"""Model size presets and the config-file argument parser (what `configs/*.py` build their configs from).
+
+    from dynllava_jax import presets
+    mc = presets.model_config('7b')                       # vision + projector + LLM + ids + numerics
+    arg = presets.parse_arg('size=tiny,dense=1', size='tiny', dense=False)
+
+Model sizes follow the published HF `llava-hf/llava-1.5-{7b,13b}-hf` configs exactly; `tiny` is for tests
+and the CPU demo; `bench` has LLaVA-7B's proportions (576 image tokens, 4096/1024 ≈ 4) at a size a CPU can
+time.
+"""
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """Parses `"size=7b,foo=1"` (or a bare `"7b"` for the first key) into a ConfigDict with typed defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  keys = list(defaults)
+  for i, item in enumerate(arg.split(',')):
+    if not item:
+      continue
+    if '=' in item:
+      k, v = item.split('=', 1)
+    else:
+      k, v = keys[i], item
+    if k not in defaults:
+      raise ValueError(f'config argument {k!r} is unknown; known: {sorted(defaults)}')
+    t = type(defaults[k])
+    out[k] = (v.lower() in ('1', 'true', 'yes')) if t is bool else t(v)
+  return out
+
+
+def vision_config(size):
+  """CLIP ViT tower. `feature_layer` indexes HF's hidden_states (0 = embeddings); -2 = LLaVA-1.5."""
+  c = ml_collections.ConfigDict()
+  c.image_size, c.patch_size = {
+      'tiny': (64, 8), 'bench': (336, 14), '7b': (336, 14), '13b': (336, 14)}[size]
+  c.width, c.depth, c.heads, c.mlp_dim = {
+      'tiny': (64, 3, 4, 128),
+      'bench': (384, 6, 6, 1536),
+      '7b': (1024, 24, 16, 4096),
+      '13b': (1024, 24, 16, 4096)}[size]
+  c.layer_norm_eps = 1e-5
+  c.feature_layer = -2
+  c.feature_select = 'default'   # 'default' drops CLS, 'full' keeps it
+  # Initial position embeddings: 'normal' (HF CLIP's N(0, 0.02)) | 'sincos2d' (a fixed 2-D sine-cosine
+  # table, big_vision style; CLS row 0). Only the init: the checkpoint layout and the forward are the same.
+  c.pos_init = 'normal'
+  return c
+
+
+def llm_config(size):
+  """LLaMA / Vicuna decoder."""
+  c = ml_collections.ConfigDict()
+  (c.vocab_size, c.hidden, c.layers, c.heads, c.kv_heads, c.mlp_dim) = {
+      'tiny': (256, 128, 4, 4, 2, 352),
+      'bench': (32064, 1024, 16, 16, 16, 2816),
+      '7b': (32064, 4096, 32, 32, 32, 11008),
+      '13b': (32064, 5120, 40, 40, 40, 13824)}[size]
+  c.head_dim = c.hidden // c.heads
+  # Ids >= text_vocab_size are padding rows (no tokenizer id): masked out of the training CE and of
+  # sampling (`dynllava_jax/model/vocab.py`). 0 = every id is a text id.
+  c.text_vocab_size = 0
+  c.rope_theta = 10000.0
+  c.rms_eps = 1e-5
+  c.max_position = {'tiny': 1024}.get(size, 4096)
+  return c
+
+
+def model_config(size='tiny'):
+  """Full LLaVA-1.5 model config (vision + projector + LLM + token ids + numerics)."""
+  c = ml_collections.ConfigDict()
+  c.vision = vision_config(size)
+  c.llm = llm_config(size)
+  c.projector = 'mlp2x_gelu'
+  # Token ids. HF llava-1.5-hf: <image> = 32000, <pad> = 32001; the digits_vqa tokenizer fixes 0..4.
+  if size == 'tiny':
+    c.image_token_id, c.pad_token_id, c.bos_token_id, c.eos_token_id = 4, 3, 1, 2
+  else:
+    c.image_token_id, c.pad_token_id, c.bos_token_id, c.eos_token_id = 32000, 32001, 1, 2
+  c.dtype = 'float32'          # compute dtype: float32 | bfloat16
+  c.param_dtype = 'float32'
+  c.remat = False              # jax.checkpoint per decoder / ViT layer
+  c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
+  c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
+                               # (exact; skips keys after each chunk); 0 = one block
+  c.sparse = sparse_config()
+  return c
+
+
+def sparse_config():
+  """Dynamic-LLaVA predictor and rate settings (docs/methods.md, released defaults)."""
+  c = ml_collections.ConfigDict()
+  c.enabled = False            # predictors exist / are used
+  c.sparse_layer = 2
+  c.d_model, c.nhead, c.dim_feedforward, c.num_layers = 512, 8, 2048, 2
+  c.image_keep_ratio = 0.2     # r_I
+  c.text_keep_ratio = 0.5      # r_OT
+  c.instruct_keep_ratio = 0.7
+  c.len_ot = 50
+  c.instruct_min_len = 25
+  c.use_image = True
+  c.use_output_text = True
+  c.use_instruct = False
+  c.lambda_ratio = 100.0
+  c.tau0, c.tau1 = 1.0, 0.1
+  c.topk = True                # prefill: top-k (TopkArgmax) vs plain argmax
+  return c
+
+
+def num_image_tokens(model_cfg):
+  """Image tokens per image: the patch grid, plus CLS when `vision.feature_select == 'full'`."""
+  v = model_cfg.vision
+  n = (v.image_size // v.patch_size) ** 2
+  return n + (1 if v.feature_select == 'full' else 0)
