@@ -16,7 +16,9 @@ def recorded():
 
 
 def test_uniform_plan_is_bit_identical_to_the_recorded_model(recorded):
-  got = fixture.compute()
-  assert sorted(got) == sorted(recorded)
-  for k in recorded:
+  """A subset that compiles in about a minute (`scripts/record_model_fixture.py --check` compares all)."""
+  got = fixture.compute(methods=('dense', 'dynamic', 'fastv', 'pdrop'), teacher_methods=('dynamic', 'fastv'),
+                        generated=('dense', 'dynamic'), nocache=False)
+  assert len(got) >= 15
+  for k in got:
     np.testing.assert_array_equal(got[k], recorded[k], err_msg=k)
