@@ -78,6 +78,9 @@ def model_config(size='tiny'):
   c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
   c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
                                # (exact; skips keys after each chunk); 0 = one block
+  # Decoder layer plan (dynllava_jax/model/plan.py): comma-separated `kind[*count][:full|frozen]`, e.g.
+  # 'dense:frozen,dense*3'; '' = every layer `dense` and trained. Each run of equal layers is one scan.
+  c.layer_plan = ''
   c.sparse = sparse_config()
   return c
 

@@ -26,6 +26,7 @@ from configs.common import num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
 from dynllava_jax.model.attention import causal_allowed
+from dynllava_jax.model.llama import full_attention
 from dynllava_jax.sparsity.base import ScoreContext, TextContext
 
 
@@ -99,13 +100,13 @@ def _run(model, h, positions, valid, start, stop, return_kv):
 
 def _run_last_query(model, h, positions, valid, start, return_kv):
   """The last segment when only each sample's last real position is read (its logits): layers
-  [start, L − 1) as usual, then the last layer's K/V for every token but its attention output and MLP for
-  the last position only (`DecoderLayer.last_query`; saves ~85 % of that layer). -> (h_last (B, 1, H), kv)."""
+  [start, L − 1) as usual, then the last layer with `select` = the last position (its K/V for every token,
+  its attention output and MLP for that position only). -> (h_last (B, 1, H), kv)."""
   lm = model.language_model
   n_layers = lm.lc.layers
   h, kv = _run(model, h, positions, valid, start, n_layers - 1, return_kv)
   last = jnp.sum(valid, -1).astype(jnp.int32) - 1
-  h_last, (k, v) = lm.layer_at(n_layers - 1).last_query(h, positions, valid, last)
+  h_last, (k, v) = lm.layer_at(n_layers - 1)(h, positions, full_attention(valid[:, None, :]), select=last)
   if return_kv:
     kv = (k[None], v[None]) if kv is None else (jnp.concatenate([kv[0], k[None]], 0),
                                                 jnp.concatenate([kv[1], v[None]], 0))

@@ -79,7 +79,7 @@ class Llava(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     self.vision_tower = VisionTower(mc.vision, **kw)
     self.projector = Projector(mc.vision.width, mc.llm.hidden, **kw)
-    self.language_model = Llama(mc.llm, **kw)
+    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''), **kw)
     sc = mc.sparse
     if sc.enabled:
       self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)
