@@ -106,6 +106,6 @@ def sparse_config():
 
 
 def num_image_tokens(model_cfg):
-  v = model_cfg.vision
-  n = (v.image_size // v.patch_size) ** 2
-  return n + (1 if v.feature_select == 'full' else 0)
+  """Image tokens per image: asks the projector (dynllava_jax/model/projector.py)."""
+  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
+  return num_visual_tokens(model_cfg)

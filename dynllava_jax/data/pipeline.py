@@ -33,13 +33,9 @@ SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_
 
 
 def num_image_tokens(model_cfg):
-  """N, image tokens per image (configs.common.num_image_tokens)."""
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-    return common.num_image_tokens(model_cfg)
-  except ImportError:
-    v = model_cfg.vision
-    return (v.image_size // v.patch_size) ** 2 + (1 if v.feature_select == 'full' else 0)
+  """N, image tokens per image (the projector's, `model.projector.num_visual_tokens`)."""
+  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
+  return num_visual_tokens(model_cfg)
 
 
 def buckets(config):

@@ -9,7 +9,6 @@ real keys).
 """
 import math
 
-import jax
 import jax.numpy as jnp
 
 from dynllava_jax.model.attention import dot_attention
@@ -33,6 +32,12 @@ def query_attention(layer, h, positions, valid, query_index):
   allowed = (jnp.arange(t)[None, :] <= qi) & valid.astype(bool)               # (B, T)
   _, p = dot_attention(q, k, v, allowed[:, None, :], return_probs=True)        # (B, Hq, 1, T)
   return jnp.mean(p[:, :, 0] * allowed[:, None, :], axis=1)
+
+
+def query_attention_flops(lc, t, batch=1):
+  """`query_attention` on t tokens: k projection of every token, q of one, its scores over t keys."""
+  return batch * (2 * t * lc.hidden * lc.kv_heads * lc.head_dim + 2 * lc.hidden * lc.heads * lc.head_dim
+                  + 2 * t * lc.heads * lc.head_dim)
 
 
 def round_half_up(x):
@@ -66,6 +71,9 @@ class FastV(Sparsifier):
                        'honour needs_prev_hidden=True')
     layer = ctx.model.language_model.layer_at(ctx.layer - 1)
     return query_attention(layer, ctx.h_prev, ctx.positions, ctx.valid, ctx.last_index)
+
+  def scoring_flops(self, model_cfg, t, n, batch=1):
+    return query_attention_flops(model_cfg.llm, t, batch)
 
   def describe(self):
     return {'method': self.name, 'K': self.k, 'R': self.r}
