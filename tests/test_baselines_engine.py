@@ -73,7 +73,8 @@ def _direct_last_row(s, layer_index):
   """The plain forward's attention probabilities in layer `layer_index`, last token's row, head mean."""
   layer = s['model'].language_model.layer_at(layer_index)
   mask = jnp.asarray(s['right'][1])
-  q, k, v = layer.attn.qkv(layer.input_norm(s['hs'][layer_index]), s['pos'])
+  x = layer.input_norm(s['hs'][layer_index])
+  q, (k, v) = layer.attn.q(x, s['pos']), layer.attn.kv(x, s['pos'])
   _, p = dot_attention(q, k, v, dense_allowed(mask), return_probs=True)      # (B, Hq, T, T)
   return p[jnp.arange(p.shape[0]), :, jnp.asarray(s['last'])].mean(axis=1)
 

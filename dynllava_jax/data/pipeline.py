@@ -27,15 +27,10 @@ from dynllava_jax.data import policy
 from dynllava_jax.data import records
 from dynllava_jax.data import templates
 from dynllava_jax.data import tokenizer as tokenizer_lib
+from dynllava_jax.model.projector import num_visual_tokens
 
 log = logging.getLogger('dynllava_jax.data')
 SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_end')
-
-
-def num_image_tokens(model_cfg):
-  """N, image tokens per image (the projector's, `model.projector.num_visual_tokens`)."""
-  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
-  return num_visual_tokens(model_cfg)
 
 
 def buckets(config):
@@ -57,7 +52,7 @@ class Processor:
   def __init__(self, config, tokenizer_path, prompt=False):
     m = config.model
     self.image_size = int(m.vision.image_size)
-    self.n_img = int(num_image_tokens(m))
+    self.n_img = int(num_visual_tokens(m))
     self.image_token_id, self.bos_id = int(m.image_token_id), int(m.bos_token_id)
     self.max_len = int(config.data.max_len)
     self.strict = bool(config.data.strict)

@@ -26,11 +26,6 @@ class Attention(nnx.Module):
     self.v_proj = L.dense(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), **kw)
     self.o_proj = L.dense(lc.heads * hd, lc.hidden, ('heads', 'embed'), **kw)
 
-  def qkv(self, x, positions):
-    """x (B, T, H), positions (B, T) -> q (B, T, Hq, D), k, v (B, T, Hkv, D), RoPE applied to q and k."""
-    rope = self.rope(positions)
-    return (self.q(x, positions, rope),) + self.kv(x, positions, rope)
-
   def rope(self, positions):
     """positions (B, T) -> (cos, sin) each (B, T, D)."""
     return rope_cos_sin(positions, self.lc.head_dim, self.lc.rope_theta)
