@@ -384,7 +384,8 @@ def _np_dtype(dtype):
   return np.dtype(jnp.dtype(dtype))
 
 
-def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, shardings=None, mesh=None):
+def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, shardings=None, mesh=None,
+               layer_plan=''):
   """Loads a LLaVA-1.5 / Dynamic-LLaVA checkpoint directory -> (nnx Llava, model ConfigDict).
 
   dtype: parameter dtype (float32 | bfloat16 | float16); compute_dtype defaults to dtype.
@@ -394,7 +395,8 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
   local directory (relative to `path` or as given).
   shardings: pytree of NamedSharding matching `nnx.state(model)` (see `dynllava_jax.sharding.state_shardings`
   on `abstract_llava(read_config(path))`), or mesh: derive them from the logical names. Each leaf then goes
-  straight to its shards. Raises ValueError / FileNotFoundError with one line naming the problem.
+  straight to its shards. layer_plan: `model.layer_plan` of the model built (e.g. frozen layer groups; the
+  file layout does not depend on it). Raises ValueError / FileNotFoundError with one line naming the problem.
   """
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
@@ -412,6 +414,7 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
       raise ValueError(f'{name}={jnp.dtype(d).name}: use float32, bfloat16 or float16')
   mc.param_dtype = jnp.dtype(dtype).name
   mc.dtype = jnp.dtype(compute_dtype or dtype).name
+  mc.layer_plan = layer_plan
   graphdef, state = nnx.split(abstract_llava(mc))
   flat = nnx.to_flat_state(state)
   shapes = {p: v.shape for p, v in flat}

@@ -161,23 +161,34 @@ def param_of(canon):
   return None
 
 
+_GROUP = re.compile(r'^layers_(\d+)$')
+
+
 def canonical_names(flat_paths):
   """All canonical names our model needs: [(canon, path, layer index | None, transform)].
 
   flat_paths: {path tuple: shape} of the model's parameters (stacked leaves have the layer axis first).
+  Decoder layers may be split over layer-plan groups (`model/plan.py`): the group starting at layer s
+  holds its layers under `language_model.layers_<s>` (s = 0: `language_model.layers`); canonical layer
+  numbers are global.
   """
   out = []
   for canon, (ours, kind) in PARAMS.items():
     parts = ours.split('.')
     stacked = '{i}' in parts
     path = tuple(p for p in parts if p != '{i}')
-    if path not in flat_paths:
-      continue
-    if stacked:
-      for i in range(flat_paths[path][0]):
-        out.append((canon.replace('{i}', str(i)), path, i, kind))
-    else:
-      out.append((canon, path, None, kind))
+    homes = [(path, 0)]
+    if path[:2] == ('language_model', 'layers'):
+      homes += [(p, int(_GROUP.match(p[1]).group(1))) for p in flat_paths
+                if p[0] == 'language_model' and isinstance(p[1], str) and _GROUP.match(p[1]) and p[2:] == path[2:]]
+    for home, offset in homes:
+      if home not in flat_paths:
+        continue
+      if stacked:
+        for i in range(flat_paths[home][0]):
+          out.append((canon.replace('{i}', str(offset + i)), home, i, kind))
+      else:
+        out.append((canon, home, None, kind))
   return out
 
 

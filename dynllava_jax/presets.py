@@ -85,6 +85,9 @@ def model_config(size='tiny'):
   c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
   c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
                                # (exact; skips keys after each chunk); 0 = one block
+  # Decoder layer plan (dynllava_jax/model/plan.py): comma-separated `kind[*count][:full|frozen]`, e.g.
+  # 'dense:frozen,dense*3'; '' = every layer `dense` and trained. Each run of equal layers is one scan.
+  c.layer_plan = ''
   c.sparse = sparse_config()
   return c
 
@@ -110,7 +113,6 @@ def sparse_config():
 
 
 def num_image_tokens(model_cfg):
-  """Image tokens per image: the patch grid, plus CLS when `vision.feature_select == 'full'`."""
-  v = model_cfg.vision
-  n = (v.image_size // v.patch_size) ** 2
-  return n + (1 if v.feature_select == 'full' else 0)
+  """Image tokens per image: asks the projector (dynllava_jax/model/projector.py, the one place)."""
+  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
+  return num_visual_tokens(model_cfg)

@@ -14,7 +14,7 @@ from dynllava_jax.eval import teacher
 from dynllava_jax.model.attention import dot_attention
 from dynllava_jax.model.llava import Llava, dense_allowed, positions_from_mask
 from dynllava_jax.sparsity.base import ScoreContext
-from dynllava_jax.sparsity.fastv import FastV, decoder_layer
+from dynllava_jax.sparsity.fastv import FastV
 from dynllava_jax.sparsity.pyramid_drop import PyramidDrop
 from dynllava_jax.sparsity.random_keep import RandomKeep
 from dynllava_jax.sparsity.registry import make_sparsifier
@@ -71,9 +71,10 @@ def _ctx(s, layer, with_prev=True, rng=None):
 
 def _direct_last_row(s, layer_index):
   """The plain forward's attention probabilities in layer `layer_index`, last token's row, head mean."""
-  layer = decoder_layer(s['model'], layer_index)
+  layer = s['model'].language_model.layer_at(layer_index)
   mask = jnp.asarray(s['right'][1])
-  q, k, v = layer.attn.qkv(layer.input_norm(s['hs'][layer_index]), s['pos'])
+  x = layer.input_norm(s['hs'][layer_index])
+  q, (k, v) = layer.attn.q(x, s['pos']), layer.attn.kv(x, s['pos'])
   _, p = dot_attention(q, k, v, dense_allowed(mask), return_probs=True)      # (B, Hq, T, T)
   return p[jnp.arange(p.shape[0]), :, jnp.asarray(s['last'])].mean(axis=1)
 

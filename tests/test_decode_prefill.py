@@ -285,7 +285,7 @@ def test_prefill_with_query_chunks_equals_one_block(setup, method):
 
 @pytest.mark.parametrize('method', ['dense', 'dynamic'])
 def test_last_query_shortcut_equals_full_last_layer(setup, method):
-  """Without return_logits the last layer runs for the last position only (`DecoderLayer.last_query`):
+  """Without return_logits the last layer runs for the last position only (`DecoderLayer.__call__` with `select`):
   same last logits and same K/V of every segment as the full last layer (return_logits=True)."""
   cfg, model, (ids, pix, mask) = setup
   m = registry.make_sparsifier(method, cfg)

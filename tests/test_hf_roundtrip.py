@@ -221,3 +221,26 @@ def test_tiny_preset_export_matches_hf(tmp_path):
   ref = hf_logits(out, ids, pix, mask)
   m = mask.astype(bool)
   assert np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max() <= 1e-4
+
+
+def test_layer_plan_groups_load_and_save_with_global_layer_numbers(tmp_path, tiny_hf):
+  """A checkpoint loads into a plan split in groups (`language_model.layers_<start>`) and saves back to the
+  same file: HF layer i is global layer i whatever group holds it."""
+  path, model, config = tiny_hf
+  n = config.llm.layers
+  plan = f'dense:frozen,dense_alt*{n - 1}'
+  split, cfg2 = hf.load_llava(path, layer_plan=plan)
+  assert cfg2.layer_plan == plan and [g.attr for g in split.language_model.plan] == ['layers', 'layers_1']
+  a, b = flat_params(model), flat_params(split)
+  for k, v in a.items():
+    if k.startswith('language_model.layers.'):
+      rest = k[len('language_model.layers.'):]
+      np.testing.assert_array_equal(v[:1], b['language_model.layers.' + rest], err_msg=k)
+      np.testing.assert_array_equal(v[1:], b['language_model.layers_1.' + rest], err_msg=k)
+    else:
+      np.testing.assert_array_equal(v, b[k], err_msg=k)
+  ref = load_file(os.path.join(hf.save_llava(model, config, str(tmp_path / 'u')), hf.SAFE_SINGLE))
+  got = load_file(os.path.join(hf.save_llava(split, cfg2, str(tmp_path / 's')), hf.SAFE_SINGLE))
+  assert sorted(ref) == sorted(got)
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], got[k], err_msg=k)

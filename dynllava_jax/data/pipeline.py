@@ -29,7 +29,7 @@ from dynllava_jax.data import records
 from dynllava_jax.data import templates
 from dynllava_jax.data import tokenizer as tokenizer_lib
 from dynllava_jax.errors import UserError, one_line
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens
 
 log = logging.getLogger('dynllava_jax.data')
 SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_end')
@@ -56,7 +56,7 @@ class Processor:
   def __init__(self, config, tokenizer_path, prompt=False):
     m = config.model
     self.image_size = int(m.vision.image_size)
-    self.n_img = int(num_image_tokens(m))
+    self.n_img = int(num_visual_tokens(m))
     self.image_token_id, self.bos_id = int(m.image_token_id), int(m.bos_token_id)
     self.max_len = int(config.data.max_len)
     self.strict = bool(config.data.strict)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import sparse_forward

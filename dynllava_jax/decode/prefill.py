@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
 from dynllava_jax.model.attention import causal_allowed
-from dynllava_jax.sparsity.base import ScoreContext, TextContext
+from dynllava_jax.model.llama import full_attention
+from dynllava_jax.sparsity.base import ScoreContext, TextContext, top_k_mask
 
 
 @struct.dataclass
@@ -51,11 +52,15 @@ class Segment:
 @struct.dataclass
 class ForwardOut:
   """logits_last (B, V) at each sample's last real token; logits (B, T_last, V) of the last segment or
-  None; segments: tuple of Segment; kept (n_seg, B, T0) bool: which packed prompt slots each segment holds."""
+  None; segments: tuple of Segment; kept (n_seg, B, T0) bool: which packed prompt slots each segment holds;
+  aux: None, or with intermediates=True {'scores': per drop point the method's scores (B, T_s) over segment
+  s's slots (`segments[s].orig` maps them to the packed prompt), 'text_keep': the text keep decisions at the
+  text layer (B, T_s) or absent}."""
   logits_last: Any
   logits: Any
   segments: Tuple[Segment, ...]
   kept: Any
+  aux: Any = None
 
 
 def pack(keep, size):
@@ -68,18 +73,6 @@ def pack(keep, size):
   count = jnp.sum(keep, axis=-1).astype(jnp.int32)
   valid = jnp.arange(size)[None, :] < count[:, None]
   return idx, valid, count
-
-
-def select_image(scores, image_mask, k):
-  """Per sample keep the k best image tokens (ties: earlier), or score > 0 when k is None. (B, T) bool."""
-  if k is None:
-    return image_mask & (scores > 0)
-  s = jnp.where(image_mask, scores.astype(jnp.float32), -jnp.inf)
-  order = jnp.argsort(-s, axis=-1, stable=True)
-  b, t = s.shape
-  rank = jnp.zeros((b, t), jnp.int32).at[jnp.arange(b)[:, None], order].set(
-      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-  return image_mask & (rank < k)
 
 
 def _take(x, idx):
@@ -99,13 +92,13 @@ def _run(model, h, positions, valid, start, stop, return_kv):
 
 def _run_last_query(model, h, positions, valid, start, return_kv):
   """The last segment when only each sample's last real position is read (its logits): layers
-  [start, L − 1) as usual, then the last layer's K/V for every token but its attention output and MLP for
-  the last position only (`DecoderLayer.last_query`; saves ~85 % of that layer). -> (h_last (B, 1, H), kv)."""
+  [start, L − 1) as usual, then the last layer with `select` = the last position (its K/V for every token,
+  its attention output and MLP for that position only). -> (h_last (B, 1, H), kv)."""
   lm = model.language_model
   n_layers = lm.lc.layers
   h, kv = _run(model, h, positions, valid, start, n_layers - 1, return_kv)
   last = jnp.sum(valid, -1).astype(jnp.int32) - 1
-  h_last, (k, v) = lm.layer_at(n_layers - 1).last_query(h, positions, valid, last)
+  h_last, (k, v) = lm.layer_at(n_layers - 1)(h, positions, full_attention(valid[:, None, :]), select=last)
   if return_kv:
     kv = (k[None], v[None]) if kv is None else (jnp.concatenate([kv[0], k[None]], 0),
                                                 jnp.concatenate([kv[1], v[None]], 0))
@@ -113,7 +106,7 @@ def _run_last_query(model, h, positions, valid, start, return_kv):
 
 
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
-                   return_logits=False):
+                   return_logits=False, intermediates=False):
   """The segmented forward on packed inputs (traceable; sizes static).
 
   h (B, T0, H) embeddings; valid (B, T0) bool; image_mask (B, T0) bool; gen_mask (B, T0) bool generated
@@ -131,7 +124,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   orig = positions
   image_mask = image_mask & valid
   gen = None if gen_mask is None else gen_mask & valid
-  segments, kept = [], []
+  segments, kept, aux = [], [], {'scores': []}
   start = 0
   for j, stop in enumerate(bounds + (n_layers,)):
     h_prev = None
@@ -160,11 +153,13 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
       ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=valid, image_mask=image_mask,
                          last_index=count - 1, layer=stop, model=model, rng=key)
       scores = method.score(i, ctx)
-      keep = valid & (~image_mask | select_image(scores, image_mask, counts[i]))
+      aux['scores'].append(scores)
+      keep = valid & (~image_mask | top_k_mask(scores, image_mask, counts[i]))
     if gen is not None and tl is not None and stop == tl:
       tk = method.text_keep(TextContext(h_new=h, layer=stop, model=model))
       if tk is not None:
         keep = keep & (~gen | tk)
+        aux['text_keep'] = tk
     keep = keep | (last & valid)
     idx, valid, _ = pack(keep, sizes[j + 1])
     h, orig, image_mask = _take(h, idx), _take(orig, idx), _take(image_mask, idx) & valid
@@ -179,15 +174,16 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   h_last = h if not return_logits else _take(h, (count - 1)[:, None])
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None
-  return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept))
+  return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept), aux if intermediates else None)
 
 
-@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits'))
-def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return_kv, return_logits):
+@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits', 'intermediates'))
+def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return_kv, return_logits,
+                 intermediates):
   h, image_mask = model.embed(ids, pixel_values)
   valid = jnp.arange(ids.shape[1])[None, :] < n_real[:, None]
   return sparse_forward(model, method, h, valid, image_mask, None, rng, sizes=sizes, return_kv=return_kv,
-                        return_logits=return_logits)
+                        return_logits=return_logits, intermediates=intermediates)
 
 
 def eval_section(cfg, model_cfg=None):
@@ -211,7 +207,7 @@ class PrefillOutput:
 
 
 def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, rng=None,
-            return_kv=True, return_logits=False, max_new_tokens=1, extra_len=0):
+            return_kv=True, return_logits=False, max_new_tokens=1, extra_len=0, intermediates=False):
   """Validates, packs and runs the sparsified prefill. cfg: root config (its `eval` buckets) or None.
 
   Returns PrefillOutput; `.out.logits_last` (B, vocab) float32, `.out.segments[s].kv` the caches.
@@ -224,5 +220,5 @@ def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *,
   sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket)
   pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
   out = _prefill_jit(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
-                     return_kv=return_kv, return_logits=return_logits)
+                     return_kv=return_kv, return_logits=return_logits, intermediates=intermediates)
   return PrefillOutput(out, req, sizes)

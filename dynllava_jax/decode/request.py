@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 
 
 def round_up(n, step):

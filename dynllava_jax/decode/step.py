@@ -89,18 +89,34 @@ class DecoderLayers:
 
 
 @partial(jax.jit, static_argnums=2)
-def _unstack(stacked, lm_head, n):
-  graphdef, state = nnx.split(stacked)
-  count = jax.tree.leaves(state)[0].shape[0]
-  layers = tuple(nnx.merge(*_blocked(graphdef, jax.tree.map(lambda a, i=i: a[i], state), n))
-                 for i in range(count))
-  return DecoderLayers(layers, BlockedLinear(lm_head, n))
+def _unstack(groups, lm_head, n):
+  layers = []
+  for stacked in groups:
+    graphdef, state = nnx.split(stacked)
+    count = jax.tree.leaves(state)[0].shape[0]
+    layers += [nnx.merge(*_blocked(graphdef, jax.tree.map(lambda a, i=i: a[i], state), n)) for i in range(count)]
+  return DecoderLayers(tuple(layers), BlockedLinear(lm_head, n))
 
 
 def unstack_layers(model, blocks=1):
-  """Per-layer copies of the decoder's stacked weights, matmul kernels in `blocks` column blocks, and the
-  LM head likewise (one jitted program; costs one copy of the weights)."""
-  return _unstack(model.language_model.layers, model.language_model.lm_head, blocks)
+  """Per-layer copies of the decoder's stacked weights (every plan group, in layer order), matmul kernels
+  in `blocks` column blocks, and the LM head likewise (one jitted program; costs one copy of the weights)."""
+  lm = model.language_model
+  return _unstack(tuple(m for _, m in lm.groups()), lm.lm_head, blocks)
+
+
+def _cache_attention(k_buf, v_buf, length, slot, write_mask):
+  """The decode step's `attend` for one layer: the new token's K/V written into the cache buffers
+  (B, Hkv, C, D) at `slot` where write_mask, then its query over slots [0, length) and itself
+  -> (o, (k_buf', v_buf'))."""
+  def attend(q, k, v):
+    # Write first, then attend over the written buffers: the attention masks slots >= length (the new
+    # token enters through k / v directly), so the result is the same, and with no read of the old buffer
+    # after the write XLA updates it in place (reading first, then writing, made it copy every buffer).
+    kc = C.write_layer(k_buf, k[:, 0], slot, write_mask)
+    vc = C.write_layer(v_buf, v[:, 0], slot, write_mask)
+    return C.attend(q, kc, vc, length, k, v), (kc, vc)
+  return attend
 
 
 def _segment(layers, cache, h, write_mask, active):
@@ -110,16 +126,8 @@ def _segment(layers, cache, h, write_mask, active):
   slot = C.write_slot(cache)
   ks, vs = [], []
   for j, i in enumerate(range(cache.start, cache.stop)):
-    layer = layers.layer(i)
-    q, k, v = layer.attn.qkv(layer.input_norm(h), pos)
-    # Write first, then attend over the written buffers: the attention masks slots >= length (the new
-    # token enters through k / v directly), so the result is the same, and with no read of the old buffer
-    # after the write XLA updates it in place (reading first, then writing, made it copy every buffer).
-    kc = C.write_layer(cache.k[j], k[:, 0], slot, write_mask)
-    vc = C.write_layer(cache.v[j], v[:, 0], slot, write_mask)
-    o = C.attend(q, kc, vc, cache.length, k, v)
-    h = h + layer.attn.out(o)
-    h = h + layer.mlp(layer.post_norm(h))
+    h, (kc, vc) = layers.layer(i)(h, pos, _cache_attention(cache.k[j], cache.v[j], cache.length, slot,
+                                                            write_mask))
     ks.append(kc)
     vs.append(vc)
   return h, C.advance(cache, ks, vs, write_mask, active)

@@ -2,12 +2,11 @@
 
 1. `eq13_flops(model_cfg, method)`: Dynamic-LLaVA Eq. 13, image tokens only, per LLM layer
    `32·B·N·C² + 4·B·N²·C` (N image tokens present in that layer, C hidden size), summed over layers with
-   the method's drop schedule. Reproduces 7B 10.07 → 2.49 TFLOPs, 13B 19.6 → 4.66, FastV(3, 0.75) 3.2.
+   the method's drop schedule. Reproduces the paper's 7B 10.07 → 2.49 TFLOPs, 13B 19.6 → 4.66, 3.2 at K=3, R=0.75 (tests).
 2. `prefill_flops(model_cfg, method, text_tokens)`: every matmul of one prefill, counted as 2·M·N·K:
    ViT (patch embedding + the layers LLaVA runs, 1 + N tokens), projector, every LLM layer on the tokens
    present there (q/k/v/o, full (non-causal-halved) T_q·T_k score and value products, SwiGLU MLP), the
-   method's scoring work (Dynamic's image predictor, FastV / PyramidDrop's recomputed last-token
-   attention) and the LM head on the LAST position only (`lm_head='last'`, what prefill returns) or on
+   method's scoring work at each drop point (the method's own `scoring_flops`) and the LM head on the LAST position only (`lm_head='last'`, what prefill returns) or on
    every position (`lm_head='all'`). Element-wise work (norms, softmax, RoPE, GELU) is left out: it is a
    small fraction at 7B but a few % on toy configs.
 3. `xla_flops(fn, *abstract_args)`: `jax.jit(fn).lower(...).compile().cost_analysis()['flops']` on
@@ -21,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
+from dynllava_jax.sparsity.base import keep_budget
 
 
 # ---------------------------------------------------------------- drop schedule
@@ -42,7 +42,7 @@ def image_token_schedule(model_cfg, method=None, n_image=None):
     raise ValueError(f'{method.name}: {len(points)} drop points but {len(counts)} keep counts')
   for p, k in zip(points, counts):
     if k is None:   # threshold mode: a data-dependent count; use the configured keep ratio's budget
-      k = int(n * model_cfg.sparse.image_keep_ratio + 1e-9)
+      k = keep_budget(n, model_cfg.sparse.image_keep_ratio)
     for layer in range(p, layers):
       sched[layer] = k
   return sched
@@ -97,33 +97,14 @@ def llm_layer_flops(lc, t_q, t_k=None, batch=1, pairs=None):
   return batch * (proj + attn + mlp)
 
 
-def image_predictor_flops(model_cfg, n, batch=1):
-  """Dynamic-LLaVA image predictor on n image tokens (down, blocks, head)."""
-  sc, h = model_cfg.sparse, model_cfg.llm.hidden
-  d, ff = sc.d_model, sc.dim_feedforward
-  down = 2 * n * h * d
-  block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * ff
-  head = 2 * n * (d * d // 2 + d // 2 * d // 4 + d // 4 * 2)
-  return batch * (down + sc.num_layers * block + head)
-
-
 def scoring_flops(model_cfg, method, t, n, batch=1):
-  """Extra work a method does at one drop point on a t-token sequence with n image tokens."""
-  if method is None:
-    return 0
-  name = method.name
-  lc = model_cfg.llm
-  if name.startswith('dynamic'):
-    return image_predictor_flops(model_cfg, n, batch)
-  if name in ('fastv', 'pdrop'):
-    # k projection of every token, q projection of the last token, its scores over t keys.
-    return batch * (2 * t * lc.hidden * lc.kv_heads * lc.head_dim + 2 * lc.hidden * lc.heads * lc.head_dim
-                    + 2 * t * lc.heads * lc.head_dim)
-  return 0
+  """Extra work a method does at one drop point on a t-token sequence with n image tokens
+  (`method.scoring_flops`)."""
+  return 0 if method is None else method.scoring_flops(model_cfg, t, n, batch)
 
 
 def last_query_layer_flops(lc, t, batch=1):
-  """The engine's last decoder layer when only the last position is read (`DecoderLayer.last_query`):
+  """The engine's last decoder layer when only the last position is read (`DecoderLayer.__call__` with `select`):
   K/V projections of t tokens, then q, attention over t keys, output projection and MLP of one token."""
   kv = 2 * t * lc.hidden * lc.head_dim * 2 * lc.kv_heads
   return llm_layer_flops(lc, 1, t, batch) - batch * 2 * lc.hidden * lc.head_dim * 2 * lc.kv_heads + batch * kv

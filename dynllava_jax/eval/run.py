@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynllava_jax.presets import num_image_tokens
+from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.prefill import prefill, sparse_forward

@@ -22,20 +22,7 @@ from flax import nnx
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
-from dynllava_jax.sparsity.base import ScoreContext, TextContext
-
-
-def keep_top_k(scores, present_image, k):
-  """(B, T) scores, (B, T) bool present image tokens -> (B, T) bool: the k best per sample (ties: earlier
-  index); k None -> every present image token with score > 0."""
-  if k is None:
-    return present_image & (scores > 0)
-  t = scores.shape[1]
-  s = jnp.where(present_image, scores.astype(jnp.float32), -jnp.inf)
-  # Stable: sort by (−score, index).
-  order = jnp.lexsort((jnp.broadcast_to(jnp.arange(t), s.shape), -s), axis=-1)
-  rank = jnp.argsort(order, axis=-1)
-  return present_image & (rank < k)
+from dynllava_jax.sparsity.base import ScoreContext, TextContext, top_k_mask
 
 
 def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_index, rng=None):
@@ -81,7 +68,7 @@ def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_
       ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=present & ~is_answer,
                          image_mask=present_image & ~is_answer, last_index=last_index, layer=p,
                          model=model, rng=None if rng is None else jax.random.fold_in(rng, i))
-      present_image = keep_top_k(method.score(i, ctx), present_image & ~is_answer, counts[i])
+      present_image = top_k_mask(method.score(i, ctx), present_image & ~is_answer, counts[i])
       masked = True
       if method.renumber_positions:
         present = valid & (~image_mask | present_image)

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynllava_jax.presets import num_image_tokens
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import causal_allowed
 from dynllava_jax.model.llama import Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
-from dynllava_jax.model.vision import Projector, VisionTower, select_features
+from dynllava_jax.model.projector import make_projector, num_visual_tokens
+from dynllava_jax.model.vision import VisionTower, select_features
 
 
 def check_model_config(mc):
@@ -68,7 +68,7 @@ def check_placeholders(mc, input_ids):
   ValueError in one line (a short row would silently use only its first features)."""
   if isinstance(input_ids, jax.core.Tracer):
     return
-  n = num_image_tokens(mc)
+  n = num_visual_tokens(mc)
   counts = np.asarray(input_ids == mc.image_token_id).sum(-1).reshape(-1)
   bad = np.flatnonzero((counts != 0) & (counts != n))
   if bad.size:
@@ -96,8 +96,8 @@ class Llava(nnx.Module):
     dtype, pdt = L.dtype_of(mc.dtype), L.dtype_of(mc.param_dtype)
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     self.vision_tower = VisionTower(mc.vision, **kw)
-    self.projector = Projector(mc.vision.width, mc.llm.hidden, **kw)
-    self.language_model = Llama(mc.llm, **kw)
+    self.projector = make_projector(mc, **kw)
+    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''), **kw)
     sc = mc.sparse
     if sc.enabled:
       self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)
@@ -107,13 +107,13 @@ class Llava(nnx.Module):
 
   @property
   def num_image_tokens(self):
-    return num_image_tokens(self.mc)
+    return num_visual_tokens(self.mc)
 
-  def image_features(self, pixel_values):
-    """(B, H, W, 3) -> projected image tokens (B, N, hidden)."""
+  def image_features(self, pixel_values, count=None):
+    """(B, H, W, 3) -> projected image tokens (B, N, hidden), N = `num_visual_tokens(mc, count)`."""
     hidden = self.vision_tower(pixel_values, remat=self.mc.remat)
     feats = select_features(hidden, self.mc.vision.feature_select)
-    return self.projector(feats)
+    return self.projector(feats, count)
 
   def embed(self, input_ids, pixel_values=None):
     """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask)."""
@@ -125,13 +125,20 @@ class Llava(nnx.Module):
       h = merge_image_features(h, self.image_features(pixel_values), image_mask)
     return h, image_mask
 
-  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None):
-    """Dense forward -> logits (B, T, vocab) float32."""
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None, *,
+               intermediates=False):
+    """Dense forward -> logits (B, T, vocab) float32; with intermediates=True -> (logits, aux), aux =
+    {'hidden_in', 'hidden_out'}: each decoder layer's input and output (L, B, T, H) (nothing extra is
+    computed or kept when False)."""
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if positions is None:
       positions = positions_from_mask(attention_mask)
     h, _ = self.embed(input_ids, pixel_values)
-    h = self.language_model.run_layers(h, positions, dense_allowed(attention_mask),
-                                       mode=self.mc.attention, remat=self.mc.remat)
-    return self.language_model.head(h)
+    out = self.language_model.run_layers(h, positions, dense_allowed(attention_mask), mode=self.mc.attention,
+                                         remat=self.mc.remat, intermediates=intermediates)
+    if not intermediates:
+      return self.language_model.head(out)
+    h, h_in = out
+    return self.language_model.head(h), {'hidden_in': h_in,
+                                         'hidden_out': jnp.concatenate([h_in[1:], h[None]], axis=0)}

@@ -117,15 +117,3 @@ def select_features(hidden, strategy):
   if strategy == 'full':
     return hidden
   raise ValueError(f"vision feature_select {strategy!r} unknown: use 'default' or 'full'")
-
-
-class Projector(nnx.Module):
-  """LLaVA-1.5 `mlp2x_gelu`: Linear(vision→H) → GELU(exact) → Linear(H→H)."""
-
-  def __init__(self, din, dout, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=True)
-    self.linear_1 = L.dense(din, dout, ('patch', 'embed'), **kw)
-    self.linear_2 = L.dense(dout, dout, ('mlp', 'embed'), **kw)
-
-  def __call__(self, x):
-    return self.linear_2(L.gelu_exact(self.linear_1(x)))

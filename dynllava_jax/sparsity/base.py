@@ -31,9 +31,30 @@ The engine splits the decoder into segments at sorted(set(drop_points) | {text_l
 first boundary keep a full KV cache, every later segment a compact cache of the tokens it kept.
 """
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+
+
+def keep_budget(n, ratio):
+  """The one ⌊N·r⌋ budget (at least 1), e.g. 576 · 0.2 -> 115 (Dynamic-LLaVA's k, random / uniform)."""
+  return max(1, int(math.floor(n * ratio + 1e-6)))
+
+
+def top_k_mask(scores, eligible, k):
+  """The one top-k rule: per sample the k best eligible entries (ties: the earlier index), or every
+  eligible entry with score > 0 when k is None (threshold mode). scores (B, T), eligible (B, T) bool
+  -> (B, T) bool."""
+  if k is None:
+    return eligible & (scores > 0)
+  s = jnp.where(eligible, scores.astype(jnp.float32), -jnp.inf)
+  b, t = s.shape
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  rank = jnp.zeros((b, t), jnp.int32).at[jnp.arange(b)[:, None], order].set(
+      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  return eligible & (rank < k)
 
 
 @dataclasses.dataclass
@@ -101,6 +122,10 @@ class Sparsifier:
 
   def text_keep(self, ctx: TextContext):
     return None
+
+  def scoring_flops(self, model_cfg, t, n, batch=1) -> int:
+    """Extra FLOPs of one `score` call on a t-token sequence holding n image tokens (`eval.flops`)."""
+    return 0
 
   def describe(self) -> dict:
     """Settings for reports (JSON-able)."""

@@ -7,17 +7,10 @@ keeps every image token with logit0 > logit1 (the score is then the margin logit
 Generated text: the output-text predictor on a token's hidden state entering `sparse_layer` keeps it iff
 logit0 > logit1 (no rate control), for every layer from `sparse_layer` on.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 
-from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext
-
-
-def image_keep_count(n_image_tokens, ratio):
-  """k = ⌊N·r⌋ (at least 1), e.g. 576 · 0.2 -> 115."""
-  return max(1, int(math.floor(n_image_tokens * ratio + 1e-6)))
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, keep_budget
 
 
 def gather_image_tokens(h, image_mask, n):
@@ -57,7 +50,7 @@ class DynamicSparsifier(Sparsifier):
   def keep_counts(self, n_image_tokens):
     if not self.image:
       return ()
-    return (image_keep_count(n_image_tokens, self.keep_ratio) if self.topk else None,)
+    return (keep_budget(n_image_tokens, self.keep_ratio) if self.topk else None,)
 
   def text_layer(self, model_cfg):
     return self._layer(model_cfg) if self.text else None
@@ -85,6 +78,14 @@ class DynamicSparsifier(Sparsifier):
       return None
     logits = ctx.model.output_text_score_predictor(ctx.h_new)
     return logits[..., 0] > logits[..., 1]
+
+  def scoring_flops(self, model_cfg, t, n, batch=1):
+    """The image predictor on n image tokens (down, blocks, head)."""
+    sc, h = model_cfg.sparse, model_cfg.llm.hidden
+    d, ff = sc.d_model, sc.dim_feedforward
+    block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * ff
+    head = 2 * n * (d * d // 2 + d // 2 * d // 4 + d // 4 * 2)
+    return batch * (2 * n * h * d + sc.num_layers * block + head)
 
   def describe(self):
     return {'method': self.name, 'image': self.image, 'text': self.text, 'topk': self.topk,

@@ -3,24 +3,16 @@ token paid them in layer K−1 (mean over heads); keep round(N·(1−R)); kept t
 positions. With a KV cache it prunes once, at prefill (the decode steps then see only the kept tokens).
 
 `needs_prev_hidden=True`: the engine hands the hidden state entering layer K−1 (`ctx.h_prev`), and the
-score recomputes that layer's attention row with its own input_norm, q/k projections and RoPE — identical
-to the probabilities the dense forward used there (plain softmax over causal, real keys).
+score recomputes that layer's attention row with the layer's own norm and `Attention.q` / `.kv` (RoPE
+included) and `dot_attention` — the probabilities the dense forward used there (plain softmax over causal,
+real keys).
 """
 import math
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from dynllava_jax.model.attention import NEG_INF, apply_rope, rope_cos_sin
+from dynllava_jax.model.attention import dot_attention
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
-
-
-def decoder_layer(model, index):
-  """The `index`-th (0-based) layer of the stacked decoder as a plain DecoderLayer module."""
-  stacked = model.language_model.layers
-  graphdef, state = nnx.split(stacked)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
 def query_attention(layer, h, positions, valid, query_index):
@@ -28,25 +20,24 @@ def query_attention(layer, h, positions, valid, query_index):
 
   layer: a DecoderLayer; h (B, T, H) hidden state ENTERING that layer; positions (B, T) RoPE positions;
   valid (B, T) bool real tokens; query_index (B,) int index of the query token. Keys j ≤ query_index that
-  are valid are allowed (causal); plain softmax in fp32. Returns (B, T) float32 (0 on disallowed keys).
+  are valid are allowed (causal); plain softmax in fp32, with the layer's own norm, q / k projections and
+  RoPE. Returns (B, T) float32 (0 on disallowed keys).
   """
   b, t, _ = h.shape
-  lc = layer.attn.lc
-  hd, hq, hkv = lc.head_dim, lc.heads, lc.kv_heads
   x = layer.input_norm(h)
   qi = query_index.astype(jnp.int32)[:, None]
-  xq = jnp.take_along_axis(x, qi[:, :, None], axis=1)                          # (B, 1, H)
-  pq = jnp.take_along_axis(positions, qi, axis=1)                              # (B, 1)
-  q = layer.attn.q_proj(xq).reshape(b, 1, hq, hd)
-  k = layer.attn.k_proj(x).reshape(b, t, hkv, hd)
-  q = apply_rope(q, *rope_cos_sin(pq, hd, lc.rope_theta))
-  k = apply_rope(k, *rope_cos_sin(positions, hd, lc.rope_theta))
-  qg = q.reshape(b, hkv, hq // hkv, hd)
-  s = jnp.einsum('bhgd,bkhd->bhgk', qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+  pick = lambda a: jnp.take_along_axis(a, qi.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)
+  k, v = layer.attn.kv(x, positions)
+  q = layer.attn.q(pick(x), pick(positions))
   allowed = (jnp.arange(t)[None, :] <= qi) & valid.astype(bool)               # (B, T)
-  s = jnp.where(allowed[:, None, None, :], s, NEG_INF)
-  p = jax.nn.softmax(s, axis=-1) * allowed[:, None, None, :]
-  return jnp.mean(p.reshape(b, hq, t), axis=1)
+  _, p = dot_attention(q, k, v, allowed[:, None, :], return_probs=True)        # (B, Hq, 1, T)
+  return jnp.mean(p[:, :, 0] * allowed[:, None, :], axis=1)
+
+
+def query_attention_flops(lc, t, batch=1):
+  """`query_attention` on t tokens: k projection of every token, q of one, its scores over t keys."""
+  return batch * (2 * t * lc.hidden * lc.kv_heads * lc.head_dim + 2 * lc.hidden * lc.heads * lc.head_dim
+                  + 2 * t * lc.heads * lc.head_dim)
 
 
 def round_half_up(x):
@@ -78,8 +69,11 @@ class FastV(Sparsifier):
     if ctx.h_prev is None:
       raise ValueError('fastv needs ctx.h_prev (the hidden state entering layer K-1); the engine must '
                        'honour needs_prev_hidden=True')
-    layer = decoder_layer(ctx.model, ctx.layer - 1)
+    layer = ctx.model.language_model.layer_at(ctx.layer - 1)
     return query_attention(layer, ctx.h_prev, ctx.positions, ctx.valid, ctx.last_index)
+
+  def scoring_flops(self, model_cfg, t, n, batch=1):
+    return query_attention_flops(model_cfg.llm, t, batch)
 
   def describe(self):
     return {'method': self.name, 'K': self.k, 'R': self.r}

@@ -9,7 +9,7 @@ L = 32); an explicit `layers=(…)` (1-based "after layer" numbers = 0-based "en
 overrides it.
 """
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
-from dynllava_jax.sparsity.fastv import decoder_layer, query_attention, round_half_up
+from dynllava_jax.sparsity.fastv import query_attention, query_attention_flops, round_half_up
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
@@ -45,8 +45,11 @@ class PyramidDrop(Sparsifier):
     return tuple(max(1, round_half_up(n_image_tokens * r)) for r in self.ratios)
 
   def score(self, i, ctx: ScoreContext):
-    layer = decoder_layer(ctx.model, ctx.layer)
+    layer = ctx.model.language_model.layer_at(ctx.layer)
     return query_attention(layer, ctx.h, ctx.positions, ctx.valid, ctx.last_index)
+
+  def scoring_flops(self, model_cfg, t, n, batch=1):
+    return query_attention_flops(model_cfg.llm, t, batch)
 
   def describe(self):
     return {'method': self.name, 'layers': str(self.layers or 'scaled'), 'ratios': str(self.ratios)}

@@ -4,17 +4,10 @@ chosen uniformly at random per sample (the same budget as Dynamic-LLaVA's top-k 
 The draw uses `ctx.rng` when the engine passes one (it folds in the drop index), else a fixed key from
 `seed` (deterministic).
 """
-import math
-
 import jax
 import jax.numpy as jnp
 
-from dynllava_jax.sparsity.base import ScoreContext, Sparsifier
-
-
-def dynamic_budget(n_image_tokens, keep_ratio):
-  """Dynamic-LLaVA's top-k budget k = ⌊N·r_I⌋ (at least 1)."""
-  return max(1, int(math.floor(n_image_tokens * keep_ratio + 1e-9)))
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, keep_budget
 
 
 class RandomKeep(Sparsifier):
@@ -32,7 +25,7 @@ class RandomKeep(Sparsifier):
     return (self.sparse_layer,)
 
   def keep_counts(self, n_image_tokens):
-    return (dynamic_budget(n_image_tokens, self.keep_ratio),)
+    return (keep_budget(n_image_tokens, self.keep_ratio),)
 
   def score(self, i, ctx: ScoreContext):
     """Uniform draws indexed by (sample, image-token ordinal), so the choice does not depend on the

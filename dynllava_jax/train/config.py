@@ -64,6 +64,7 @@ def train_defaults(size='tiny'):
   c.ce_weighting = 'token'
   c.freeze_vision = True
   c.freeze_projector = False
+  c.frozen = ''                # more frozen params: comma-separated regexes over 'a/b/c' param paths
   c.remat = ml_collections.FieldReference(None, field_type=bool)
   c.compute_dtype = ''
   c.log_every = 10 if tiny else 50

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
-from dynllava_jax.sparsity.dynamic import image_keep_count
+from dynllava_jax.sparsity.base import keep_budget, top_k_mask
 
 IGNORE = -100
 
@@ -96,8 +96,7 @@ def text_decisions(predictor, h, start, end, eligible, min_len, tau, noise):
 def topk_keep(logits, k):
   """Inference-style image decisions: per sample the k tokens with the highest keep log-prob -> (B, N)."""
   score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
-  idx = jax.lax.top_k(score, k)[1]                      # exactly k, ties broken by index
-  return jnp.sum(jax.nn.one_hot(idx, score.shape[-1], dtype=jnp.float32), axis=1)
+  return top_k_mask(score, jnp.ones(score.shape, bool), k).astype(jnp.float32)
 
 
 def image_decisions(model, h, batch, tau, noise, topk=False):
@@ -109,7 +108,7 @@ def image_decisions(model, h, batch, tau, noise, topk=False):
   x = gather_tokens(h, batch['image_start'], n)
   logits = model.image_score_predictor(x)
   if topk:
-    keep = topk_keep(logits, image_keep_count(n, model.mc.sparse.image_keep_ratio))
+    keep = topk_keep(logits, keep_budget(n, model.mc.sparse.image_keep_ratio))
   else:
     keep = gumbel_keep(logits, tau, noise)
   return jnp.where(batch['has_image'][:, None], keep, 1.0), logits

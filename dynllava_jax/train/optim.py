@@ -1,7 +1,8 @@
 """AdamW with parameter groups, warm-up + cosine schedules and global-norm clipping.
 
 Parameter split (`split_params`): the model's nnx.Param variables are split into
-  frozen:    the CLIP tower (train.freeze_vision) and, with train.freeze_projector, the projector.
+  frozen:    by rule (`frozen_rules`): the CLIP tower (train.freeze_vision), the projector
+             (train.freeze_projector), path patterns (train.frozen) and the layer plan's frozen groups.
              No gradients are computed for them and the optimizer holds no state for them.
   trainable: everything else, in two optimizer groups (`param_group`):
              'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
@@ -9,6 +10,8 @@ Parameter split (`split_params`): the model's nnx.Param variables are split into
 Weight decay applies to matrices (ndim >= 2) only, never to biases or norm scales.
 Gradient accumulation is done inside the jitted step (`step.py`), not by the optimizer.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,21 +20,29 @@ from flax import nnx
 PREDICTORS = ('image_score_predictor', 'output_text_score_predictor', 'instruct_score_predictor')
 
 
-def frozen_filter(train_cfg):
-  """nnx filter of the frozen params."""
-  parts = []
-  if train_cfg.freeze_vision:
-    parts.append(nnx.PathContains('vision_tower'))
-  if train_cfg.freeze_projector:
-    parts.append(nnx.PathContains('projector'))
-  if not parts:
+def frozen_rules(train_cfg, model=None):
+  """Regular expressions over '/'-joined parameter paths; a param matching any is frozen. From the config:
+  train.freeze_vision (`^vision_tower/`), train.freeze_projector (`^projector/`), train.frozen (extra
+  comma-separated patterns) and the layer plan's `:frozen` groups (`^language_model/<group attr>/`)."""
+  rules = ['^vision_tower/'] * bool(train_cfg.freeze_vision) + ['^projector/'] * bool(train_cfg.freeze_projector)
+  rules += [r for r in str(train_cfg.get('frozen', '') or '').split(',') if r]
+  if model is not None:
+    rules += [f'^language_model/{g.attr}/' for g in model.language_model.plan if g.train == 'frozen']
+  return rules
+
+
+def frozen_filter(train_cfg, model=None):
+  """nnx filter of the frozen params (`frozen_rules`; model: the Llava, for its layer plan)."""
+  rules = [re.compile(r) for r in frozen_rules(train_cfg, model)]
+  if not rules:
     return nnx.Nothing
-  return nnx.All(nnx.Param, nnx.Any(*parts))
+  match = lambda path, _: any(r.search('/'.join(str(k) for k in path)) for r in rules)
+  return nnx.All(nnx.Param, match)
 
 
 def split_params(model, train_cfg):
   """-> (graphdef, frozen, trainable) with frozen / trainable as pure nested dicts of arrays."""
-  graphdef, frozen, trainable = nnx.split(model, frozen_filter(train_cfg), ...)
+  graphdef, frozen, trainable = nnx.split(model, frozen_filter(train_cfg, model), ...)
   return graphdef, nnx.to_pure_dict(frozen), nnx.to_pure_dict(trainable)
 
 

@@ -25,7 +25,7 @@ def abstract_model(config):
 def param_shardings(mesh, config):
   """(graphdef, frozen shardings, trainable shardings) from the params' logical axis names."""
   model = abstract_model(config)
-  graphdef, frozen, trainable = nnx.split(model, optim.frozen_filter(config.train), ...)
+  graphdef, frozen, trainable = nnx.split(model, optim.frozen_filter(config.train, model), ...)
   to = lambda st: nnx.to_pure_dict(shd.state_shardings(mesh, st))
   return graphdef, to(frozen), to(trainable)
 
