@@ -69,7 +69,7 @@ def check_placeholders(mc, input_ids):
   if isinstance(input_ids, jax.core.Tracer):
     return
   n = num_visual_tokens(mc)
-  counts = np.asarray(input_ids == mc.image_token_id).sum(-1).reshape(-1)
+  counts = (np.asarray(input_ids) == mc.image_token_id).sum(-1).reshape(-1)   # numpy: never staged
   bad = np.flatnonzero((counts != 0) & (counts != n))
   if bad.size:
     raise ValueError(f'sample {int(bad[0])} has {int(counts[bad[0]])} image placeholders '
