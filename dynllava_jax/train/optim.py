@@ -1,7 +1,8 @@
 """AdamW with parameter groups, warm-up + cosine schedules and global-norm clipping.
 
 Parameter split (`split_params`): the model's nnx.Param variables are split into
-  frozen:    the CLIP tower (train.freeze_vision) and, with train.freeze_projector, the projector.
+  frozen:    the CLIP tower (train.freeze_vision) and, with train.freeze_projector, the projector; with
+             train.freeze_llm (optional field, the demo's projector-only alignment stage) the LLM.
              No gradients are computed for them and the optimizer holds no state for them.
   trainable: everything else, in two optimizer groups (`param_group`):
              'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
@@ -24,6 +25,8 @@ def frozen_filter(train_cfg):
     parts.append(nnx.PathContains('vision_tower'))
   if train_cfg.freeze_projector:
     parts.append(nnx.PathContains('projector'))
+  if train_cfg.get('freeze_llm', False):
+    parts.append(nnx.PathContains('language_model'))
   if not parts:
     return nnx.Nothing
   return nnx.All(nnx.Param, nnx.Any(*parts))
