@@ -142,10 +142,12 @@ def main():
   with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
-    json.dump({'rows': rows, 'majority': majority, 'stages': infos, 'wall_s': wall}, f, indent=1,
+    json.dump({'rows': rows, 'majority': majority, 'stages': infos, 'wall_s': wall,
+               'cpu_s': time.process_time(), 'eval_wall_s': wall - t_train}, f, indent=1,
               default=_json_default)
   head = (f'test split: {len(samples)} samples, greedy generation; exact match per question type '
-          f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s')
+          f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s, '
+          f'process CPU {time.process_time():.0f} s')
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, tradeoff.png, '

@@ -3,7 +3,7 @@
     info = run_stage(config, stage_dir, upstream)     # upstream: the previous stage's info (None for 0)
 
 Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
-  stage.json   {stage, name, hash, upstream_hash, done, wall_s, result}
+  stage.json   {stage, name, hash, upstream_hash, done, wall_s, cpu_s (process CPU time), result}
   params/      the stage's model params (orbax, `dynllava_jax.convert` layout) for the next stage's
                `train.init_from` (stage 0: the vision tower only)
   checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
@@ -92,7 +92,7 @@ def run_stage(config, path, upstream=None, report=print):
   state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
            'upstream_hash': up_hash, 'done': False}
   _write_state(path, state)
-  t0 = time.time()
+  t0, c0 = time.time(), time.process_time()
   if config.stage.index == 0:
     from dynllava_jax.demo.tower import pretrain_tower  # pylint: disable=g-import-not-at-top
     result = pretrain_tower(config, path, report=report)
@@ -103,7 +103,7 @@ def run_stage(config, path, upstream=None, report=print):
       config.train.init_from = os.path.abspath(os.path.join(upstream['dir'], 'params'))
     report(f'{name}: {config.train.steps} steps from {config.train.init_from}')
     result = _train_llava_stage(config, path, report)
-  state.update(done=True, wall_s=time.time() - t0, result=result)
+  state.update(done=True, wall_s=time.time() - t0, cpu_s=time.process_time() - c0, result=result)
   _write_state(path, state)
-  report(f'{name}: done in {state["wall_s"]:.0f} s')
+  report(f'{name}: done in {state["wall_s"]:.0f} s ({state["cpu_s"]:.0f} s CPU)')
   return {**state, 'dir': path, 'skipped': False}

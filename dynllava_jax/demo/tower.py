@@ -39,7 +39,7 @@ def tower_defaults():
   """The `tower` config section (stage 0)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
-  c.steps = 400
+  c.steps = 800
   c.batch_size = 64
   c.lr = 3e-3
   c.weight_decay = 1e-4
