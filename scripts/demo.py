@@ -96,7 +96,11 @@ def main():
     c = get_config(f'stage={k},smoke={args.smoke}')
     apply_sets(c, k, args.set)
     configs[k] = c
-    up = infos[k] = stg.run_stage(c, stg.stage_dir(args.workdir, c), up)
+    try:
+      up = infos[k] = stg.run_stage(c, stg.stage_dir(args.workdir, c), up)
+    except stg.StageInterrupted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(130)
   t_train = time.time() - t0
   done = ', '.join(f'{k} ' + ('cached' if i['skipped'] else '%.0f s' % i['wall_s']) for k, i in infos.items())
   print(f'stages done in {t_train:.0f} s: {done}', flush=True)

@@ -140,3 +140,14 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   assert summary['methods']['dynamic@0.2']['prefill_flops'] < summary['methods']['dense@1.0']['prefill_flops']
   for f in ('tradeoff.png', 'kept_patches.png', 'results.md'):
     assert (w / f).stat().st_size > 0
+
+
+def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):
+  def body(config, path, report):
+    raise stg.StageInterrupted('interrupted')
+  monkeypatch.setattr(stg, '_train_llava_stage', body)
+  c = get_config('stage=1,smoke=True')
+  up = {'hash': 'x', 'dir': str(tmp_path / 'up')}
+  with pytest.raises(stg.StageInterrupted):
+    stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
+  assert stg.read_state(stg.stage_dir(str(tmp_path), c))['done'] is False

@@ -12,7 +12,8 @@ is a path inside the workdir) and the upstream stage's hash, so a change to any 
 invalidates every later stage too. A stage whose stage.json has the same hash and `done` is skipped; one
 with another hash (or a directory without stage.json) is deleted and rerun, so no stale checkpoint is ever
 resumed. A stage interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
-checkpoint it finds there).
+checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
+`StageInterrupted` (the stage is not marked done; later stages do not run).
 """
 import hashlib
 import json
@@ -21,6 +22,10 @@ import shutil
 import time
 
 STATE = 'stage.json'
+
+
+class StageInterrupted(Exception):
+  """SIGTERM / SIGINT during a stage's training: its checkpoint is saved, it is not marked done."""
 
 
 def stage_dir(workdir, config):
@@ -68,6 +73,9 @@ def _train_llava_stage(config, path, report):
   from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
   builders.build(config)
   out = loop.train(config, path)
+  if out['preempted']:
+    raise StageInterrupted(f'stage {config.stage.index} interrupted at step {out["step"]} (saved in {path}); '
+                           'run the same command again to resume it')
   model = st.merge_model(out['trainer'].graphdef, out['state'])
   save_model_params(model, os.path.join(path, 'params'))
   last = {k: float(v) for k, v in out['last'].items() if hasattr(v, '__float__')}
