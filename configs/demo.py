@@ -68,11 +68,11 @@ def get_config(arg=None):
     t.steps = 150
     t.lr = 2e-3
   elif arg.stage == 2:
-    t.steps = 1600
+    t.steps = 800
     t.lr = 1e-3
   else:
     # From the dense LLaVA: the LLM at a tenth of stage 2's peak, fresh predictors at 3x that.
-    t.steps = 400
+    t.steps = 200
     t.lr = 1e-4
     t.predictor_lr = 3e-4
   c.stage = ml_collections.ConfigDict({'index': arg.stage, 'name': STAGE_NAMES[arg.stage]})
