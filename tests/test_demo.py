@@ -123,10 +123,10 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   """scripts/demo.py --smoke: every stage's config trains 2 steps; summary.json follows the schema."""
   w = tmp_path / 'demo'
   cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--workdir', str(w), '--smoke',
-         '--test_limit', '6', '--methods', 'dense,dynamic,random', '--budgets', '0.2',
+         '--test_limit', '6', '--methods', 'dense,dynamic', '--budgets', '0.2',
          '--set', f'data.data_dir={tmp_path / "tfds"}']
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2400)
   assert out.returncode == 0, out.stderr[-3000:]
   for k in STAGES:
     c = get_config(f'stage={k},smoke=True')
@@ -135,7 +135,7 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
     assert info['result']['steps' if k == 0 else 'step'] == 2
   summary = json.loads((w / 'summary.json').read_text())
   res.check_summary(summary)
-  assert summary['test_samples'] == 6 and set(summary['methods']) == {'dense@1.0', 'dynamic@0.2', 'random@0.2'}
+  assert summary['test_samples'] == 6 and set(summary['methods']) == {'dense@1.0', 'dynamic@0.2'}
   assert summary['methods']['dense@1.0']['image_keep'] == 1.0
   assert summary['methods']['dynamic@0.2']['prefill_flops'] < summary['methods']['dense@1.0']['prefill_flops']
   for f in ('tradeoff.png', 'kept_patches.png', 'results.md'):
