@@ -50,6 +50,7 @@ def _fake_body(calls):
   def body(config, path, report):
     calls.append(config.stage.index)
     os.makedirs(os.path.join(path, 'params'), exist_ok=True)
+    os.makedirs(os.path.join(path, 'checkpoints'), exist_ok=True)
     return {'steps': 2}
   return body
 
@@ -93,6 +94,11 @@ def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
   calls.clear()
   run_all({(1, 'train', 'steps'): 3})
   assert calls == [2]        # same hash: stage 3 (deterministic training gives the same stage 2) is kept
+  import shutil
+  shutil.rmtree(os.path.join(fourth[3]['dir'], 'checkpoints'))               # outputs gone: rerun
+  calls.clear()
+  run_all({(1, 'train', 'steps'): 3})
+  assert calls == [3]
 
 
 def test_summary_schema_check():

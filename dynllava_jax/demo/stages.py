@@ -9,7 +9,8 @@ Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
   checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
 The stage's hash is sha256 over its resolved config (as JSON, keys sorted, `train.init_from` blanked: it
 is a path inside the workdir) and the upstream stage's hash, so a change to any earlier stage's config
-invalidates every later stage too. A stage whose stage.json has the same hash and `done` is skipped; one
+invalidates every later stage too. A stage whose stage.json has the same hash and `done` (and whose params/
+and checkpoints/ are still there) is skipped; one
 with another hash (or a directory without stage.json) is deleted and rerun, so no stale checkpoint is ever
 resumed. A stage interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
 checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
@@ -91,10 +92,12 @@ def run_stage(config, path, upstream=None, report=print):
   h = stage_hash(config, up_hash)
   name = f'stage {config.stage.index} ({config.stage.name})'
   old = read_state(path)
-  if old and old.get('hash') == h and old.get('done'):
+  outputs = ['params'] + (['checkpoints'] if config.stage.index else [])
+  complete = all(os.path.isdir(os.path.join(path, o)) for o in outputs)
+  if old and old.get('hash') == h and old.get('done') and complete:
     report(f'{name}: cached in {path} (hash {h}), skipped')
     return {**old, 'dir': path, 'skipped': True}
-  if os.path.isdir(path) and (old is None or old.get('hash') != h):
+  if os.path.isdir(path) and (old is None or old.get('hash') != h or (old.get('done') and not complete)):
     report(f'{name}: config changed (hash {old.get("hash") if old else None} -> {h}); rerunning from scratch')
     shutil.rmtree(path)
   state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
