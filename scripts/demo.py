@@ -1,117 +1,161 @@
-"""The CPU demo (`make demo`): build digits_vqa, train the tiny Dynamic-LLaVA, evaluate.
+"""The CPU demo (`make demo`): LLaVA's recipe at toy scale, then every method's accuracy–cost trade-off.
 
-    python scripts/demo.py --workdir runs/demo [--steps N] [--eval_limit 300]
+    python scripts/demo.py --workdir runs/demo [--test_limit 300] [--set stage2:train.steps=800 ...]
 
-Training uses the tiny config's `train` section as is (configs/dynllava.py:size=tiny; the settings are in
-dynllava_jax/train/config.py): a dense stage of `dense_warmup_steps` steps, then Dynamic-LLaVA sparsification
-training (Gumbel decisions, ratio losses, MaskedSoftmax). It resumes when the workdir has checkpoints.
-
-Then it prints a teacher-forced table on the validation split (accuracy = every token of the answer, "</s>"
-included, is the argmax prediction), per question type, for the trained model run sparse (deterministic
-decisions) and dense (every token kept), beside a majority-answer baseline (the most frequent training answer
-per question type). If `dynllava_jax.eval.run.run_eval` exists it then runs the generation evaluation.
+Stages (configs/demo.py:stage=K; each cached in <workdir>/stage<K>_<name>/, skipped on a re-run while its
+config and every upstream config are unchanged — dynllava_jax/demo/stages.py):
+  0 tower     pretrain the tiny ViT on per-cell digit classification, then freeze it
+  1 align     projector only, on captions
+  2 instruct  LLM + projector on the digits questions: the dense LLaVA
+  3 dynamic   Dynamic-LLaVA fine-tune from stage 2
+Then the test split is answered by generation for dense, Dynamic-LLaVA (stage 3) and the training-free
+methods (stage 2) at image-token budgets 0.1, 0.2, 0.35, 0.5 (dynllava_jax/demo/results.py). Outputs:
+  <workdir>/summary.json     {"methods": {"<method>@<budget>": {...}}, "majority", "test_samples", "wall_s"}
+  <workdir>/results.md|json  the printed table / every measured field per method and budget
+  <workdir>/tradeoff.png     accuracy vs prefill FLOPs and vs KV bytes, a line per method
+  <workdir>/kept_patches.png the kept image patches of a few test images at a 20 % budget
 """
 import argparse
 import ast
-import collections
 import json
+import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# More, smaller steps learn faster on 2 CPU cores than the data section's default batch of 16.
-DEMO_BATCH = 8
-DEMO_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random')
+
+def apply_sets(config, stage, items):
+  """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); without stageK: every stage that
+  has the field. Raises SystemExit(2) with one line on a field no stage has."""
+  for item in items:
+    target, _, rest = item.partition(':') if item.split('=', 1)[0].count(':') else ('', '', item)
+    if target and target != f'stage{stage}':
+      continue
+    key, sep, value = rest.partition('=')
+    if not sep:
+      raise SystemExit(f'--set {item}: use [stageK:]SECTION.FIELD=VALUE')
+    *path, field = key.split('.')
+    node = config
+    for p in path:
+      node = node.get(p) if node is not None and p in node else None
+    if node is None or field not in node:
+      if target:
+        raise SystemExit(f'--set {item}: configs/demo.py:stage={stage} has no field {key}')
+      continue
+    try:
+      v = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      v = value
+    with config.unlocked():
+      node[field] = v
 
 
-def majority_baseline(train_samples, val_samples):
-  """Accuracy of always answering the most frequent training answer of the question type."""
-  counts = collections.defaultdict(collections.Counter)
-  for s in train_samples:
-    counts[s['question_type']][s['answer']] += 1
-  out = collections.defaultdict(lambda: [0, 0])
-  for s in val_samples:
-    guess = counts[s['question_type']].most_common(1)[0][0] if counts[s['question_type']] else None
-    for key in (s['question_type'], 'all'):
-      out[key][0] += int(guess == s['answer'])
-      out[key][1] += 1
-  return {k: c / n for k, (c, n) in out.items()}
+def _json_default(x):
+  if hasattr(x, 'item'):
+    return x.item()
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  return str(x)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
-  ap.add_argument('--steps', type=int, default=None, help='override train.steps')
-  ap.add_argument('--eval_limit', type=int, default=300, help='validation samples in the tables')
-  ap.add_argument('--gen_limit', type=int, default=100, help='samples for run_eval (generation); 0 skips it')
-  ap.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
-                  help='override a config field (Python literal), e.g. --set train.lr=1e-3; repeatable')
-  ap.add_argument('--batch', type=int, default=DEMO_BATCH, help='global batch size')
+  ap.add_argument('--test_limit', type=int, default=300, help='test samples answered per method')
+  ap.add_argument('--budgets', default='0.1,0.2,0.35,0.5', help='image-token budgets (0.2 always added)')
+  ap.add_argument('--methods', default='dense,dynamic,fastv,pdrop,random,uniform')
+  ap.add_argument('--eval_batch', type=int, default=64)
+  ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
+  ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
+                  help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
+  ap.add_argument('--stop_after', type=int, default=3, help='last stage to run (no evaluation if < 3)')
   args = ap.parse_args()
-
-  import jax  # pylint: disable=g-import-not-at-top
-  from configs.dynllava import get_config  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.train import evaluate, loop  # pylint: disable=g-import-not-at-top
-
-  config = get_config('size=tiny')
-  config.data.batch_size = args.batch
-  for item in args.set:
-    key, _, value = item.partition('=')
-    *path, field = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    if field not in node:
-      raise SystemExit(f'--set {item}: the config has no field {key}')
-    try:
-      node[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[field] = value   # a bare string, e.g. --set train.ce_weighting=sample
-  if args.steps is not None:
-    config.train.steps = args.steps
-    config.train.dense_warmup_steps = min(config.train.dense_warmup_steps, args.steps)
   t0 = time.time()
-  print(f'building {config.data.name} ...', flush=True)
-  builders.build(config)
-  print(f'training {config.train.steps} steps ({config.train.dense_warmup_steps} dense, then sparse) '
-        f'on {jax.device_count()} {jax.devices()[0].platform} device(s) into {args.workdir}', flush=True)
-  out = loop.train(config, args.workdir)
-  t_train = time.time() - t0
-  trainer, state, step = out['trainer'], out['state'], out['step']
 
-  val = pipeline.make_eval_samples(config, 'validation', limit=args.eval_limit)
-  train_s = pipeline.make_eval_samples(config, 'train', limit=2000)
-  base = majority_baseline(train_s, val)
-  sparse = evaluate.answer_table(trainer, state, step, val, sparse=config.model.sparse.enabled)
-  dense = evaluate.answer_table(trainer, state, step, val, sparse=False)
-  lines = ['| question type | samples | majority baseline | accuracy (sparse) | accuracy (dense) | '
-           'val CE (sparse) | kept image | kept answer |', '|---' * 8 + '|']
-  for key in sorted(sparse, key=lambda k: (k == 'all', k)):
-    s, d = sparse[key], dense[key]
-    lines.append(f'| {key} | {s["samples"]} | {base.get(key, 0):.3f} | {s["answer_accuracy"]:.3f} | '
-                 f'{d["answer_accuracy"]:.3f} | {s["loss"]:.4f} | {s.get("kept_image", float("nan")):.3f} | '
-                 f'{s.get("kept_answer", float("nan")):.3f} |')
-  table = '\n'.join(lines)
-  t_total = time.time() - t0
-  print(f'\nteacher-forced validation ({len(val)} samples, step {step}; train wall {t_train:.0f} s, '
-        f'total {t_total:.0f} s):\n{table}', flush=True)
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, 'demo_table.md'), 'w') as f:
-    f.write(f'step {step}, train wall {t_train:.0f} s\n\n{table}\n')
-  with open(os.path.join(args.workdir, 'demo_table.json'), 'w') as f:
-    json.dump({'step': step, 'train_wall_s': t_train, 'sparse': sparse, 'dense': dense,
-               'majority': base}, f, indent=1)
+  from configs.demo import STAGES, get_config  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.demo import results as res  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
 
+  methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  for m in ('dense', 'dynamic'):
+    if m not in methods:
+      methods.insert(0, m)
   try:
-    from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    run_eval = None
-  if run_eval is not None and args.gen_limit > 0:
-    # The methods the demo compares, on the test split; one timing run keeps the demo within minutes.
-    run_eval(config, args.workdir, methods=DEMO_METHODS, split='test', limit=args.gen_limit, timing_runs=1)
+    budgets = sorted({float(b) for b in args.budgets.split(',') if b.strip()} | {0.2})
+  except ValueError:
+    raise SystemExit(f'--budgets {args.budgets!r}: give comma-separated fractions, e.g. 0.1,0.2') from None
+  if any(not 0.0 < b <= 1.0 for b in budgets) or any(m not in res.METHOD_ORDER for m in methods):
+    raise SystemExit(f'--budgets must be in (0, 1] and --methods among {res.METHOD_ORDER}')
+
+  configs, infos, up = {}, {}, None
+  for k in STAGES:
+    if k > args.stop_after:
+      break
+    c = get_config(f'stage={k},smoke={args.smoke}')
+    apply_sets(c, k, args.set)
+    configs[k] = c
+    try:
+      up = infos[k] = stg.run_stage(c, stg.stage_dir(args.workdir, c), up)
+    except stg.StageInterrupted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(130)
+  t_train = time.time() - t0
+  done = ', '.join(f'{k} ' + ('cached' if i['skipped'] else '%.0f s' % i['wall_s']) for k, i in infos.items())
+  print(f'stages done in {t_train:.0f} s: {done}', flush=True)
+  if args.stop_after < 3:
+    return
+
+  from dynllava_jax.eval import report  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import _load_samples, _prompt_batch, image_keep_grids, load_model  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  models = {k: (load_model(configs[k], infos[k]['dir'], report_fn=lambda m: None)[0], configs[k])
+            for k in (2, 3)}
+  samples, tok = _load_samples(configs[2], 'test', args.test_limit)
+  # Batches of like answers: short answers stop decoding after a few steps, descriptions run together.
+  ordered = sorted(samples, key=lambda s: (s['question_type'] == 'describe', len(s['prompt_ids'])))
+  print(f'evaluating {len(samples)} test samples: {methods} at budgets {budgets}', flush=True)
+  rows = res.evaluate_all(models, ordered, tok, budgets=budgets, methods=methods, batch_size=args.eval_batch)
+  train_samples = pipeline.make_eval_samples(configs[2], 'train', limit=2000)
+  majority = res.majority(train_samples, samples)
+  types = sorted({s['question_type'] for s in samples})
+  table = res.markdown_table(rows, majority, types)
+
+  os.makedirs(args.workdir, exist_ok=True)
+  report.plot_tradeoff(res.make_summary(rows, majority, len(samples), 0.0)['methods'],
+                       os.path.join(args.workdir, 'tradeoff.png'))
+  imgs = [s for s in samples if s['has_image']][:4]
+  if imgs:
+    ids, mask, pix = _prompt_batch(configs[2], imgs)
+    keeps, titles = {}, []
+    for k, name, stage, ratio, overrides in res.method_specs(configs[2].model, (0.2,), methods):
+      model, cfg = models[stage]
+      if ratio is not None:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.model.sparse.image_keep_ratio = ratio
+      keeps[k] = list(image_keep_grids(model, cfg, make_sparsifier(name, cfg, **overrides), ids, mask, pix,
+                                       jax.random.key(cfg.seed)))
+      titles.append(k)
+    report.plot_kept_patches(list(pix), keeps, titles, os.path.join(args.workdir, 'kept_patches.png'))
+  wall = time.time() - t0
+  summary = res.check_summary(res.make_summary(rows, majority, len(samples), wall))
+  with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+    json.dump({'rows': rows, 'majority': majority, 'stages': infos, 'wall_s': wall,
+               'cpu_s': time.process_time(), 'eval_wall_s': wall - t_train}, f, indent=1,
+              default=_json_default)
+  head = (f'test split: {len(samples)} samples, greedy generation; exact match per question type '
+          f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s, '
+          f'process CPU {time.process_time():.0f} s')
+  with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
+    f.write(f'{head}\n\n{table}\n')
+  print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, tradeoff.png, '
+        f'kept_patches.png', flush=True)
 
 
 if __name__ == '__main__':

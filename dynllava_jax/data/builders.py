@@ -28,7 +28,8 @@ def get_builder(config):
   if d.name == 'digits_vqa':
     g = d.digits
     cfg = digits_vqa.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed,
-                                 g.describe_style, g.max_rounds, g.extra_round_prob)
+                                 g.describe_style, g.max_rounds, g.extra_round_prob,
+                                 g.get('grid', digits_vqa.GRID), g.get('type_probs', digits_vqa.TYPE_PROBS))
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:
@@ -103,7 +104,7 @@ def _source_name(config):
 def _finish(config, ds_dir):
   """Writes the digits tokenizer if missing; applies strict mode to the build report."""
   if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
-    digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER))
+    digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER), config.data.digits.describe_style)
   report = read_report(ds_dir)
   if config.data.strict and report['skipped_ids']:
     rid, reason = report['skipped_ids'][0]

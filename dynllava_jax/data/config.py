@@ -17,7 +17,8 @@ See docs/data.md. Fields:
   seed: shuffle seed of the reader.
   strict: any bad record is an error naming its id and reason (default: skip, count and log).
   num_workers: grain worker processes (0 = read in the main process).
-  digits: digits_vqa generation settings (canvas size, split sizes, generation seed, describe style).
+  digits: digits_vqa generation settings (canvas size, grid, question-type mix, split sizes, generation
+    seed, describe style, rounds).
 """
 import ml_collections
 
@@ -36,6 +37,10 @@ def digits_defaults(size='tiny'):
   # up to max_rounds. tiny: ~3 rounds per image (more grounded answers per forward pass).
   c.max_rounds = 5 if size == 'tiny' else 2
   c.extra_round_prob = 0.75 if size == 'tiny' else 0.1
+  # grid x grid cells (canvas_size // grid px each: 64 // 2 = 32 = a 4x4 block of patch-8 tokens) and the
+  # question-type mix (order digit_at, count, row_sum, describe, text_add); both name the dataset dir.
+  c.grid = 3
+  c.type_probs = (0.35, 0.15, 0.2, 0.25, 0.05)
   return c
 
 

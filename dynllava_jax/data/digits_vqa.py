@@ -1,8 +1,10 @@
 """`digits_vqa`: an embedded, offline VQA set made of the real handwritten digits sklearn ships.
 
 Each image is a square RGB canvas (`canvas_size`, e.g. 64 → 64 patch-8 tokens, 336 → 576 patch-14
-tokens) holding a 3x3 grid of upscaled 8x8 digit tiles (values 0..16 → ink), some cells empty, with
-jitter inside the cell, a random tint per tile and background noise. Questions:
+tokens) holding a `grid` x `grid` grid (default 3) of upscaled 8x8 digit tiles (values 0..16 → ink), some
+cells empty, with jitter inside the cell, a random tint per tile and background noise. A cell is
+canvas_size // grid pixels: with canvas 64, grid 2 and patch 8 each cell is exactly a 4x4 block of patches
+(the demo's geometry); with grid 3 cells of 21 px straddle the patches. Questions:
   digit_at:  "what digit is at row r column c ?"  → "7" | "empty"     (needs a few patches)
   count:     "how many digits are there ?"          → "6"              (needs all patches)
   row_sum:   "what is the sum of row r ?"           → "12"             (empty cells count 0)
@@ -11,11 +13,15 @@ jitter inside the cell, a random tint per tile and background noise. Questions:
              "there are 6 digits . row 1 : column 1 is 3 , column 2 is empty , column 3 is 5 . ..."
              or 'short' (24 tokens, for the tiny model's len_ot = 16; less template, shorter sequences):
              "6 digits . row 1 : 3 empty 5 . row 2 : ..."
+             or 'cells' (the demo's 2x2 grid: 51 tokens with </s>, above the released len_ot = 50):
+             "the grid has 2 rows and 2 columns and 3 digits . row 1 : in column 1 the digit is 3 , in
+             column 2 the cell is empty . row 2 : ..."
   text_add:  "what is a plus b ?"                   → "9"              (text-only, no image)
 Image samples have further rounds (another question about the same image, no image tag), each with
 probability `extra_round_prob` up to `max_rounds` in all (defaults 0.1 and 2: about 10% have a second
 round; the tiny config uses 0.75 and 5, about 3 rounds per image, which gives the from-scratch tiny model
-~3x the image-grounded answers per forward pass, as LLaVA-Instruct's multi-turn conversations do). Splits use disjoint source digits, by index: train 0..1257, validation
+~3x the image-grounded answers per forward pass, as LLaVA-Instruct's multi-turn conversations do). The mix of question types is `type_probs` (order of QUESTION_TYPES;
+a caption set for alignment is type_probs=(0, 0, 0, 1, 0), max_rounds=1). Splits use disjoint source digits, by index: train 0..1257, validation
 1258..1526, test 1527..1796. Everything is deterministic by `seed`. Canvases up to 128 px are
 stored as PNG, larger ones as JPEG (quality 95).
 """
@@ -50,13 +56,21 @@ def question(qtype, r=0, c=0, a=0, b=0):
   }[qtype]
 
 
-DESCRIBE_STYLES = ('long', 'short')
+DESCRIBE_STYLES = ('long', 'short', 'cells')
 
 
 def describe(grid, style='long'):
-  """Long answer for `grid` (3x3 list of int or None), row by row; `style` in DESCRIBE_STYLES."""
+  """Long answer for `grid` (g x g list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
   cell = lambda v: 'empty' if v is None else str(v)
+  if style == 'cells':
+    g = len(grid)
+    parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
+    for r, row in enumerate(grid):
+      cells = [f'in column {c + 1} ' + ('the cell is empty' if v is None else f'the digit is {v}')
+               for c, v in enumerate(row)]
+      parts.append(f'row {r + 1} : ' + ' , '.join(cells) + ' .')
+    return ' '.join(parts)
   if style == 'short':
     rows = [f'row {r + 1} : ' + ' '.join(cell(v) for v in row) + ' .' for r, row in enumerate(grid)]
     return ' '.join([f'{n} digits .'] + rows)
@@ -82,39 +96,42 @@ def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
   return str(a + b)
 
 
-def vocabulary_texts():
-  """Every text the generator can produce, word-wise (builds the word-level tokenizer)."""
+def vocabulary_texts(describe_style='long'):
+  """Every text the generator can produce, word-wise (builds the word-level tokenizer). The 'long' and
+  'short' describe words are always in (the vocabulary of the default sets does not change); 'cells' adds
+  its own words only to datasets built with it."""
   texts = [templates.SYSTEM, ' '.join(templates.ROLES) + ' : ' + templates.SEP2, 'empty']
   texts += [question(t, 1, 1, 0, 0) for t in QUESTION_TYPES]
-  texts += [describe([[None] * 3] * 3, style) for style in DESCRIBE_STYLES]
+  styles = ('long', 'short') + ((describe_style,) if describe_style not in ('long', 'short') else ())
+  texts += [describe([[None] * 3] * 3, style) for style in styles]
   texts.append(' '.join(str(i) for i in range(9 * GRID * GRID + 1)))
   return texts
 
 
-def build_tokenizer(path=None):
-  return tokenizer_lib.build_word_tokenizer(vocabulary_texts(), path)
+def build_tokenizer(path=None, describe_style='long'):
+  return tokenizer_lib.build_word_tokenizer(vocabulary_texts(describe_style), path)
 
 
 def render_canvas(tiles, canvas_size, rng):
-  """Draws a 3x3 grid canvas.
+  """Draws a g x g grid canvas (g = len(tiles)).
 
   Args:
-    tiles: 3x3 list of (8, 8) float arrays in 0..16, or None for empty cells.
-    canvas_size: S, output side in pixels.
+    tiles: g x g list of (8, 8) float arrays in 0..16, or None for empty cells.
+    canvas_size: S, output side in pixels; cell c of a row spans pixels [margin + c·(S//g), +S//g).
   Returns:
     (S, S, 3) uint8.
   """
-  s = canvas_size
-  cell = s // GRID
-  margin = (s - GRID * cell) // 2
+  s, g = canvas_size, len(tiles)
+  cell = s // g
+  margin = (s - g * cell) // 2
   tile = max(8, int(round(cell * 0.8)))
   f = max(1, s // 96)   # noise grain: 1 px for small canvases, f x f blocks for large ones
   base = -(-s // f)
   noise = rng.standard_normal((base, base, 3), dtype=np.float32)
   noise = noise.repeat(f, 0).repeat(f, 1)[:s, :s] if f > 1 else noise
   canvas = np.clip(0.06 + 0.03 * noise, 0, 1)
-  for r in range(GRID):
-    for c in range(GRID):
+  for r in range(g):
+    for c in range(g):
       t = tiles[r][c]
       if t is None:
         continue
@@ -130,44 +147,56 @@ def render_canvas(tiles, canvas_size, rng):
   return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _random_question(rng, grid, allow_text=True, style='long'):
-  qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=TYPE_PROBS))]
+def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS):
+  qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=type_probs))]
   if qtype == 'text_add' and not allow_text:
     qtype = 'count'
-  r, c = int(rng.integers(1, GRID + 1)), int(rng.integers(1, GRID + 1))
+  g = len(grid)
+  r, c = int(rng.integers(1, g + 1)), int(rng.integers(1, g + 1))
   if qtype == 'digit_at' and grid[r - 1][c - 1] is None and rng.random() < 0.8:
-    filled = [(i + 1, j + 1) for i in range(GRID) for j in range(GRID) if grid[i][j] is not None]
+    filled = [(i + 1, j + 1) for i in range(g) for j in range(g) if grid[i][j] is not None]
     r, c = filled[int(rng.integers(len(filled)))]
   a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
   return qtype, question(qtype, r, c, a, b), answer(qtype, grid, r, c, a, b, style)
 
 
+def draw_grid(rng, labels, split, g=GRID):
+  """The cells of one canvas: (empty (g, g) bool, src (g, g) source-digit indices of `split`, grid
+  g x g list of the digit labels or None)."""
+  lo, hi = SOURCE_SPLITS[split]
+  empty = rng.random((g, g)) < EMPTY_PROB
+  if empty.all():
+    empty[int(rng.integers(g)), int(rng.integers(g))] = False
+  src = rng.integers(lo, hi, (g, g))
+  grid = [[None if empty[r, c] else int(labels[src[r, c]]) for c in range(g)] for r in range(g)]
+  return empty, src, grid
+
+
+def tiles_of(images, empty, src):
+  g = empty.shape[0]
+  return [[None if empty[r, c] else images[src[r, c]] for c in range(g)] for r in range(g)]
+
+
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
-                extra_round_prob=SECOND_ROUND_PROB):
+                extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
   to max_rounds in all; `question_type` / `answer` describe the last round.
   """
-  lo, hi = SOURCE_SPLITS[split]
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
-  empty = rng.random((GRID, GRID)) < EMPTY_PROB
-  if empty.all():
-    empty[int(rng.integers(GRID)), int(rng.integers(GRID))] = False
-  src = rng.integers(lo, hi, (GRID, GRID))
-  grid = [[None if empty[r, c] else int(labels[src[r, c]]) for c in range(GRID)] for r in range(GRID)]
-  qtype, q, a = _random_question(rng, grid, style=describe_style)
+  empty, src, grid = draw_grid(rng, labels, split, grid_size)
+  qtype, q, a = _random_question(rng, grid, style=describe_style, type_probs=type_probs)
   has_image = qtype != 'text_add'
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
   while has_image and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
-    qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style)
+    qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs)
     conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
   image = b''
   if has_image:
-    tiles = [[None if empty[r, c] else images[src[r, c]] for c in range(GRID)] for r in range(GRID)]
     buf = io.BytesIO()
-    img = Image.fromarray(render_canvas(tiles, canvas_size, rng), 'RGB')
+    img = Image.fromarray(render_canvas(tiles_of(images, empty, src), canvas_size, rng), 'RGB')
     if canvas_size <= PNG_MAX_SIZE:
       img.save(buf, format='PNG')
     else:   # noisy large canvases: PNG is ~5x bigger and ~25x slower to write
@@ -188,10 +217,20 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   describe_style: str = 'long'
   max_rounds: int = 2
   extra_round_prob: float = SECOND_ROUND_PROB
+  grid: int = GRID
+  type_probs: tuple = TYPE_PROBS
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
-                max_rounds=2, extra_round_prob=SECOND_ROUND_PROB):
+                max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS):
+  """The builder config; every option that changes the data is in its name (a different dataset dir)."""
+  type_probs = tuple(float(p) for p in type_probs)
+  if not 1 <= grid <= 3 or canvas_size < 8 * grid:
+    raise ValueError(f'data.digits.grid={grid} must be in 1..3 with canvas_size={canvas_size} >= 8·grid')
+  if (len(type_probs) != len(QUESTION_TYPES) or min(type_probs) < 0
+      or abs(sum(type_probs) - 1.0) > 1e-6):
+    raise ValueError(f'data.digits.type_probs={type_probs}: {len(QUESTION_TYPES)} probabilities '
+                     f'(order {QUESTION_TYPES}) summing to 1')
   if describe_style not in DESCRIBE_STYLES:
     raise ValueError(f'data.digits.describe_style={describe_style!r}: use one of {DESCRIBE_STYLES}')
   if max_rounds < 1 or not 0.0 <= extra_round_prob <= 1.0:
@@ -202,9 +241,13 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += f'_{describe_style}'
   if (max_rounds, extra_round_prob) != (2, SECOND_ROUND_PROB):
     name += f'_r{max_rounds}p{extra_round_prob:g}'
+  if grid != GRID:
+    name += f'_g{grid}'
+  if type_probs != TYPE_PROBS:
+    name += '_t' + '-'.join(f'{p:g}' for p in type_probs)
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
-                         extra_round_prob=extra_round_prob)
+                         extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs)
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -233,4 +276,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
-                           c.extra_round_prob)
+                           c.extra_round_prob, c.grid, c.type_probs)

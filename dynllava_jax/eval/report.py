@@ -101,3 +101,40 @@ def plot_kept_patches(images, keeps, titles, path):
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
+  """Two panels: overall accuracy vs prefill GFLOPs and vs KV-cache KiB at the end of the answer, one line
+  per method over its budgets (points labelled with the kept image fraction). Writes `path` (png).
+
+  methods: {'<method>@<budget>': {'method', 'accuracy': {'all', ...}, 'prefill_flops', 'kv_cache_bytes',
+  'image_keep', ...}} (the demo's summary.json `methods`)."""
+  by = {}
+  for k, m in methods.items():
+    by.setdefault(m['method'], []).append((float(k.split('@')[1]), m))
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+  panels = (('prefill_flops', 1e9, 'prefill GFLOPs (batch 1)'),
+            ('kv_cache_bytes', 1024.0, 'KV cache KiB at the end of the answer'))
+  markers = 'o^sDvP*X'
+  for ax, (field, scale, label) in zip(axes, panels):
+    for i, (name, pts) in enumerate(sorted(by.items(), key=lambda kv: (kv[0] != 'dense', kv[0]))):
+      pts.sort(key=lambda p: p[0])
+      x = [p[1][field] / scale for p in pts]
+      y = [p[1]['accuracy']['all'] for p in pts]
+      style = dict(marker='*', markersize=12, linestyle='none') if name == 'dense' else dict(
+          marker=markers[i % len(markers)], markersize=5)
+      ax.plot(x, y, label=name, **style)
+      if field == 'prefill_flops' and name == 'dynamic':
+        for b, xx, yy in zip([p[0] for p in pts], x, y):
+          ax.annotate(f'{b:g}', (xx, yy), textcoords='offset points', xytext=(3, -10), fontsize=7)
+    ax.set_xlabel(label, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+  axes[0].set_ylabel('exact match (all test questions)', fontsize=9)
+  axes[1].legend(fontsize=8, loc='lower right')
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

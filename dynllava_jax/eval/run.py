@@ -15,6 +15,9 @@ Per method (keys of each row, see `report.COLUMNS`):
                       length, abstract shapes, padded buckets included); prefill_flops_analytic beside it
   kv_cache_bytes      K/V bytes holding tokens after generation, per sample (kv_cache_bytes_prefill: after
                       prefill)
+  accuracy_by_type, token_accuracy_by_type, kv_cache_bytes_by_type, samples_by_type
+                      the same per question type (+ 'all'); token accuracy = the fraction of the gold
+                      answer's tokens (</s> included) that the generation matches position by position
   prefill_s           warm median prefill seconds of the first eval batch
   decode_ms_per_token warm generation of max_new_tokens vs of 1 token with EOS ignored (prefill cancels):
                       median over `timing_runs` interleaved pairs of Δt / (max_new_tokens − 1), first eval
@@ -137,14 +140,20 @@ def layer_lengths(method, model_cfg, sizes):
   return out
 
 
-def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16):
+def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16, xla=True):
   """(XLA FLOPs, analytic FLOPs) of the engine's prefill (`sparse_forward` with KV outputs) for `batch`
-  prompts of `text_tokens` text + N image tokens, on abstract shapes (no weights are allocated)."""
+  prompts of `text_tokens` text + N image tokens, on abstract shapes (no weights are allocated).
+  xla=False skips XLA's count (a compile): (nan, analytic)."""
   n = num_image_tokens(model_cfg)
   n_real = np.full((batch,), text_tokens + n, np.int32)
   n_img = np.full((batch,), n, np.int32)
   t0 = R.round_up(text_tokens + n, bucket)
   sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket)
+  analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
+                             seq_lens=layer_lengths(method, model_cfg, sizes),
+                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True)['total']
+  if not xla:
+    return float('nan'), analytic
   graphdef, state = F.abstract_model(model_cfg)
 
   def fn(state, ids, count, pix):
@@ -158,9 +167,6 @@ def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16):
   xla = F.xla_flops(fn, state, jax.ShapeDtypeStruct((batch, t0), jnp.int32),
                     jax.ShapeDtypeStruct((batch,), jnp.int32),
                     jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32))
-  analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
-                             seq_lens=layer_lengths(method, model_cfg, sizes),
-                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True)['total']
   return xla, analytic
 
 
@@ -258,45 +264,82 @@ def _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, ru
   return statistics.median(per_pair)
 
 
-def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None):
-  """One row of results for method `name` (see the module docstring)."""
+def token_accuracy(generated, gold):
+  """Fraction of the gold ids matched position by position by the generated ids (both 1-D)."""
+  gold = np.asarray(gold)
+  if gold.size == 0:
+    return 1.0
+  gen = np.asarray(generated)[:gold.size]
+  return float(np.sum(gen == gold[:gen.size]) / gold.size)
+
+
+def _per_sample_kv_bytes(caches):
+  """(B,) K/V bytes holding tokens per sample (the per-sample split of `cache.used_bytes`)."""
+  from dynllava_jax.decode import cache as C  # pylint: disable=g-import-not-at-top
+  return sum(C.bytes_per_token(c) * np.asarray(c.length).astype(np.float64) for c in caches)
+
+
+def by_type(values, types):
+  """{question type: mean, ..., 'all': mean} of per-sample values."""
+  out = {}
+  for t in sorted(set(types)):
+    out[t] = float(np.mean([v for v, u in zip(values, types) if u == t]))
+  out['all'] = float(np.mean(values)) if values else float('nan')
+  return out
+
+
+def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None,
+                    overrides=None, ppl=True, xla_flops=True):
+  """One row of results for method `name` (see the module docstring).
+
+  overrides: keyword settings of the method (`make_sparsifier(name, config, **overrides)`, e.g. FastV's
+  k, r); ppl=False skips the teacher-forced perplexity (nan), timing_runs=0 the timings (nan),
+  xla_flops=False XLA's FLOP count (nan; the analytic count stays)."""
   mc = model.mc
-  method = make_sparsifier(name, config)
+  method = make_sparsifier(name, config, **(overrides or {}))
   rng = jax.random.key(config.seed) if rng is None else rng
   max_new = int(config.eval.max_new_tokens)
   match = M.digits_match if _is_digits(config) else M.vqa_match
-  scores, img_ratios, txt_ratios, kv_final, kv_pre = [], [], [], 0, 0
+  scores, tok_acc, kv_sample, img_ratios, txt_ratios, kv_final, kv_pre = [], [], [], [], [], 0, 0
   first = None
   for batch in _batches(samples, batch_size):
     ids, mask, pix = _prompt_batch(config, batch)
     out = generate(model, config, method, ids, pix, mask, max_new_tokens=max_new, sampling='greedy',
-                   rng=rng)
+                   rng=rng, return_caches=True)
     first = first or (ids, mask, pix)
+    kv_b = _per_sample_kv_bytes(out.caches)
     for b, s in enumerate(batch):
-      text = tok.decode([int(t) for t in out.tokens[b, :out.lengths[b]]])
-      scores.append(match(text, s['answer']))
+      gen = [int(t) for t in out.tokens[b, :out.lengths[b]]]
+      scores.append(match(tok.decode(gen), s['answer']))
+      f = s['full']
+      tok_acc.append(token_accuracy(gen, f['input_ids'][int(f['answer_start']):int(f['answer_end'])]))
+      kv_sample.append(float(kv_b[b]))
       if s['has_image']:
         img_ratios.append(float(out.kept_image_ratio[b]))
       txt_ratios.append(float(out.kept_text_ratio[b]))
     kv_final += out.kv_cache_bytes_final
     kv_pre += out.kv_cache_bytes_prefill
+  types = [s['question_type'] for s in samples]
 
   nll_fn = teacher.make_answer_nll(method, nnx.graphdef(model))
   state = nnx.state(model)
   nll, cnt = 0.0, 0.0
-  for ids, mask, pix, last, w in long_answer_batches(config, samples, batch_size):
+  for ids, mask, pix, last, w in (long_answer_batches(config, samples, batch_size) if ppl else []):
     s, c = nll_fn(state, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask), jnp.asarray(last), rng)
     nll += float(np.sum(np.asarray(s) * w))
     cnt += float(np.sum(np.asarray(c) * w))
 
   ids, mask, pix = first
-  prefill_s, _ = M.time_call(lambda: prefill(model, config, method, ids, pix, mask, rng=rng,
-                                             max_new_tokens=max_new).out.logits_last,
-                             runs=timing_runs)
-  decode_ms = _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, timing_runs)
+  prefill_s = decode_ms = float('nan')
+  if timing_runs > 0:
+    prefill_s, _ = M.time_call(lambda: prefill(model, config, method, ids, pix, mask, rng=rng,
+                                               max_new_tokens=max_new).out.logits_last,
+                               runs=timing_runs)
+    decode_ms = _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, timing_runs)
 
   text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - num_image_tokens(mc)
-  xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket))
+  xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket),
+                                       xla=xla_flops)
   n = len(samples)
   return {
       'method': name,
@@ -312,6 +355,10 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'prefill_s': prefill_s,
       'decode_ms_per_token': decode_ms,
       'num_samples': n,
+      'accuracy_by_type': by_type(scores, types),
+      'token_accuracy_by_type': by_type(tok_acc, types),
+      'kv_cache_bytes_by_type': by_type(kv_sample, types),
+      'samples_by_type': {t: types.count(t) for t in sorted(set(types))},
       'ppl_tokens': cnt,
       'settings': method.describe(),
   }

@@ -2,7 +2,8 @@
 
 Parameter split (`split_params`): the model's nnx.Param variables are split into
   frozen:    by rule (`frozen_rules`): the CLIP tower (train.freeze_vision), the projector
-             (train.freeze_projector), path patterns (train.frozen) and the layer plan's frozen groups.
+             (train.freeze_projector), the whole LLM (train.freeze_llm, optional: the demo's alignment
+             stage), path patterns (train.frozen) and the layer plan's frozen groups.
              No gradients are computed for them and the optimizer holds no state for them.
   trainable: everything else, in two optimizer groups (`param_group`):
              'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
@@ -25,6 +26,7 @@ def frozen_rules(train_cfg, model=None):
   train.freeze_vision (`^vision_tower/`), train.freeze_projector (`^projector/`), train.frozen (extra
   comma-separated patterns) and the layer plan's `:frozen` groups (`^language_model/<group attr>/`)."""
   rules = ['^vision_tower/'] * bool(train_cfg.freeze_vision) + ['^projector/'] * bool(train_cfg.freeze_projector)
+  rules += ['^language_model/'] * bool(train_cfg.get('freeze_llm', False))   # projector-only alignment
   rules += [r for r in str(train_cfg.get('frozen', '') or '').split(',') if r]
   if model is not None:
     rules += [f'^language_model/{g.attr}/' for g in model.language_model.plan if g.train == 'frozen']

@@ -1,0 +1,87 @@
+"""The demo's staged toy LLaVA recipe (`make demo`, scripts/demo.py): one config per stage.
+
+    configs/demo.py:stage=0      tower pretraining (CLIP's role): per-cell digit classification
+    configs/demo.py:stage=1      alignment: projector only, on captions (LLaVA's pretrain stage)
+    configs/demo.py:stage=2      instruction tuning: LLM + projector (the dense LLaVA)
+    configs/demo.py:stage=3      Dynamic-LLaVA fine-tune from stage 2
+    configs/demo.py:stage=2,smoke=True   2 steps, small data (the tests)
+
+Each stage is the tiny preset (configs/dynllava.py:size=tiny) with the demo's geometry on top: a 2x2 grid
+on the 64-px canvas, so each cell is a 4x4 block of the 8-px patches (16 image tokens per cell; at a 20 %
+budget ~3 per cell), the 'cells' description (51 tokens with </s>) and the released len_ot = 50. The
+geometry lives here and in `data.digits`, not in the size preset. `train.init_from` is left empty: the
+runner (`dynllava_jax/demo/stages.py`) points it at the previous stage's exported params.
+"""
+import ml_collections
+
+from configs import common
+from configs import dynllava
+
+STAGES = (0, 1, 2, 3)
+STAGE_NAMES = ('tower', 'align', 'instruct', 'dynamic')
+
+
+def _geometry(c):
+  d = c.data.digits
+  d.canvas_size = 64
+  d.grid = 2
+  d.describe_style = 'cells'
+  d.max_rounds = 3
+  d.extra_round_prob = 0.6
+  d.type_probs = (0.35, 0.15, 0.25, 0.2, 0.05)   # digit_at, count, row_sum, describe, text_add
+  c.data.batch_size = 8
+  # The tower is pretrained here (stage 0): a fixed 2-D sine-cosine position table lets its attention
+  # find neighbouring patches from the first step (the random N(0, 0.02) table gives it almost nothing).
+  c.model.vision.pos_init = 'sincos2d'
+  c.model.sparse.len_ot = 50     # the released LEN_OT: the 'cells' descriptions qualify
+  c.eval.max_new_tokens = 56     # the 51-token description + slack
+  # One compiled shape per method in the demo's 21 evaluation runs: every prompt packs to 256 tokens and
+  # every cache holds 512 slots (never grown). Only compile time changes: KV bytes count held tokens, and
+  # the reported prefill FLOPs are counted at the real prompt length (dynllava_jax/demo/results.py).
+  c.eval.prefill_bucket = 256
+  c.eval.cache_bucket = 512
+  c.train.log_every = 50
+  c.train.save_every = 0
+  c.train.keep_checkpoints = 1
+  c.train.progress = False
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, stage=2, smoke=False)
+  if arg.stage not in STAGES:
+    raise ValueError(f'configs/demo.py: stage={arg.stage} unknown; use one of {STAGES}')
+  c = dynllava.get_config(f'size=tiny,dense={arg.stage != 3}')
+  _geometry(c)
+  t = c.train
+  t.dense_warmup_steps = 0
+  t.restart_schedule = False
+  t.freeze_vision = True
+  if arg.stage == 0:
+    from dynllava_jax.demo.tower import tower_defaults  # pylint: disable=g-import-not-at-top
+    c.tower = tower_defaults()
+  elif arg.stage == 1:
+    # Captions only (one 'describe' round per image), projector only.
+    c.data.digits.type_probs = (0.0, 0.0, 0.0, 1.0, 0.0)
+    c.data.digits.max_rounds = 1
+    c.data.digits.num_train, c.data.digits.num_val, c.data.digits.num_test = 1200, 50, 50
+    t.freeze_llm = True
+    t.steps = 150
+    t.lr = 2e-3
+  elif arg.stage == 2:
+    t.steps = 800
+    t.lr = 1e-3
+  else:
+    # From the dense LLaVA: the LLM at a tenth of stage 2's peak, fresh predictors at 3x that.
+    t.steps = 200
+    t.lr = 1e-4
+    t.predictor_lr = 3e-4
+  c.stage = ml_collections.ConfigDict({'index': arg.stage, 'name': STAGE_NAMES[arg.stage]})
+  if arg.smoke:
+    d = c.data.digits
+    d.num_train, d.num_val, d.num_test = 48, 16, 16
+    if arg.stage == 0:
+      c.tower.steps, c.tower.batch_size, c.tower.pool, c.tower.eval_canvases = 2, 8, 16, 8
+    else:
+      t.steps = 2
+    c.eval.max_new_tokens = 8
+  return c

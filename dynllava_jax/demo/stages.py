@@ -1,0 +1,120 @@
+"""The demo's stage runner and stage cache.
+
+    info = run_stage(config, stage_dir, upstream)     # upstream: the previous stage's info (None for 0)
+
+Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
+  stage.json   {stage, name, hash, upstream_hash, done, wall_s, cpu_s (process CPU time), result}
+  params/      the stage's model params (orbax, `dynllava_jax.convert` layout) for the next stage's
+               `train.init_from` (stage 0: the vision tower only)
+  checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
+The stage's hash is sha256 over its resolved config (as JSON, keys sorted, `train.init_from` blanked: it
+is a path inside the workdir) and the upstream stage's hash, so a change to any earlier stage's config
+invalidates every later stage too. A stage whose stage.json has the same hash and `done` (and whose params/
+and checkpoints/ are still there) is skipped; one
+with another hash (or a directory without stage.json) is deleted and rerun, so no stale checkpoint is ever
+resumed. A stage interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
+checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
+`StageInterrupted` (the stage is not marked done; later stages do not run).
+"""
+import hashlib
+import json
+import os
+import shutil
+import time
+
+STATE = 'stage.json'
+
+
+class StageInterrupted(Exception):
+  """SIGTERM / SIGINT during a stage's training: its checkpoint is saved, it is not marked done."""
+
+
+def stage_dir(workdir, config):
+  return os.path.join(workdir, f'stage{config.stage.index}_{config.stage.name}')
+
+
+def stage_hash(config, upstream_hash=''):
+  """16 hex digits identifying the stage's config and everything upstream of it."""
+  d = config.to_dict()
+  if 'train' in d:
+    d['train']['init_from'] = ''
+  text = json.dumps(d, sort_keys=True, default=str)
+  return hashlib.sha256(f'{upstream_hash}\n{text}'.encode()).hexdigest()[:16]
+
+
+def read_state(path):
+  try:
+    with open(os.path.join(path, STATE)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _write_state(path, state):
+  os.makedirs(path, exist_ok=True)
+  tmp = os.path.join(path, f'{STATE}.tmp{os.getpid()}')
+  with open(tmp, 'w') as f:
+    json.dump(state, f, indent=1, default=str)
+  os.replace(tmp, os.path.join(path, STATE))
+
+
+def save_model_params(model, path):
+  """The model's params as the pure dict of nnx.state(model, nnx.Param) (what `train.init_from` reads)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+  ckptr.wait_until_finished()
+
+
+def _train_llava_stage(config, path, report):
+  """Stages 1-3: build the data, `loop.train` into `path`, export the params."""
+  from dynllava_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
+  builders.build(config)
+  out = loop.train(config, path)
+  if out['preempted']:
+    raise StageInterrupted(f'stage {config.stage.index} interrupted at step {out["step"]} (saved in {path}); '
+                           'run the same command again to resume it')
+  model = st.merge_model(out['trainer'].graphdef, out['state'])
+  save_model_params(model, os.path.join(path, 'params'))
+  last = {k: float(v) for k, v in out['last'].items() if hasattr(v, '__float__')}
+  return {'step': int(out['step']), 'last': last}
+
+
+def run_stage(config, path, upstream=None, report=print):
+  """Runs (or skips, when cached) the stage `config.stage.index` into `path`.
+
+  upstream: the previous stage's info dict (its 'dir' holds params/); its hash enters this stage's hash.
+  Returns the info dict {stage, name, hash, upstream_hash, done, wall_s, result, dir, skipped}."""
+  up_hash = upstream['hash'] if upstream else ''
+  h = stage_hash(config, up_hash)
+  name = f'stage {config.stage.index} ({config.stage.name})'
+  old = read_state(path)
+  outputs = ['params'] + (['checkpoints'] if config.stage.index else [])
+  complete = all(os.path.isdir(os.path.join(path, o)) for o in outputs)
+  if old and old.get('hash') == h and old.get('done') and complete:
+    report(f'{name}: cached in {path} (hash {h}), skipped')
+    return {**old, 'dir': path, 'skipped': True}
+  if os.path.isdir(path) and (old is None or old.get('hash') != h or (old.get('done') and not complete)):
+    report(f'{name}: config changed (hash {old.get("hash") if old else None} -> {h}); rerunning from scratch')
+    shutil.rmtree(path)
+  state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
+           'upstream_hash': up_hash, 'done': False}
+  _write_state(path, state)
+  t0, c0 = time.time(), time.process_time()
+  if config.stage.index == 0:
+    from dynllava_jax.demo.tower import pretrain_tower  # pylint: disable=g-import-not-at-top
+    result = pretrain_tower(config, path, report=report)
+  else:
+    if upstream is None:
+      raise ValueError(f'{name} needs the previous stage (its params are train.init_from)')
+    with config.unlocked():
+      config.train.init_from = os.path.abspath(os.path.join(upstream['dir'], 'params'))
+    report(f'{name}: {config.train.steps} steps from {config.train.init_from}')
+    result = _train_llava_stage(config, path, report)
+  state.update(done=True, wall_s=time.time() - t0, cpu_s=time.process_time() - c0, result=result)
+  _write_state(path, state)
+  report(f'{name}: done in {state["wall_s"]:.0f} s ({state["cpu_s"]:.0f} s CPU)')
+  return {**state, 'dir': path, 'skipped': False}

@@ -1,0 +1,170 @@
+"""Stage 0 of the demo recipe: pretrain the tiny CLIP-stand-in tower on the digits (CLIP's role).
+
+    out = pretrain_tower(config, out_dir)     # writes <out_dir>/params (orbax, {'vision_tower': ...})
+
+The tower (`model.vision`, the same `VisionTower` LLaVA runs, up to its feature layer) is trained on
+per-cell digit classification from its patch tokens: a `CellHead` of g² learned cell queries attends over
+the selected patch tokens (CLS dropped, as LLaVA feeds them) and classifies each cell into 11 classes
+(digits 0..9, 10 = empty). The head is thrown away; `<out_dir>/params` holds the tower's params in the
+`dynllava_jax.convert` layout, so `train.init_from` of the next stage loads them (its other modules keep
+their fresh init) and `train.freeze_vision` keeps them frozen from then on.
+
+Canvases come from `digits_vqa.draw_grid` / `render_canvas` with the dataset's geometry
+(`data.digits.canvas_size`, `grid`), from the train split's source digits (a pool of `tower.pool` canvases
+drawn by (seed, 'tower', i)); the held-out accuracy uses `tower.eval_canvases` canvases from the validation
+split's source digits. Pixels go through `images.preprocess`, the pipeline's own LLaVA/CLIP preprocessing.
+Config section `tower`: steps, batch_size, lr, weight_decay, warmup_ratio, pool, eval_canvases, log_every.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from dynllava_jax.data import digits_vqa
+from dynllava_jax.data import images as images_lib
+from dynllava_jax.model import layers as L
+from dynllava_jax.model.vision import VisionTower, select_features
+
+EMPTY_CLASS = 10
+NUM_CLASSES = 11
+
+
+def tower_defaults():
+  """The `tower` config section (stage 0)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.steps = 800
+  c.batch_size = 64
+  c.lr = 3e-3
+  c.weight_decay = 1e-4
+  c.warmup_ratio = 0.05
+  c.pool = 4096
+  c.eval_canvases = 512
+  c.log_every = 100
+  return c
+
+
+class CellHead(nnx.Module):
+  """g² learned cell queries, one single-head attention over the patch tokens, LayerNorm, Linear → 11
+  classes. The attention logits get a learned (g², N) bias (zero at init): where each cell lies is learned
+  directly per patch, far faster than through the tower's small random position embeddings.
+
+  feats (B, N, w) -> logits (B, g², 11)."""
+
+  def __init__(self, width, cells, num_patches, *, rngs):
+    self.queries = nnx.Param(nnx.initializers.normal(L.INIT_STD)(rngs.params(), (cells, width)))
+    self.where = nnx.Param(jnp.zeros((cells, num_patches), jnp.float32))
+    self.ln = nnx.LayerNorm(width, rngs=rngs)
+    self.k = nnx.Linear(width, width, rngs=rngs)
+    self.v = nnx.Linear(width, width, rngs=rngs)
+    self.out_ln = nnx.LayerNorm(width, rngs=rngs)
+    self.out = nnx.Linear(width, NUM_CLASSES, rngs=rngs)
+
+  def __call__(self, feats):
+    x = self.ln(feats)
+    k, v = self.k(x), self.v(x)
+    s = jnp.einsum('cw,bnw->bcn', self.queries[...], k) * (k.shape[-1] ** -0.5) + self.where[...]
+    pooled = jnp.einsum('bcn,bnw->bcw', jax.nn.softmax(s, axis=-1), v)
+    return self.out(self.out_ln(pooled))
+
+
+class TowerClassifier(nnx.Module):
+  def __init__(self, vision_cfg, cells, *, rngs):
+    self.vision_tower = VisionTower(vision_cfg, rngs=rngs)
+    n = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    self.head = CellHead(vision_cfg.width, cells, n, rngs=rngs)
+    self.feature_select = vision_cfg.feature_select
+
+  def __call__(self, pixels):
+    feats = select_features(self.vision_tower(pixels), self.feature_select)
+    if self.feature_select == 'full':
+      feats = feats[:, 1:]
+    return self.head(feats)
+
+
+def make_canvases(config, split, count, stream):
+  """(pixels (count, S, S, 3) float32 CLIP-normalised, labels (count, g²) int32; 10 = empty)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images, targets = d.images.astype(np.float32), d.target
+  g, size = int(config.data.digits.get('grid', digits_vqa.GRID)), int(config.data.digits.canvas_size)
+  image_size = int(config.model.vision.image_size)
+  pix = np.zeros((count, image_size, image_size, 3), np.float32)
+  lab = np.zeros((count, g * g), np.int32)
+  for i in range(count):
+    rng = np.random.default_rng([int(config.seed), stream, i])
+    empty, src, grid = digits_vqa.draw_grid(rng, targets, split, g)
+    canvas = digits_vqa.render_canvas(digits_vqa.tiles_of(images, empty, src), size, rng)
+    pix[i] = images_lib.preprocess(Image.fromarray(canvas, 'RGB'), image_size)
+    lab[i] = [EMPTY_CLASS if v is None else v for row in grid for v in row]
+  return pix, lab
+
+
+def _save_tower(model, path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tree = {'vision_tower': nnx.to_pure_dict(nnx.state(model.vision_tower, nnx.Param))}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), tree, force=True)
+  ckptr.wait_until_finished()
+
+
+def pretrain_tower(config, out_dir, report=print):
+  """Trains the tower + cell head (`config.tower`), saves the tower to <out_dir>/params.
+
+  Returns {'steps', 'train_accuracy' (last logged batch), 'eval_accuracy' (held-out per-cell accuracy),
+  'wall_s'}; also written to <out_dir>/tower.json."""
+  t = config.tower
+  t0 = time.time()
+  g = int(config.data.digits.get('grid', digits_vqa.GRID))
+  pool_x, pool_y = make_canvases(config, 'train', int(t.pool), 101)
+  ev_x, ev_y = make_canvases(config, 'validation', int(t.eval_canvases), 102)
+  report(f'stage 0: {len(pool_x)} train canvases, {len(ev_x)} held-out ({time.time() - t0:.0f} s); '
+         f'{t.steps} steps at batch {t.batch_size}')
+  model = TowerClassifier(config.model.vision, g * g, rngs=nnx.Rngs(int(config.seed)))
+  sched = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), max(1, int(t.warmup_ratio * t.steps)),
+                                             max(int(t.steps), 2))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=float(t.weight_decay)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, x, y):
+    logits = nnx.merge(graphdef, p)(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce, jnp.mean(jnp.argmax(logits, -1) == y)
+
+  @jax.jit
+  def step(p, o, x, y):
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss, acc
+
+  @jax.jit
+  def predict(p, x):
+    return jnp.argmax(nnx.merge(graphdef, p)(x), -1)
+
+  order_rng = np.random.default_rng([int(config.seed), 103])
+  loss = acc = float('nan')
+  for i in range(int(t.steps)):
+    idx = order_rng.integers(0, len(pool_x), int(t.batch_size))
+    params, opt_state, loss, acc = step(params, opt_state, pool_x[idx], pool_y[idx])
+    if t.log_every and ((i + 1) % int(t.log_every) == 0 or i + 1 == int(t.steps)):
+      report(f'  stage 0 step {i + 1}: loss {float(loss):.4f} batch accuracy {float(acc):.3f}')
+  correct = []
+  for j in range(0, len(ev_x), 256):
+    correct.append(np.asarray(predict(params, ev_x[j:j + 256])) == ev_y[j:j + 256])
+  eval_acc = float(np.concatenate(correct).mean()) if correct else float('nan')
+  nnx.update(model, params)
+  os.makedirs(out_dir, exist_ok=True)
+  _save_tower(model, os.path.join(out_dir, 'params'))
+  out = {'steps': int(t.steps), 'train_accuracy': float(acc), 'eval_accuracy': eval_acc,
+         'wall_s': time.time() - t0}
+  with open(os.path.join(out_dir, 'tower.json'), 'w') as f:
+    json.dump(out, f, indent=1)
+  report(f'stage 0: held-out per-cell accuracy {eval_acc:.3f} ({out["wall_s"]:.0f} s)')
+  return out

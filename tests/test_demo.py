@@ -1,0 +1,159 @@
+"""The staged demo (scripts/demo.py, configs/demo.py, dynllava_jax/demo/*): every stage's config trains 2
+steps, summary.json has the documented schema, and the stage cache skips / invalidates as documented."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.demo import STAGES, get_config
+from dynllava_jax.data import digits_vqa
+from dynllava_jax.demo import results as res
+from dynllava_jax.demo import stages as stg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_geometry_cells_align_with_patches_and_descriptions_qualify():
+  c = get_config('stage=2')
+  d, v = c.data.digits, c.model.vision
+  cell = d.canvas_size // d.grid
+  assert d.canvas_size == v.image_size and cell % v.patch_size == 0       # a cell = a block of patches
+  assert (cell // v.patch_size) ** 2 >= 16
+  grid = [[None, 7], [3, None]]
+  n_tok = len(digits_vqa.describe(grid, d.describe_style).split()) + 1    # + </s>
+  assert n_tok >= c.model.sparse.len_ot == 50
+  from sklearn.datasets import load_digits
+  dg = load_digits()
+  rng = np.random.default_rng(0)
+  empty, src, g = digits_vqa.draw_grid(rng, dg.target, 'train', 2)
+  canvas = digits_vqa.render_canvas(digits_vqa.tiles_of(dg.images, empty, src), 64, rng)
+  for r in range(2):
+    for col in range(2):
+      ink = canvas[32 * r:32 * r + 32, 32 * col:32 * col + 32].mean()
+      assert (ink > 20) == (g[r][col] is not None)     # every digit stays inside its own 4x4 patch block
+
+
+def test_builder_options_name_the_dataset():
+  a = digits_vqa.make_config(grid=2, describe_style='cells')
+  b = digits_vqa.make_config(grid=3, describe_style='cells')
+  cap = digits_vqa.make_config(grid=2, describe_style='cells', type_probs=(0, 0, 0, 1, 0), max_rounds=1)
+  assert len({a.name, b.name, cap.name}) == 3
+  assert digits_vqa.make_config().name == 'c64_n4000-300-300_s0'       # default sets keep their dir
+  with pytest.raises(ValueError, match='type_probs'):
+    digits_vqa.make_config(type_probs=(1, 0, 0, 0))
+
+
+def _fake_body(calls):
+  def body(config, path, report):
+    calls.append(config.stage.index)
+    os.makedirs(os.path.join(path, 'params'), exist_ok=True)
+    os.makedirs(os.path.join(path, 'checkpoints'), exist_ok=True)
+    return {'steps': 2}
+  return body
+
+
+def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(stg, '_train_llava_stage', _fake_body(calls))
+  import dynllava_jax.demo.tower as tower
+  monkeypatch.setattr(tower, 'pretrain_tower', lambda c, p, report: _fake_body(calls)(c, p, report))
+
+  def run_all(sets=None):
+    up, infos = None, []
+    for k in STAGES:
+      c = get_config(f'stage={k},smoke=True')
+      for (stage, section, field), value in (sets or {}).items():
+        if stage == k:
+          c[section][field] = value
+      up = stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
+      infos.append(up)
+    return infos
+
+  first = run_all()
+  assert calls == [0, 1, 2, 3] and not any(i['skipped'] for i in first)
+  calls.clear()
+  assert all(i['skipped'] for i in run_all()) and calls == []               # a re-run skips every stage
+  marker = os.path.join(first[3]['dir'], 'stale.txt')
+  open(marker, 'w').close()
+  calls.clear()
+  third = run_all({(3, 'train', 'lr'): 5e-5})                                 # stage 3's config changed
+  assert calls == [3] and [i['skipped'] for i in third] == [True, True, True, False]
+  assert not os.path.exists(marker)                                           # its old dir was wiped
+  assert third[3]['hash'] != first[3]['hash']
+  calls.clear()
+  fourth = run_all({(1, 'train', 'steps'): 3})                                # upstream change
+  assert calls == [1, 2, 3] and fourth[0]['skipped']
+  # an interrupted stage (stage.json without done) with the same hash reruns
+  st = stg.read_state(fourth[2]['dir'])
+  st['done'] = False
+  with open(os.path.join(fourth[2]['dir'], stg.STATE), 'w') as f:
+    json.dump(st, f)
+  calls.clear()
+  run_all({(1, 'train', 'steps'): 3})
+  assert calls == [2]        # same hash: stage 3 (deterministic training gives the same stage 2) is kept
+  import shutil
+  shutil.rmtree(os.path.join(fourth[3]['dir'], 'checkpoints'))               # outputs gone: rerun
+  calls.clear()
+  run_all({(1, 'train', 'steps'): 3})
+  assert calls == [3]
+
+
+def test_summary_schema_check():
+  acc = {'count': 1.0, 'all': 1.0}
+  entry = {'method': 'dense', 'image_keep': 1.0, 'text_keep': 1.0, 'accuracy': acc, 'prefill_flops': 1.0,
+           'kv_cache_bytes': 1.0}
+  ok = {'methods': {'dense@1.0': entry, 'dynamic@0.2': {**entry, 'method': 'dynamic'}},
+        'majority': {'count': 0.3}, 'test_samples': 3, 'wall_s': 1.0}
+  res.check_summary(ok)
+  for bad in ({**ok, 'extra': 1}, {**ok, 'methods': {'dense@1.0': entry}},
+              {**ok, 'methods': {**ok['methods'], 'fastv@0.2': entry}},
+              {**ok, 'methods': {**ok['methods'], 'x@0.1': {**entry, 'method': 'x', 'more': 1}}}):
+    with pytest.raises(ValueError):
+      res.check_summary(bad)
+
+
+def test_budgets_match():
+  mc = get_config('stage=2').model
+  specs = {k: (name, stage, ratio, ov) for k, name, stage, ratio, ov in res.method_specs(mc)}
+  assert len(specs) == 1 + 5 * len(res.BUDGETS) and specs['dense@1.0'][1] == 2 and specs['dynamic@0.2'][1] == 3
+  for r in res.BUDGETS:
+    layers, ratios = specs[res.key('pdrop', r)][3]['layers'], specs[res.key('pdrop', r)][3]['ratios']
+    assert layers[0] == mc.sparse.sparse_layer and np.isclose(np.mean(ratios), r)
+    assert np.isclose(specs[res.key('fastv', r)][3]['r'], 1 - r)
+
+
+def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
+  """scripts/demo.py --smoke: every stage's config trains 2 steps; summary.json follows the schema."""
+  w = tmp_path / 'demo'
+  cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--workdir', str(w), '--smoke',
+         '--test_limit', '6', '--methods', 'dense,dynamic', '--budgets', '0.2',
+         '--set', f'data.data_dir={tmp_path / "tfds"}']
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for k in STAGES:
+    c = get_config(f'stage={k},smoke=True')
+    info = stg.read_state(stg.stage_dir(str(w), c))
+    assert info['done']
+    assert info['result']['steps' if k == 0 else 'step'] == 2
+  summary = json.loads((w / 'summary.json').read_text())
+  res.check_summary(summary)
+  assert summary['test_samples'] == 6 and set(summary['methods']) == {'dense@1.0', 'dynamic@0.2'}
+  assert summary['methods']['dense@1.0']['image_keep'] == 1.0
+  assert summary['methods']['dynamic@0.2']['prefill_flops'] < summary['methods']['dense@1.0']['prefill_flops']
+  for f in ('tradeoff.png', 'kept_patches.png', 'results.md'):
+    assert (w / f).stat().st_size > 0
+
+
+def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):
+  def body(config, path, report):
+    raise stg.StageInterrupted('interrupted')
+  monkeypatch.setattr(stg, '_train_llava_stage', body)
+  c = get_config('stage=1,smoke=True')
+  up = {'hash': 'x', 'dir': str(tmp_path / 'up')}
+  with pytest.raises(stg.StageInterrupted):
+    stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
+  assert stg.read_state(stg.stage_dir(str(tmp_path), c))['done'] is False
