@@ -29,6 +29,12 @@ REASONS = (MALFORMED, BAD_ROLES, MISSING_IMAGE, CORRUPT_IMAGE, TAG_WITHOUT_IMAGE
            MULTIPLE_TAGS, OVER_LONG)
 
 
+def printable(value):
+  """str(value) with characters UTF-8 cannot encode (lone surrogates from a JSON's escapes) written as
+  backslash escapes, so a log line or report never fails to encode."""
+  return str(value).encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
 class BadSampleError(UserError):
   """A bad record in strict mode. `str(err)` is one line: `bad record id=<id>: <reason>: <detail>`."""
 
@@ -57,11 +63,12 @@ class SkipCounter:
     self.total += 1
     self.skipped[reason] += 1
     n = sum(self.skipped.values())
+    record_id, detail = printable(record_id), printable(detail)
     if n <= self.max_logged:
       log.warning('skipping %s id=%s: %s%s', self.what[:-1], record_id, reason,
                   f': {detail}' if detail else '')
     if len(self.skipped_ids) < 1000:
-      self.skipped_ids.append((str(record_id), reason))
+      self.skipped_ids.append((record_id, reason))
 
   @property
   def num_skipped(self):
