@@ -77,7 +77,7 @@ def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_
                  report=print):
   """stage_models: {2: (model, config), 3: (model, config)}. Returns {key: row} (`evaluate_method` rows
   plus 'key', 'budget', 'stage')."""
-  from configs.common import num_image_tokens  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import engine_prefill_flops, evaluate_method  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
   rows = {}

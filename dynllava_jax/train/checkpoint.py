@@ -293,13 +293,14 @@ class Checkpointer:
     self.mgr.close()
 
 
-def load_params(path, abstract_params):
+def load_params(path, abstract_params, require_any=True):
   """Model params from an orbax dir (the pure dict of nnx.state(model, nnx.Param)).
 
   abstract_params: pure dict of ShapeDtypeStructs with shardings for the params wanted (trainable and/or
   frozen, any subset of the model). Returns a dict with the same structure, holding the checkpoint's
   arrays where it has them and None where it does not (e.g. predictors from a plain LLaVA checkpoint).
-  A shape mismatch is a ValueError naming the param.
+  A shape mismatch is a ValueError naming the param; with `require_any`, so is a checkpoint that holds
+  none of the wanted params (a caller loading several subsets checks their union itself).
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
@@ -326,7 +327,7 @@ def load_params(path, abstract_params):
     return x
 
   wanted = jax.tree_util.tree_map_with_path(target, abstract_params)
-  if jax.tree.leaves(abstract_params) and not jax.tree.leaves(wanted):
+  if require_any and jax.tree.leaves(abstract_params) and not jax.tree.leaves(wanted):
     raise UserError(f'init_from {path} holds none of the params of this model (its top level: '
                     f'{sorted({k[0] for k in flat_meta})[:6]}); give a python -m dynllava_jax.convert output')
   restore_tree = _nest({k: None for k in flat_meta})

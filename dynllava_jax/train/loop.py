@@ -104,12 +104,16 @@ class Trainer:
 
   def _load_init(self, state):
     """Overwrites params / frozen params with those `train.init_from` has (the rest keep their init)."""
-    out = dict(state)
+    out, found = dict(state), 0
     for part in ('params', 'frozen'):
       target = st.abstract_with_shardings(state[part], self.shardings[part])
-      loaded = ckpt_lib.load_params(self.config.train.init_from, target)
+      loaded = ckpt_lib.load_params(self.config.train.init_from, target, require_any=False)
+      found += len(jax.tree.leaves(loaded))
       out[part] = jax.tree.map(lambda new, old: old if new is None else new, loaded, state[part],
                                is_leaf=lambda x: x is None)
+    if not found:   # the whole model, not each part: a tower-only init (the demo's stage 0) is fine
+      ckpt_lib.load_params(self.config.train.init_from, st.abstract_with_shardings(
+          state['params'], self.shardings['params']))   # raises its one-line UserError
     return out     # AdamW's initial state (zero moments) does not depend on the param values
 
   def step_fn(self, step):
