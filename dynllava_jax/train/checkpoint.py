@@ -231,13 +231,12 @@ class Checkpointer:
         if not strict:
           report(f'checkpoint {self.directory}/{step} was written for another config ({why})')
           return None
-        if start_over:
-          self._start_over(steps, report, f'{self.directory}/{step} belongs to another config ({why})')
-          return None
-        raise UserError(f'checkpoint {self.directory}/{step} was written by another config ({why}); '
-                        'train with the config it was written with, use a new --workdir, or pass '
-                        f'--config.train.restart=True to move the old checkpoints to {self.directory}/{OLD}/ '
-                        'and start over')
+        return self._stop_or_start_over(
+            steps, start_over, report, f'{self.directory}/{step} belongs to another config ({why})',
+            f'checkpoint {self.directory}/{step} was written by another config ({why}); '
+            'train with the config it was written with, use a new --workdir, or pass '
+            f'--config.train.restart=True to move the old checkpoints to {self.directory}/{OLD}/ '
+            'and start over')
     broken, errors = [], []
     for step in reversed(steps):
       try:
@@ -254,14 +253,20 @@ class Checkpointer:
           report(f'moved the broken checkpoint {self.directory}/{b} to {dest}')
       return step, state, data
     if steps and strict:
-      if start_over:
-        self._start_over(steps, report, f'no checkpoint in {self.directory} restores')
-        return None
-      raise UserError(f'no checkpoint in {self.directory} restores (steps {steps}; newest: {errors[0]}); '
-                      'nothing was deleted. Train with the config they were written with, use a new '
-                      f'--workdir, or pass --config.train.restart=True to move them to {self.directory}/{OLD}/ '
-                      'and start over')
+      return self._stop_or_start_over(
+          steps, start_over, report, f'no checkpoint in {self.directory} restores',
+          f'no checkpoint in {self.directory} restores (steps {steps}; newest: {errors[0]}); '
+          'nothing was deleted. Train with the config they were written with, use a new '
+          f'--workdir, or pass --config.train.restart=True to move them to {self.directory}/{OLD}/ '
+          'and start over')
     return None
+
+  def _stop_or_start_over(self, steps, start_over, report, reason, message):
+    """Checkpoints that cannot be resumed: moved aside (`start_over`, returns None) or a UserError."""
+    if start_over:
+      self._start_over(steps, report, reason)
+      return None
+    raise UserError(message)
 
   def _move(self, step, kind, sub=''):
     """Moves step dir `step` to checkpoints/<kind>/[<sub>/]<step>[-n] (process 0); returns the new path."""
