@@ -96,11 +96,7 @@ def plot_kept_patches(images, keeps, titles, path):
       ax.set_yticks([])
       if j == 0:
         ax.set_ylabel(t, fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=100)
 
 
 def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
@@ -133,8 +129,13 @@ def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
   axes[0].set_ylabel('exact match (all test questions)', fontsize=9)
   axes[1].legend(fontsize=8, loc='lower right')
   fig.suptitle(title, fontsize=10)
+  return _save(fig, path, dpi=90)
+
+
+def _save(fig, path, dpi):
+  """Writes `fig` to `path` (png; parent dirs made), closes it, returns `path`."""
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
