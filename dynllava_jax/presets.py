@@ -83,6 +83,9 @@ def model_config(size='tiny'):
   c.param_dtype = 'float32'
   c.remat = False              # jax.checkpoint per decoder / ViT layer
   c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
+  # 'auto' (reference on CPU, jax.nn.dot_product_attention elsewhere) | 'reference' | 'xla' | 'cudnn':
+  # the fused path serves dense attention and 'exact_zero' key masks (dynllava_jax/model/attention.py)
+  c.attention_impl = 'auto'
   c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
                                # (exact; skips keys after each chunk); 0 = one block
   # Decoder layer plan (dynllava_jax/model/plan.py): comma-separated `kind[*count][:full|frozen]`, e.g.

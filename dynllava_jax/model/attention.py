@@ -3,12 +3,55 @@
 Shapes: q (B, Tq, Hq, D), k / v (B, Tk, Hkv, D) with Hq = Hkv * G (MHA G=1, GQA, MQA Hkv=1).
 `allowed` (B, Tq, Tk) bool: causal ∧ key-is-real (and anything else structural).
 `key_keep` (B, Tk) float in {0, 1}: Dynamic-LLaVA's per-sample key-column keep mask G (None = dense).
+
+Implementations (`model.attention_impl`, resolved once by `resolve_impl`): 'reference' is the code below
+(MaskedSoftmax, the causal query chunks; the only one that can give the released training's ε/N
+probabilities); 'xla' / 'cudnn' hand the attention to `jax.nn.dot_product_attention` (cuDNN flash on a
+GPU) wherever the mask allows it: no key_keep (dense, prefill of the gathered tokens) or the 'exact_zero'
+mode (a boolean mask), and no probabilities asked for; everything else stays on the reference path.
 """
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30      # finite "−inf": exp(NEG_INF - max) == 0 exactly, and fully masked rows stay finite
 MASKED_SOFTMAX_EPS = 1e-6
+
+
+ATTENTION_IMPLS = ('auto', 'reference', 'xla', 'cudnn')
+
+
+def resolve_impl(name='auto', backend=None):
+  """'auto' -> 'reference' on CPU (its chunked causal attention is the faster one there), else 'fused'
+  (jax.nn.dot_product_attention's own choice: cuDNN on a GPU for 16-bit dtypes, XLA otherwise).
+  Returns one of 'reference', 'xla', 'cudnn', 'fused'."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={name!r}: use one of {ATTENTION_IMPLS}")
+  if name != 'auto':
+    return name
+  backend = backend or jax.default_backend()
+  return 'reference' if backend == 'cpu' else 'fused'
+
+
+def fused_applies(impl, key_keep, mode, return_probs):
+  """Whether `dot_attention` hands this call to jax.nn.dot_product_attention."""
+  return impl != 'reference' and not return_probs and (key_keep is None or mode == 'exact_zero')
+
+
+def fused_attention(q, k, v, allowed, key_keep=None, self_mask=None, impl='xla'):
+  """jax.nn.dot_product_attention with the boolean mask allowed ∧ (kept key ∨ the query itself).
+
+  q (B, Tq, Hq, D), k / v (B, Tk, Hkv, D) (GQA: Hq a multiple of Hkv), allowed (B, Tq, Tk), key_keep
+  (B, Tk) {0, 1} or None -> (B, Tq, Hq, D). A query row with no allowed key (padding) averages every
+  value here where the reference path's 'exact_zero' returns 0; real rows are equal.
+  """
+  mask = allowed
+  if key_keep is not None:
+    tq, tk = allowed.shape[-2:]
+    if self_mask is None:
+      self_mask = jnp.eye(tq, tk, dtype=bool) if tq == tk else jnp.zeros((tq, tk), bool)
+    mask = mask & ((key_keep > 0)[:, None, :] | self_mask)
+  implementation = None if impl == 'fused' else impl
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
 def rope_cos_sin(positions, head_dim, theta):
@@ -71,7 +114,7 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
 
 
 def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_softmax_eps',
-                  return_probs=False, causal_chunk=0):
+                  return_probs=False, causal_chunk=0, impl='reference'):
   """Scaled dot-product attention with GQA. Returns (B, Tq, Hq, D) in q.dtype (and probs if asked).
 
   allowed (B, Tq, Tk) bool. Probabilities are computed in fp32 and returned as (B, Hq, Tq, Tk). The
@@ -84,6 +127,8 @@ def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_
   for how it keeps each score block in cache.
   """
   b, tq, hq, d = q.shape
+  if fused_applies(impl, key_keep, mode, return_probs):
+    return fused_attention(q, k, v, allowed, key_keep, self_mask, impl).astype(q.dtype)
   if causal_chunk and tq > causal_chunk:
     if key_keep is not None or return_probs or tq != k.shape[1]:
       raise ValueError('causal_chunk needs key_keep=None, return_probs=False and as many queries as keys')

@@ -64,12 +64,13 @@ class MLP(nnx.Module):
     return self.down_proj(constrain(h, ('act_batch', 'act_len', 'act_mlp')))
 
 
-def full_attention(allowed, key_keep=None, mode='masked_softmax_eps', causal_chunk=0):
+def full_attention(allowed, key_keep=None, mode='masked_softmax_eps', causal_chunk=0, impl='reference'):
   """The attention of a layer over its own tokens (training, prefill, teacher forcing): an `attend` for
-  `DecoderLayer.__call__`. allowed (B, Tq, Tk) bool; key_keep (B, Tk) or None (dense); causal_chunk: see
-  `attention.dot_attention`. attend(q, k, v) -> (o (B, Tq, Hq, D), (k, v))."""
+  `DecoderLayer.__call__`. allowed (B, Tq, Tk) bool; key_keep (B, Tk) or None (dense); causal_chunk, impl:
+  see `attention.dot_attention`. attend(q, k, v) -> (o (B, Tq, Hq, D), (k, v))."""
   def attend(q, k, v):
-    return dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk), (k, v)
+    return dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk,
+                         impl=impl), (k, v)
   return attend
 
 
@@ -116,11 +117,14 @@ LAYER_KINDS = {'dense': DecoderLayer, 'dense_alt': DenseAltLayer}
 
 class Llama(nnx.Module):
   """Token embedding, the decoder layers (the layer plan's groups, each stacked and scanned), final norm,
-  LM head. plan: `model.layer_plan` (see `plan.py`; '' = every layer dense and trained)."""
+  LM head. plan: `model.layer_plan` (see `plan.py`; '' = every layer dense and trained).
+  attention_impl: `attention.resolve_impl`'s answer for `model.attention_impl`."""
 
-  def __init__(self, lc, *, plan='', dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+  def __init__(self, lc, *, plan='', dtype=jnp.float32, param_dtype=jnp.float32, attention_impl='reference',
+               rngs):
     self.lc = lc
     self.dtype = dtype
+    self.attention_impl = attention_impl
     self.plan = P.parse_plan(plan, lc.layers, LAYER_KINDS)
     self.embed_tokens = nnx.Embed(
         lc.vocab_size, lc.hidden, dtype=dtype, param_dtype=param_dtype,
@@ -153,7 +157,7 @@ class Llama(nnx.Module):
     causal_chunk: query-chunked attention for causal `allowed` (inference; see `attention.dot_attention`).
     """
     stop = self.lc.layers if stop is None else stop
-    attend = full_attention(allowed, key_keep, mode, causal_chunk)
+    attend = full_attention(allowed, key_keep, mode, causal_chunk, self.attention_impl)
 
     def step(layer, carry, _):
       out, kv = layer(carry, positions, attend)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dynllava_jax.model import layers as L
-from dynllava_jax.model.attention import causal_allowed
+from dynllava_jax.model.attention import ATTENTION_IMPLS, causal_allowed, resolve_impl
 from dynllava_jax.model.llama import Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
 from dynllava_jax.model.projector import make_projector, num_visual_tokens
@@ -47,6 +47,8 @@ def check_model_config(mc):
         raise ValueError(f'sparse.{name}={r} must be in (0, 1]')
   if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
+  if mc.get('attention_impl', 'auto') not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl={mc.attention_impl!r}: use one of {ATTENTION_IMPLS}')
   if int(mc.get('causal_chunk', 0)) < 0:
     raise ValueError(f'model.causal_chunk={mc.causal_chunk} must be >= 0 (0: no chunking)')
 
@@ -97,7 +99,8 @@ class Llava(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     self.vision_tower = VisionTower(mc.vision, **kw)
     self.projector = make_projector(mc, **kw)
-    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''), **kw)
+    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''),
+                                attention_impl=resolve_impl(mc.get('attention_impl', 'auto')), **kw)
     sc = mc.sparse
     if sc.enabled:
       self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)
