@@ -26,6 +26,22 @@ def bench_config(size='bench', ignore_eos=True):
   return cfg
 
 
+def add_numerics_flags(ap):
+  """--dtype / --param_dtype / --attention_impl / --remat, applied to a root config by `apply_numerics`."""
+  ap.add_argument('--dtype', default='float32', help='compute dtype: float32 | bfloat16')
+  ap.add_argument('--param_dtype', default=None, help='default: --dtype')
+  ap.add_argument('--attention_impl', default='auto', help='auto | reference | xla | cudnn')
+  ap.add_argument('--remat', action='store_true', help='jax.checkpoint per layer (training)')
+
+
+def apply_numerics(cfg, args):
+  mc = cfg.model
+  mc.dtype, mc.param_dtype = args.dtype, args.param_dtype or args.dtype
+  mc.attention_impl = args.attention_impl
+  mc.remat = bool(args.remat)
+  return cfg
+
+
 def make_prompts(model_cfg, batch, text_tokens=64, seed=0):
   """(input_ids (B, T) int32, pixel_values (B, S, S, 3) float32, attention_mask (B, T) int32)."""
   from dynllava_jax.presets import num_image_tokens  # pylint: disable=g-import-not-at-top

@@ -70,6 +70,7 @@ def main():
   ap.add_argument('--no_flops', action='store_true')
   ap.add_argument('--text_keep_rate', type=float, default=None,
                   help='calibrate the random output-text predictor to keep about this fraction')
+  common.add_numerics_flags(ap)
   args = ap.parse_args()
 
   from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
@@ -79,7 +80,7 @@ def main():
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
 
-  cfg = common.bench_config(args.size)
+  cfg = common.apply_numerics(common.bench_config(args.size), args)
   mc = cfg.model
   t0 = time.time()
   model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()

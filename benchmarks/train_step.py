@@ -17,8 +17,8 @@ answer; N = 576 on `bench`, so batch 4 × 640 tokens is the issue's shape.
 
 Timing: warm-up steps first (compiles), then `--runs` repetitions of every row interleaved (the same
 machine load for all), medians. `gflops` = the step's FLOPs / median step time, with the FLOPs from XLA's
-cost analysis of our step (scans unrolled; `eval.flops.xla_flops`), the same count for the torch row (the
-same math). `gemm_gflops` = the machine's fp32 GEMM rate measured in the same run (a 2048³ jnp.dot, median).
+cost analysis of our step (scans unrolled, remat off: the model's FLOPs; `eval.flops.xla_flops`), the
+same count for the torch row (the same math); `mfu` = gflops / --peak_tflops. `gemm_gflops` = the machine's fp32 GEMM rate measured in the same run (a 2048³ jnp.dot, median).
 Memory: `peak_bytes` = peak RSS (VmHWM) of a child process that builds that row's model and runs 2 steps of it
 (the same measure for both implementations: weights, gradients, Adam state, activations, runtime);
 `xla_peak_bytes` (ours) = XLA's memory analysis of the compiled step (arguments + outputs + temporaries −
@@ -42,15 +42,17 @@ from benchmarks import common  # pylint: disable=wrong-import-position
 LR, CLIP = 2e-5, 1.0
 
 
-def step_config(size, method):
-  """The root config of a benchmark row: the size preset, the tower frozen, AdamW as above."""
+def step_config(size, method, numerics=None):
+  """The root config of a benchmark row: the size preset, the tower frozen, AdamW as above; numerics: the
+  parsed --dtype / --attention_impl / --remat flags (default fp32, 'auto', no remat)."""
   from configs.dynllava import get_config  # pylint: disable=g-import-not-at-top
   cfg = get_config(f'size={size},dense={method == "dense"}')
+  if numerics is not None:
+    common.apply_numerics(cfg, numerics)
   t = cfg.train
   t.freeze_vision, t.lr, t.predictor_lr, t.weight_decay, t.predictor_weight_decay = True, LR, LR, 0.0, 0.0
   t.grad_clip, t.warmup_ratio, t.grad_accum, t.dense_warmup_steps = CLIP, 0.0, 1, 0
   t.steps = 1000
-  cfg.model.remat = False
   return cfg
 
 
@@ -81,8 +83,8 @@ class Ours:
     tx = optim.make_optimizer(cfg.train)
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     self.graphdef, self.state, _ = S.create_state(mesh, cfg, tx)
-    self.fn = make_train_step(cfg, self.graphdef, tx, sparse=method != 'dense')
-    self.jitted = jax.jit(self.fn, donate_argnums=0)
+    self.cfg, self.tx, self.sparse = cfg, tx, method != 'dense'
+    self.jitted = jax.jit(make_train_step(cfg, self.graphdef, tx, sparse=self.sparse), donate_argnums=0)
     self.batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
 
   def model(self):
@@ -102,9 +104,14 @@ class Ours:
                - ma.alias_size_in_bytes)
 
   def flops(self):
+    """XLA's count of the step without remat (the model's FLOPs: MFU does not credit recomputation)."""
     from dynllava_jax.eval.flops import xla_flops  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+    cfg = self.cfg.copy_and_resolve_references()
+    cfg.model.remat = False
+    fn = make_train_step(cfg, nnx_graphdef(cfg), self.tx, sparse=self.sparse)
     shape = lambda t: self.jax.tree.map(lambda x: self.jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    return xla_flops(self.fn, shape(self.state), shape(self.batch), compile=False)
+    return xla_flops(fn, shape(self.state), shape(self.batch), compile=False)
 
 
 class Torch:
@@ -166,14 +173,17 @@ def gemm_gflops(n=2048, runs=5):
 def child_peak(args, impl, method, batch):
   """Max RSS (bytes) of a child process that builds one row and runs 2 steps of it."""
   cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{impl}:{method}:{batch}', '--size', args.size,
-         '--text_tokens', str(args.text_tokens), '--hf_dir', args.hf_dir]
+         '--text_tokens', str(args.text_tokens), '--hf_dir', str(args.hf_dir), '--dtype', args.dtype,
+         '--attention_impl', args.attention_impl] + ['--remat'] * bool(args.remat)
+  if args.param_dtype:
+    cmd += ['--param_dtype', args.param_dtype]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return int(json.loads(out.stdout.strip().splitlines()[-1])['max_rss_bytes'])
 
 
 def run_child(args):
   impl, method, batch = args.child.split(':')
-  cfg = step_config(args.size, method)
+  cfg = step_config(args.size, method, args)
   b = make_batch(cfg.model, int(batch), args.text_tokens)
   runner = Ours(cfg, b, method) if impl == 'ours' else Torch(args.hf_dir, b)
   for _ in range(2):
@@ -224,19 +234,25 @@ def main():
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--no_memory', action='store_true', help='skip the child processes measuring max RSS')
   ap.add_argument('--flops_7b', action='store_true')
+  ap.add_argument('--peak_tflops', type=float, default=None,
+                  help="the accelerator's peak dense TFLOP/s at --dtype: adds MFU to every row")
+  common.add_numerics_flags(ap)
   ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--hf_dir', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
     return run_child(args)
 
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   threads = os.cpu_count()
-  torch.set_num_threads(threads)
+  meta = {**common.environment(), 'args': vars(args)}
   methods = args.methods.split(',')
-  args.hf_dir = tempfile.mkdtemp(prefix='train_step_hf_')
-  save_hf(step_config(args.size, 'dense'), args.hf_dir)
+  if not args.no_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    meta.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=threads)
+    args.hf_dir = tempfile.mkdtemp(prefix='train_step_hf_')
+    save_hf(step_config(args.size, 'dense', args), args.hf_dir)
   gemm = gemm_gflops()
   print(f'fp32 GEMM: {gemm:.1f} GFLOP/s', flush=True)
 
@@ -244,12 +260,11 @@ def main():
   for b in [int(x) for x in args.batches.split(',')]:
     runners = {}
     for method in methods:
-      cfg = step_config(args.size, method)
+      cfg = step_config(args.size, method, args)
       batch = make_batch(cfg.model, b, args.text_tokens)
       runners[('ours', method)] = Ours(cfg, batch, method)
     if not args.no_torch and 'dense' in methods:
-      runners[('torch', 'dense')] = Torch(args.hf_dir, make_batch(step_config(args.size, 'dense').model, b,
-                                                                   args.text_tokens))
+      runners[('torch', 'dense')] = Torch(args.hf_dir, batch)      # the same prompts for every method
     flops = {m: runners[('ours', m)].flops() for m in methods}
     xla_peak = {m: runners[('ours', m)].xla_peak_bytes() for m in methods}
     losses = {key: [r.step()] for key, r in runners.items()}      # warm-up (compiles)
@@ -266,6 +281,8 @@ def main():
              'gflops': flops[method] / med / 1e9, 'step_flops': flops[method],
              'gemm_fraction': flops[method] / med / 1e9 / gemm, 'step_s_runs': ts,
              'first_loss': losses[(impl, method)][0]}
+      if args.peak_tflops:
+        row['mfu'] = flops[method] / med / 1e12 / args.peak_tflops
       if impl == 'ours':
         row['xla_peak_bytes'] = xla_peak[method]
       row['peak_bytes'] = None if args.no_memory else child_peak(args, impl, method, b)
@@ -276,9 +293,7 @@ def main():
         row['vs_ours_dense'] = row['step_s'] / dense_s
     print(json.dumps([r for r in rows if r['batch'] == b], indent=None), flush=True)
   common.print_rows(rows, ['impl', 'method', 'batch', 'tokens', 'step_s', 'gflops', 'gemm_fraction',
-                           'vs_ours_dense', 'peak_bytes', 'xla_peak_bytes', 'first_loss'])
-  meta = {**common.environment(), 'args': vars(args), 'torch': torch.__version__,
-          'transformers': transformers.__version__, 'torch_threads': threads}
+                           'vs_ours_dense', 'mfu', 'peak_bytes', 'xla_peak_bytes', 'first_loss'])
   if args.flops_7b:
     meta['flops_7b'] = flops_7b(args.text_tokens)
     print('7B step FLOPs:', json.dumps(meta['flops_7b']))
