@@ -53,8 +53,9 @@ DEFAULT_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')
 
 # ---------------------------------------------------------------- model
 
-def load_model(config, workdir, allow_random_init=False, report_fn=print):
-  """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step).
+def load_model(config, workdir, allow_random_init=False, report_fn=print, step=None):
+  """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step); with `step`,
+  that step's (a UserError when it is missing or does not restore).
 
   Without a checkpoint: a random-init model (step None) only when allow_random_init, else ValueError.
   """
@@ -69,15 +70,25 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
-      restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
-                                    strict=False)
+      if step is not None and int(step) not in ck.steps():
+        raise UserError(f'--step {step}: {ckpt_dir} has steps {ck.steps()}')
+      if step is None:
+        restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
+                                      strict=False)
+      else:
+        try:
+          state, _ = ck.restore(int(step), st.abstract_with_shardings(abstract, sh))
+          restored = (int(step), state, None)
+        except Exception as e:  # pylint: disable=broad-except  (another optimizer: params only below)
+          report_fn(f'checkpoint {ckpt_dir}/{step} does not restore whole ({one_line(e, 160)})')
+          restored = None
       if restored is None:
-        restored = _restore_params_only(ck, graphdef, abstract, report_fn)
+        restored = _restore_params_only(ck, graphdef, abstract, report_fn, step)
     finally:
       ck.close()
     if restored is not None:
-      step, state, _ = restored
-      return st.merge_model(graphdef, state), int(step)
+      got, state, _ = restored
+      return st.merge_model(graphdef, state), int(got)
     if not allow_random_init:
       raise ValueError(f'no checkpoint in {ckpt_dir} restores; pass --allow_random_init to evaluate a '
                        'random-init model')
@@ -91,7 +102,7 @@ def _top_modules(tree):
   return {k for part in ('params', 'frozen') for k in tree.get(part, {})}
 
 
-def _restore_params_only(ck, graphdef, abstract, report_fn):
+def _restore_params_only(ck, graphdef, abstract, report_fn, step=None):
   """Fallback when the full train-state restore fails (e.g. another optimizer): the newest step's params
   and frozen params only, unsharded. Returns (step, state, None) or None; a model-structure mismatch is a
   ValueError naming the modules that differ (e.g. a checkpoint trained without predictors)."""
@@ -99,7 +110,7 @@ def _restore_params_only(ck, graphdef, abstract, report_fn):
   steps = ck.steps()
   if not steps:
     return None
-  step = steps[-1]
+  step = steps[-1] if step is None else int(step)
   try:
     raw = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   except Exception as e:  # pylint: disable=broad-except  (truncated / damaged: said in one line)
