@@ -2,6 +2,7 @@
 
     cfg_path = save_run_config(config, workdir)           # train.py: <workdir>/config.json
     src = load_source(workdir='runs/x', step=None)        # newest checkpoint, the run's own config
+  config = resolve_config(flags.FLAGS, workdir)         # an entry point's config: --config or the workdir's
     src = load_source(model_dir='export/hf')              # HF / released layout, or a convert.py orbax dir
     src.model, src.config, src.tokenizer, src.step, src.describe()
 
@@ -93,9 +94,28 @@ def apply_config_flags(config, flag_values):
     *path, last = name.split('.')[1:]
     node = config
     for p in path:
+      if p not in node:
+        raise UserError(f'--{name}: this model\'s config has no {p!r} section (a checkpoint directory '
+                        'without run_config.json carries only model and eval); pass --config')
       node = node[p]
     node[last] = flag_values[name].value
   return config
+
+
+def resolve_config(flag_values, workdir=None, model_dir=None):
+  """The root config an entry point (eval.py, generate.py, serve.py) runs with: --config when given on
+  the command line; else the workdir's config.json (with the --config.x=v overrides applied); else None
+  for a model directory (its files say; see load_source); else the --config default file's."""
+  given = flag_values['config'].present
+  if given:
+    return flag_values['config'].value
+  if workdir:
+    run = read_run_config(workdir)
+    if run is not None:
+      return apply_config_flags(run, flag_values)
+  if model_dir:
+    return None
+  return flag_values['config'].value
 
 
 def default_root_config(model_cfg):
@@ -164,33 +184,47 @@ def check_tokenizer(tok, model_cfg, where):
                     'use the tokenizer the model was trained with')
 
 
+def to_one_device(model, device=None):
+  """Moves every array of `model` (in place) to one device (default: the first); returns model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  nnx.update(model, jax.device_put(nnx.state(model), device or jax.devices()[0]))
+  return model
+
+
 def load_source(*, workdir=None, step=None, model_dir=None, config=None, tokenizer=None, dtype=None,
-                report=print):
+                report=print, allow_random_init=False, one_device=False):
   """Loads a model from exactly one of `workdir` (with optional `step`) or `model_dir`.
 
   config: a root config that replaces the workdir's own (--config given explicitly) or, for a model
   directory, gives its eval / data sections (its model section is replaced by the directory's).
+  one_device: put the whole model on the first device (a workdir restores into its config's mesh, e.g.
+  FSDP over every device; a checkpoint directory loads onto the default device anyway).
   """
   if bool(workdir) == bool(model_dir):
     raise UserError('give exactly one model source: --workdir W [--step N] or --model DIR '
                     '(an export, a convert.py directory or an HF / released checkpoint)')
   if workdir:
-    return _from_workdir(workdir, step, config, tokenizer, report)
-  if step is not None:
+    src = _from_workdir(workdir, step, config, tokenizer, report, allow_random_init)
+  elif step is not None:
     raise UserError('--step applies to --workdir only')
-  return _from_dir(model_dir, config, tokenizer, dtype)
+  else:
+    src = _from_dir(model_dir, config, tokenizer, dtype)
+  if one_device:
+    to_one_device(src.model)
+  return src
 
 
-def _from_workdir(workdir, step, config, tokenizer, report):
+def _from_workdir(workdir, step, config, tokenizer, report, allow_random_init=False):
   from dynllava_jax.eval.run import load_model  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
+  if not os.path.isdir(workdir) and not allow_random_init:
     raise UserError(f'--workdir {workdir} does not exist')
   if config is None:
     config = read_run_config(workdir)
     if config is None:
       raise UserError(f'{workdir} has no {RUN_CONFIG} (written by train.py): pass the --config it was '
                       'trained with')
-  model, got = load_model(config, workdir, report_fn=report, step=step)
+  model, got = load_model(config, workdir, allow_random_init, report_fn=report, step=step)
   tok, err = _tokenizer([workdir], config, tokenizer)
   if tok is not None:
     check_tokenizer(tok, config.model, workdir)

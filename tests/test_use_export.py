@@ -34,7 +34,7 @@ def test_run_config_round_trip(workdir, tmp_path):
 
 def test_export_workdir_hf_logits_and_released_params(workdir, tmp_path):
   path, cfg = workdir
-  src = source.load_source(workdir=path, report=lambda _: None)
+  src = source.load_source(workdir=path, report=lambda _: None, one_device=True)
   assert src.step == 1 and src.config.to_dict() == cfg.to_dict()
   out = str(tmp_path / 'hf')
   assert convert.main(['--export', '--workdir', path, '--out', out, '--layout', 'hf']) == 0

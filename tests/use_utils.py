@@ -1,6 +1,6 @@
 """A tiny 'trained' workdir for the use-the-model tests (generate, serve, export, question files): the tiny
-2-layer config (tests/train_utils.py), a train state of its exact structure with N(0, 0.05) weights (norm
-scales 1 + N(0, 0.05); filled on the host: the jitted init costs ~15 s on CPU), saved as checkpoint step 1
+2-layer config (tests/train_utils.py), a train state of its exact structure with N(0, 0.3²) weights (norm
+scales 1 + N(0, 0.3²): large enough that different questions get different greedy answers; filled on the host: the jitted init costs ~15 s on CPU), saved as checkpoint step 1
 by the training Checkpointer, and config.json written as train.py writes it."""
 import os
 
@@ -10,7 +10,7 @@ from PIL import Image
 import train_utils
 
 
-def make_workdir(path, seed=0):
+def make_workdir(path, seed=0, std=0.3):
   """Writes the workdir into `path`; returns (path, config)."""
   import jax
   import jax.numpy as jnp
@@ -30,7 +30,7 @@ def make_workdir(path, seed=0):
   def fill(path, x):
     keys = jax.tree_util.keystr(path)
     if keys.startswith(("['params']", "['frozen']")):
-      v = rng.standard_normal(x.shape) * 0.05 + (1.0 if 'norm' in keys else 0.0)
+      v = rng.standard_normal(x.shape) * std + (1.0 if "norm" in keys else 0.0)
     elif keys.startswith("['rng']"):
       v = np.asarray(jax.random.PRNGKey(seed))
     else:
