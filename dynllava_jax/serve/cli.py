@@ -215,3 +215,73 @@ def _desc(d):
   if isinstance(d, dict):
     return ' '.join(f'{k}={v}' for k, v in d.items())
   return str(d)
+
+
+# ---------------------------------------------------------------- serve.py
+
+def _define_serve(fv):
+  flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (127.0.0.1: this machine only).', flag_values=fv)
+  flags.DEFINE_integer('port', 8000, 'Port.', flag_values=fv)
+  flags.DEFINE_string('model_name', None, 'Model id in the API (default: the workdir / model dir name).',
+                      flag_values=fv)
+  flags.DEFINE_integer('slots', 8, 'Rows of every generation batch (requests batched together, padded).',
+                       flag_values=fv)
+  flags.DEFINE_float('batch_wait_ms', 10.0, 'How long the first request of a batch waits for others.',
+                     flag_values=fv)
+  flags.DEFINE_integer('max_queue', 64, 'Requests waiting beyond this get 429.', flag_values=fv)
+  flags.DEFINE_integer('max_image_bytes', 10 * 2**20, 'Largest encoded image.', flag_values=fv)
+  flags.DEFINE_integer('max_image_pixels', 4096 * 4096, 'Largest image (width x height).', flag_values=fv)
+  flags.DEFINE_integer('max_tokens_limit', 512, 'Largest max_tokens a request may ask.', flag_values=fv)
+  flags.DEFINE_integer('max_prompt_tokens', 0, 'Longest prompt (0: max_position less max_tokens).',
+                       flag_values=fv)
+  flags.DEFINE_bool('require_image', False, 'Refuse conversations without an image.', flag_values=fv)
+  flags.DEFINE_string('image_root', '', 'Allow image_url local paths under this folder (default: off).',
+                      flag_values=fv)
+  flags.DEFINE_bool('warmup', True, 'Compile the batch programs before serving.', flag_values=fv)
+  flags.DEFINE_float('graceful_s', 60.0, 'On SIGTERM: seconds to finish requests in flight.', flag_values=fv)
+
+
+def serve_main(argv):
+  """serve.py: runs until SIGTERM / SIGINT (exit 0); bad input: one line on stderr, exit 2."""
+  try:
+    return errors.guard('serve.py', lambda: _serve(argv), extra=(ValueError,))
+  except SystemExit as e:
+    return e.code
+
+
+def _serve(argv):
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.serve.app import Limits, make_app  # pylint: disable=g-import-not-at-top
+  fv = parse('serve.py', argv, _define_serve)
+  check_method_name(fv.method)
+  say = lambda m: print(m, file=sys.stderr, flush=True)
+  eng = load_engine(fv, report=say)
+  limits = Limits(max_image_bytes=fv.max_image_bytes, max_image_pixels=fv.max_image_pixels,
+                  max_tokens=fv.max_tokens_limit, max_prompt_tokens=fv.max_prompt_tokens,
+                  max_queue=fv.max_queue, require_image=fv.require_image, image_root=fv.image_root)
+  name = fv.model_name or os.path.basename(os.path.normpath(fv.workdir or fv.model))
+  if fv.warmup:
+    warmup(eng, fv.slots, min(eng.max_new_tokens, fv.max_tokens_limit), say)
+  app = make_app(eng, limits, model_name=name, slots=fv.slots, wait_s=fv.batch_wait_ms / 1000.0)
+  say(f'serving {name!r} ({eng.method_name}) on http://{fv.host}:{fv.port}/v1 with {fv.slots} slots')
+  config = uvicorn.Config(app, host=fv.host, port=fv.port, log_level='warning',
+                          timeout_graceful_shutdown=fv.graceful_s)
+  import signal  # pylint: disable=g-import-not-at-top
+  # uvicorn handles SIGTERM / SIGINT (graceful shutdown), then re-raises the signal to the handler it
+  # found: a Python no-op here, so a requested stop ends with exit status 0, not -15.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: None)
+  uvicorn.Server(config).run()
+  say('serve.py: stopped')
+  return 0
+
+
+def warmup(eng, slots, max_new, say):
+  """Compiles the batch programs an image request runs (plain and streamed) with a grey image."""
+  import time  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  p = eng.encode([('warm up', None)], Image.new('RGB', (eng.image_size, eng.image_size), (128, 128, 128)))
+  eng.run([p], max_new_tokens=max_new, slots=slots)
+  eng.run([p], max_new_tokens=max_new, slots=slots, on_text=lambda i, s: None)
+  say(f'warm-up (compiles) took {time.perf_counter() - t:.1f} s')
