@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynllava_jax import convert, hf, source
+from dynllava_jax import convert, source
 from hf_utils import flat_params, hf_logits, sample_batch
 import use_utils
 
@@ -32,25 +32,21 @@ def test_run_config_round_trip(workdir, tmp_path):
   assert len(kept) == 1 and json.loads((d / kept[0]).read_text())['train']['lr'] == cfg.train.lr
 
 
-def test_export_workdir_hf_logits_and_released_params(workdir, tmp_path):
+def test_export_workdir_hf_logits_and_params(workdir, tmp_path, tmp_path_factory):
   path, cfg = workdir
   src = source.load_source(workdir=path, report=lambda _: None, one_device=True)
   assert src.step == 1 and src.config.to_dict() == cfg.to_dict()
-  out = str(tmp_path / 'hf')
-  assert convert.main(['--export', '--workdir', path, '--out', out, '--layout', 'hf']) == 0
+  out = use_utils.shared_export(tmp_path_factory)        # convert --export --workdir W --layout hf
   assert {'config.json', 'model.safetensors', 'run_config.json', 'tokenizer.json'} <= set(os.listdir(out))
   ids, pix, mask = sample_batch(dict(image_size=64), left_pad=(2, 0))
   ours = np.asarray(src.model(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
   ref = hf_logits(out, ids, pix, mask)              # transformers' LlavaForConditionalGeneration
   m = mask.astype(bool)
   assert np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max() <= 1e-4
-  rel = str(tmp_path / 'released')
-  assert convert.main(['--export', '--workdir', path, '--step', '1', '--out', rel, '--layout', 'released']) == 0
-  back = source.load_source(model_dir=rel)
+  back = source.load_source(model_dir=out)          # our loader: every param, predictors included
   assert back.kind == 'hf' and back.config.eval.to_dict() == cfg.eval.to_dict()
-  want = flat_params(src.model)
-  got = flat_params(back.model)
-  assert sorted(got) == sorted(want)        # predictors included
+  want, got = flat_params(src.model), flat_params(back.model)
+  assert sorted(got) == sorted(want) and any(k.startswith('image_score_predictor') for k in got)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # Bad input: one line, exit 2.

@@ -55,7 +55,7 @@ def _cli(*args, stdin=''):
   return code, out.getvalue()
 
 
-def test_cli_answer_equals_generate(setup):
+def test_cli_answer_equals_generate(setup, tmp_path_factory):
   path, cfg, imgs = setup
   want = glue_answers(path, cfg, imgs, QUESTIONS)
   assert want[0] != want[1]                       # the model's answers depend on the input
@@ -63,6 +63,11 @@ def test_cli_answer_equals_generate(setup):
   # Two image/prompt pairs: one batch.
   code, text = _cli(*base, '--image', imgs[0], '--prompt', QUESTIONS[0], '--image', imgs[1], '--prompt',
                     QUESTIONS[1], '--nostats')
+  assert code == 0 and text.splitlines() == [f'[0] {want[0]}', f'[1] {want[1]}']
+  # The same on the workdir's HF export (`convert --export --workdir`: run_config.json, tokenizer.json).
+  export = use_utils.shared_export(tmp_path_factory)
+  code, text = _cli('--model', export, *base[2:], '--image', imgs[0], '--prompt', QUESTIONS[0], '--image',
+                    imgs[1], '--prompt', QUESTIONS[1], '--nostats')
   assert code == 0 and text.splitlines() == [f'[0] {want[0]}', f'[1] {want[1]}']
   # Chat, streamed piece by piece into `out`: the first answer is the single prompt's; the second turn
   # sees the first (question and answer) in its prompt; a stats line after each answer.

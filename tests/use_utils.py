@@ -65,3 +65,14 @@ def shared_workdir(tmp_path_factory):
   if 'wd' not in _SHARED:
     _SHARED['wd'] = make_workdir(tmp_path_factory.mktemp('use_workdir'))
   return _SHARED['wd']
+
+
+def shared_export(tmp_path_factory):
+  """The shared workdir exported in the HF layout (`convert --export --workdir`), once per process."""
+  if 'export' not in _SHARED:
+    from dynllava_jax import convert
+    path, _ = shared_workdir(tmp_path_factory)
+    out = str(tmp_path_factory.mktemp('use_export') / 'hf')
+    assert convert.main(['--export', '--workdir', path, '--out', out, '--layout', 'hf']) == 0
+    _SHARED['export'] = out
+  return _SHARED['export']

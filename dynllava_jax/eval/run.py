@@ -21,15 +21,20 @@ Per method (keys of each row, see `report.COLUMNS`):
   prefill_s           warm median prefill seconds of the first eval batch
   decode_ms_per_token warm generation of max_new_tokens vs of 1 token with EOS ignored (prefill cancels):
                       median over `timing_runs` interleaved pairs of Δt / (max_new_tokens − 1), first eval
-                      batch; nan when max_new_tokens < 2. A timing, so noisy: it can even come out ≤ 0 for
-                      a tiny model on a busy machine
-Outputs: `<workdir>/eval/results.md`, `results.json`, `accuracy_vs_flops.png`, `kept_patches.png`.
+                      batch; nan when max_new_tokens < 2, and nan with a warning when the median is ≤ 0
+                      (timing noise larger than the decode time: a tiny model on a busy machine)
+Budget sweeps (`keep_ratios`, `sweep_extra`; `eval/budgets.py`): one row per (method, budget), `method`
+the point's label ('fastv r=0.75'), `base_method` and `overrides` beside it.
+Outputs: `<out_dir>/results.md`, `results.json`, `accuracy_vs_flops.png`, `accuracy_vs_kv.png`,
+`kept_patches.png`, and `predictions/<label>.jsonl` (per sample: id, record_id, question_type, prediction,
+answer, correct, token_accuracy, kept ratios, kv_bytes).
 """
 import json
 import math
 import os
 import statistics
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +277,17 @@ def _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, ru
       jax.block_until_ready(gen(m))
       t[m] = time.perf_counter() - t0
     per_pair.append(M.decode_ms_per_token(t[max_new], max_new, t[1], 1))
-  return statistics.median(per_pair)
+  return latency_or_nan(statistics.median(per_pair), f'{method.name} decode ms/token', len(per_pair))
+
+
+def latency_or_nan(value, what, runs=1):
+  """`value` when it is a positive number; else nan with a warning (timing noise beat the signal: a tiny
+  model on a busy machine), never a negative latency."""
+  if value > 0 and math.isfinite(value):
+    return float(value)
+  warnings.warn(f'{what} could not be measured (median {value:.4g} over {runs} runs); reported as nan. '
+                'Use more --timing_runs or a quieter machine.')
+  return float('nan')
 
 
 def token_accuracy(generated, gold):
@@ -301,7 +316,8 @@ def by_type(values, types):
 
 def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None,
                     overrides=None, ppl=True, xla_flops=True):
-  """One row of results for method `name` (see the module docstring).
+  """One row of results for method `name` (see the module docstring); row['predictions'] holds the
+  per-sample records (run_eval writes them to predictions/<label>.jsonl and drops them from the row).
 
   overrides: keyword settings of the method (`make_sparsifier(name, config, **overrides)`, e.g. FastV's
   k, r); ppl=False skips the teacher-forced perplexity (nan), timing_runs=0 the timings (nan),
@@ -310,8 +326,10 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
   method = make_sparsifier(name, config, **(overrides or {}))
   rng = jax.random.key(config.seed) if rng is None else rng
   max_new = int(config.eval.max_new_tokens)
+  _ = method.drop_points(mc)          # a budget this model cannot run: one line before any compile
   match = M.digits_match if _is_digits(config) else M.vqa_match
   scores, tok_acc, kv_sample, img_ratios, txt_ratios, kv_final, kv_pre = [], [], [], [], [], 0, 0
+  predictions = []
   first = None
   for batch in _batches(samples, batch_size):
     ids, mask, pix = _prompt_batch(config, batch)
@@ -321,10 +339,15 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
     kv_b = _per_sample_kv_bytes(out.caches)
     for b, s in enumerate(batch):
       gen = [int(t) for t in out.tokens[b, :out.lengths[b]]]
-      scores.append(match(tok.decode(gen), s['answer']))
+      text = tok.decode(gen)
+      scores.append(match(text, s['answer']))
       f = s['full']
       tok_acc.append(token_accuracy(gen, f['input_ids'][int(f['answer_start']):int(f['answer_end'])]))
       kv_sample.append(float(kv_b[b]))
+      predictions.append({'id': s['id'], 'record_id': s['record_id'], 'question_type': s['question_type'],
+                          'prediction': text, 'answer': s['answer'], 'correct': scores[-1],
+                          'token_accuracy': tok_acc[-1], 'kept_image_ratio': float(out.kept_image_ratio[b]),
+                          'kept_text_ratio': float(out.kept_text_ratio[b]), 'kv_bytes': kv_sample[-1]})
       if s['has_image']:
         img_ratios.append(float(out.kept_image_ratio[b]))
       txt_ratios.append(float(out.kept_text_ratio[b]))
@@ -372,6 +395,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'samples_by_type': {t: types.count(t) for t in sorted(set(types))},
       'ppl_tokens': cnt,
       'settings': method.describe(),
+      'predictions': predictions,
   }
 
 
@@ -390,23 +414,35 @@ def check_methods(config, methods):
 
 
 def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=False, split='validation',
-             limit=None, batch_size=8, timing_runs=3, json_path=None, plots=True, report_fn=print):
-  """Evaluates each method; writes <workdir>/eval/{results.md,results.json,*.png} (+ json_path).
-  Returns the list of row dicts."""
+             limit=None, batch_size=8, timing_runs=3, json_path=None, plots=True, report_fn=print,
+             model=None, step=None, out_dir=None, keep_ratios=(), sweep_extra=None):
+  """Evaluates each method (each budget of a sweep: `keep_ratios`, `sweep_extra`, see eval/budgets.py);
+  writes <out_dir>/{results.md,results.json,*.png,predictions/*.jsonl} (+ json_path); out_dir defaults
+  to <workdir>/eval. model / step: an already loaded model (`dynllava_jax.source.load_source`) instead of
+  restoring one from the workdir. Returns the list of row dicts."""
+  from dynllava_jax.eval import budgets  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.questions import write_jsonl  # pylint: disable=g-import-not-at-top
   methods = check_methods(config, methods)
-  model, step = load_model(config, workdir, allow_random_init, report_fn)
+  points = budgets.sweep_points(methods, keep_ratios, sweep_extra)
+  for name, ov in points:
+    make_sparsifier(name, config, **ov).drop_points(config.model)      # bad budgets: before the restore
+  if model is None:
+    model, step = load_model(config, workdir, allow_random_init, report_fn)
   samples, tok = _load_samples(config, split, limit)
-  report_fn(f'evaluating {methods} on {config.data.name}/{split}: {len(samples)} samples, '
-            f'{"random init" if step is None else f"checkpoint step {step}"}')
-  rows = []
-  for name in methods:
-    row = evaluate_method(model, config, name, samples, tok, batch_size=batch_size, timing_runs=timing_runs)
-    row['checkpoint_step'] = step
-    rows.append(row)
-    report_fn(f'  {name}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
-              f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
-  out_dir = os.path.join(workdir, 'eval')
+  report_fn(f'evaluating {[budgets.label(*p) for p in points]} on {config.data.name}/{split}: '
+            f'{len(samples)} samples, {"random init" if step is None else f"checkpoint step {step}"}')
+  out_dir = out_dir or os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
+  rows = []
+  for name, ov in points:
+    row = evaluate_method(model, config, name, samples, tok, batch_size=batch_size, timing_runs=timing_runs,
+                          overrides=ov)
+    label = budgets.label(name, ov)
+    row.update(method=label, base_method=name, overrides=dict(ov), checkpoint_step=step)
+    write_jsonl(os.path.join(out_dir, 'predictions', _file_name(label) + '.jsonl'), row.pop('predictions'))
+    rows.append(row)
+    report_fn(f'  {label}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
+              f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
   table = report.markdown_table(rows)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(f'# eval: {config.data.name}/{split}, {len(samples)} samples, '
@@ -418,6 +454,7 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
       json.dump(rows, f, indent=1, default=_json_default)
   if plots:
     report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_flops.png'))
+    report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_kv.png'), cost_key='kv_cache_bytes')
     imgs = [s for s in samples if s['has_image']][:4]
     if imgs:
       ids, mask, pix = _prompt_batch(config, imgs)
@@ -428,6 +465,10 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
       report.plot_kept_patches(list(pix), keeps, methods, os.path.join(out_dir, 'kept_patches.png'))
   report_fn(table)
   return rows
+
+
+def _file_name(label):
+  return ''.join(c if c.isalnum() or c in '._=-' else '_' for c in label)
 
 
 def _json_default(x):

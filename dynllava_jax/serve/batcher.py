@@ -7,8 +7,9 @@
 
 Jobs with equal `params` (method, overrides, max_new_tokens, temperature, top_p, seed) share a batch. The
 worker takes the oldest job, waits up to `wait_s` for more with the same params (up to `slots`) and runs
-them padded to exactly `slots` rows (`Engine.run(..., slots=)`): one compiled program for any number of
-requests, and a request's greedy answer is the one it gets alone (each row is exact). Batches run one
+them padded to exactly `slots` rows (`Engine.run(..., slots=)`), always with the streaming loop: one
+compiled program per prompt bucket for any number of requests, streamed or not, and a request's greedy
+answer is the one it gets alone (each row is exact). Batches run one
 after another (no refilling of finished rows while others decode).
 """
 import collections
@@ -136,7 +137,8 @@ class Batcher:
         return
       p = batch[0].params
       streams = {i: j.on_text for i, j in enumerate(batch) if j.on_text is not None}
-      on_text = (lambda i, piece: streams[i](piece) if i in streams else None) if streams else None
+      # Always the streaming loop (one compiled loop for streamed and plain requests alike).
+      on_text = lambda i, piece, s=streams: s[i](piece) if i in s else None
       try:
         results = self.engine.run([j.prompt for j in batch], method=p.method, overrides=dict(p.overrides),
                                   max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
