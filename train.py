@@ -48,6 +48,10 @@ def _save_config(config, workdir):
   from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
   if int(config.train.get('process_id', -1)) > 0:
     return                      # one writer: process 0 (or every process of an env-configured run, same text)
+  if not config.train.distributed:     # a config that cannot train replaces nothing (multi-host: checked later)
+    import jax  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train.config import check_config  # pylint: disable=g-import-not-at-top
+    check_config(config, len(jax.devices()))
   with WorkdirLock(workdir, report=lambda _: None):
     source.save_run_config(config, workdir)
 
