@@ -31,7 +31,8 @@ def main(argv):
   from dynllava_jax.train import loop  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import metrics  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  errors.guard('train.py', lambda: _save_config(config, _WORKDIR.value))
+  from dynllava_jax import source  # pylint: disable=g-import-not-at-top
+  errors.guard('train.py', lambda: source.save_train_config(config, _WORKDIR.value))
   try:
     out = errors.guard('train.py', lambda: loop.train(config, _WORKDIR.value))
   except metrics.NonFiniteLoss as e:
@@ -40,20 +41,6 @@ def main(argv):
   signal.signal(signal.SIGTERM, signal.SIG_IGN)   # saved and done: a late SIGTERM must not turn 0 into -15
   print(f'done: step {out["step"]}' + (' (preempted, checkpoint saved)' if out['preempted'] else ''),
         flush=True)
-
-
-def _save_config(config, workdir):
-  """<workdir>/config.json, written only while no other train.py holds the workdir (checked by its lock)."""
-  from dynllava_jax import source  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
-  if int(config.train.get('process_id', -1)) > 0:
-    return                      # one writer: process 0 (or every process of an env-configured run, same text)
-  if not config.train.distributed:     # a config that cannot train replaces nothing (multi-host: checked later)
-    import jax  # pylint: disable=g-import-not-at-top
-    from dynllava_jax.train.config import check_config  # pylint: disable=g-import-not-at-top
-    check_config(config, len(jax.devices()))
-  with WorkdirLock(workdir, report=lambda _: None):
-    source.save_run_config(config, workdir)
 
 
 if __name__ == '__main__':

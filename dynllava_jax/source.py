@@ -76,6 +76,22 @@ def save_run_config(config, workdir):
   return path
 
 
+def save_train_config(config, workdir):
+  """train.py's call: checks the config can train on this host's devices (a config that cannot train
+  replaces nothing; multi-host runs are checked later, by the loop), takes the workdir's lock for the
+  write (a workdir another train.py holds: UserError, nothing written) and writes config.json (process 0
+  only, when the process id is known). Returns the path or None."""
+  if int(config.train.get('process_id', -1)) > 0:
+    return None
+  if not config.train.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.train.config import check_config  # pylint: disable=g-import-not-at-top
+    check_config(config, len(jax.devices()))
+  from dynllava_jax.train.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
+  with WorkdirLock(workdir, report=lambda _: None):
+    return save_run_config(config, workdir)
+
+
 def read_run_config(workdir):
   """The config train.py wrote into `workdir`, or None when it has none."""
   path = os.path.join(workdir, RUN_CONFIG)
@@ -126,6 +142,8 @@ def default_root_config(model_cfg):
   c.size = 'tiny' if small else 'checkpoint'
   c.model = model_cfg
   c.eval = eval_defaults('tiny' if small else '7b')
+  if not model_cfg.sparse.enabled:
+    c.eval.method = 'dense'          # a plain LLaVA checkpoint: no keep-predictors to run 'dynamic' with
   c.seed = 0
   return c
 

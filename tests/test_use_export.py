@@ -32,6 +32,25 @@ def test_run_config_round_trip(workdir, tmp_path):
   assert len(kept) == 1 and json.loads((d / kept[0]).read_text())['train']['lr'] == cfg.train.lr
 
 
+def test_train_writes_config_only_when_it_can_train(tmp_path):
+  from dynllava_jax.errors import UserError
+  from dynllava_jax.train.workdir import WorkdirLock
+  import train_utils
+  cfg = train_utils.config({'data.batch_size': 8})      # fsdp over the tests' 8 devices
+  cfg.mesh.fsdp = -1
+  assert source.save_train_config(cfg, str(tmp_path / 'a')) == str(tmp_path / 'a' / 'config.json')
+  assert source.read_run_config(str(tmp_path / 'a')).to_dict() == cfg.to_dict()
+  bad = train_utils.config({'train.steps': 0, 'data.batch_size': 8})
+  bad.mesh.fsdp = -1
+  with pytest.raises(UserError, match='train.steps=0'):
+    source.save_train_config(bad, str(tmp_path / 'a'))
+  assert source.read_run_config(str(tmp_path / 'a')).train.steps == cfg.train.steps     # not replaced
+  with WorkdirLock(str(tmp_path / 'b')):
+    with pytest.raises(UserError, match='in use'):
+      source.save_train_config(cfg, str(tmp_path / 'b'))
+  assert not (tmp_path / 'b' / 'config.json').exists()
+
+
 def test_export_workdir_hf_logits_and_params(workdir, tmp_path, tmp_path_factory):
   path, cfg = workdir
   src = source.load_source(workdir=path, report=lambda _: None, one_device=True)

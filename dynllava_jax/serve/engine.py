@@ -59,6 +59,8 @@ class Engine:
     self.tok = src.require_tokenizer()
     ev = self.config.eval
     self.method_name = method or str(ev.method)
+    if not method and self.method_name.startswith('dynamic') and not self.mc.sparse.enabled:
+      self.method_name = 'dense'       # the config's default cannot run on a model without predictors
     self.overrides = dict(overrides or {})
     self.max_new_tokens = int(ev.max_new_tokens)
     self.temperature, self.top_p = float(ev.temperature), float(ev.top_p)
