@@ -41,7 +41,7 @@ def server(tmp_path_factory):
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'serve.py'), '--workdir', path, '--port', str(port),
        '--max_new_tokens', str(MAX_NEW), '--max_tokens_limit', '64', '--max_image_bytes', '60000',
-       '--max_queue', '32', '--model_name', 'tiny', '--nowarmup'],
+       '--max_queue', '32', '--model_name', 'tiny', '--nowarmup', '--require_image'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   url = f'http://127.0.0.1:{port}'
   deadline = time.time() + 600
@@ -130,6 +130,7 @@ def test_bad_requests_get_4xx_json_and_server_keeps_serving(server):
   post = lambda **kw: httpx.post(url + '/v1/chat/completions', timeout=60, **kw)
   big = 'data:image/png;base64,' + base64.b64encode(os.urandom(70000)).decode()
   cases = {
+      'no image (required)': post(json=_body('q', None)),
       'malformed JSON': post(content=b'{"messages": [', headers={'content-type': 'application/json'}),
       'bad base64': post(json=_body('q', 'data:image/png;base64,%%%not base64')),
       'not an image': post(json=_body('q', 'data:image/png;base64,' + base64.b64encode(b'hello').decode())),
@@ -144,6 +145,7 @@ def test_bad_requests_get_4xx_json_and_server_keeps_serving(server):
     assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
     assert r.json()['error']['message'], what
   assert cases['oversize image'].status_code == 413 and cases['unknown model'].status_code == 404
+  assert cases['no image (required)'].json()['error']['code'] == 'image_required'
   # Still serving (the per-request method field, here naming the server's default: no new compile).
   assert _ask(url, QUESTIONS[0], imgs[0], sparsity={'method': 'dynamic'})
 
@@ -153,7 +155,12 @@ def test_sigterm_with_requests_in_flight(server):
   with cf.ThreadPoolExecutor(16) as ex:
     futs = [ex.submit(httpx.post, url + '/v1/chat/completions', json=_body(q, imgs[i % 2]), timeout=120)
             for i, q in enumerate(QUESTIONS * 4)]
-    time.sleep(0.2)
+    deadline = time.time() + 60
+    while time.time() < deadline:               # SIGTERM once requests are in the batcher
+      h = httpx.get(url + '/health', timeout=10).json()
+      if h['queued'] + h['running'] > 0:
+        break
+      time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     codes = []
     for f in futs:

@@ -10,7 +10,7 @@ Routes:
                               temperature, top_p, seed, stream (server-sent events), and the extra field
                               "sparsity": {"method", "keep", "overrides"} (defaults: the server's)
   GET  /v1/models             the one model
-  GET  /health                {"status": "ok", "queued", "batches"}
+  GET  /health                {"status": "ok", "queued", "running", "batches"}
 Errors are JSON {"error": {"message", "type", "code"}}: 400 bad request (malformed JSON, bad base64, no
 image where the model needs one... any invalid field), 404 unknown model / route, 413 an image over the
 byte or pixel bound, 429 queue full, 503 shutting down, 500 a failure inside generation.
@@ -198,7 +198,7 @@ def make_app(engine, limits=None, model_name='dynllava', slots=8, wait_s=0.01, g
   @app.get('/health')
   async def health():
     b = state['batcher']
-    return {'status': 'ok', 'queued': b.queued(), 'batches': b.batches}
+    return {'status': 'ok', 'queued': b.queued(), 'running': b.running, 'batches': b.batches}
 
   @app.get('/v1/models')
   async def models():
