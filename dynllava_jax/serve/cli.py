@@ -136,6 +136,8 @@ def _define_generate(fv):
                     flag_values=fv)
   flags.DEFINE_bool('stream', True, 'Print the answer as it is generated (a single prompt).', flag_values=fv)
   flags.DEFINE_bool('stats', True, 'Print the stats line after the answers.', flag_values=fv)
+  flags.DEFINE_bool('warmup', False, 'Run the batch once before the timed run, so the stats line\'s prefill '
+                    'and ms/token exclude compilation.', flag_values=fv)
 
 
 def generate_main(argv, out=None, stdin=None):
@@ -169,6 +171,8 @@ def _generate(argv, out, stdin):
   prompts = [eng.encode([(q, None)], pil[0] if len(pil) == 1 else (pil[i] if pil else None))
              for i, q in enumerate(fv.prompt)]
   single = len(prompts) == 1 and fv.stream
+  if fv.warmup:
+    eng.run(prompts, seed=fv.seed, on_text=(lambda i, piece: None) if single else None)
   on_text = (lambda i, piece: (out.write(piece), out.flush())) if single else None
   results = eng.run(prompts, seed=fv.seed, on_text=on_text)
   for i, r in enumerate(results):
