@@ -15,62 +15,19 @@ The orbax directory holds the pure dict of `nnx.state(model, nnx.Param)` (Standa
 `train.init_from` reads) and `model_config.json` (the model ConfigDict) inside it.
 """
 import argparse
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dynllava_jax import errors
 from dynllava_jax import hf
 from dynllava_jax.hf_keys import LAYOUTS
-from dynllava_jax.model.llava import check_model_config
+from dynllava_jax.params_dir import CONFIG_NAME, load_params, read_model_config, save_params  # noqa: F401
 
-CONFIG_NAME = 'model_config.json'
 LAYOUT_ALIASES = {'hf': 'hf5', 'released': 'original'}
-
-
-def save_params(model, config, ckpt_dir):
-  """Writes the params (orbax) and `model_config.json` into ckpt_dir (which must not exist yet)."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
-  if os.path.exists(ckpt_dir):
-    raise FileExistsError(f'{ckpt_dir} exists: choose a new --out directory')
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(ckpt_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  ckptr.wait_until_finished()
-  with open(os.path.join(ckpt_dir, CONFIG_NAME), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return ckpt_dir
-
-
-def read_model_config(ckpt_dir):
-  full = os.path.join(os.path.abspath(ckpt_dir), CONFIG_NAME)
-  if not os.path.exists(full):
-    raise FileNotFoundError(f'{full} not found: {ckpt_dir} was not written by dynllava_jax.convert')
-  with open(full) as f:
-    c = ml_collections.ConfigDict(json.load(f))
-  check_model_config(c)
-  return c
-
-
-def load_params(ckpt_dir, *, shardings=None, mesh=None):
-  """-> (nnx Llava, model config) from a `save_params` directory; params restored into their shardings."""
-  config = read_model_config(ckpt_dir)
-  graphdef, state = nnx.split(hf.abstract_llava(config), nnx.Param)
-  if mesh is not None and shardings is None:
-    from dynllava_jax.sharding import state_shardings
-    shardings = state_shardings(mesh, state)
-  abstract = nnx.to_pure_dict(state)
-  if shardings is not None:
-    sh = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(ckpt_dir), abstract)
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state), config
 
 
 def export_workdir(workdir, out, *, step=None, layout='hf5', dtype=None, max_shard_bytes=int(5e9),

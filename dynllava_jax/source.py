@@ -251,7 +251,8 @@ def _from_workdir(workdir, step, config, tokenizer, report, allow_random_init=Fa
 
 def _from_dir(path, config, tokenizer, dtype):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dynllava_jax import convert, hf  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import hf  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import params_dir as convert  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise UserError(f'--model {path} does not exist (give an exported, converted or HF checkpoint directory)')
   if os.path.isfile(os.path.join(path, convert.CONFIG_NAME)):

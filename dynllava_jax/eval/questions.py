@@ -16,6 +16,7 @@ import os
 import uuid
 
 from dynllava_jax.errors import UserError
+from dynllava_jax.eval.report import write_jsonl
 
 
 def read_questions(path, image_folder=''):
@@ -101,23 +102,5 @@ def run_question_file(src, questions_path, answers_path, *, image_folder='', met
   return out
 
 
-def write_jsonl(path, rows):
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False, default=_default) + '\n')
-  os.replace(tmp, path)
-  return path
-
-
 def _jsonable(d):
   return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _default(x):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  return str(x)

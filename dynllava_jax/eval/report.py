@@ -2,6 +2,7 @@
 
 rows: the dicts `dynllava_jax.eval.run.run_eval` returns (one per method, keys in `COLUMNS`).
 """
+import json
 import math
 import os
 
@@ -158,3 +159,21 @@ def _save(fig, path, dpi):
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
+
+
+def write_jsonl(path, rows):
+  """One JSON object per line (atomic: written beside, then renamed; parent dirs made). Returns path."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False, default=_json_item) + '\n')
+  os.replace(tmp, path)
+  return path
+
+
+def _json_item(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return str(x)

@@ -299,7 +299,7 @@ def token_accuracy(generated, gold):
   return float(np.sum(gen == gold[:gen.size]) / gold.size)
 
 
-def _per_sample_kv_bytes(caches):
+def per_sample_kv_bytes(caches):
   """(B,) K/V bytes holding tokens per sample (the per-sample split of `cache.used_bytes`)."""
   from dynllava_jax.decode import cache as C  # pylint: disable=g-import-not-at-top
   return sum(C.bytes_per_token(c) * np.asarray(c.length).astype(np.float64) for c in caches)
@@ -336,7 +336,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
     out = generate(model, config, method, ids, pix, mask, max_new_tokens=max_new, sampling='greedy',
                    rng=rng, return_caches=True)
     first = first or (ids, mask, pix)
-    kv_b = _per_sample_kv_bytes(out.caches)
+    kv_b = per_sample_kv_bytes(out.caches)
     for b, s in enumerate(batch):
       gen = [int(t) for t in out.tokens[b, :out.lengths[b]]]
       text = tok.decode(gen)
@@ -421,7 +421,6 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
   to <workdir>/eval. model / step: an already loaded model (`dynllava_jax.source.load_source`) instead of
   restoring one from the workdir. Returns the list of row dicts."""
   from dynllava_jax.eval import budgets  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.eval.questions import write_jsonl  # pylint: disable=g-import-not-at-top
   methods = check_methods(config, methods)
   points = budgets.sweep_points(methods, keep_ratios, sweep_extra)
   for name, ov in points:
@@ -439,7 +438,8 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
                           overrides=ov)
     label = budgets.label(name, ov)
     row.update(method=label, base_method=name, overrides=dict(ov), checkpoint_step=step)
-    write_jsonl(os.path.join(out_dir, 'predictions', _file_name(label) + '.jsonl'), row.pop('predictions'))
+    report.write_jsonl(os.path.join(out_dir, 'predictions', _file_name(label) + '.jsonl'),
+                       row.pop('predictions'))
     rows.append(row)
     report_fn(f'  {label}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
               f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')

@@ -104,7 +104,7 @@ def load_engine(fv, report=print):
   if config is None:
     source.apply_config_flags(src.config, fv)
   ev = src.config.eval
-  with ev.unlocked() if hasattr(ev, 'unlocked') else _Null():
+  with ev.unlocked():
     if fv.max_new_tokens is not None:
       ev.max_new_tokens = int(fv.max_new_tokens)
     if fv.temperature is not None:
@@ -116,14 +116,6 @@ def load_engine(fv, report=print):
     return Engine(src, method=method, overrides=method_overrides(fv, method))
   except ValueError as e:
     raise errors.UserError(' '.join(str(e).split())) from None
-
-
-class _Null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 # ---------------------------------------------------------------- generate.py

@@ -88,7 +88,10 @@ class Engine:
       self._methods[key] = m
     return self._methods[key]
 
-  open_image = staticmethod(lambda data_or_path: open_image(data_or_path))
+  @staticmethod
+  def open_image(data_or_path):
+    """`open_image` (module function)."""
+    return open_image(data_or_path)
 
   def encode(self, turns, image=None, max_prompt_tokens=None):
     """turns: [(question, answer), ..., (question, None)] -> Prompt. image: a PIL image (or None)."""
@@ -123,7 +126,7 @@ class Engine:
     from dynllava_jax.data.pipeline import left_pad_batch  # pylint: disable=g-import-not-at-top
     from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
     from dynllava_jax.decode.sampling import Sampling  # pylint: disable=g-import-not-at-top
-    from dynllava_jax.eval.run import _per_sample_kv_bytes  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.eval.run import per_sample_kv_bytes  # pylint: disable=g-import-not-at-top
     n = len(prompts)
     rows = list(prompts) + [prompts[0]] * (max(int(slots or n), n) - n)
     ids, mask = left_pad_batch([p.ids for p in rows], int(self.mc.pad_token_id))
@@ -145,7 +148,7 @@ class Engine:
     decode_s = float(out.decode_s or 0.0)
     steps = int(np.max(out.lengths)) - 1
     ms_tok = decode_s * 1000.0 / steps if steps > 0 else float('nan')
-    kv = _per_sample_kv_bytes(out.caches)
+    kv = per_sample_kv_bytes(out.caches)
     eos = int(self.mc.eos_token_id)
     results = []
     for b in range(n):
