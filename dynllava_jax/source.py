@@ -242,7 +242,7 @@ def _from_workdir(workdir, step, config, tokenizer, report, allow_random_init=Fa
     if config is None:
       raise UserError(f'{workdir} has no {RUN_CONFIG} (written by train.py): pass the --config it was '
                       'trained with')
-  model, got = load_model(config, workdir, allow_random_init, report_fn=report, step=step)
+  model, got = load_model(config, workdir, allow_random_init, report_fn=report, step=step, params_only=True)
   tok, err = _tokenizer([workdir], config, tokenizer)
   if tok is not None:
     check_tokenizer(tok, config.model, workdir)

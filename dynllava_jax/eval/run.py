@@ -58,11 +58,14 @@ DEFAULT_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')
 
 # ---------------------------------------------------------------- model
 
-def load_model(config, workdir, allow_random_init=False, report_fn=print, step=None):
+def load_model(config, workdir, allow_random_init=False, report_fn=print, step=None, params_only=False):
   """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step); with `step`,
   that step's (a UserError when it is missing or does not restore).
 
-  Without a checkpoint: a random-init model (step None) only when allow_random_init, else ValueError.
+  params_only: restore just the params and frozen params (no optimizer state: a third of the memory for
+  AdamW), each leaf verified against the step's stored digest; any failure falls back to the full
+  restore below (and its messages). Without a checkpoint: a random-init model (step None) only when
+  allow_random_init, else ValueError.
   """
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
@@ -77,6 +80,11 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print, step=N
     try:
       if step is not None and int(step) not in ck.steps():
         raise UserError(f'--step {step}: {ckpt_dir} has steps {ck.steps()}')
+      if params_only:
+        got = _restore_params_verified(ck, ck.steps()[-1] if step is None else int(step),
+                                       st.abstract_with_shardings(abstract, sh))
+        if got is not None:
+          return st.merge_model(graphdef, got[1]), got[0]
       if step is None:
         restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
                                       strict=False)
@@ -101,6 +109,28 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print, step=N
     raise ValueError(f'no checkpoint in {ckpt_dir}; train first (train.py --workdir {workdir}) or pass '
                      '--allow_random_init to evaluate a random-init model')
   return nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(config.seed)))(), None
+
+
+def _restore_params_verified(ck, step, target):
+  """(step, {'params', 'frozen'}) restored alone (orbax partial restore) and checked leaf by leaf against
+  the step's stored signature and digest; None when that is not possible (no meta, another structure,
+  a damaged step): the caller then takes the full path."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  meta = ck.meta(step)
+  if not meta:
+    return None
+  sub = {k: target[k] for k in ('params', 'frozen')}
+  try:
+    out = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True)))['state']
+  except Exception:  # pylint: disable=broad-except
+    return None
+  stored = {p: (list(shape), dt, list(d)) for (p, shape, dt), d in zip(meta['signature'], meta['digest'])}
+  for (p, shape, dt), d in zip(ckpt_lib.signature(out), ckpt_lib.digest(out)):
+    if stored.get(p) != (list(shape), dt, list(d)) or d[2]:
+      return None
+  return int(step), out
 
 
 def _top_modules(tree):
