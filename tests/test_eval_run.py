@@ -29,16 +29,16 @@ def _eval(tmp_path, *extra):
 
 def test_eval_end_to_end_random_init(tmp_path):
   out_json = tmp_path / 'out.json'
+  # A one-point budget sweep (each point costs its compiles; the sweep's lines: test_budget_sweep_...).
   p = _eval(tmp_path, '--allow_random_init', '--methods', 'random', '--json', str(out_json),
-            '--keep_ratios', '0.2,0.5')
+            '--keep_ratios', '0.5')
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.loads(out_json.read_text())
-  assert [r['method'] for r in rows] == ['random keep_ratio=0.2', 'random keep_ratio=0.5']   # a budget sweep
-  assert rows[1]['kept_image_ratio'] == pytest.approx(32 / 64) and rows[1]['base_method'] == 'random'
+  assert [r['method'] for r in rows] == ['random keep_ratio=0.5'] and rows[0]['base_method'] == 'random'
   r = rows[0]
   assert set(KEYS) <= set(r), set(KEYS) - set(r)
   assert 0.0 <= r['accuracy'] <= 1.0 and r['prefill_s'] > 0 and r['kv_cache_bytes'] > 0
-  assert r['kept_image_ratio'] == pytest.approx(12 / 64) and r['num_samples'] == 3
+  assert r['kept_image_ratio'] == pytest.approx(32 / 64) and r['num_samples'] == 3     # the knob applied
   # A timing: only its presence is checked (3 tiny decode steps on a busy CI machine can time ≤ 0).
   assert r['prefill_flops_eq13'] > 0 and not r['decode_ms_per_token'] <= 0     # a latency or nan, never < 0
   # The analytic count of the engine's (bucketed) prefill is within 5 % of XLA's cost analysis.
@@ -46,9 +46,9 @@ def test_eval_end_to_end_random_init(tmp_path):
   ev = tmp_path / 'run' / 'eval'
   for f in ('results.md', 'results.json', 'accuracy_vs_flops.png', 'accuracy_vs_kv.png', 'kept_patches.png'):
     assert (ev / f).stat().st_size > 0, f
-  assert '| random keep_ratio=0.2 |' in (ev / 'results.md').read_text()
+  assert '| random keep_ratio=0.5 |' in (ev / 'results.md').read_text()
   assert '| random keep_ratio=0.5 |' in p.stdout
-  preds = [json.loads(l) for l in (ev / 'predictions' / 'random_keep_ratio=0.2.jsonl').read_text().splitlines()]
+  preds = [json.loads(l) for l in (ev / 'predictions' / 'random_keep_ratio=0.5.jsonl').read_text().splitlines()]
   assert len(preds) == 3 and {'prediction', 'answer', 'correct', 'kv_bytes'} <= set(preds[0])
   assert np.mean([x['correct'] for x in preds]) == pytest.approx(r['accuracy'])
 
