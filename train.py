@@ -3,6 +3,8 @@
     python train.py --config configs/dynllava.py:size=tiny --workdir runs/tiny [--config.train.steps=100]
 
 Resumes from the newest valid checkpoint in <workdir>/checkpoints; one train.py per workdir (a lock).
+Writes the resolved config to <workdir>/config.json (eval.py, generate.py, serve.py and convert.py
+--export read it: no --config needed for the workdir; a different earlier one is kept as config.<time>.json).
 SIGTERM saves and exits cleanly (0). Bad input (a flag, the config, the data, a checkpoint of another
 config, a read-only or full disk) fails with one line on stderr and exit status 2; a NaN loss with exit
 status 3. `--config.train.restart=True` moves checkpoints that do not fit to checkpoints/old/ and starts
@@ -29,6 +31,8 @@ def main(argv):
   from dynllava_jax.train import loop  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import metrics  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  from dynllava_jax import source  # pylint: disable=g-import-not-at-top
+  errors.guard('train.py', lambda: source.save_train_config(config, _WORKDIR.value))
   try:
     out = errors.guard('train.py', lambda: loop.train(config, _WORKDIR.value))
   except metrics.NonFiniteLoss as e:

@@ -3,66 +3,51 @@
     python -m dynllava_jax.convert --hf_dir llava-1.5-7b-hf --out ckpt/llava7b --dtype bfloat16
     python -m dynllava_jax.convert --hf_dir dynamic-llava-7b --clip_dir clip-vit-large-patch14-336 --out ckpt/dyn7b
     python -m dynllava_jax.convert --export --ckpt ckpt/dyn7b --out hf_out --layout original
+    python -m dynllava_jax.convert --export --workdir runs/x [--step N] --out export/x [--layout hf|released]
+
+Export from a training workdir reads its config.json (written by train.py) and its newest (or --step)
+checkpoint, and writes beside the weights the run's config (`run_config.json`) and its `tokenizer.json`,
+so eval.py / generate.py / serve.py `--model DIR` on the export behave as on the workdir. Layout names:
+`hf` = `hf5` (transformers 5.x LlavaForConditionalGeneration; predictors kept under their own keys, which
+transformers ignores), `released` = `original` (the liuhaotian / Dynamic-LLaVA release names).
 
 The orbax directory holds the pure dict of `nnx.state(model, nnx.Param)` (StandardCheckpointer; what
 `train.init_from` reads) and `model_config.json` (the model ConfigDict) inside it.
 """
 import argparse
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from dynllava_jax import errors
 from dynllava_jax import hf
 from dynllava_jax.hf_keys import LAYOUTS
-from dynllava_jax.model.llava import check_model_config
+from dynllava_jax.params_dir import CONFIG_NAME, load_params, read_model_config, save_params  # noqa: F401
 
-CONFIG_NAME = 'model_config.json'
-
-
-def save_params(model, config, ckpt_dir):
-  """Writes the params (orbax) and `model_config.json` into ckpt_dir (which must not exist yet)."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
-  if os.path.exists(ckpt_dir):
-    raise FileExistsError(f'{ckpt_dir} exists: choose a new --out directory')
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(ckpt_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  ckptr.wait_until_finished()
-  with open(os.path.join(ckpt_dir, CONFIG_NAME), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return ckpt_dir
+LAYOUT_ALIASES = {'hf': 'hf5', 'released': 'original'}
 
 
-def read_model_config(ckpt_dir):
-  full = os.path.join(os.path.abspath(ckpt_dir), CONFIG_NAME)
-  if not os.path.exists(full):
-    raise FileNotFoundError(f'{full} not found: {ckpt_dir} was not written by dynllava_jax.convert')
-  with open(full) as f:
-    c = ml_collections.ConfigDict(json.load(f))
-  check_model_config(c)
-  return c
-
-
-def load_params(ckpt_dir, *, shardings=None, mesh=None):
-  """-> (nnx Llava, model config) from a `save_params` directory; params restored into their shardings."""
-  config = read_model_config(ckpt_dir)
-  graphdef, state = nnx.split(hf.abstract_llava(config), nnx.Param)
-  if mesh is not None and shardings is None:
-    from dynllava_jax.sharding import state_shardings
-    shardings = state_shardings(mesh, state)
-  abstract = nnx.to_pure_dict(state)
-  if shardings is not None:
-    sh = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(ckpt_dir), abstract)
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state), config
+def export_workdir(workdir, out, *, step=None, layout='hf5', dtype=None, max_shard_bytes=int(5e9),
+                   report=print):
+  """Writes a training workdir's checkpoint (newest, or `step`) as an HF / released checkpoint in `out`
+  (which must not exist), with the run's config (run_config.json) and tokenizer.json beside it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import source  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out):
+    raise FileExistsError(f'{out} exists: choose a new --out directory')
+  src = source.load_source(workdir=workdir, step=step, report=report)
+  hf.save_llava(src.model, src.config.model, out, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  source.write_atomic(os.path.join(out, source.EXPORTED_RUN_CONFIG), source.config_to_json(src.config))
+  if src.tokenizer is not None:
+    if src.tokenizer.path:
+      shutil.copyfile(src.tokenizer.path, os.path.join(out, source.TOKENIZER))
+    else:
+      src.tokenizer.tok.save(os.path.join(out, source.TOKENIZER))
+  report(f'wrote {layout} checkpoint {out} from {src.describe()}')
+  return 0
 
 
 def main(argv=None):
@@ -82,19 +67,28 @@ def _main(argv):
   ap.add_argument('--out', required=True, help='output: orbax dir (import) or HF dir (--export)')
   ap.add_argument('--dtype', default=None, help='float32 | bfloat16 | float16 (import: param dtype, '
                   'default float32; export: stored dtype, default the params\')')
-  ap.add_argument('--export', action='store_true', help='orbax --ckpt -> HF --out')
+  ap.add_argument('--export', action='store_true', help='orbax --ckpt or training --workdir -> HF --out')
   ap.add_argument('--ckpt', help='orbax dir written by an import (with --export)')
-  ap.add_argument('--layout', default='hf5', choices=LAYOUTS, help='export key layout')
+  ap.add_argument('--workdir', help='training workdir to export (with --export; its config.json is read)')
+  ap.add_argument('--step', type=int, default=None, help='checkpoint step of --workdir (default: newest)')
+  ap.add_argument('--layout', default='hf5', choices=LAYOUTS + tuple(LAYOUT_ALIASES),
+                  help='export key layout (hf = hf5, released = original)')
   ap.add_argument('--max_shard_gb', type=float, default=5.0)
   a = ap.parse_args(argv)
   dtype = jnp.dtype(a.dtype) if a.dtype else None
+  layout = LAYOUT_ALIASES.get(a.layout, a.layout)
   if a.export:
-    if not a.ckpt:
-      ap.error('--export needs --ckpt (the orbax dir to export)')
+    if bool(a.ckpt) == bool(a.workdir):
+      ap.error('--export needs one of --ckpt (an orbax dir from an import) or --workdir (a training run)')
+    if a.step is not None and not a.workdir:
+      ap.error('--step applies to --workdir')
+    if a.workdir:
+      return export_workdir(a.workdir, a.out, step=a.step, layout=layout, dtype=dtype,
+                            max_shard_bytes=int(a.max_shard_gb * 1e9))
     model, config = load_params(a.ckpt)
-    out = hf.save_llava(model, config, a.out, layout=a.layout, dtype=dtype,
+    out = hf.save_llava(model, config, a.out, layout=layout, dtype=dtype,
                         max_shard_bytes=int(a.max_shard_gb * 1e9))
-    print(f'wrote {a.layout} checkpoint {out}')
+    print(f'wrote {layout} checkpoint {out}')
     return 0
   if not a.hf_dir:
     ap.error('give --hf_dir (import) or --export --ckpt')

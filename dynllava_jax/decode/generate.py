@@ -8,7 +8,16 @@ KV-cache mode: the loop runs in chunks; a chunk exits early when some active sam
 overflow a segment cache; the host then grows that cache to the next multiple of `eval.cache_bucket`
 (one compile per capacity tuple) and continues. So compact caches hold, and cost, only what was kept.
 Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
+
+Streaming: `on_token(step, tokens (B,) int32, active (B,) bool)` is called on the host for every generated
+position as the loop produces it (token 0 after the prefill, then from inside the jitted loop through a
+`jax.debug.callback`); the values are the same as `out.tokens[:, step]`. The callback is not ordered
+(ordered effects refuse a model sharded over several devices) and may repeat a step on a sharded model:
+receivers order and de-duplicate by `step` (`serve.engine` does).
+The callback variant of the loop is a separate compile; without `on_token` the loop has no callback.
+One streaming `generate` at a time per process (the callback target is a module global).
 """
+import threading
 import time
 from functools import partial
 from typing import Any, Tuple
@@ -71,9 +80,19 @@ def _overflow(state):
   return over
 
 
-@partial(jax.jit, static_argnames=('method', 'sampling', 'record_logits'),
+_STREAM = {'fn': None}
+_STREAM_LOCK = threading.Lock()
+
+
+def _emit(step, tokens, active):
+  fn = _STREAM['fn']
+  if fn is not None:
+    fn(int(step), np.asarray(tokens), np.asarray(active))
+
+
+@partial(jax.jit, static_argnames=('method', 'sampling', 'record_logits', 'stream'),
          donate_argnames=('state',))
-def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record_logits):
+def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record_logits, stream=False):
   m = state.tokens.shape[1]
 
   def cond(st):
@@ -85,6 +104,8 @@ def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record
     logits, caches, keep = decode_step(model, method, st.caches, cur, active, layers)
     nxt = sampling.sample(logits, jax.random.fold_in(st.rng, st.step))
     nxt = jnp.where(active, nxt, pad_id)
+    if stream:
+      jax.debug.callback(_emit, st.step, nxt, active)
     tokens = jax.lax.dynamic_update_index_in_dim(st.tokens, nxt, st.step, axis=1)
     old = jax.lax.dynamic_index_in_dim(st.keep, st.step - 1, axis=1, keepdims=False)
     keep_rec = jax.lax.dynamic_update_index_in_dim(st.keep, jnp.where(active, keep, old), st.step - 1, axis=1)
@@ -122,14 +143,14 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
              sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False,
-             eos_token_id=None):
+             eos_token_id=None, on_token=None, _stream=False):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
   registry name; input_ids / attention_mask (B, T) left- or right-padded; pixel_values (B, H, W, 3) or None
   for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
   rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
-  (default model.mc.eos_token_id).
+  (default model.mc.eos_token_id); on_token: the streaming callback (module docstring; KV-cache mode only).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
@@ -140,6 +161,18 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   samp = as_sampling(sampling, ev, text_vocab_size(mc))
   rng = jax.random.PRNGKey(0) if rng is None else rng
   eos = int(mc.eos_token_id if eos_token_id is None else eos_token_id)
+  if on_token is not None:
+    if not use_cache:
+      raise ValueError('on_token (streaming) needs the KV-cache loop (use_cache=True)')
+    with _STREAM_LOCK:
+      _STREAM['fn'] = on_token
+      try:
+        return generate(model, cfg, method, input_ids, pixel_values, attention_mask,
+                        max_new_tokens=m, sampling=samp, rng=rng, use_cache=True, return_logits=return_logits,
+                        return_caches=return_caches, eos_token_id=eos, _stream=True)
+      finally:
+        jax.effects_barrier()       # every callback of this call has run
+        _STREAM['fn'] = None
   if not use_cache:
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
                             sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos)
@@ -156,13 +189,15 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   kw = dict(sampling=samp, pad_id=jnp.int32(mc.pad_token_id), eos_id=jnp.int32(eos),
             record_logits=bool(return_logits))
   state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
+  if _stream:
+    _emit(0, state.tokens[:, 0], np.ones(state.tokens.shape[0], bool))
   bytes_prefill = C.used_bytes(state.caches)
   history = [caps]
   finished = lambda st: int(st.step) >= m or bool(np.all(np.asarray(st.done)))
   blocks = weight_blocks(ev.get('decode_weight_blocks', 0), int(np.asarray(input_ids).shape[0]))
   layers = None if finished(state) else unstack_layers(model, blocks)   # the decode loop's weights
   while not finished(state):
-    state = _run_chunk(model, layers, method, state, **kw)
+    state = _run_chunk(model, layers, method, state, stream=_stream, **kw)
     if finished(state):
       break
     caps = _grown(state, bucket)

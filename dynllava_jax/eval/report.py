@@ -1,7 +1,8 @@
-"""Reports: the markdown results table, accuracy-vs-FLOPs plot and kept-patch images (matplotlib, Agg).
+"""Reports: the markdown results table, accuracy-vs-cost plots and kept-patch images (matplotlib, Agg).
 
 rows: the dicts `dynllava_jax.eval.run.run_eval` returns (one per method, keys in `COLUMNS`).
 """
+import json
 import math
 import os
 
@@ -42,24 +43,43 @@ def markdown_table(rows, columns=COLUMNS):
   return '\n'.join(lines)
 
 
-def plot_accuracy_vs_flops(rows, path, flops_key='prefill_flops_xla'):
-  """Scatter of accuracy against prefill FLOPs, one labelled point per method. Writes `path` (png)."""
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+COSTS = {'prefill_flops_xla': (1e9, 'prefill GFLOPs (XLA, batch 1)'),
+         'prefill_flops_analytic': (1e9, 'prefill GFLOPs (analytic, batch 1)'),
+         'kv_cache_bytes': (1024.0, 'KV cache KiB per sample at the end of the answer')}
+
+
+def plot_accuracy_vs_flops(rows, path, flops_key='prefill_flops_xla', cost_key=None):
+  """Accuracy against a cost (`cost_key`, default `flops_key`; see COSTS): one line per method over its
+  budgets (rows with the same `base_method`, sorted by cost), named in the legend (no labels on top of
+  each other); sweep points carry their knob value ('r=0.75') in small type. Writes `path` (png)."""
+  key = cost_key or flops_key
+  scale, xlabel = COSTS.get(key, (1.0, key))
+  by = {}
   for r in rows:
-    x, y = r.get(flops_key), r.get('accuracy')
-    if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+    x, y = r.get(key), r.get('accuracy')
+    if x is None or y is None or (isinstance(y, float) and math.isnan(y)) or (
+        isinstance(x, float) and math.isnan(x)):
       continue
-    ax.scatter([x / 1e9], [y])
-    ax.annotate(r['method'], (x / 1e9, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
-  ax.set_xlabel(f'prefill GFLOPs ({flops_key})')
+    by.setdefault(r.get('base_method', r['method']), []).append((x / scale, y, r))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  markers = 'o^sDvP*X<>'
+  for i, (name, pts) in enumerate(sorted(by.items(), key=lambda kv: (kv[0] != 'dense', kv[0]))):
+    pts.sort(key=lambda p: p[0])
+    style = dict(marker='*', markersize=12, linestyle='none') if name == 'dense' else dict(
+        marker=markers[i % len(markers)], markersize=6, linewidth=1.2)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    if len(pts) > 1:
+      for j, (x, y, r) in enumerate(pts):
+        knob = r['method'][len(name):].strip()
+        ax.annotate(knob, (x, y), textcoords='offset points', xytext=(4, 6 if j % 2 else -10), fontsize=6,
+                    color='0.35')
+  ax.set_xlabel(xlabel)
   ax.set_ylabel('accuracy')
-  ax.set_title('accuracy vs prefill FLOPs')
+  ax.set_title('accuracy vs ' + xlabel.split(' (')[0])
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  if by:
+    ax.legend(fontsize=8, loc='best')
+  return _save(fig, path, dpi=120)
 
 
 def unnormalize(pixels):
@@ -139,3 +159,21 @@ def _save(fig, path, dpi):
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
+
+
+def write_jsonl(path, rows):
+  """One JSON object per line (atomic: written beside, then renamed; parent dirs made). Returns path."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False, default=_json_item) + '\n')
+  os.replace(tmp, path)
+  return path
+
+
+def _json_item(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return str(x)

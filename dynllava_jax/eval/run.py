@@ -21,15 +21,20 @@ Per method (keys of each row, see `report.COLUMNS`):
   prefill_s           warm median prefill seconds of the first eval batch
   decode_ms_per_token warm generation of max_new_tokens vs of 1 token with EOS ignored (prefill cancels):
                       median over `timing_runs` interleaved pairs of Δt / (max_new_tokens − 1), first eval
-                      batch; nan when max_new_tokens < 2. A timing, so noisy: it can even come out ≤ 0 for
-                      a tiny model on a busy machine
-Outputs: `<workdir>/eval/results.md`, `results.json`, `accuracy_vs_flops.png`, `kept_patches.png`.
+                      batch; nan when max_new_tokens < 2, and nan with a warning when the median is ≤ 0
+                      (timing noise larger than the decode time: a tiny model on a busy machine)
+Budget sweeps (`keep_ratios`, `sweep_extra`; `eval/budgets.py`): one row per (method, budget), `method`
+the point's label ('fastv r=0.75'), `base_method` and `overrides` beside it.
+Outputs: `<out_dir>/results.md`, `results.json`, `accuracy_vs_flops.png`, `accuracy_vs_kv.png`,
+`kept_patches.png`, and `predictions/<label>.jsonl` (per sample: id, record_id, question_type, prediction,
+answer, correct, token_accuracy, kept ratios, kv_bytes).
 """
 import json
 import math
 import os
 import statistics
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +58,14 @@ DEFAULT_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')
 
 # ---------------------------------------------------------------- model
 
-def load_model(config, workdir, allow_random_init=False, report_fn=print):
-  """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step).
+def load_model(config, workdir, allow_random_init=False, report_fn=print, step=None, params_only=False):
+  """The newest restorable checkpoint's model from `<workdir>/checkpoints` -> (model, step); with `step`,
+  that step's (a UserError when it is missing or does not restore).
 
-  Without a checkpoint: a random-init model (step None) only when allow_random_init, else ValueError.
+  params_only: restore just the params and frozen params (no optimizer state: a third of the memory for
+  AdamW), each leaf verified against the step's stored digest; any failure falls back to the full
+  restore below (and its messages). Without a checkpoint: a random-init model (step None) only when
+  allow_random_init, else ValueError.
   """
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
@@ -69,15 +78,30 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
     graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
-      restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
-                                    strict=False)
+      if step is not None and int(step) not in ck.steps():
+        raise UserError(f'--step {step}: {ckpt_dir} has steps {ck.steps()}')
+      if params_only:
+        got = _restore_params_verified(ck, ck.steps()[-1] if step is None else int(step),
+                                       st.abstract_with_shardings(abstract, sh))
+        if got is not None:
+          return st.merge_model(graphdef, got[1]), got[0]
+      if step is None:
+        restored = ck.restore_latest(st.abstract_with_shardings(abstract, sh), report=report_fn,
+                                      strict=False)
+      else:
+        try:
+          state, _ = ck.restore(int(step), st.abstract_with_shardings(abstract, sh))
+          restored = (int(step), state, None)
+        except Exception as e:  # pylint: disable=broad-except  (another optimizer: params only below)
+          report_fn(f'checkpoint {ckpt_dir}/{step} does not restore whole ({one_line(e, 160)})')
+          restored = None
       if restored is None:
-        restored = _restore_params_only(ck, graphdef, abstract, report_fn)
+        restored = _restore_params_only(ck, graphdef, abstract, report_fn, step)
     finally:
       ck.close()
     if restored is not None:
-      step, state, _ = restored
-      return st.merge_model(graphdef, state), int(step)
+      got, state, _ = restored
+      return st.merge_model(graphdef, state), int(got)
     if not allow_random_init:
       raise ValueError(f'no checkpoint in {ckpt_dir} restores; pass --allow_random_init to evaluate a '
                        'random-init model')
@@ -87,11 +111,33 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print):
   return nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(config.seed)))(), None
 
 
+def _restore_params_verified(ck, step, target):
+  """(step, {'params', 'frozen'}) restored alone (orbax partial restore) and checked leaf by leaf against
+  the step's stored signature and digest; None when that is not possible (no meta, another structure,
+  a damaged step): the caller then takes the full path."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  meta = ck.meta(step)
+  if not meta:
+    return None
+  sub = {k: target[k] for k in ('params', 'frozen')}
+  try:
+    out = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True)))['state']
+  except Exception:  # pylint: disable=broad-except
+    return None
+  stored = {p: (list(shape), dt, list(d)) for (p, shape, dt), d in zip(meta['signature'], meta['digest'])}
+  for (p, shape, dt), d in zip(ckpt_lib.signature(out), ckpt_lib.digest(out)):
+    if stored.get(p) != (list(shape), dt, list(d)) or d[2]:
+      return None
+  return int(step), out
+
+
 def _top_modules(tree):
   return {k for part in ('params', 'frozen') for k in tree.get(part, {})}
 
 
-def _restore_params_only(ck, graphdef, abstract, report_fn):
+def _restore_params_only(ck, graphdef, abstract, report_fn, step=None):
   """Fallback when the full train-state restore fails (e.g. another optimizer): the newest step's params
   and frozen params only, unsharded. Returns (step, state, None) or None; a model-structure mismatch is a
   ValueError naming the modules that differ (e.g. a checkpoint trained without predictors)."""
@@ -99,7 +145,7 @@ def _restore_params_only(ck, graphdef, abstract, report_fn):
   steps = ck.steps()
   if not steps:
     return None
-  step = steps[-1]
+  step = steps[-1] if step is None else int(step)
   try:
     raw = ck.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   except Exception as e:  # pylint: disable=broad-except  (truncated / damaged: said in one line)
@@ -261,7 +307,17 @@ def _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, ru
       jax.block_until_ready(gen(m))
       t[m] = time.perf_counter() - t0
     per_pair.append(M.decode_ms_per_token(t[max_new], max_new, t[1], 1))
-  return statistics.median(per_pair)
+  return latency_or_nan(statistics.median(per_pair), f'{method.name} decode ms/token', len(per_pair))
+
+
+def latency_or_nan(value, what, runs=1):
+  """`value` when it is a positive number; else nan with a warning (timing noise beat the signal: a tiny
+  model on a busy machine), never a negative latency."""
+  if value > 0 and math.isfinite(value):
+    return float(value)
+  warnings.warn(f'{what} could not be measured (median {value:.4g} over {runs} runs); reported as nan. '
+                'Use more --timing_runs or a quieter machine.')
+  return float('nan')
 
 
 def token_accuracy(generated, gold):
@@ -273,7 +329,7 @@ def token_accuracy(generated, gold):
   return float(np.sum(gen == gold[:gen.size]) / gold.size)
 
 
-def _per_sample_kv_bytes(caches):
+def per_sample_kv_bytes(caches):
   """(B,) K/V bytes holding tokens per sample (the per-sample split of `cache.used_bytes`)."""
   from dynllava_jax.decode import cache as C  # pylint: disable=g-import-not-at-top
   return sum(C.bytes_per_token(c) * np.asarray(c.length).astype(np.float64) for c in caches)
@@ -290,7 +346,8 @@ def by_type(values, types):
 
 def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_runs=3, rng=None,
                     overrides=None, ppl=True, xla_flops=True):
-  """One row of results for method `name` (see the module docstring).
+  """One row of results for method `name` (see the module docstring); row['predictions'] holds the
+  per-sample records (run_eval writes them to predictions/<label>.jsonl and drops them from the row).
 
   overrides: keyword settings of the method (`make_sparsifier(name, config, **overrides)`, e.g. FastV's
   k, r); ppl=False skips the teacher-forced perplexity (nan), timing_runs=0 the timings (nan),
@@ -299,21 +356,28 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
   method = make_sparsifier(name, config, **(overrides or {}))
   rng = jax.random.key(config.seed) if rng is None else rng
   max_new = int(config.eval.max_new_tokens)
+  _ = method.drop_points(mc)          # a budget this model cannot run: one line before any compile
   match = M.digits_match if _is_digits(config) else M.vqa_match
   scores, tok_acc, kv_sample, img_ratios, txt_ratios, kv_final, kv_pre = [], [], [], [], [], 0, 0
+  predictions = []
   first = None
   for batch in _batches(samples, batch_size):
     ids, mask, pix = _prompt_batch(config, batch)
     out = generate(model, config, method, ids, pix, mask, max_new_tokens=max_new, sampling='greedy',
                    rng=rng, return_caches=True)
     first = first or (ids, mask, pix)
-    kv_b = _per_sample_kv_bytes(out.caches)
+    kv_b = per_sample_kv_bytes(out.caches)
     for b, s in enumerate(batch):
       gen = [int(t) for t in out.tokens[b, :out.lengths[b]]]
-      scores.append(match(tok.decode(gen), s['answer']))
+      text = tok.decode(gen)
+      scores.append(match(text, s['answer']))
       f = s['full']
       tok_acc.append(token_accuracy(gen, f['input_ids'][int(f['answer_start']):int(f['answer_end'])]))
       kv_sample.append(float(kv_b[b]))
+      predictions.append({'id': s['id'], 'record_id': s['record_id'], 'question_type': s['question_type'],
+                          'prediction': text, 'answer': s['answer'], 'correct': scores[-1],
+                          'token_accuracy': tok_acc[-1], 'kept_image_ratio': float(out.kept_image_ratio[b]),
+                          'kept_text_ratio': float(out.kept_text_ratio[b]), 'kv_bytes': kv_sample[-1]})
       if s['has_image']:
         img_ratios.append(float(out.kept_image_ratio[b]))
       txt_ratios.append(float(out.kept_text_ratio[b]))
@@ -361,6 +425,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'samples_by_type': {t: types.count(t) for t in sorted(set(types))},
       'ppl_tokens': cnt,
       'settings': method.describe(),
+      'predictions': predictions,
   }
 
 
@@ -379,23 +444,35 @@ def check_methods(config, methods):
 
 
 def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=False, split='validation',
-             limit=None, batch_size=8, timing_runs=3, json_path=None, plots=True, report_fn=print):
-  """Evaluates each method; writes <workdir>/eval/{results.md,results.json,*.png} (+ json_path).
-  Returns the list of row dicts."""
+             limit=None, batch_size=8, timing_runs=3, json_path=None, plots=True, report_fn=print,
+             model=None, step=None, out_dir=None, keep_ratios=(), sweep_extra=None):
+  """Evaluates each method (each budget of a sweep: `keep_ratios`, `sweep_extra`, see eval/budgets.py);
+  writes <out_dir>/{results.md,results.json,*.png,predictions/*.jsonl} (+ json_path); out_dir defaults
+  to <workdir>/eval. model / step: an already loaded model (`dynllava_jax.source.load_source`) instead of
+  restoring one from the workdir. Returns the list of row dicts."""
+  from dynllava_jax.eval import budgets  # pylint: disable=g-import-not-at-top
   methods = check_methods(config, methods)
-  model, step = load_model(config, workdir, allow_random_init, report_fn)
+  points = budgets.sweep_points(methods, keep_ratios, sweep_extra)
+  for name, ov in points:
+    make_sparsifier(name, config, **ov).drop_points(config.model)      # bad budgets: before the restore
+  if model is None:
+    model, step = load_model(config, workdir, allow_random_init, report_fn)
   samples, tok = _load_samples(config, split, limit)
-  report_fn(f'evaluating {methods} on {config.data.name}/{split}: {len(samples)} samples, '
-            f'{"random init" if step is None else f"checkpoint step {step}"}')
-  rows = []
-  for name in methods:
-    row = evaluate_method(model, config, name, samples, tok, batch_size=batch_size, timing_runs=timing_runs)
-    row['checkpoint_step'] = step
-    rows.append(row)
-    report_fn(f'  {name}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
-              f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
-  out_dir = os.path.join(workdir, 'eval')
+  report_fn(f'evaluating {[budgets.label(*p) for p in points]} on {config.data.name}/{split}: '
+            f'{len(samples)} samples, {"random init" if step is None else f"checkpoint step {step}"}')
+  out_dir = out_dir or os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
+  rows = []
+  for name, ov in points:
+    row = evaluate_method(model, config, name, samples, tok, batch_size=batch_size, timing_runs=timing_runs,
+                          overrides=ov)
+    label = budgets.label(name, ov)
+    row.update(method=label, base_method=name, overrides=dict(ov), checkpoint_step=step)
+    report.write_jsonl(os.path.join(out_dir, 'predictions', _file_name(label) + '.jsonl'),
+                       row.pop('predictions'))
+    rows.append(row)
+    report_fn(f'  {label}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
+              f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
   table = report.markdown_table(rows)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(f'# eval: {config.data.name}/{split}, {len(samples)} samples, '
@@ -407,6 +484,7 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
       json.dump(rows, f, indent=1, default=_json_default)
   if plots:
     report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_flops.png'))
+    report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_kv.png'), cost_key='kv_cache_bytes')
     imgs = [s for s in samples if s['has_image']][:4]
     if imgs:
       ids, mask, pix = _prompt_batch(config, imgs)
@@ -417,6 +495,10 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
       report.plot_kept_patches(list(pix), keeps, methods, os.path.join(out_dir, 'kept_patches.png'))
   report_fn(table)
   return rows
+
+
+def _file_name(label):
+  return ''.join(c if c.isalnum() or c in '._=-' else '_' for c in label)
 
 
 def _json_default(x):
