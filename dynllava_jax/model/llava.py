@@ -16,7 +16,8 @@ from flax import nnx
 
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import causal_allowed
-from dynllava_jax.model.llama import Llama
+from dynllava_jax.model import plan as P
+from dynllava_jax.model.llama import LAYER_KINDS, Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
 from dynllava_jax.model.projector import make_projector, num_visual_tokens
 from dynllava_jax.model.vision import VisionTower, select_features
@@ -97,7 +98,7 @@ class Llava(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     self.vision_tower = VisionTower(mc.vision, **kw)
     self.projector = make_projector(mc, **kw)
-    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''), **kw)
+    self.language_model = Llama(mc.llm, plan=P.resolve(mc, LAYER_KINDS), lora=mc.get('lora'), **kw)
     sc = mc.sparse
     if sc.enabled:
       self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)
