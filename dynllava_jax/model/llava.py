@@ -48,6 +48,10 @@ def check_model_config(mc):
         raise ValueError(f'sparse.{name}={r} must be in (0, 1]')
   if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
+  P.resolve(mc, LAYER_KINDS)      # layer plan, region, LoRA ranks: one line each
+  lora = mc.get('lora')
+  if lora is not None and not 0.0 <= float(lora.get('dropout', 0.0)) < 1.0:
+    raise ValueError(f'model.lora.dropout={lora.dropout} must be in [0, 1)')
   if int(mc.get('causal_chunk', 0)) < 0:
     raise ValueError(f'model.causal_chunk={mc.causal_chunk} must be >= 0 (0: no chunking)')
 
