@@ -63,7 +63,7 @@ def per_sample_bi(h_in, h_out, valid, image=None, variant='all'):
 
 
 def block_influence(model, batches, variant='all'):
-  """Mean BI per layer over the samples of `batches` (an iterable of (ids, pix, mask) arrays) ->
+  """Mean BI per layer over the samples of `batches` (an iterable of (ids, pix or None, mask) arrays) ->
   (bi (L,) numpy float64, samples counted)."""
   image_id = model.mc.image_token_id
 
@@ -74,7 +74,7 @@ def block_influence(model, batches, variant='all'):
 
   total, count = None, 0
   for ids, pix, mask in batches:
-    bi, has = jax.device_get(one(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
+    bi, has = jax.device_get(one(jnp.asarray(ids), None if pix is None else jnp.asarray(pix), jnp.asarray(mask)))
     s = np.sum(np.where(has[None], bi, 0.0), axis=1, dtype=np.float64)
     total = s if total is None else total + s
     count += int(np.sum(has))
