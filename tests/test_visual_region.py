@@ -20,6 +20,7 @@ from dynllava_jax.model.llama import LAYER_KINDS
 from dynllava_jax.model.llava import Llava, check_model_config
 from dynllava_jax.tools import block_influence as BI
 from dynllava_jax.tools import prune
+from dynllava_jax.train import checkpoint as ckpt_lib
 from dynllava_jax.train import optim
 from dynllava_jax.train import step as S
 from hf_utils import hf_logits, make_tiny_hf_llava, random_llava, sample_batch
@@ -165,6 +166,15 @@ def test_lora_zero_init_merge_and_adapters(tiny, tmp_path):
   for k in exp:
     np.testing.assert_array_equal(got[k], exp[k], err_msg=k)
   assert (tmp_path / 'ad' / 'adapters.npz').stat().st_size < 0.2 * sum(a.nbytes for a in exp.values())
+  # train.init_from: the region plan's groups are cut from the uniform stack of a convert output.
+  _, frozen, params = optim.split_params(model, cfg.train)
+  spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+  got = ckpt_lib.load_params(base, spec(frozen))
+  assert sorted(got['language_model']) == ['embed_tokens', 'layers', 'layers_1', 'layers_2', 'layers_3',
+                                           'lm_head', 'norm']
+  jax.tree.map(np.testing.assert_array_equal, got, frozen)
+  got = ckpt_lib.load_params(base, spec(params), require_any=False)
+  assert got['projector'] is not None and not jax.tree.leaves(got['language_model'])   # fresh adapters: init
 
 
 def _np_bi(h_in, h_out, mask, image=None):

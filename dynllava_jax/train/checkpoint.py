@@ -321,9 +321,15 @@ def load_params(path, abstract_params, require_any=True):
   flat_meta = {tuple(str(getattr(k, 'key', k)) for k in p): m
                for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
+  sliced = {}   # wanted key -> (checkpoint key, first layer): a layer-plan group cut from a uniform stack
+
   def target(p, x):
     key = tuple(str(getattr(k, 'key', k)) for k in p)
     m = flat_meta.get(key)
+    src = _uniform_layers(key, x, flat_meta) if m is None or tuple(m.shape) != tuple(x.shape) else None
+    if src is not None:
+      sliced[key] = src
+      return x
     if m is None:
       return None
     if tuple(getattr(m, 'shape', ()) or ()) != tuple(x.shape):
@@ -341,12 +347,39 @@ def load_params(path, abstract_params, require_any=True):
   for k in flat_meta:
     _set(restore_tree, k, flat_wanted.get(k) or jax.ShapeDtypeStruct(flat_meta[k].shape,
                                                                    flat_meta[k].dtype))
+  for k, (src, _) in sliced.items():     # the whole stack, sharded as the group's leaf (layers replicated)
+    sh = getattr(flat_wanted[k], 'sharding', None)
+    _set(restore_tree, src, jax.ShapeDtypeStruct(flat_meta[src].shape, flat_wanted[k].dtype, sharding=sh))
   restored = ckptr.restore(path, restore_tree)
   flat_restored = {tuple(str(getattr(k, 'key', k)) for k in p): v
                    for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  stacks = {src: flat_restored[src] for src, _ in sliced.values()}
+  for k, (src, start) in sliced.items():
+    flat_restored[k] = stacks[src][start:start + flat_wanted[k].shape[0]]
   return jax.tree_util.tree_map_with_path(
       lambda p, x: flat_restored.get(tuple(str(getattr(k, 'key', k)) for k in p)) if x is not None else None,
       wanted, is_leaf=lambda x: x is None)
+
+
+_GROUP = re.compile(r'^layers(?:_(\d+))?$')
+
+
+def _uniform_layers(key, x, flat_meta):
+  """A decoder layer-plan group's leaf (`language_model/layers_<start>/...`, model/plan.py) read from a
+  checkpoint of another grouping that holds all layers in one stack (`language_model/layers/...`, e.g. a
+  convert output read by a visual-region plan): -> (checkpoint key, start) or None."""
+  if len(key) < 3 or key[0] != 'language_model':
+    return None
+  m = _GROUP.match(key[1])
+  src = ('language_model', 'layers') + key[2:]
+  meta = flat_meta.get(src)
+  if m is None or meta is None or src == key and tuple(meta.shape) == tuple(x.shape):
+    return None
+  start = int(m.group(1) or 0)
+  shape = tuple(meta.shape)
+  if len(shape) != len(x.shape) or shape[1:] != tuple(x.shape[1:]) or start + x.shape[0] > shape[0]:
+    return None
+  return src, start
 
 
 def _nest(flat):
