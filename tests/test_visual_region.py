@@ -248,3 +248,24 @@ def test_lora_and_pruned_export_loads_in_transformers(tiny_hf, tmp_path):
   assert np.abs(ours[m] - ref[m]).max() / np.abs(ref[m]).max() <= 1e-4
   as_skip, _ = hf.load_llava(path, layer_plan='dense,skip,dense*2')       # the full file, layer 1 not read
   assert [g.kind for g in as_skip.language_model.plan] == ['dense', 'skip', 'dense']
+
+
+def test_block_influence_and_prune_commands(tmp_path, capsys):
+  from configs.dynllava import get_config
+  cfg = get_config('size=tiny,dense=True')
+  cfg.data.data_dir = str(tmp_path / 'tfds')
+  cfg.data.digits.num_train, cfg.data.digits.num_val, cfg.data.digits.num_test = 4, 4, 4
+  res = BI.run(cfg, str(tmp_path / 'run'), n=3, batch_size=3, allow_random_init=True, report_fn=lambda *_: None)
+  out = tmp_path / 'run' / 'block_influence'
+  assert json.loads((out / 'block_influence.json').read_text()) == res
+  assert res['samples'] == 3 and len(res['bi']) == 4 and res['region'] == [3] and sorted(res['ranking']) == [0, 1, 2, 3]
+  assert (out / 'block_influence.png').stat().st_size > 0
+  # prune: the layer choice is checked (one line, exit 2) before any weight is read.
+  ckpt = tmp_path / 'ckpt'
+  ckpt.mkdir()
+  (ckpt / convert.CONFIG_NAME).write_text(cfg.model.to_json_best_effort())
+  for args, msg in ((['--remove', '1,9'], 'outside 0..3'), (['--remove', '3'], 'visual region'),
+                    (['--bi', str(out / 'block_influence.json'), '--k', '4'], 'outside the visual region')):
+    assert prune.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'o')] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and '\n' not in err, err

@@ -80,9 +80,13 @@ def prune_model(model, mc, remove):
 
 
 def main(argv=None):
+  """Exit status 0, or 2 with one line on stderr for bad input (errors.guard)."""
   from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
-  return errors.guard('python -m dynllava_jax.tools.prune', lambda: _main(argv),
-                      extra=(ValueError, FileNotFoundError, FileExistsError))
+  try:
+    return errors.guard('python -m dynllava_jax.tools.prune', lambda: _main(argv),
+                        extra=(ValueError, FileNotFoundError, FileExistsError))
+  except SystemExit as e:
+    return e.code
 
 
 def _main(argv):
@@ -99,14 +103,18 @@ def _main(argv):
   a = ap.parse_args(argv)
   if bool(a.remove) == bool(a.bi):
     raise UserError('give exactly one of --remove (a layer list) or --bi with --k')
-  model, mc = convert.load_params(a.ckpt)
+  mc = convert.read_model_config(a.ckpt)          # the layer choice is checked before any weight is read
   if a.bi:
     if a.k is None:
       raise UserError('--bi needs --k (how many layers to remove)')
     with open(a.bi) as f:
-      remove = choose(json.load(f)['bi'], a.k, mc)
+      bi = json.load(f).get('bi')
+    if not isinstance(bi, list):
+      raise UserError(f'{a.bi} has no "bi" list (write it with python -m dynllava_jax.tools.block_influence)')
+    remove = choose(bi, a.k, mc)
   else:
     remove = check_remove(a.remove, mc, force=a.force)
+  model, mc = convert.load_params(a.ckpt)
   pruned, mc2 = prune_model(model, mc, remove)
   if a.hf:
     hf.save_llava(pruned, mc2, a.out, layout=a.layout)
