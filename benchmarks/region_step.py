@@ -1,7 +1,7 @@
 """Visual-region training cost side by side in one process: full tuning vs region (full) vs region (LoRA).
 
     python benchmarks/region_step.py --json benchmarks/results/region_step.json [--size bench] [--batch 1]
-        [--text_tokens 64] [--steps 3] [--rank 128]
+        [--text_tokens 64] [--steps 3] [--rank 128] [--freeze_projector] [--abstract]
 
 Per variant (plain LLaVA, predictors off; vision tower frozen in all three, projector trained in all three
 as the release does): trainable params, optimizer-state bytes (AdamW moments + counts, from the abstract
@@ -11,6 +11,7 @@ groupings), and the warm median step time over --steps
 steps (weights random; a timing, so it moves with the machine's load, recorded in meta). Ratios are
 against full tuning. With the projector trained the backward runs down to it (activation gradients only
 through frozen layers); `--freeze_projector` shows the step when it ends at the lowest region layer.
+--abstract: shapes only (no weights, no compile, no timing): params, optimizer bytes and matmul FLOPs.
 """
 import argparse
 import os
@@ -65,12 +66,15 @@ def _random_model(mc, seed=0):
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def run_variant(cfg, batch, text_tokens, steps):
+def run_variant(cfg, batch, text_tokens, steps, abstract=False):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import optim, step as S  # pylint: disable=g-import-not-at-top
-  model = _random_model(cfg.model)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  model = (nnx.eval_shape(lambda: Llava(cfg.model, rngs=nnx.Rngs(0))) if abstract
+           else _random_model(cfg.model))
   graphdef, frozen, params = optim.split_params(model, cfg.train)
   tx = optim.make_optimizer(cfg.train)
   opt_abstract = jax.eval_shape(tx.init, params)
@@ -85,9 +89,13 @@ def run_variant(cfg, batch, text_tokens, steps):
        'instr_start': np.zeros((batch,), np.int32), 'instr_end': np.zeros((batch,), np.int32)}
   b = jax.tree.map(jnp.asarray, b)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen, 'rng': jax.random.key(0),
-           'opt_state': tx.init(params)}
+           'opt_state': opt_abstract if abstract else tx.init(params)}
   step = S.make_train_step(cfg, graphdef, tx, sparse=False)
   flops = matmul_flops(jax.make_jaxpr(step)(state, b).jaxpr)
+  summary = {'trainable_params': int(n_train), 'opt_state_bytes': int(opt_bytes), 'step_matmul_flops': flops,
+             'grad_floor': optim.grad_floor(model, params)}
+  if abstract:
+    return summary
   fn = jax.jit(step, donate_argnums=0)
   t0 = time.perf_counter()
   compiled = fn.lower(state, b).compile()
@@ -100,9 +108,7 @@ def run_variant(cfg, batch, text_tokens, steps):
     state, m = compiled(state, b)
     jax.block_until_ready(m['loss'])
     times.append(time.perf_counter() - t0)
-  return {'trainable_params': int(n_train), 'opt_state_bytes': int(opt_bytes), 'step_matmul_flops': flops,
-          'step_s': statistics.median(times), 'compile_s': compile_s, 'loss': float(m['loss']),
-          'grad_floor': optim.grad_floor(model, params)}
+  return {**summary, 'step_s': statistics.median(times), 'compile_s': compile_s, 'loss': float(m['loss'])}
 
 
 def main():
@@ -113,23 +119,26 @@ def main():
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--rank', type=int, default=128)
   ap.add_argument('--freeze_projector', action='store_true')
+  ap.add_argument('--abstract', action='store_true', help='shapes only: no weights, compile or timing')
   ap.add_argument('--json')
   a = ap.parse_args()
   rows = []
   for name, region, train in [('full', '', 'full'), ('region_full', 'auto', 'full'),
                               ('region_lora', 'auto', f'lora{a.rank}')]:
     cfg = variant_config(a.size, region, train, a.freeze_projector)
-    r = {'variant': name, **run_variant(cfg, a.batch, a.text_tokens, a.steps)}
+    r = {'variant': name, **run_variant(cfg, a.batch, a.text_tokens, a.steps, a.abstract)}
     rows.append(r)
     print(r, flush=True)
   base = rows[0]
   for r in rows:
     for k in ('opt_state_bytes', 'step_matmul_flops', 'step_s'):
-      r[f'{k}_ratio'] = r[k] / base[k]
+      if k in r:
+        r[f'{k}_ratio'] = r[k] / base[k]
   common.print_rows(rows, ['variant', 'trainable_params', 'opt_state_bytes_ratio', 'step_matmul_flops_ratio',
                            'step_s', 'step_s_ratio', 'grad_floor'])
   meta = {'command': ' '.join(sys.argv), 'size': a.size, 'batch': a.batch, 'text_tokens': a.text_tokens,
-          'steps': a.steps, 'rank': a.rank, 'freeze_projector': a.freeze_projector, **common.environment()}
+          'steps': a.steps, 'rank': a.rank, 'freeze_projector': a.freeze_projector, 'abstract': a.abstract,
+          **common.environment()}
   common.write_json(a.json, rows, meta)
 
 
