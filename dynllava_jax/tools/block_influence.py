@@ -99,7 +99,7 @@ def plot(bi, region, path, title='Block Influence'):
   ax.bar(range(n), bi, color=colors)
   ax.set_xlabel('decoder layer')
   ax.set_ylabel('BI = 1 − mean cos(h_in, h_out)')
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   ax.set_xticks(range(n))
   ax.tick_params(axis='x', labelsize=7)
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
@@ -150,7 +150,7 @@ def run(config, workdir, *, n=1000, variant='all', split='validation', batch_siz
   with open(os.path.join(out, 'block_influence.json'), 'w') as f:
     json.dump(res, f, indent=1)
   plot(bi, region, os.path.join(out, 'block_influence.png'),
-       f'Block Influence ({variant}, {count} samples of {config.data.name}/{split})')
+       f'Block Influence ({variant})\n{count} samples of {config.data.name}/{split}')
   report_fn(f'block influence over {count} samples -> {out}/block_influence.json; least influential '
             f'first: {res["ranking"]}')
   return res
