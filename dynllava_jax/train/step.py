@@ -95,6 +95,8 @@ def make_train_step(config, graphdef, tx, *, sparse):
                'param_norm': optim.global_norm(new_params),
                'lr': sch['main'](step), 'predictor_lr': sch['predictor'](step),
                'tokens': jnp.sum(batch['attention_mask']).astype(jnp.float32)}
+    if float(config.train.get('projector_lr', 0.0)) > 0:
+      metrics['projector_lr'] = sch['projector'](step)
     metrics.update(_kept(sums))
     new_state = {**state, 'step': step + 1, 'params': new_params, 'opt_state': opt_state}
     return new_state, metrics
