@@ -1,7 +1,8 @@
 """Block Influence per decoder layer, and the command that writes it (JSON + a bar chart, region marked).
 
     python -m dynllava_jax.tools.block_influence --config configs/dynllava.py:size=tiny --workdir runs/tiny \
-        [--n 1000] [--variant all|image_text] [--split validation] [--batch_size 8] [--out DIR]
+        [--n 1000] [--variant all|image_text] [--split validation] [--batch_size 8] [--out DIR] \
+        [--prompt "Please describe this image in detail."]
 
 BI_l = 1 − mean over samples of (mean over the sample's tokens of cos(h_in_l, h_out_l)), at prefill, over
 all (non-padding) tokens; the last layer's output is taken after the final norm (what HF's
@@ -9,8 +10,9 @@ all (non-padding) tokens; the last layer's output is taken after the final norm 
 release (`bunny/eval/block_influence_calc.py`). variant 'image_text': per sample, the mean of the
 image-token mean and the text-token mean (the release's unused multimodal variant).
 
-Calibration set: the first N samples (release: 1,000) of the config's dataset split, each with its own
-prompt (the release uses Flickr30k images with the one prompt "Please describe this image in detail.").
+Calibration set: the images of the first N samples (release: 1,000) of the config's dataset split, each
+with its own prompt, or with --prompt one question for all (the release: Flickr30k images with "Please
+describe this image in detail."), in the conversation template, up to "ASSISTANT:".
 Writes <out>/block_influence.json {bi, ranking (least influential first), region, variant, samples, step}
 and <out>/block_influence.png (default out: <workdir>/block_influence). Bad input: one line, exit 2.
 """
@@ -117,9 +119,24 @@ def region_of(mc):
   return P.parse_region(mc.get('region', ''), mc.llm.layers) or P.region_layers(mc.llm.layers)
 
 
-def run(config, workdir, *, n=1000, variant='all', split='validation', batch_size=8, out=None,
+def fixed_prompt_ids(config, question):
+  """The prompt ids of `question` about an image in the data config's template (up to "ASSISTANT:")."""
+  from dynllava_jax.data import builders, templates  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
+  tok = tok_lib.load_tokenizer(builders.tokenizer_path(config))
+  m = config.model
+  ids, _ = templates.encode_prompt(
+      tok, [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': ''}], True,
+      num_image_tokens=num_visual_tokens(m), image_token_id=int(m.image_token_id), bos_id=int(m.bos_token_id),
+      max_len=int(config.data.max_len))
+  return np.asarray(ids, np.int32)
+
+
+def run(config, workdir, *, n=1000, variant='all', split='validation', batch_size=8, out=None, prompt='',
         allow_random_init=False, report_fn=print):
-  """The command: BI over the first n samples of `split` -> the JSON dict (also written to out)."""
+  """The command: BI over the first n samples of `split` (their prompts, or `prompt` for every image)
+  -> the JSON dict (also written to out)."""
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import load_model  # pylint: disable=g-import-not-at-top
   if n < 1 or batch_size < 1:
@@ -130,6 +147,9 @@ def run(config, workdir, *, n=1000, variant='all', split='validation', batch_siz
   from dynllava_jax.data import builders  # pylint: disable=g-import-not-at-top
   builders.build(config)
   samples = pipeline.make_eval_samples(config, split, n)
+  if prompt:
+    fixed = fixed_prompt_ids(config, prompt)
+    samples = [dict(s, prompt_ids=fixed) for s in samples if s['has_image']]
   if not samples:
     raise UserError(f'{config.data.name}/{split} gave no calibration samples')
 
@@ -144,7 +164,7 @@ def run(config, workdir, *, n=1000, variant='all', split='validation', batch_siz
   res = {'bi': [float(x) for x in bi], 'ranking': ranking(bi), 'region': list(region),
          'region_from': 'model.region' if config.model.get('region', '') else 'released spread (auto)',
          'variant': variant, 'samples': count, 'split': f'{config.data.name}/{split}', 'step': step,
-         'layers': int(config.model.llm.layers)}
+         'layers': int(config.model.llm.layers), 'prompt': prompt or 'the samples\' own'}
   out = out or os.path.join(workdir, 'block_influence')
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'block_influence.json'), 'w') as f:
@@ -168,6 +188,8 @@ def main(argv=None):
   bs = flags.DEFINE_integer('batch_size', 8, 'Prefill batch size.')
   out = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/block_influence).')
   rnd = flags.DEFINE_bool('allow_random_init', False, 'Use a random-init model when no checkpoint.')
+  prompt = flags.DEFINE_string('prompt', '', 'One question for every image (release: "Please describe this '
+                               'image in detail."); default: each sample\'s own prompt.')
   flags.mark_flag_as_required('workdir')
 
   def _main(args):
@@ -175,7 +197,7 @@ def main(argv=None):
       raise app.UsageError(f'unexpected arguments: {args[1:]}')
     errors.guard(prog, lambda: run(cfg_flag.value, workdir.value, n=n.value, variant=variant.value,
                                    split=split.value, batch_size=bs.value, out=out.value,
-                                   allow_random_init=rnd.value), extra=(ValueError,))
+                                   prompt=prompt.value, allow_random_init=rnd.value), extra=(ValueError,))
 
   app.run(_main, argv, flags_parser=errors.flags_parser(prog))
 
