@@ -118,7 +118,7 @@ class DecoderLayer(nnx.Module):
 
 class DenseAltLayer(DecoderLayer):
   """A second layer kind computing exactly what `dense` computes: holds the place of the kinds to come
-  (`mod`, `skip`) in mixed-plan tests."""
+  (`mod`) in mixed-plan tests."""
 
 
 # `skip` (plan.SKIP): a removed layer — no module, no weights; run_layers passes h through unchanged.
