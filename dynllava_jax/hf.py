@@ -423,6 +423,8 @@ def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, sh
     shardings = state_shardings(mesh, state)
   flat_sh = _flat_shardings(shardings)
   needed = K.canonical_names(shapes)
+  skipped = K.skipped_layer_names(mc, sources)   # a plan with `skip` layers: their weights are not read
+  sources = {c: v for c, v in sources.items() if c not in skipped}
   _check_keys(needed, sources, mc, layout, clip_dir if clip is not None else None)
   by_path = {}
   for canon, p, i, kind in needed:
@@ -582,11 +584,15 @@ def save_llava(model, config, out_dir, layout='hf5', *, dtype=None, max_shard_by
 
   layout: 'hf5' (transformers 5.x names), 'llava15hf' (published llava-1.5-hf names) or 'original'
   (liuhaotian/Dynamic-LLaVA names; `source_vocab_size` rows when the model came from such a checkpoint).
-  dtype: stored dtype (default: the parameter dtype). Returns out_dir.
+  dtype: stored dtype (default: the parameter dtype). A model with LoRA layers is saved merged, one with
+  `skip` layers (pruned) as the smaller model without them (num_hidden_layers = the layers kept).
+  Returns out_dir.
   """
   if layout not in K.LAYOUTS:
     raise ValueError(f'layout {layout!r} unknown: use one of {K.LAYOUTS}')
   from safetensors.numpy import save_file
+  from dynllava_jax.model import lora  # pylint: disable=g-import-not-at-top
+  model, config = lora.for_export(model, config)   # LoRA folded in; `skip` layers removed (fewer layers)
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
   shapes = {p: v.shape for p, v in flat.items()}

@@ -192,6 +192,21 @@ def canonical_names(flat_paths):
   return out
 
 
+def skipped_layer_names(mc, canonical):
+  """The canonical names among `canonical` that belong to decoder layers the layer plan skips (pruned
+  layers: their weights are in the file, the model has no place for them)."""
+  from dynllava_jax.model import plan as P  # pylint: disable=g-import-not-at-top
+  skipped = set(P.skipped_layers(P.resolve(mc)))
+  if not skipped:
+    return set()
+  out = set()
+  for c in canonical:
+    m = re.match(r'^lm\.layers\.(\d+)\.', c)
+    if m and int(m.group(1)) in skipped:
+      out.add(c)
+  return out
+
+
 def to_ours(x, kind):
   """Stored tensor (numpy) -> our layout for one slice."""
   if kind == 'linear':

@@ -88,10 +88,25 @@ def model_config(size='tiny'):
   c.attention_impl = 'auto'
   c.causal_chunk = 256         # inference forwards: causal attention in query chunks of this many rows
                                # (exact; skips keys after each chunk); 0 = one block
-  # Decoder layer plan (dynllava_jax/model/plan.py): comma-separated `kind[*count][:full|frozen]`, e.g.
-  # 'dense:frozen,dense*3'; '' = every layer `dense` and trained. Each run of equal layers is one scan.
+  # Decoder layer plan (dynllava_jax/model/plan.py): comma-separated `kind[*count][:full|frozen|lora<r>]`,
+  # e.g. 'dense:frozen,dense*3' or 'dense*2,skip,dense'; '' = every layer `dense` and trained. Each run of
+  # equal layers is one scan.
   c.layer_plan = ''
+  # Visual region (docs/training.md): '' = none; 'auto' = the released spread of ceil(L/4) layers (32 layers:
+  # 1,5,9,13,19,23,27,31); or a list '1,5,9'. Those layers train (region_train: 'full' | 'lora<r>'),
+  # every other LLM layer and the embeddings / final norm / LM head are frozen.
+  c.region = ''
+  c.region_train = 'full'
+  c.lora = lora_config()
   c.sparse = sparse_config()
+  return c
+
+
+def lora_config():
+  """LoRA adapters of `lora<r>` layers (rank from the plan / region_train): the released alpha / dropout."""
+  c = ml_collections.ConfigDict()
+  c.alpha = 256.0              # scale alpha / r (released: r 128, alpha 256)
+  c.dropout = 0.05             # on the adapter's input, training only
   return c
 
 

@@ -75,7 +75,8 @@ def test_mixed_plan_scans_once_per_group_and_equals_the_uniform_model():
 
 
 def test_plan_errors_are_one_line():
-  for plan, msg in (('dense*3', 'describes 3 layers'), ('moe*4', 'unknown'), ('dense*4:lora8', 'LoRA'),
+  for plan, msg in (('dense*3', 'describes 3 layers'), ('moe*4', 'unknown'), ('dense*4:lora0', 'rank must be > 0'),
+                    ('dense*3,skip:lora2', 'no weights'),
                     ('dense+4', 'write kind')):
     with pytest.raises(ValueError, match=msg):
       P.parse_plan(plan, 4, LAYER_KINDS)

@@ -61,10 +61,14 @@ _LINEARS = (('attn', 'q_proj'), ('attn', 'k_proj'), ('attn', 'v_proj'), ('attn',
 def _blocked(graphdef, state, n):
   """One layer (graphdef + its unstacked state) with every Linear as a BlockedLinear -> (graphdef, state)."""
   layer = nnx.merge(graphdef, state)
-  if n > 1:
-    for parent, name in _LINEARS:
-      mod = getattr(layer, parent)
-      setattr(mod, name, BlockedLinear(getattr(mod, name), n))
+  for parent, name in _LINEARS:
+    mod = getattr(layer, parent)
+    lin = getattr(mod, name)
+    if hasattr(lin, 'merged_kernel'):      # a LoRA layer (model/layers.py::LoRADense): adapter folded in
+      lin.kernel[...] = lin.merged_kernel()
+      setattr(mod, name, BlockedLinear(lin, n))
+    elif n > 1:
+      setattr(mod, name, BlockedLinear(lin, n))
   return nnx.split(layer)
 
 

@@ -1,8 +1,12 @@
-"""Small building blocks with logical axis names: Dense, Embed, RMSNorm, LayerNorm, activations.
+"""Small building blocks with logical axis names: Dense (optionally with a LoRA adapter), RMSNorm,
+LayerNorm, activations, the stacked-layer scan.
 
 Every parameter carries its logical axis names (see `dynllava_jax.sharding.LOGICAL_RULES`).
 Kernels are stored (in, out), the transpose of torch's Linear.weight.
 """
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,6 +25,63 @@ def dense(din, dout, names, *, bias=False, dtype=jnp.float32, param_dtype=jnp.fl
       kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
       rngs=rngs)
+
+
+_DROPOUT_KEY = contextvars.ContextVar('lora_dropout_key', default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key):
+  """Within this block (at trace time), LoRA adapters drop their input with their `dropout` rate, masks
+  drawn from `key` (None: no dropout, the default: inference never drops). `Llama.run_layers` folds
+  the layer index into the key per layer, each adapter its own salt."""
+  token = _DROPOUT_KEY.set(key)
+  try:
+    yield
+  finally:
+    _DROPOUT_KEY.reset(token)
+
+
+def dropout_key():
+  return _DROPOUT_KEY.get()
+
+
+class LoRADense(nnx.Linear):
+  """nnx.Linear plus a low-rank adapter: y = x W + (alpha / r) · dropout(x) A B.
+
+  The adapter is flax's own `nnx.LoRA` (A (din, r) he-uniform, B (r, dout) zeros: a fresh adapter leaves
+  the layer unchanged), held under `lora` so the base kernel keeps its path (`.../q_proj/kernel`) and
+  checkpoint names. Not `nnx.LoRALinear`: it computes x W + x A B with no alpha / r scale and no dropout,
+  both of which the released recipe sets (alpha 256, r 128, dropout 0.05). Dropout masks come from
+  `lora_dropout(key)` (functional: nothing random is stored on the module, so the stacked, scanned
+  layers stay pure params), each projection's mask its own (`salt`). `merged_kernel()` = W + (alpha / r) A B for inference / export.
+  """
+
+  def __init__(self, din, dout, *, rank, alpha, dropout=0.0, names, salt=0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs, std=INIT_STD):
+    super().__init__(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                     kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names), rngs=rngs)
+    self.lora = nnx.LoRA(din, int(rank), dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         a_metadata={'out_sharding': (names[0], None)},
+                         b_metadata={'out_sharding': (None, names[1])})
+    self.scale = float(alpha) / float(rank)
+    self.rate = float(dropout)
+    self.salt = int(salt)   # which projection of the layer: its own dropout mask
+
+  def merged_kernel(self):
+    """W + (alpha / r) A B in fp32, cast to the kernel's dtype: (din, dout)."""
+    w = self.kernel[...]
+    a, b = self.lora.lora_a[...].astype(jnp.float32), self.lora.lora_b[...].astype(jnp.float32)
+    return (w.astype(jnp.float32) + self.scale * (a @ b)).astype(w.dtype)
+
+  def __call__(self, x):
+    y = super().__call__(x)
+    key = dropout_key()
+    xa = x
+    if key is not None and self.rate > 0:
+      keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1.0 - self.rate, x.shape)
+      xa = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+    return y + (self.scale * self.lora(xa)).astype(y.dtype)
 
 
 class RMSNorm(nnx.Module):

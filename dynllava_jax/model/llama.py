@@ -1,5 +1,6 @@
 """LLaMA / Vicuna decoder: RMSNorm, RoPE (configurable theta), MHA/GQA/MQA, SwiGLU; the layer plan's
-groups stacked + scanned.
+groups stacked + scanned (LoRA groups: adapters on the seven linear layers; `skip` groups: no weights,
+the identity).
 
 Hidden states (B, T, H). One layer body (`DecoderLayer.__call__`) serves every mode: the caller hands it
 an `attend` (over the layer's own tokens, or over a KV cache) and gets back whatever that attend returns
@@ -15,16 +16,24 @@ from dynllava_jax.model.attention import apply_rope, dot_attention, rope_cos_sin
 from dynllava_jax.sharding import constrain
 
 
+def _proj(din, dout, names, lora, salt, **kw):
+  """A projection: nnx.Linear, or `layers.LoRADense` when lora = (rank, alpha, dropout)."""
+  if not lora:
+    return L.dense(din, dout, names, **kw)
+  rank, alpha, dropout = lora
+  return L.LoRADense(din, dout, rank=rank, alpha=alpha, dropout=dropout, names=names, salt=salt, **kw)
+
+
 class Attention(nnx.Module):
 
-  def __init__(self, lc, *, dtype, param_dtype, rngs):
+  def __init__(self, lc, *, dtype, param_dtype, rngs, lora=None):
     self.lc = lc
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
     hd = lc.head_dim
-    self.q_proj = L.dense(lc.hidden, lc.heads * hd, ('embed', 'heads'), **kw)
-    self.k_proj = L.dense(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), **kw)
-    self.v_proj = L.dense(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), **kw)
-    self.o_proj = L.dense(lc.heads * hd, lc.hidden, ('heads', 'embed'), **kw)
+    self.q_proj = _proj(lc.hidden, lc.heads * hd, ('embed', 'heads'), salt=1, **kw)
+    self.k_proj = _proj(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), salt=2, **kw)
+    self.v_proj = _proj(lc.hidden, lc.kv_heads * hd, ('embed', 'kv_heads'), salt=3, **kw)
+    self.o_proj = _proj(lc.heads * hd, lc.hidden, ('heads', 'embed'), salt=4, **kw)
 
   def rope(self, positions):
     """positions (B, T) -> (cos, sin) each (B, T, D)."""
@@ -53,11 +62,11 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
 
-  def __init__(self, lc, *, dtype, param_dtype, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = L.dense(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), **kw)
-    self.up_proj = L.dense(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), **kw)
-    self.down_proj = L.dense(lc.mlp_dim, lc.hidden, ('mlp', 'embed'), **kw)
+  def __init__(self, lc, *, dtype, param_dtype, rngs, lora=None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
+    self.gate_proj = _proj(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), salt=5, **kw)
+    self.up_proj = _proj(lc.hidden, lc.mlp_dim, ('embed', 'mlp'), salt=6, **kw)
+    self.down_proj = _proj(lc.mlp_dim, lc.hidden, ('mlp', 'embed'), salt=7, **kw)
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -76,10 +85,11 @@ def full_attention(allowed, key_keep=None, mode='masked_softmax_eps', causal_chu
 
 class DecoderLayer(nnx.Module):
   """One pre-norm LLaMA block; the one body of every mode (training, prefill, the last-query shortcut,
-  teacher forcing, the KV-cache decode step): only the `attend` it is handed differs."""
+  teacher forcing, the KV-cache decode step): only the `attend` it is handed differs.
+  lora: None, or (rank, alpha, dropout): a LoRA adapter on each of the seven linear layers."""
 
-  def __init__(self, lc, *, dtype, param_dtype, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, lc, *, dtype, param_dtype, rngs, lora=None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
     self.input_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
     self.attn = Attention(lc, **kw)
     self.post_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
@@ -109,42 +119,58 @@ class DecoderLayer(nnx.Module):
 
 class DenseAltLayer(DecoderLayer):
   """A second layer kind computing exactly what `dense` computes: holds the place of the kinds to come
-  (`mod`, `skip`) in mixed-plan tests."""
+  (`mod`) in mixed-plan tests."""
 
 
-LAYER_KINDS = {'dense': DecoderLayer, 'dense_alt': DenseAltLayer}
+# `skip` (plan.SKIP): a removed layer — no module, no weights; run_layers passes h through unchanged.
+LAYER_KINDS = {'dense': DecoderLayer, 'dense_alt': DenseAltLayer, P.SKIP: None}
 
 
 class Llama(nnx.Module):
   """Token embedding, the decoder layers (the layer plan's groups, each stacked and scanned), final norm,
-  LM head. plan: `model.layer_plan` (see `plan.py`; '' = every layer dense and trained).
-  attention_impl: `attention.resolve_impl`'s answer for `model.attention_impl`."""
+  LM head. plan: `model.layer_plan` string (see `plan.py`; '' = every layer dense and trained) or the
+  groups already resolved (`plan.resolve`, region applied). lora: `model.lora` (alpha, dropout) for
+  the plan's `lora<r>` groups.
 
-  def __init__(self, lc, *, plan='', dtype=jnp.float32, param_dtype=jnp.float32, attention_impl='reference',
-               rngs):
+  attention_impl: `attention.resolve_impl`'s answer for `model.attention_impl`.
+
+  grad_floor (a plain attribute, set by the train step on the module it merges): run_layers stops the
+  gradient of the hidden state entering that layer (0 = none stopped)."""
+
+  grad_floor = 0
+
+  def __init__(self, lc, *, plan='', lora=None, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl='reference', rngs):
     self.lc = lc
     self.dtype = dtype
     self.attention_impl = attention_impl
-    self.plan = P.parse_plan(plan, lc.layers, LAYER_KINDS)
+    self.plan = plan if isinstance(plan, tuple) else P.parse_plan(plan, lc.layers, LAYER_KINDS)
+    alpha = float(lora.get('alpha', 16.0)) if lora is not None else 16.0
+    dropout = float(lora.get('dropout', 0.0)) if lora is not None else 0.0
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'model.lora.dropout={dropout} must be in [0, 1)')
     self.embed_tokens = nnx.Embed(
         lc.vocab_size, lc.hidden, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(L.INIT_STD), ('vocab', 'embed')),
         rngs=rngs)
-    def stack(kind, n):
+    def stack(kind, n, rank):
+      lr = (rank, alpha, dropout) if rank else None
+
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make(key):
-        return kind(lc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+        return kind(lc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key), lora=lr)
       return make(jax.random.split(rngs.params(), n))
 
     for g in self.plan:
-      setattr(self, g.attr, stack(LAYER_KINDS[g.kind], g.size))
+      if g.kind != P.SKIP:
+        setattr(self, g.attr, stack(LAYER_KINDS[g.kind], g.size, g.lora_rank))
     self.norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
     self.lm_head = L.dense(lc.hidden, lc.vocab_size, ('embed', 'vocab'), dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
 
   def groups(self):
-    """[(Group, its stacked module)] in layer order."""
-    return [(g, getattr(self, g.attr)) for g in self.plan]
+    """[(Group, its stacked module)] in layer order (`skip` groups hold no module: left out)."""
+    return [(g, getattr(self, g.attr)) for g in self.plan if g.kind != P.SKIP]
 
   def run_layers(self, h, positions, allowed, *, start=0, stop=None, key_keep=None,
                  mode='masked_softmax_eps', return_kv=False, remat=False, index_params=False,
@@ -155,18 +181,35 @@ class Llama(nnx.Module):
     the hidden state entering each layer (L', B, T, H) (the last layer's output is h).
     index_params: inference on a sub-range without copying those layers' weights (see `split_scan`).
     causal_chunk: query-chunked attention for causal `allowed` (inference; see `attention.dot_attention`).
+    `skip` layers pass h through (their intermediates: h in = h out); they have no K/V, so return_kv
+    refuses them (decode a pruned model: `dynllava_jax.tools.prune.prune_model`). Within
+    `layers.lora_dropout(key)`, LoRA layers drop with per-layer keys (fold_in(key, layer)).
     """
     stop = self.lc.layers if stop is None else stop
     attend = full_attention(allowed, key_keep, mode, causal_chunk, self.attention_impl)
+    drop_key = L.dropout_key()
 
-    def step(layer, carry, _):
-      out, kv = layer(carry, positions, attend)
+    def step(layer, carry, i):
+      if drop_key is None:
+        out, kv = layer(carry, positions, attend)
+      else:
+        with L.lora_dropout(jax.random.fold_in(drop_key, i)):
+          out, kv = layer(carry, positions, attend)
       return out, ((kv if return_kv else None), (carry if intermediates else None))
 
     ys = []
     for g, lo, hi in P.spans(self.plan, start, stop):
+      if 0 < self.grad_floor == g.start + lo:
+        h = jax.lax.stop_gradient(h)
+      if g.kind == P.SKIP:
+        if return_kv:
+          raise ValueError(f'layer {g.start + lo} is skipped (layer plan): it has no K/V to cache; '
+                           'build the pruned model (dynllava_jax.tools.prune.prune_model) to decode')
+        ys.append((None, jnp.broadcast_to(h, (hi - lo,) + h.shape) if intermediates else None))
+        continue
+      xs = None if drop_key is None else jnp.arange(g.start + lo, g.start + hi, dtype=jnp.int32)
       h, y = L.split_scan(getattr(self, g.attr), step, h, start=lo, stop=hi, remat=remat,
-                          index_params=index_params)
+                          index_params=index_params, xs=xs)
       ys.append(y)
     if not ys:
       kv, h_in = None, None
@@ -178,6 +221,8 @@ class Llama(nnx.Module):
   def layer_at(self, i):
     """Decoder layer i as its own module (a copy of its slice of its group's stacked weights)."""
     g, j = P.locate(self.plan, i)
+    if g.kind == P.SKIP:
+      raise ValueError(f'layer {i} is skipped in the layer plan: it has no weights')
     graphdef, state = nnx.split(getattr(self, g.attr))
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
 

@@ -16,7 +16,8 @@ from flax import nnx
 
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import ATTENTION_IMPLS, causal_allowed, resolve_impl
-from dynllava_jax.model.llama import Llama
+from dynllava_jax.model import plan as P
+from dynllava_jax.model.llama import LAYER_KINDS, Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
 from dynllava_jax.model.projector import make_projector, num_visual_tokens
 from dynllava_jax.model.vision import VisionTower, select_features
@@ -49,6 +50,10 @@ def check_model_config(mc):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
   if mc.get('attention_impl', 'auto') not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention_impl={mc.attention_impl!r}: use one of {ATTENTION_IMPLS}')
+  P.resolve(mc, LAYER_KINDS)      # layer plan, region, LoRA ranks: one line each
+  lora = mc.get('lora')
+  if lora is not None and not 0.0 <= float(lora.get('dropout', 0.0)) < 1.0:
+    raise ValueError(f'model.lora.dropout={lora.dropout} must be in [0, 1)')
   if int(mc.get('causal_chunk', 0)) < 0:
     raise ValueError(f'model.causal_chunk={mc.causal_chunk} must be >= 0 (0: no chunking)')
 
@@ -99,7 +104,7 @@ class Llava(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=pdt, rngs=rngs)
     self.vision_tower = VisionTower(mc.vision, **kw)
     self.projector = make_projector(mc, **kw)
-    self.language_model = Llama(mc.llm, plan=mc.get('layer_plan', ''),
+    self.language_model = Llama(mc.llm, plan=P.resolve(mc, LAYER_KINDS), lora=mc.get('lora'),
                                 attention_impl=resolve_impl(mc.get('attention_impl', 'auto')), **kw)
     sc = mc.sparse
     if sc.enabled:

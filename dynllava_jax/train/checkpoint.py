@@ -298,7 +298,7 @@ class Checkpointer:
     self.mgr.close()
 
 
-def load_params(path, abstract_params, require_any=True):
+def load_params(path, abstract_params, require_any=True, n_layers=None):
   """Model params from an orbax dir (the pure dict of nnx.state(model, nnx.Param)).
 
   abstract_params: pure dict of ShapeDtypeStructs with shardings for the params wanted (trainable and/or
@@ -306,6 +306,8 @@ def load_params(path, abstract_params, require_any=True):
   arrays where it has them and None where it does not (e.g. predictors from a plain LLaVA checkpoint).
   A shape mismatch is a ValueError naming the param; with `require_any`, so is a checkpoint that holds
   none of the wanted params (a caller loading several subsets checks their union itself).
+  n_layers: the model's decoder depth; when given, layer-plan groups (`language_model/layers_<start>`) are
+  cut from a checkpoint's single stack of exactly that many layers (`_uniform_layers`).
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
@@ -321,9 +323,16 @@ def load_params(path, abstract_params, require_any=True):
   flat_meta = {tuple(str(getattr(k, 'key', k)) for k in p): m
                for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
+  sliced = {}   # wanted key -> (checkpoint key, first layer): a layer-plan group cut from a uniform stack
+
   def target(p, x):
     key = tuple(str(getattr(k, 'key', k)) for k in p)
     m = flat_meta.get(key)
+    src = (_uniform_layers(key, x, flat_meta, n_layers)
+           if n_layers and (m is None or tuple(m.shape) != tuple(x.shape)) else None)
+    if src is not None:
+      sliced[key] = src
+      return x
     if m is None:
       return None
     if tuple(getattr(m, 'shape', ()) or ()) != tuple(x.shape):
@@ -341,12 +350,41 @@ def load_params(path, abstract_params, require_any=True):
   for k in flat_meta:
     _set(restore_tree, k, flat_wanted.get(k) or jax.ShapeDtypeStruct(flat_meta[k].shape,
                                                                    flat_meta[k].dtype))
+  for k, (src, _) in sliced.items():     # the whole stack, sharded as the group's leaf (layers replicated)
+    sh = getattr(flat_wanted[k], 'sharding', None)
+    _set(restore_tree, src, jax.ShapeDtypeStruct(flat_meta[src].shape, flat_wanted[k].dtype, sharding=sh))
   restored = ckptr.restore(path, restore_tree)
   flat_restored = {tuple(str(getattr(k, 'key', k)) for k in p): v
                    for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  stacks = {src: flat_restored[src] for src, _ in sliced.values()}
+  for k, (src, start) in sliced.items():
+    flat_restored[k] = stacks[src][start:start + flat_wanted[k].shape[0]]
   return jax.tree_util.tree_map_with_path(
       lambda p, x: flat_restored.get(tuple(str(getattr(k, 'key', k)) for k in p)) if x is not None else None,
       wanted, is_leaf=lambda x: x is None)
+
+
+_GROUP = re.compile(r'^layers(?:_(\d+))?$')
+
+
+def _uniform_layers(key, x, flat_meta, n_layers):
+  """A decoder layer-plan group's leaf (`language_model/layers_<start>/...`, model/plan.py) read from a
+  checkpoint of another grouping that holds all layers in one stack (`language_model/layers/...`, e.g. a
+  convert output read by a visual-region plan) of the same depth n_layers: -> (checkpoint key, start) or
+  None (a stack of another depth stays a shape error)."""
+  if len(key) < 3 or key[0] != 'language_model':
+    return None
+  m = _GROUP.match(key[1])
+  src = ('language_model', 'layers') + key[2:]
+  meta = flat_meta.get(src)
+  if m is None or meta is None or src == key and tuple(meta.shape) == tuple(x.shape):
+    return None
+  start = int(m.group(1) or 0)
+  shape = tuple(meta.shape)
+  if (len(shape) != len(x.shape) or shape[1:] != tuple(x.shape[1:]) or shape[0] != n_layers
+      or start + x.shape[0] > shape[0]):
+    return None
+  return src, start
 
 
 def _nest(flat):

@@ -6,6 +6,8 @@ Fields (see docs/training.md):
     trained from scratch first learns the task); sparsification (Gumbel decisions, ratio losses) starts
     after them and tau anneals over the remaining steps.
   lr, predictor_lr: peak learning rates of the two AdamW groups (LLM + projector | predictors).
+  projector_lr: > 0 gives the projector its own AdamW group at this peak rate (the visual-region recipe:
+    2e-5 beside the adapters' 2e-4); 0 = the projector trains at lr.
   warmup_ratio: linear warm-up as a fraction of `steps`, then cosine to `min_lr_ratio`·peak.
   weight_decay, predictor_weight_decay: decoupled AdamW decay per group (matrices only, not biases/norms).
   b1, b2, adam_eps: AdamW moments.
@@ -47,6 +49,7 @@ def train_defaults(size='tiny'):
   # made it unstable: grad-norm spikes, answers never grounded in 2400 steps).
   c.lr = 1e-3 if tiny else 5e-6
   c.predictor_lr = 3e-3 if tiny else 2e-4
+  c.projector_lr = 0.0
   c.warmup_ratio = 0.03
   # With a dense stage (dense_warmup_steps > 0, sparse model): restart warm-up + cosine when the sparse
   # stage starts, with the peaks scaled by sparse_lr_scale (the released Dynamic-LLaVA run is a fresh
@@ -106,8 +109,8 @@ def check_config(config, num_devices):
   t, m = config.train, config.mesh
   if t.steps <= 0:
     raise UserError(f'train.steps={t.steps} must be > 0')
-  for name in ('lr', 'predictor_lr'):
-    if not t[name] >= 0:
+  for name in ('lr', 'predictor_lr', 'projector_lr'):
+    if not t.get(name, 0.0) >= 0:
       raise UserError(f'train.{name}={t[name]} must be >= 0 (a negative rate trains by gradient ascent)')
   if t.keep_checkpoints < 1:
     raise UserError(f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (0 keeps no checkpoint)')

@@ -107,7 +107,8 @@ class Trainer:
     out, found = dict(state), 0
     for part in ('params', 'frozen'):
       target = st.abstract_with_shardings(state[part], self.shardings[part])
-      loaded = ckpt_lib.load_params(self.config.train.init_from, target, require_any=False)
+      loaded = ckpt_lib.load_params(self.config.train.init_from, target, require_any=False,
+                                    n_layers=self.config.model.llm.layers)   # plan groups: cut from one stack
       found += len(jax.tree.leaves(loaded))
       out[part] = jax.tree.map(lambda new, old: old if new is None else new, loaded, state[part],
                                is_leaf=lambda x: x is None)

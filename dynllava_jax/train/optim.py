@@ -3,11 +3,15 @@
 Parameter split (`split_params`): the model's nnx.Param variables are split into
   frozen:    by rule (`frozen_rules`): the CLIP tower (train.freeze_vision), the projector
              (train.freeze_projector), the whole LLM (train.freeze_llm, optional: the demo's alignment
-             stage), path patterns (train.frozen) and the layer plan's frozen groups.
+             stage), path patterns (train.frozen), the layer plan's frozen groups, the base weights
+             and norms of its LoRA groups (only the adapters train) and, with a visual region
+             (model.region), the LLM's embeddings, final norm and LM head.
              No gradients are computed for them and the optimizer holds no state for them.
-  trainable: everything else, in two optimizer groups (`param_group`):
+  trainable: everything else, in optimizer groups (`param_group`):
              'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
-             'main'      = LLM + projector (train.lr, train.weight_decay).
+             'projector' = the projector, only when train.projector_lr > 0 (its own rate: the region
+                           recipe's 2e-5 beside the adapters' 2e-4),
+             'main'      = the rest: LLM (+ projector) (train.lr, train.weight_decay).
 Weight decay applies to matrices (ndim >= 2) only, never to biases or norm scales.
 Gradient accumulation is done inside the jitted step (`step.py`), not by the optimizer.
 """
@@ -29,8 +33,26 @@ def frozen_rules(train_cfg, model=None):
   rules += ['^language_model/'] * bool(train_cfg.get('freeze_llm', False))   # projector-only alignment
   rules += [r for r in str(train_cfg.get('frozen', '') or '').split(',') if r]
   if model is not None:
-    rules += [f'^language_model/{g.attr}/' for g in model.language_model.plan if g.train == 'frozen']
+    plan = model.language_model.plan
+    rules += [f'^language_model/{g.attr}/' for g in plan if g.train == 'frozen' and g.kind != 'skip']
+    rules += [f'^language_model/{g.attr}/(?!(.*/)?lora/)' for g in plan if g.lora_rank]
+    if str(model.mc.get('region', '') or ''):
+      rules += ['^language_model/(embed_tokens|norm|lm_head)/']
   return rules
+
+
+def grad_floor(model, trainable):
+  """The lowest decoder layer whose input needs a gradient: the lowest trainable layer when nothing
+  upstream of it trains (no trainable param in the vision tower, projector, token embedding or a lower
+  layer), else 0. The train step stops the gradient of the hidden state entering that layer, so the
+  backward pass ends there. trainable: the trainable pure dict (after `split_params`)."""
+  lm = model.language_model
+  layers = [i for g in lm.plan if g.trains and g.attr in trainable.get('language_model', {})
+            for i in range(g.start, g.stop)]
+  upstream = ('vision_tower', 'projector')
+  if not layers or any(k in trainable for k in upstream) or 'embed_tokens' in trainable.get('language_model', {}):
+    return 0
+  return min(layers)
 
 
 def frozen_filter(train_cfg, model=None):
@@ -48,15 +70,22 @@ def split_params(model, train_cfg):
   return graphdef, nnx.to_pure_dict(frozen), nnx.to_pure_dict(trainable)
 
 
-def param_group(path):
-  """'predictor' for keep-predictor params, else 'main'. path: tuple of keys."""
-  return 'predictor' if path and str(path[0]) in PREDICTORS else 'main'
+def param_group(path, projector_group=False):
+  """'predictor' for keep-predictor params, 'projector' for the projector when it has its own rate
+  (projector_group), else 'main'. path: tuple of keys."""
+  if path and str(path[0]) in PREDICTORS:
+    return 'predictor'
+  if projector_group and path and str(path[0]) == 'projector':
+    return 'projector'
+  return 'main'
 
 
-def _labels(params):
-  def one(path, _):
-    return param_group(tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path))
-  return jax.tree_util.tree_map_with_path(one, params)
+def _labels(projector_group):
+  def labels(params):
+    def one(path, _):
+      return param_group(tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path), projector_group)
+    return jax.tree_util.tree_map_with_path(one, params)
+  return labels
 
 
 def _decay_mask(params):
@@ -92,10 +121,12 @@ def _staged(peak, t, restart):
 
 
 def schedules(train_cfg, restart=0):
-  """{'main', 'predictor'}: step -> lr. restart > 0: warm-up + cosine over [0, restart), then again over
-  [restart, steps) with the peaks times train.sparse_lr_scale (see `restart_step`)."""
+  """{'main', 'predictor', 'projector'}: step -> lr. restart > 0: warm-up + cosine over [0, restart), then
+  again over [restart, steps) with the peaks times train.sparse_lr_scale (see `restart_step`). 'projector'
+  peaks at train.projector_lr, or train.lr when that is 0."""
   t = train_cfg
-  return {'main': _staged(t.lr, t, restart), 'predictor': _staged(t.predictor_lr, t, restart)}
+  return {'main': _staged(t.lr, t, restart), 'predictor': _staged(t.predictor_lr, t, restart),
+          'projector': _staged(float(t.get('projector_lr', 0.0)) or t.lr, t, restart)}
 
 
 def make_optimizer(train_cfg, restart=0):
@@ -106,9 +137,12 @@ def make_optimizer(train_cfg, restart=0):
   def adamw(lr, wd):
     return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=wd, mask=_decay_mask)
 
-  groups = optax.multi_transform(
-      {'main': adamw(sch['main'], t.weight_decay),
-       'predictor': adamw(sch['predictor'], t.predictor_weight_decay)}, _labels)
+  proj = float(t.get('projector_lr', 0.0)) > 0
+  txs = {'main': adamw(sch['main'], t.weight_decay),
+         'predictor': adamw(sch['predictor'], t.predictor_weight_decay)}
+  if proj:
+    txs['projector'] = adamw(sch['projector'], t.weight_decay)
+  groups = optax.multi_transform(txs, _labels(proj))
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
   return optax.chain(*parts, groups)
 

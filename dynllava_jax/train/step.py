@@ -9,11 +9,19 @@ steps − dense_warmup_steps); dense steps (the warm-up stage, or model.sparse.e
 eval_step(state, batch) -> metrics: deterministic decisions (image: per-sample top-k, k = ⌊N·r_I⌋, as at
 prefill; text: keep iff logit0 > logit1),
 loss sums, kept ratios and per-sample teacher-forced correctness of the last answer span.
+
+Frozen layers (layer plan, visual region): when nothing upstream of the lowest trainable decoder layer
+trains (`optim.grad_floor`: frozen projector, tower, embeddings and lower layers), the hidden state
+entering it is stop-gradiented, so the backward pass ends there (no activation gradients through the
+frozen layers below). When the projector trains, its gradient must pass through every layer below, so
+the backward runs down to it (frozen layers then cost activation gradients only: no weight gradients).
+LoRA dropout (model.lora.dropout) draws its masks from the step's key.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
+from dynllava_jax.model import layers as L
 from dynllava_jax.train import forward as F
 from dynllava_jax.train import optim
 from dynllava_jax.train.state import merge_model
@@ -37,9 +45,15 @@ def make_train_step(config, graphdef, tx, *, sparse):
   cew = config.train.get('ce_weighting', 'token')
   sch = optim.schedules(config.train, optim.restart_step(config))
 
+  lora = config.model.get('lora')
+  dropout = float(lora.get('dropout', 0.0)) if lora is not None else 0.0
+
   def loss_fn(params, frozen, mb, key, tau, n_tok, bsz):
     model = merge_model(graphdef, {'params': params, 'frozen': frozen})
-    out = F.train_forward(model, mb, tau=tau, rng=key, sparse=sparse)
+    model.language_model.grad_floor = optim.grad_floor(model, params)
+    has_lora = dropout > 0 and any(g.lora_rank for g in model.language_model.plan)
+    with L.lora_dropout(jax.random.fold_in(key, 1 << 20) if has_lora else None):
+      out = F.train_forward(model, mb, tau=tau, rng=key, sparse=sparse)
     sums = F.loss_sums(out, mb, sc)
     loss, _ = F.combine(sums, n_tok, bsz, sc.lambda_ratio, cew)
     return loss, sums
@@ -81,6 +95,8 @@ def make_train_step(config, graphdef, tx, *, sparse):
                'param_norm': optim.global_norm(new_params),
                'lr': sch['main'](step), 'predictor_lr': sch['predictor'](step),
                'tokens': jnp.sum(batch['attention_mask']).astype(jnp.float32)}
+    if float(config.train.get('projector_lr', 0.0)) > 0:
+      metrics['projector_lr'] = sch['projector'](step)
     metrics.update(_kept(sums))
     new_state = {**state, 'step': step + 1, 'params': new_params, 'opt_state': opt_state}
     return new_state, metrics

@@ -1,0 +1,1 @@
+"""Analysis and model-surgery commands: Block Influence (`block_influence`), layer pruning (`prune`)."""
