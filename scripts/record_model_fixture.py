@@ -3,8 +3,9 @@
     .venv/bin/python scripts/record_model_fixture.py [--out tests/assets/model_fixture.npz]
 
 Recorded at commit 79b2b6f (before the decoder was reshaped into one layer body + a layer plan) so
-`tests/test_layer_plan.py` can check that the reshaped code (with a uniform plan) gives bit-identical
-logits and tokens. The model: 4 decoder layers, 16 image tokens, random weights scaled so greedy outputs
+`tests/test_layer_plan.py` can check that the reshaped code (with a uniform plan) gives the same logits
+and tokens: bit-identical on the recording machine, tokens exact and floats within 1e-5 elsewhere
+(`differs`). The model: 4 decoder layers, 16 image tokens, random weights scaled so greedy outputs
 vary; a batch of 3 prompts (left / right padding, one text-only).
 
 Keys: dense_logits (B, T, V); train_logits / train_keep (the Dynamic-LLaVA masked training forward, zero
@@ -141,6 +142,27 @@ def compute(model=None, cfg=None, methods=METHODS, teacher_methods=TEACHER, gene
   return {k: np.asarray(v) for k, v in out.items()}
 
 
+FLOAT_TOL = 1e-5
+
+
+def differs(got, recorded):
+  """Keys whose outputs differ: discrete arrays (tokens, keep decisions as ints / bools) must be equal;
+  float arrays must agree within FLOAT_TOL (absolute + relative). On the machine that recorded the
+  fixture the floats are bit-identical; XLA CPU's kernels depend on the CPU (instruction set, cache
+  sizes -> blocking), which moves the last bits on another machine (seen: 9.5e-7 on dense logits)."""
+  bad = []
+  for k, want in recorded.items():
+    have = got.get(k)
+    if have is None or have.shape != want.shape:
+      bad.append(k)
+    elif np.issubdtype(want.dtype, np.floating):
+      if not np.allclose(have, want, rtol=FLOAT_TOL, atol=FLOAT_TOL):
+        bad.append(k)
+    elif not np.array_equal(have, want):
+      bad.append(k)
+  return bad
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--check', action='store_true', help='compare every output with --out instead of writing')
@@ -150,8 +172,11 @@ def main():
   out = compute()
   if args.check:
     with np.load(args.out) as f:
-      bad = [k for k in f.files if k not in out or not np.array_equal(out[k], f[k])]
-    print(f'{len(out)} arrays, {len(bad)} differ from {args.out}: {bad}')
+      recorded = {k: f[k] for k in f.files}
+    bad = differs(out, recorded)
+    exact = sum(np.array_equal(out[k], recorded[k]) for k in recorded if k in out)
+    print(f'{len(out)} arrays, {exact} bit-identical, {len(bad)} differ from {args.out} '
+          f'(beyond {FLOAT_TOL} for floats): {bad}')
     sys.exit(1 if bad else 0)
   np.savez_compressed(args.out, **out)
   print(f'wrote {args.out}: {len(out)} arrays')

@@ -25,13 +25,14 @@ def recorded():
     return {k: f[k] for k in f.files}
 
 
-def test_uniform_plan_is_bit_identical_to_the_recorded_model(recorded):
+def test_uniform_plan_equals_the_recorded_model(recorded):
   """A subset that compiles in about a minute (`scripts/record_model_fixture.py --check` compares all)."""
   got = fixture.compute(methods=('dense', 'dynamic', 'fastv', 'pdrop'), teacher_methods=('dynamic', 'fastv'),
                         generated=('dense', 'dynamic'), nocache=False)
   assert len(got) >= 15
-  for k in got:
-    np.testing.assert_array_equal(got[k], recorded[k], err_msg=k)
+  # Tokens and keep decisions exact; floats bit-identical on the recording machine and within 1e-5 on
+  # others (XLA CPU's kernels depend on the CPU: `fixture.differs`).
+  assert fixture.differs(got, {k: recorded[k] for k in got}) == []
 
 
 def _with_plan(plan, ref):
