@@ -1,0 +1,155 @@
+"""MQT-LLaVA's Matryoshka query projector: torch-reference parity, the released `mm_projector` layout
+(load + export), the first-m-rows property, image-independent attention, bad m, inference at any m."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from configs.mqt import get_config
+from dynllava_jax import hf
+from dynllava_jax.errors import UserError
+from dynllava_jax.model.llava import Llava
+from dynllava_jax.model.mqt import bicubic_matrix, interpolate_grid
+
+
+def torch_mqt(width, heads, queries, hidden, seed=0):
+  """The released projector written from METHODS.md §2 (not copied): M queries, packed MHA with biases,
+  LayerNorms eps 1e-6 on q (query + pos), k (pos bicubically interpolated to the patch grid: positions
+  only), v (image features), no post-norm, `proj` a bare (w, H) matrix."""
+  import torch
+  from torch import nn
+  import torch.nn.functional as tf
+
+  class Ref(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      g = int(round(queries ** 0.5))
+      self.g = g
+      self.query = nn.Parameter(torch.randn(queries, width) * 0.02)
+      # MAE 2-D sin-cos table: [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)], ω_i = 10000^(−i/(w/4)), + noise
+      # so a transposed table could not pass.
+      omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+      y, x = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64),
+                            indexing='ij')
+      fx, fy = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+      table = torch.cat([fx.sin(), fx.cos(), fy.sin(), fy.cos()], 1)
+      self.pos_embed = nn.Parameter((table + 0.1 * torch.randn(table.shape, dtype=torch.float64)).float())
+      self.attn = nn.MultiheadAttention(width, heads)
+      self.ln_q = nn.LayerNorm(width, eps=1e-6)
+      self.ln_k = nn.LayerNorm(width, eps=1e-6)
+      self.ln_v = nn.LayerNorm(width, eps=1e-6)
+      self.proj = nn.Parameter(hidden ** -0.5 * torch.randn(width, hidden))
+      with torch.no_grad():
+        for mod in (self.ln_q, self.ln_k, self.ln_v):
+          mod.weight.add_(0.1 * torch.randn(width))
+          mod.bias.add_(0.1 * torch.randn(width))
+        self.attn.in_proj_bias.normal_(0, 0.1)
+        self.attn.out_proj.bias.normal_(0, 0.1)
+
+    def forward(self, x, m):
+      b, n, w = x.shape
+      s = int(round(n ** 0.5))
+      grid = self.pos_embed.reshape(1, self.g, self.g, w).permute(0, 3, 1, 2)
+      pos_k = tf.interpolate(grid, size=(s, s), mode='bicubic', align_corners=False)
+      pos_k = pos_k.permute(0, 2, 3, 1).reshape(n, w)
+      q = self.ln_q(self.query[:m] + self.pos_embed[:m])
+      k = self.ln_k(pos_k)
+      v = self.ln_v(x)
+      out = self.attn(q.unsqueeze(1).expand(m, b, w), k.unsqueeze(1).expand(n, b, w), v.transpose(0, 1),
+                      need_weights=False)[0]
+      return out.transpose(0, 1) @ self.proj
+
+  torch.manual_seed(seed)
+  return Ref().eval()
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = get_config('size=tiny')
+  model = nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(0)))()
+  return config, model
+
+
+def test_bicubic_matches_torch():
+  import torch
+  import torch.nn.functional as tf
+  for n_in, n_out in [(4, 8), (16, 24), (5, 3), (6, 6)]:
+    x = np.random.default_rng(0).normal(size=(n_in * n_in, 7))
+    t = torch.from_numpy(x).reshape(1, n_in, n_in, 7).permute(0, 3, 1, 2)      # float64: exact rule
+    ref = tf.interpolate(t, size=(n_out, n_out), mode='bicubic', align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, 7).numpy()
+    w = bicubic_matrix(n_in, n_out)
+    exact = np.einsum('yi,xj,ijc->yxc', w, w, x.reshape(n_in, n_in, 7)).reshape(-1, 7)
+    np.testing.assert_allclose(exact, ref, atol=1e-12, err_msg=f'{n_in}->{n_out}')
+    ours = np.asarray(interpolate_grid(jnp.asarray(x, jnp.float32), n_in, n_out))      # float32 path
+    np.testing.assert_allclose(ours, ref, atol=1e-5, err_msg=f'{n_in}->{n_out}')
+  np.testing.assert_array_equal(bicubic_matrix(6, 6), np.eye(6))
+
+
+def test_released_layout_parity_and_roundtrip(tmp_path, setup):
+  """A checkpoint in the released layout (our export of the tiny model, its `model.mm_projector.*`
+  replaced by the torch reference's state dict) loads; the projector matches torch ≤ 1e-5 at several m;
+  exporting again writes the same tensors under the same names."""
+  import torch
+  config, model = setup
+  mc = config.model
+  out = hf.save_llava(model, mc, str(tmp_path / 'ours'), layout='original')
+  tensors = load_file(os.path.join(out, 'model.safetensors'))
+  ref = torch_mqt(mc.vision.width, mc.mqt.heads, mc.mqt.queries, mc.llm.hidden)
+  sd = {f'model.mm_projector.{k}': v.detach().numpy() for k, v in ref.state_dict().items()}
+  ours_keys = {k for k in tensors if k.startswith('model.mm_projector.')}
+  assert ours_keys == set(sd)                              # the released names, nothing else
+  for k in sd:
+    assert tensors[k].shape == sd[k].shape, k
+  tensors.update(sd)
+  save_file(tensors, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+  loaded, mc2 = hf.load_llava(out)
+  assert mc2.projector == 'mqt' and mc2.mqt.queries == mc.mqt.queries and mc2.mqt.heads == mc.mqt.heads
+  n = (mc.vision.image_size // mc.vision.patch_size) ** 2
+  x = np.random.default_rng(1).normal(size=(2, n, mc.vision.width)).astype(np.float32)
+  for m in (1, 6, mc.mqt.queries):
+    with torch.no_grad():
+      want = ref(torch.from_numpy(x), m).numpy()
+    got = np.asarray(loaded.projector(jnp.asarray(x), m))
+    assert got.shape == (2, m, mc.llm.hidden)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f'm={m}')
+  again = load_file(os.path.join(hf.save_llava(loaded, mc2, str(tmp_path / 'again'), layout='original'),
+                                 'model.safetensors'))
+  for k, v in sd.items():
+    np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_first_m_rows_and_image_independent_attention(setup):
+  config, model = setup
+  proj, big_m = model.projector, config.model.mqt.queries
+  x = jax.random.normal(jax.random.key(0), (2, 64, config.model.vision.width))
+  full = proj(x)
+  for m in (1, 2, 7, big_m):
+    np.testing.assert_allclose(np.asarray(proj(x, m)), np.asarray(full[:, :m]), atol=1e-6)
+  # attention(count) takes no image; the one set of weights explains both (very different) images
+  p = proj.attention()
+  assert p.shape == (config.model.mqt.heads, big_m, 64) and p.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(p.sum(-1)), 1.0, atol=1e-6)
+  for img in (x, 5.0 * x[::-1] + 3.0):
+    w = config.model.vision.width
+    hd = w // config.model.mqt.heads
+    v = proj._in(proj.ln_v(img), 2).reshape(2, 64, config.model.mqt.heads, hd)
+    o = jnp.einsum('hmn,bnhd->bmhd', p, v).reshape(2, big_m, w)
+    np.testing.assert_allclose(np.asarray(proj.proj(proj.out_proj(o))), np.asarray(proj(img)), atol=1e-5)
+
+
+def test_bad_counts_are_one_line(setup):
+  from configs.dynllava import get_config as dyn_config
+  from dynllava_jax.model.projector import num_visual_tokens
+  config, _ = setup
+  for bad in (0, 17, 2.5, 'x'):
+    with pytest.raises(UserError, match=r'outside 1\.\.16|integer in 1\.\.16'):
+      num_visual_tokens(config.model, bad)
+  plain = dyn_config('size=tiny,dense=True').model
+  with pytest.raises(UserError, match='without the MQT projector'):
+    num_visual_tokens(plain, 4)
