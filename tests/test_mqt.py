@@ -153,3 +153,57 @@ def test_bad_counts_are_one_line(setup):
   plain = dyn_config('size=tiny,dense=True').model
   with pytest.raises(UserError, match='without the MQT projector'):
     num_visual_tokens(plain, 4)
+
+
+def _prompts(mc, m, batch=2, seed=0):
+  """Left-padded prompts with m image placeholders: ids (B, T), pix (B, S, S, 3), mask (B, T)."""
+  rng = np.random.default_rng(seed)
+  rows = [[1, 9, 10] + [mc.image_token_id] * m + list(rng.integers(5, 200, size=5 + 2 * b)) for b in range(batch)]
+  t = max(map(len, rows))
+  ids = np.full((batch, t), mc.pad_token_id, np.int32)
+  mask = np.zeros((batch, t), np.int32)
+  for b, r in enumerate(rows):
+    ids[b, t - len(r):], mask[b, t - len(r):] = r, 1
+  s = mc.vision.image_size
+  return ids, rng.normal(size=(batch, s, s, 3)).astype(np.float32), mask
+
+
+def test_inference_at_any_m(setup):
+  """The engine's prefill at m ≡ the dense forward on the same m-placeholder prompt; a wrong m or a
+  placeholder count that disagrees with m is one line; MQT options on an MLP model are one line."""
+  from configs.dynllava import get_config as dyn_config
+  from dynllava_jax.decode.prefill import prefill
+  from dynllava_jax.sparsity.dense import Dense
+  config, model = setup
+  mc = config.model
+  m = 4
+  ids, pix, mask = _prompts(mc, m)
+  pre = prefill(model, None, Dense(), ids, pix, mask, visual_tokens=m)
+  ref = model(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask), visual_tokens=m)[:, -1]
+  np.testing.assert_allclose(np.asarray(pre.logits_last), np.asarray(ref), atol=2e-4)
+  assert int(pre.request.n_img[0]) == m
+  with pytest.raises(ValueError, match='needs exactly 16'):
+    prefill(model, None, Dense(), ids, pix, mask)                       # m placeholders, default M
+  with pytest.raises(UserError, match=r'outside 1\.\.16'):
+    prefill(model, None, Dense(), ids, pix, mask, visual_tokens=17)
+  plain = nnx.eval_shape(lambda: Llava(dyn_config('size=tiny,dense=True').model, rngs=nnx.Rngs(0)))
+  with pytest.raises(UserError, match='without the MQT projector'):
+    prefill(plain, None, Dense(), ids, pix, mask, visual_tokens=m)
+
+
+def test_prefill_flops_follow_m():
+  """bench proportions (576 patches, w 384, H 1024), 1 ViT + 1 LLM layer: the analytic prefill count at
+  m = 64 equals XLA's within 1 %, and the count follows m."""
+  from dynllava_jax.eval import flops as F
+  from dynllava_jax.eval.run import engine_prefill_flops
+  from dynllava_jax.sparsity.dense import Dense
+  mc = get_config('size=bench').model
+  mc.llm.layers, mc.vision.depth, mc.llm.vocab_size = 1, 1, 1024
+  mc.vision.feature_layer = -1
+  mc.image_token_id, mc.pad_token_id = 1000, 1001
+  xla, analytic = engine_prefill_flops(mc, Dense(), text_tokens=40, batch=1, bucket=16, visual_tokens=64)
+  assert analytic == pytest.approx(xla, rel=0.01)
+  full = F.prefill_flops(mc, None, 40, visual_tokens=576)
+  part = F.prefill_flops(mc, None, 40, visual_tokens=64)
+  assert part['vision'] == full['vision'] and part['projector'] < full['projector']
+  assert part['llm_layers'] == F.llm_layer_flops(mc.llm, 40 + 64)

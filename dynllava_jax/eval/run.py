@@ -140,27 +140,30 @@ def layer_lengths(method, model_cfg, sizes):
   return out
 
 
-def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16, xla=True):
+def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16, xla=True, visual_tokens=None):
   """(XLA FLOPs, analytic FLOPs) of the engine's prefill (`sparse_forward` with KV outputs) for `batch`
   prompts of `text_tokens` text + N image tokens, on abstract shapes (no weights are allocated).
-  xla=False skips XLA's count (a compile): (nan, analytic)."""
-  n = num_image_tokens(model_cfg)
+  xla=False skips XLA's count (a compile): (nan, analytic). visual_tokens: MQT m (N = m); a pre-LLM
+  reducer method sets its own N = k."""
+  from dynllava_jax.model.projector import visual_token_count  # pylint: disable=g-import-not-at-top
+  n = visual_token_count(model_cfg, method, visual_tokens)
   n_real = np.full((batch,), text_tokens + n, np.int32)
   n_img = np.full((batch,), n, np.int32)
   t0 = R.round_up(text_tokens + n, bucket)
-  sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket)
+  sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket, n_visual=n)
   analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
                              seq_lens=layer_lengths(method, model_cfg, sizes),
-                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True)['total']
+                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True,
+                             visual_tokens=visual_tokens)['total']
   if not xla:
     return float('nan'), analytic
   graphdef, state = F.abstract_model(model_cfg)
 
   def fn(state, ids, count, pix):
     model = nnx.merge(graphdef, state)
-    h, image_mask = model.embed(ids, pix)
+    h, image_mask = model.embed(ids, pix, visual_tokens, method)
     valid = jnp.arange(ids.shape[1])[None, :] < count[:, None]
-    out = sparse_forward(model, method, h, valid, image_mask, None, jax.random.key(0), sizes=sizes)
+    out = sparse_forward(model, method, h, valid, image_mask, None, jax.random.key(0), sizes=sizes, n_image=n)
     return out.logits_last, [s.kv for s in out.segments]
 
   s = model_cfg.vision.image_size
