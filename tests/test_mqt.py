@@ -207,3 +207,32 @@ def test_prefill_flops_follow_m():
   part = F.prefill_flops(mc, None, 40, visual_tokens=64)
   assert part['vision'] == full['vision'] and part['projector'] < full['projector']
   assert part['llm_layers'] == F.llm_layer_flops(mc.llm, 40 + 64)
+
+
+def test_stage2_m_sampling_is_masked_m_token_forward(setup):
+  """Stage 2 draws m from {2, 4, …, M} per forward from the step's key (covering every value; the same key
+  — as after a resume, where state rng and step are restored — the same m), and the padded, masked
+  training forward equals the inference forward on an m-placeholder prompt."""
+  from dynllava_jax.model.mqt import train_count
+  from dynllava_jax.train.forward import train_forward
+  config, model = setup
+  mc = config.model
+  assert mc.mqt.sample_m                                  # configs/mqt.py stage 2 (the default)
+  base = jax.random.key(config.seed)
+  draw = jax.jit(jax.vmap(lambda k, s: train_count(mc, jax.random.fold_in(jax.random.fold_in(k, s), 0)),
+                          in_axes=(None, 0)))
+  steps = jnp.arange(200)
+  ms = np.asarray(draw(base, steps))
+  assert set(ms.tolist()) == set(range(2, mc.mqt.queries + 1, 2))
+  np.testing.assert_array_equal(ms, np.asarray(draw(base, steps)))
+  step = int(np.flatnonzero(ms == 6)[0])
+  key = jax.random.fold_in(jax.random.fold_in(base, step), 0)
+  ids, pix, mask = _prompts(mc, mc.mqt.queries)
+  batch = {'input_ids': jnp.asarray(ids), 'attention_mask': jnp.asarray(mask), 'pixel_values': jnp.asarray(pix)}
+  out = jax.jit(lambda mdl, bt, k: train_forward(mdl, bt, rng=k))(model, batch, key)
+  assert int(out['mqt_m']) == 6
+  ids6, _, mask6 = _prompts(mc, 6)
+  ref = jax.jit(lambda mdl, i, p, a: mdl(i, p, a, visual_tokens=6))(model, jnp.asarray(ids6), batch['pixel_values'],
+                                                                      jnp.asarray(mask6))
+  np.testing.assert_allclose(np.asarray(out['logits'][:, -5:]), np.asarray(ref[:, -5:]), atol=2e-4)
+  assert int(train_count(mc, None)) == mc.mqt.queries             # no key (evaluation): m = M

@@ -189,5 +189,27 @@ def mqt_flops(mc, count=None, batch=1):
 
 
 def sample_counts(rng, big_m, shape=()):
-  """Stage-2 draw: m uniform over {2, 4, …, M} (M even) — int32 of `shape`."""
+  """Stage-2 draw: m uniform over {2, 4, …, M} (M even; odd M: up to M − 1) — int32 of `shape`."""
   return 2 * jax.random.randint(rng, shape, 1, big_m // 2 + 1, dtype=jnp.int32)
+
+
+MQT_STREAM = 3   # fold_in index of the m draw in a training forward's key (Gumbel streams use 0..2)
+
+
+def train_count(mc, rng):
+  """The m of one training forward (a traced int32 scalar): M in stage 1 (`mqt.sample_m` False) or
+  without a key (evaluation); else a draw from {2, 4, …, M} on fold_in(rng, MQT_STREAM). The key is the
+  micro-batch's (train/step.py: fold_in(fold_in(state rng, step), micro index)), so the draw is part of
+  the checkpointed RNG stream: a resumed run draws the same m at the same step."""
+  big_m = int(mc.mqt.queries)
+  if not mc.mqt.get('sample_m', False) or rng is None:
+    return jnp.int32(big_m)
+  return sample_counts(jax.random.fold_in(rng, MQT_STREAM), big_m)
+
+
+def padding_slots(image_mask, m):
+  """Training pads every image to M tokens: the placeholders past the first m of each row (B, T) bool.
+  Masking them out of the attention mask (no key, no position) makes the forward equal to one on a
+  prompt with m placeholders."""
+  ordinal = jnp.cumsum(image_mask.astype(jnp.int32), axis=-1) - 1
+  return image_mask & (ordinal >= m)
