@@ -3,6 +3,7 @@
     python eval.py --config configs/dynllava.py:size=tiny --workdir runs/tiny \
         [--methods dense,dynamic,fastv,pdrop,random,uniform] [--json OUT.json] [--limit 64] \
         [--allow_random_init] [--config.eval.max_new_tokens=32]
+    python eval.py --config configs/mqt.py:size=tiny --workdir runs/mqt --mqt_tokens 2,4,8,16   # MQT sweep
 
 Restores the newest checkpoint in <workdir>/checkpoints (random init only with --allow_random_init) and
 writes <workdir>/eval/results.md, results.json and plots; prints the table. Bad input: one line on stderr,
@@ -27,6 +28,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'Generation batch size.')
 _RUNS = flags.DEFINE_integer('timing_runs', 3, 'Warm timing repetitions (median).')
 _RANDOM = flags.DEFINE_bool('allow_random_init', False, 'Evaluate a random-init model when no checkpoint.')
 _PLOTS = flags.DEFINE_bool('plots', True, 'Write accuracy-vs-FLOPs and kept-patch plots.')
+_MQT = flags.DEFINE_string('mqt_tokens', None, 'MQT-LLaVA sweep: comma-separated visual-token counts m '
+                           '(e.g. 2,4,8,16); evaluates the model at each m (instead of --methods).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -34,6 +37,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  if _MQT.value:
+    from dynllava_jax.eval.token_sweep import run_mqt_sweep  # pylint: disable=g-import-not-at-top
+    errors.guard('eval.py', lambda: run_mqt_sweep(
+        _CONFIG.value, _WORKDIR.value, _MQT.value, allow_random_init=_RANDOM.value, split=_SPLIT.value,
+        limit=_LIMIT.value, batch_size=_BATCH.value, json_path=_JSON.value), extra=(ValueError,))
+    return
   from dynllava_jax.eval.run import run_eval  # pylint: disable=g-import-not-at-top
   # ValueError too: the eval-side checks (methods, budgets, samples) raise it with one line.
   errors.guard('eval.py', lambda: run_eval(
