@@ -32,7 +32,7 @@ def image_token_schedule(model_cfg, method=None, n_image=None):
 
   A threshold-mode drop (keep count None) is counted at the configured budget ⌊N·r_I⌋.
   """
-  n = num_image_tokens(model_cfg) if n_image is None else n_image
+  n = P.visual_token_count(model_cfg, method) if n_image is None else n_image
   layers = model_cfg.llm.layers
   sched = [n] * layers
   if method is None:

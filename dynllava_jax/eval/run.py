@@ -300,6 +300,11 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
   xla_flops=False XLA's FLOP count (nan; the analytic count stays)."""
   mc = model.mc
   method = make_sparsifier(name, config, **(overrides or {}))
+  from dynllava_jax.model.projector import visual_token_count  # pylint: disable=g-import-not-at-top
+  n_vis = visual_token_count(mc, method)
+  if n_vis != num_image_tokens(mc):     # a pre-LLM reducer (VisionZip, DivPrune): prompts with its k slots
+    from dynllava_jax.eval.token_sweep import resize_sample  # pylint: disable=g-import-not-at-top
+    samples = [resize_sample(s, mc.image_token_id, n_vis) for s in samples]
   rng = jax.random.key(config.seed) if rng is None else rng
   max_new = int(config.eval.max_new_tokens)
   match = M.digits_match if _is_digits(config) else M.vqa_match
@@ -340,7 +345,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
                                runs=timing_runs)
     decode_ms = _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, timing_runs)
 
-  text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - num_image_tokens(mc)
+  text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - n_vis
   xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket),
                                        xla=xla_flops)
   n = len(samples)
@@ -348,7 +353,8 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'method': name,
       'accuracy': M.accuracy(scores),
       'ppl': M.perplexity(nll, cnt),
-      'kept_image_ratio': float(np.mean(img_ratios)) if img_ratios else 1.0,
+      # of the model's N image tokens (a pre-LLM reducer already kept n_vis of them before the LLM)
+      'kept_image_ratio': float(np.mean(img_ratios)) * n_vis / num_image_tokens(mc) if img_ratios else 1.0,
       'kept_text_ratio': float(np.mean(txt_ratios)) if txt_ratios else 1.0,
       'prefill_flops_eq13': F.eq13_flops(mc, method),
       'prefill_flops_xla': xla,

@@ -46,6 +46,28 @@ def with_visual_tokens(ids, image_token_id, m):
   return ids[~drop]
 
 
+def resize_sample(sample, image_token_id, k):
+  """An eval sample (`pipeline.make_eval_samples`) built for N placeholders -> for k: its prompt and its
+  teacher-forcing sequence lose the placeholders past the first k, and the span indices shift."""
+  from dynllava_jax.data.pipeline import SPAN_KEYS  # pylint: disable=g-import-not-at-top
+  if not sample['has_image']:
+    return sample
+  out = dict(sample, prompt_ids=with_visual_tokens(sample['prompt_ids'], image_token_id, k))
+  f = dict(sample['full'])
+  ids = np.asarray(f['input_ids'])
+  is_img = ids == image_token_id
+  drop = is_img & (np.cumsum(is_img) > k)
+  for key in ('input_ids', 'labels', 'attention_mask'):
+    f[key] = np.asarray(f[key])[~drop]
+  before = np.concatenate([[0], np.cumsum(drop)])          # dropped slots before index p
+  for key in SPAN_KEYS:
+    if key in f:
+      p = int(f[key])
+      f[key] = p - int(before[min(max(p, 0), ids.size)])
+  out['full'] = f
+  return out
+
+
 def mqt_rows(model, config, samples, tok, counts, *, batch_size=8, xla_flops=True, rng=None):
   """One row per m (see the module docstring)."""
   from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
