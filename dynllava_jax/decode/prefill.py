@@ -153,7 +153,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
       i = pts.index(stop)
       key = None if rng is None else jax.random.fold_in(rng, i)
       ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=valid, image_mask=image_mask,
-                         last_index=count - 1, layer=stop, model=model, rng=key)
+                         last_index=count - 1, layer=stop, model=model, rng=key, n_image=n_img)
       scores = method.score(i, ctx)
       aux['scores'].append(scores)
       keep = valid & (~image_mask | top_k_mask(scores, image_mask, counts[i]))
