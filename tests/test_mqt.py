@@ -236,3 +236,15 @@ def test_stage2_m_sampling_is_masked_m_token_forward(setup):
                                                                       jnp.asarray(mask6))
   np.testing.assert_allclose(np.asarray(out['logits'][:, -5:]), np.asarray(ref[:, -5:]), atol=2e-4)
   assert int(train_count(mc, None)) == mc.mqt.queries             # no key (evaluation): m = M
+
+
+def test_stage_configs_train_what_the_release_trains():
+  """Stage 1: the projector only (its position table included); stage 2: projector + LLM, table frozen."""
+  from dynllava_jax.train import optim
+  for stage in (1, 2):
+    c = get_config(f'size=tiny,stage={stage}')
+    model = nnx.eval_shape(lambda: Llava(c.model, rngs=nnx.Rngs(0)))
+    _, frozen, trainable = optim.split_params(model, c.train)
+    assert set(trainable) == ({'projector'} if stage == 1 else {'projector', 'language_model'})
+    assert ('pos_embed' in trainable['projector']) == (stage == 1)
+    assert c.model.mqt.sample_m == (stage == 2)
