@@ -153,6 +153,16 @@ def test_bad_counts_are_one_line(setup):
   plain = dyn_config('size=tiny,dense=True').model
   with pytest.raises(UserError, match='without the MQT projector'):
     num_visual_tokens(plain, 4)
+  from dynllava_jax.eval.token_sweep import parse_counts
+  with pytest.raises(UserError, match='needs a model with the MQT projector'):
+    parse_counts('2,4', plain)
+  with pytest.raises(UserError, match="'x' is not an integer"):
+    parse_counts('2,x', config.model)
+  assert parse_counts('2, 16', config.model) == [2, 16]
+  from dynllava_jax.model.llava import check_model_config
+  plain.mqt.sample_m = True
+  with pytest.raises(ValueError, match='mqt.sample_m=True needs the MQT projector'):
+    check_model_config(plain)
 
 
 def _prompts(mc, m, batch=2, seed=0):

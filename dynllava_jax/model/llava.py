@@ -48,6 +48,9 @@ def check_model_config(mc):
   if mc.get('projector', 'mlp2x_gelu') == 'mqt':
     from dynllava_jax.model.mqt import check_mqt_config  # pylint: disable=g-import-not-at-top
     check_mqt_config(mc)
+  elif 'mqt' in mc and mc.mqt.get('sample_m', False):
+    raise ValueError(f'mqt.sample_m=True needs the MQT projector (model.projector=mqt); this model has '
+                     f"model.projector={mc.get('projector', 'mlp2x_gelu')}")
   if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
   if int(mc.get('causal_chunk', 0)) < 0:
