@@ -1,6 +1,7 @@
 """Pre-LLM reducers in the visual-token slot: VisionZip and DivPrune on hand-made inputs with known
 answers; the tower's attention intermediates; engine ≡ masked forward; bad budgets are one line."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 from configs.dynllava import get_config
 from dynllava_jax.errors import UserError
 from dynllava_jax.model import layers as L
-from dynllava_jax.model.llava import Llava
+from dynllava_jax.model.projector import MLP2xGelu
 from dynllava_jax.sparsity.divprune import DivPrune, divprune_select
 from dynllava_jax.sparsity.registry import make_sparsifier
 from dynllava_jax.sparsity.visionzip import VisionZip, split_budget, visionzip_tokens
@@ -56,9 +57,10 @@ def test_divprune_hand_made():
 
 
 @pytest.fixture(scope='module')
-def tiny():
-  config = get_config('size=tiny,dense=True')
-  model = nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(0)))()
+def tiny(mqt_tiny):
+  """The session's tiny MQT model (tests/conftest.py; one model build for both files): DivPrune acts after
+  any projector; VisionZip gets a stand-alone `mlp2x_gelu` projector on the same tower."""
+  config, model = mqt_tiny
   pix = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   return config, model, pix
 
@@ -67,26 +69,29 @@ def test_tower_attention_intermediates(tiny):
   """The last layer run: same hidden state as without intermediates; attention = softmax(q·kᵀ/√d) of that
   layer on its input; keys = its k projection."""
   _, model, pix = tiny
-  tower = model.vision_tower
-  plain = tower(jnp.asarray(pix))
-  hidden, inter = tower(jnp.asarray(pix), intermediates=True)
-  np.testing.assert_allclose(np.asarray(hidden), np.asarray(plain), atol=1e-6)
-  n = tower.layers_to_run()
-  x = tower.patch_embed(tower.patchify(jnp.asarray(pix)))
-  x = jnp.concatenate([jnp.broadcast_to(tower.class_embed[...], (2, 1, x.shape[-1])), x], 1) + tower.pos_embed[...]
-  x = tower.pre_ln(x)
-  if n > 1:
-    x, _ = L.split_scan(tower.layers, lambda layer, h, _: (layer(h), None), x, stop=n - 1)
-  _, (_, keys) = L.split_scan(tower.layers, lambda layer, h, _: layer(h, return_attn=True), x, start=n - 1, stop=n)
-  last = nnx.merge(*[nnx.graphdef(tower.layers), jax.tree.map(lambda a: a[n - 1], nnx.state(tower.layers))])
-  y = last.ln1(x)
   heads = model.mc.vision.heads
-  q, k = (m(y).reshape(2, 65, heads, -1) for m in (last.q, last.k))
-  want = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1]), -1)
-  assert inter['attn'].shape == (2, heads, 65, 65) and inter['keys'].shape == (2, 65, heads, q.shape[-1])
+
+  @jax.jit
+  def run(tower, pix):
+    plain = tower(pix)
+    hidden, inter = tower(pix, intermediates=True)
+    n = tower.layers_to_run()
+    x = tower.patch_embed(tower.patchify(pix))
+    x = jnp.concatenate([jnp.broadcast_to(tower.class_embed[...], (2, 1, x.shape[-1])), x], 1) + tower.pos_embed[...]
+    x = tower.pre_ln(x)
+    if n > 1:
+      x, _ = L.split_scan(tower.layers, lambda layer, h, _: (layer(h), None), x, stop=n - 1)
+    last = nnx.merge(nnx.graphdef(tower.layers), jax.tree.map(lambda a: a[n - 1], nnx.state(tower.layers)))
+    y = last.ln1(x)
+    q, k = (m(y).reshape(2, 65, heads, -1) for m in (last.q, last.k))
+    want = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1]), -1)
+    return plain, hidden, inter, want, k
+
+  plain, hidden, inter, want, k = run(model.vision_tower, jnp.asarray(pix))
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(plain), atol=1e-6)
+  assert inter['attn'].shape == (2, heads, 65, 65) and inter['keys'].shape == k.shape
   np.testing.assert_allclose(np.asarray(inter['attn']), np.asarray(want), atol=1e-5)
   np.testing.assert_allclose(np.asarray(inter['keys']), np.asarray(k), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(keys[0]), np.asarray(k), atol=1e-5)
 
 
 def _prompt(mc, n, text=(9, 10, 11, 12, 13)):
@@ -96,8 +101,9 @@ def _prompt(mc, n, text=(9, 10, 11, 12, 13)):
 
 def test_engine_equals_masked_forward(tiny):
   """DivPrune: the engine on a K-placeholder prompt ≡ the dense forward on the full N-placeholder prompt with
-  the unpicked image tokens out of the attention mask (no key, positions renumbered). VisionZip: the engine
-  ≡ the model's forward with the reducer in its slot on the k-placeholder prompt."""
+  the unpicked image tokens out of the attention mask (no key, positions renumbered). VisionZip (merged
+  tokens: no mask form): its slot output is the projector of its selection on the tower's intermediates,
+  and the engine asks for its k placeholders."""
   from dynllava_jax.decode.prefill import prefill
   config, model, pix = tiny
   mc = config.model
@@ -106,27 +112,40 @@ def test_engine_equals_masked_forward(tiny):
   ids_k, mask_k = _prompt(mc, 5)
   got = prefill(model, config, dp, ids_k, pix, mask_k).logits_last
   ids_n, mask_n = _prompt(mc, n)
-  kept = np.asarray(divprune_select(model.image_features(jnp.asarray(pix)), 5))
-  mask = mask_n.copy()
-  for b in range(2):
-    drop = np.setdiff1d(np.arange(n), kept[b])
-    mask[b, 3 + drop] = 0
-  ref = jax.jit(lambda m, i, p, a: m(i, p, a))(model, jnp.asarray(ids_n), jnp.asarray(pix), jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref[:, -1]), atol=2e-4)
+
+  @jax.jit
+  def masked(model, ids, pix, mask):
+    kept = divprune_select(model.image_features(pix), 5)                          # (B, 5)
+    picked = jnp.zeros((2, n), bool).at[jnp.arange(2)[:, None], kept].set(True)
+    mask = mask.at[:, 3:3 + n].set(picked.astype(mask.dtype))                    # unpicked: out of the mask
+    return model(ids, pix, mask)[:, -1], kept
+
+  ref, kept = masked(model, jnp.asarray(ids_n), jnp.asarray(pix), jnp.asarray(mask_n))
+  assert len(set(np.asarray(kept[0]).tolist())) == 5
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-4)
+
+  with pytest.raises(ValueError, match='needs exactly 5'):
+    prefill(model, config, dp, ids_n, pix, mask_n)
 
   vz = make_sparsifier('visionzip', config, dominant=6, contextual=3)
-  ids_k, mask_k = _prompt(mc, 9)
-  got = prefill(model, config, vz, ids_k, pix, mask_k).logits_last
-  ref = jax.jit(lambda m, i, p, a: m(i, p, a, method=vz))(model, jnp.asarray(ids_k), jnp.asarray(pix),
-                                                            jnp.asarray(mask_k))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref[:, -1]), atol=2e-4)
-  with pytest.raises(ValueError, match='needs exactly 9'):
-    prefill(model, config, vz, ids_n, pix, mask_n)
+  plain = get_config('size=tiny,dense=True').model
+  mlp = MLP2xGelu(plain, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+
+  @jax.jit
+  def slot(tower, mlp, pix):
+    hidden, inter = tower(pix, intermediates=True)
+    want = mlp(visionzip_tokens(hidden, inter['attn'], inter['keys'], 6, 3)[0])
+    return vz.reduce_visual(types.SimpleNamespace(vision_tower=tower, projector=mlp, mc=plain), pix), want
+
+  got, want = slot(model.vision_tower, mlp, jnp.asarray(pix))
+  assert got.shape == (2, 9, mc.llm.hidden) and vz.visual_tokens(plain, 64) == 9
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  with pytest.raises(UserError, match='per-token projector'):
+    prefill(model, config, vz, ids_n, pix, mask_n)                    # the MQT projector reads the grid
 
 
-def test_bad_budgets_are_one_line(tiny):
-  config, _, _ = tiny
-  mc = config.model
+def test_bad_budgets_are_one_line():
+  mc = get_config('size=tiny,dense=True').model
   with pytest.raises(UserError, match='exceeds the 64 patches'):
     VisionZip(dominant=60, contextual=10).validate(mc, 70)
   with pytest.raises(UserError, match='not both'):
