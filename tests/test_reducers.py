@@ -154,3 +154,18 @@ def test_bad_budgets_are_one_line():
     DivPrune(tokens=65).validate(mc, 65)
   with pytest.raises(UserError, match=r'ratio=0 must be in \(0, 1\]'):
     DivPrune(ratio=0)
+
+
+def test_eval_samples_resized_to_k_slots():
+  """An N-placeholder eval sample -> k: prompt and teacher-forcing ids lose the extra placeholders, spans
+  after the image shift, spans before it stay."""
+  from dynllava_jax.eval.visual_prompts import resize_sample
+  ids = np.array([1, 5, 4, 4, 4, 4, 7, 8, 9], np.int32)
+  full = {'input_ids': ids, 'labels': np.where(np.arange(9) >= 7, ids, -100), 'attention_mask': np.ones(9),
+          'image_start': 2, 'instr_start': 6, 'instr_end': 7, 'answer_start': 7, 'answer_end': 9}
+  s = resize_sample({'has_image': True, 'prompt_ids': ids[:7], 'full': full}, 4, 2)
+  np.testing.assert_array_equal(s['prompt_ids'], [1, 5, 4, 4, 7])
+  f = s['full']
+  np.testing.assert_array_equal(f['input_ids'], [1, 5, 4, 4, 7, 8, 9])
+  np.testing.assert_array_equal(f['labels'], [-100] * 5 + [8, 9])
+  assert (f['image_start'], f['instr_start'], f['instr_end'], f['answer_start'], f['answer_end']) == (2, 4, 5, 5, 7)

@@ -3,7 +3,7 @@
     rows = run_mqt_sweep(config, workdir, '2,4,8,16', allow_random_init=False, split='validation')
 
 Each eval prompt carries M placeholders (the model's default count); for a row at m the placeholders past
-the first m are removed (`with_visual_tokens`) and the engine runs with `visual_tokens=m` (greedy, KV
+the first m are removed (`eval/visual_prompts.py`) and the engine runs with `visual_tokens=m` (greedy, KV
 cache, no token pruning). Row keys (`report.markdown_table`): method `mqt@<m>`, accuracy (+ by question
 type), kept_image_ratio m / M, prefill_flops_analytic and prefill_flops_xla (the engine's prefill at m,
 batch 1, the mean prompt length), num_samples. Written to <workdir>/eval/mqt_sweep.{md,json}.
@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from dynllava_jax.errors import UserError
+from dynllava_jax.eval.visual_prompts import with_visual_tokens
 from dynllava_jax.model.projector import elastic, num_visual_tokens
 
 
@@ -35,36 +36,6 @@ def parse_counts(text, model_cfg):
     out.append(num_visual_tokens(model_cfg, m))
   if not out:
     raise UserError('--mqt_tokens is empty: give counts, e.g. --mqt_tokens 2,4,8,16')
-  return out
-
-
-def with_visual_tokens(ids, image_token_id, m):
-  """1-D ids with the image placeholders past the first m removed (a prompt built for M -> for m)."""
-  ids = np.asarray(ids)
-  is_img = ids == image_token_id
-  drop = is_img & (np.cumsum(is_img) > m)
-  return ids[~drop]
-
-
-def resize_sample(sample, image_token_id, k):
-  """An eval sample (`pipeline.make_eval_samples`) built for N placeholders -> for k: its prompt and its
-  teacher-forcing sequence lose the placeholders past the first k, and the span indices shift."""
-  from dynllava_jax.data.pipeline import SPAN_KEYS  # pylint: disable=g-import-not-at-top
-  if not sample['has_image']:
-    return sample
-  out = dict(sample, prompt_ids=with_visual_tokens(sample['prompt_ids'], image_token_id, k))
-  f = dict(sample['full'])
-  ids = np.asarray(f['input_ids'])
-  is_img = ids == image_token_id
-  drop = is_img & (np.cumsum(is_img) > k)
-  for key in ('input_ids', 'labels', 'attention_mask'):
-    f[key] = np.asarray(f[key])[~drop]
-  before = np.concatenate([[0], np.cumsum(drop)])          # dropped slots before index p
-  for key in SPAN_KEYS:
-    if key in f:
-      p = int(f[key])
-      f[key] = p - int(before[min(max(p, 0), ids.size)])
-  out['full'] = f
   return out
 
 
