@@ -7,6 +7,7 @@
     python eval.py --workdir runs/tiny --keep_ratios 0.1,0.2,0.35,0.5     # budget sweep: a line per method
     python eval.py --workdir runs/tiny --questions q.jsonl --image_folder imgs --answers answers.jsonl \
         [--methods dynamic] [--keep_ratios 0.2,0.5]                      # LLaVA question / answer files
+    python eval.py --workdir runs/mqt --mqt_tokens 2,4,8,16               # MQT-LLaVA: a row per m
 
 The model comes from a training workdir (its newest checkpoint, or --step; its own config.json, so no
 --config is needed; --config replaces it, --config.x=v overrides one field) or from --model DIR. Writes
@@ -45,6 +46,8 @@ _KEEP_RATIOS = flags.DEFINE_string('keep_ratios', '', 'Budget sweep: fractions o
 _QUESTIONS = flags.DEFINE_string('questions', None, 'LLaVA question file (JSONL: question_id, image, text).')
 _IMAGE_FOLDER = flags.DEFINE_string('image_folder', '', 'Folder the question file\'s image paths are in.')
 _ANSWERS = flags.DEFINE_string('answers', None, 'Answer file to write (with --questions).')
+_MQT = flags.DEFINE_string('mqt_tokens', None, 'MQT-LLaVA sweep: comma-separated visual-token counts m '
+                           '(e.g. 2,4,8,16); evaluates the model at each m (instead of --methods).')
 _MODEL_ID = flags.DEFINE_string('model_id', None, 'model_id in the answer file (default: the model\'s name).')
 
 
@@ -66,7 +69,7 @@ def _run():
     raise errors.UserError('give --workdir W [--step N] or --model DIR (one of them)')
   config = source.resolve_config(flags.FLAGS, workdir, model_dir)
   methods = _METHODS.value.split(',')
-  if config is not None and (not _QUESTIONS.value or flags.FLAGS['methods'].present):
+  if config is not None and not _MQT.value and (not _QUESTIONS.value or flags.FLAGS['methods'].present):
     check_methods(config, methods)           # before the (slow) restore
   src = source.load_source(workdir=workdir, step=_STEP.value, model_dir=model_dir, config=config,
                            tokenizer=_TOKENIZER.value, allow_random_init=_RANDOM.value)
@@ -75,11 +78,15 @@ def _run():
     if 'data' not in src.config and not _QUESTIONS.value:
       raise errors.UserError(f'{model_dir} carries no data config (no run_config.json): pass --config '
                              'with the data to evaluate on')
+  out_dir = _OUT_DIR.value or os.path.join(workdir or model_dir, 'eval')
+  if _MQT.value:
+    from dynllava_jax.eval.token_sweep import run_mqt_sweep  # pylint: disable=g-import-not-at-top
+    return run_mqt_sweep(src.config, _MQT.value, model=src.model, step=src.step, out_dir=out_dir,
+                         split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value, json_path=_JSON.value)
   keep_ratios = budgets.parse_list(_KEEP_RATIOS.value)
   if _QUESTIONS.value:
     return _answer_file(src, methods if flags.FLAGS['methods'].present else [str(src.config.eval.method)],
                         keep_ratios, workdir or model_dir)
-  out_dir = _OUT_DIR.value or os.path.join(workdir or model_dir, 'eval')
   return run_eval(src.config, workdir or model_dir, methods, allow_random_init=_RANDOM.value,
                   split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value,
                   timing_runs=_RUNS.value, json_path=_JSON.value, plots=_PLOTS.value,

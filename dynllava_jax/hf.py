@@ -252,7 +252,7 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
   else:
     tc = _fill_llm(c, cfg)
     ptype = cfg.get('mm_projector_type', 'linear')
-    if ptype != 'mlp2x_gelu':
+    if ptype != 'mlp2x_gelu' and 'proj.query' not in keys:     # MQT is recognised by its tensors
       raise ValueError(f"mm_projector_type={ptype!r}: only LLaVA-1.5's 'mlp2x_gelu' is supported")
     if cfg.get('mm_use_im_start_end') or cfg.get('mm_use_im_patch_token'):
       raise ValueError('mm_use_im_start_end / mm_use_im_patch_token add image marker tokens; LLaVA-1.5 uses neither')
@@ -280,8 +280,19 @@ def config_from_hf(cfg, keys=(), clip_cfg=None, shapes=None):
       c.llm.text_vocab_size = v        # the padded ids are not text: masked in the loss and sampling
       c.image_token_id, c.pad_token_id = v, v + 1
   _fill_sparse(c, cfg.get('sparse_config'), keys, shapes)
+  _fill_mqt(c, cfg, keys, shapes)
   check_model_config(c)
   return c, family
+
+
+def _fill_mqt(c, cfg, keys, shapes):
+  """MQT-LLaVA (a `query` tensor under the projector): M from its shape; heads from our export's
+  `mqt_heads`, else the release's nn.MultiheadAttention(w, 16) at w = 1024 (w / 64 in general)."""
+  if 'proj.query' not in keys:
+    return
+  c.projector = 'mqt'
+  c.mqt.queries = int(shapes('proj.query')[0])
+  c.mqt.heads = int(cfg.get('mqt_heads') or max(1, c.vision.width // 64))
 
 
 def _fill_sparse(c, sparse_cfg, keys, shapes):
@@ -547,6 +558,10 @@ def hf_config_dict(mc, layout, dtype_name):
       out['text_vocab_size'] = int(lc.text_vocab_size)
   if sparse:
     out['sparse_config'] = sparse
+  if mc.get('projector', 'mlp2x_gelu') == 'mqt':
+    out.update(mm_projector_type='mqt', mqt_heads=int(mc.mqt.heads), mqt_queries=int(mc.mqt.queries))
+    if layout != 'original':
+      out['image_seq_length'] = int(mc.mqt.queries)
   return out
 
 

@@ -10,6 +10,11 @@ Three file layouts, one canonical name space in between:
 Predictors (Dynamic-LLaVA): `model.{image,output_text,instruct}_score_predictor.*` in 'hf5' and 'original',
 without the `model.` prefix in 'llava15hf'. A separate CLIP directory (`clip_dir`) uses `vision_model.*`.
 
+MQT-LLaVA (`model.projector='mqt'`): the released `Resampler` under the projector prefix ('original':
+`model.mm_projector.`): query (M, w), pos_embed (M, w), attn.in_proj_weight (3w, w) / in_proj_bias (3w,)
+(packed q, k, v), attn.out_proj.{weight, bias}, ln_q / ln_k / ln_v.{weight, bias}, proj (w, H) (a bare
+matrix used as x @ proj: stored as our kernel, no transpose).
+
 Canonical names are the HF 5.x names under short roots: `lm.`, `lm_head.`, `vt.`, `proj.`, `pred_image.`,
 `pred_text.`, `pred_instruct.`. `PARAMS` maps a canonical name (with `{i}` for a stacked layer) to our
 parameter path and the transform applied when reading (`linear`: torch (out, in) -> kernel (in, out);
@@ -35,6 +40,7 @@ _PREFIXES = {
         ('pred_instruct.', 'instruct_score_predictor.')],
     'original': [
         ('proj.linear_1.', 'model.mm_projector.0.'), ('proj.linear_2.', 'model.mm_projector.2.'),
+        ('proj.', 'model.mm_projector.'),      # MQT-LLaVA's Resampler: model.mm_projector.{query, ...}
         ('vt.', 'model.vision_tower.vision_tower.vision_model.'),
         ('pred_image.', 'model.image_score_predictor.'),
         ('pred_text.', 'model.output_text_score_predictor.'),
@@ -101,6 +107,16 @@ def _norm(canon, ours):
   PARAMS[canon + '.weight'] = (ours + '.weight', 'copy')
   PARAMS[canon + '.bias'] = (ours + '.bias', 'copy')
 
+
+# MQT-LLaVA Resampler (dynllava_jax/model/mqt.py).
+PARAMS['proj.query'] = ('projector.query', 'copy')
+PARAMS['proj.pos_embed'] = ('projector.pos_embed', 'copy')
+PARAMS['proj.attn.in_proj_weight'] = ('projector.in_proj.kernel', 'linear')
+PARAMS['proj.attn.in_proj_bias'] = ('projector.in_proj.bias', 'copy')
+_linear('proj.attn.out_proj', 'projector.out_proj')
+for _n in ('ln_q', 'ln_k', 'ln_v'):
+  _norm(f'proj.{_n}', f'projector.{_n}')
+PARAMS['proj.proj'] = ('projector.proj.kernel', 'copy')
 
 # Released VisionPredictor: down_mlp = [LayerNorm, Linear, GELU]; transformer.{i} = timm block;
 # output_mlp = [Linear, GELU, Linear, GELU, Linear].

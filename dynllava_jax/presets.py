@@ -73,7 +73,8 @@ def model_config(size='tiny'):
   c = ml_collections.ConfigDict()
   c.vision = vision_config(size)
   c.llm = llm_config(size)
-  c.projector = 'mlp2x_gelu'
+  c.projector = 'mlp2x_gelu'   # 'mlp2x_gelu' (LLaVA-1.5) | 'mqt' (MQT-LLaVA: settings in c.mqt)
+  c.mqt = mqt_config(size)
   # Token ids. HF llava-1.5-hf: <image> = 32000, <pad> = 32001; the digits_vqa tokenizer fixes 0..4.
   if size == 'tiny':
     c.image_token_id, c.pad_token_id, c.bos_token_id, c.eos_token_id = 4, 3, 1, 2
@@ -99,6 +100,18 @@ def model_config(size='tiny'):
   c.region_train = 'full'
   c.lora = lora_config()
   c.sparse = sparse_config()
+  return c
+
+
+def mqt_config(size='tiny'):
+  """MQT-LLaVA's Matryoshka query projector (`model.projector='mqt'`, dynllava_jax/model/mqt.py):
+  M = `queries` learned queries (a square; the release: 256 on a 16×16 grid for 576 patches), `heads`
+  attention heads over the vision width, LayerNorm eps 1e-6. Training (`train/forward.py`): with
+  `sample_m` every forward draws m uniformly from {2, 4, …, M} (stage 2); without it m = M (stage 1)."""
+  c = ml_collections.ConfigDict()
+  c.queries, c.heads = {'tiny': (16, 4), 'bench': (576, 6), '7b': (256, 16), '13b': (256, 16)}[size]
+  c.ln_eps = 1e-6
+  c.sample_m = False
   return c
 
 

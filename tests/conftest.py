@@ -8,3 +8,18 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def mqt_tiny():
+  """(config, model): the tiny MQT-LLaVA model (`configs/mqt.py`, 2 LLM layers), one build for
+  tests/test_mqt.py and tests/test_reducers.py."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from configs.mqt import get_config  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  config = get_config('size=tiny')
+  config.model.llm.layers = 2
+  model = nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(0)))()
+  return config, model

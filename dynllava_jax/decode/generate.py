@@ -143,14 +143,15 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
              sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False,
-             eos_token_id=None, on_token=None, _stream=False):
+             eos_token_id=None, visual_tokens=None, on_token=None, _stream=False):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
   registry name; input_ids / attention_mask (B, T) left- or right-padded; pixel_values (B, H, W, 3) or None
   for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
   rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
-  (default model.mc.eos_token_id); on_token: the streaming callback (module docstring; KV-cache mode only).
+  (default model.mc.eos_token_id); visual_tokens: MQT m for this call (prompts with m placeholders per image);
+  on_token: the streaming callback (module docstring; KV-cache mode only).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
@@ -175,10 +176,11 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
         _STREAM['fn'] = None
   if not use_cache:
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
-                            sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos)
+                            sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos,
+                            visual_tokens=visual_tokens)
   p_rng, d_rng = jax.random.split(rng)
   pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
-                max_new_tokens=m)
+                max_new_tokens=m, visual_tokens=visual_tokens)
   req, out = pre.request, pre.out
   bucket = int(ev.cache_bucket)
   counts = [int(np.asarray(s.count).max()) for s in out.segments]      # waits for the prefill

@@ -14,18 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
+from dynllava_jax.model.projector import visual_token_count
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import sparse_forward
 
 
-@partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'record_logits', 'text_seg'))
+@partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'record_logits', 'text_seg',
+                                   'count'))
 def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max_new, pad_id, eos_id,
-          record_logits, text_seg):
+          record_logits, text_seg, count=None):
   b, t = ids.shape
   p_rng, d_rng = jax.random.split(rng)          # as in KV-cache mode: prefill / drop rng, sampling rng
-  h0, image_mask = model.embed(ids, pixel_values)
+  h0, image_mask = model.embed(ids, pixel_values, count, method)
+  n_vis = visual_token_count(model.mc, method, count)
   slots = jnp.arange(t)[None, :]
   gen_idx = n_real[:, None] + jnp.arange(max_new)[None, :]         # (B, M) buffer slot of token g
   v = model.mc.llm.vocab_size
@@ -44,7 +46,7 @@ def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max
     valid = slots < count[:, None]
     gen = valid & (slots >= n_real[:, None])
     out = sparse_forward(model, method, st['h'], valid, image_mask, gen, p_rng,
-                         sizes=sizes, return_kv=False)
+                         sizes=sizes, return_kv=False, n_image=n_vis)
     active = ~st['done']
     nxt = sampling.sample(out.logits_last, jax.random.fold_in(d_rng, step))
     nxt = jnp.where(active, nxt, pad_id)
@@ -72,21 +74,24 @@ def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max
 
 
 def generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, *, max_new_tokens, sampling,
-                     rng, return_logits=False, eos_token_id=None):
+                     rng, return_logits=False, eos_token_id=None, visual_tokens=None):
   """`generate(..., use_cache=False)`; ev: the eval config section. Returns GenerateOutput."""
   mc = model.mc
   m = int(max_new_tokens)
-  method.validate(mc, num_image_tokens(mc))
+  n_vis = visual_token_count(mc, method, visual_tokens)
+  method.validate(mc, n_vis)
   req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=m,
-                         bucket=ev.prefill_bucket, extra_len=m)
-  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket, extra=m)
+                         bucket=ev.prefill_bucket, extra_len=m, n_visual=n_vis)
+  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket, extra=m,
+                          n_visual=n_vis)
   bounds = R.boundaries(method, mc)
   tl = method.text_layer(mc)
   text_seg = bounds.index(tl) + 1 if tl is not None else None
   pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
   st = _loop(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
              sampling=sampling, max_new=m, pad_id=int(mc.pad_token_id), eos_id=int(mc.eos_token_id if eos_token_id is None else eos_token_id),
-             record_logits=bool(return_logits), text_seg=text_seg)
+             record_logits=bool(return_logits), text_seg=text_seg,
+             count=None if visual_tokens is None else int(visual_tokens))
   lengths = np.asarray(st['lengths'])
   keep = np.asarray(st['keep'])
   fed = np.maximum(lengths - 1, 0)

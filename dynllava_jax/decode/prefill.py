@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
+from dynllava_jax.model.projector import visual_token_count
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
 from dynllava_jax.model.attention import causal_allowed
@@ -106,15 +107,16 @@ def _run_last_query(model, h, positions, valid, start, return_kv):
 
 
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
-                   return_logits=False, intermediates=False):
+                   return_logits=False, intermediates=False, n_image=None):
   """The segmented forward on packed inputs (traceable; sizes static).
 
   h (B, T0, H) embeddings; valid (B, T0) bool; image_mask (B, T0) bool; gen_mask (B, T0) bool generated
-  tokens (or None: a plain prompt); rng a PRNG key or None; sizes = request.segment_sizes(...).
+  tokens (or None: a plain prompt); rng a PRNG key or None; sizes = request.segment_sizes(...);
+  n_image: image tokens per image in this call (the budgets' N; default the model's count).
   """
   mc = model.mc
   n_layers = mc.llm.layers
-  n_img = num_image_tokens(mc)
+  n_img = num_image_tokens(mc) if n_image is None else int(n_image)
   pts = tuple(int(p) for p in method.drop_points(mc))
   counts = tuple(method.keep_counts(n_img))
   tl = method.text_layer(mc)
@@ -151,7 +153,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
       i = pts.index(stop)
       key = None if rng is None else jax.random.fold_in(rng, i)
       ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=valid, image_mask=image_mask,
-                         last_index=count - 1, layer=stop, model=model, rng=key)
+                         last_index=count - 1, layer=stop, model=model, rng=key, n_image=n_img)
       scores = method.score(i, ctx)
       aux['scores'].append(scores)
       keep = valid & (~image_mask | top_k_mask(scores, image_mask, counts[i]))
@@ -177,13 +179,14 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept), aux if intermediates else None)
 
 
-@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits', 'intermediates'))
+@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits', 'intermediates', 'count'))
 def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return_kv, return_logits,
-                 intermediates):
-  h, image_mask = model.embed(ids, pixel_values)
+                 intermediates, count=None):
+  h, image_mask = model.embed(ids, pixel_values, count, method)
   valid = jnp.arange(ids.shape[1])[None, :] < n_real[:, None]
   return sparse_forward(model, method, h, valid, image_mask, None, rng, sizes=sizes, return_kv=return_kv,
-                        return_logits=return_logits, intermediates=intermediates)
+                        return_logits=return_logits, intermediates=intermediates,
+                        n_image=visual_token_count(model.mc, method, count))
 
 
 def eval_section(cfg, model_cfg=None):
@@ -207,18 +210,24 @@ class PrefillOutput:
 
 
 def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, rng=None,
-            return_kv=True, return_logits=False, max_new_tokens=1, extra_len=0, intermediates=False):
+            return_kv=True, return_logits=False, max_new_tokens=1, extra_len=0, intermediates=False,
+            visual_tokens=None):
   """Validates, packs and runs the sparsified prefill. cfg: root config (its `eval` buckets) or None.
+  visual_tokens: MQT m for this call (prompts carry m placeholders per image; UserError outside 1..M or
+  on a model without the MQT projector); a pre-LLM reducer method (VisionZip, DivPrune) sets its own k.
 
   Returns PrefillOutput; `.out.logits_last` (B, vocab) float32, `.out.segments[s].kv` the caches.
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
-  method.validate(mc, num_image_tokens(mc))
+  n_vis = visual_token_count(mc, method, visual_tokens)
+  method.validate(mc, n_vis)
   req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
-                         bucket=ev.prefill_bucket, extra_len=extra_len)
-  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket)
+                         bucket=ev.prefill_bucket, extra_len=extra_len, n_visual=n_vis)
+  sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket,
+                          n_visual=n_vis)
   pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
   out = _prefill_jit(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
-                     return_kv=return_kv, return_logits=return_logits, intermediates=intermediates)
+                     return_kv=return_kv, return_logits=return_logits, intermediates=intermediates,
+                     count=None if visual_tokens is None else int(visual_tokens))
   return PrefillOutput(out, req, sizes)

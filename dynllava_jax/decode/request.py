@@ -37,11 +37,12 @@ PIXEL_LIMIT = 10.0   # CLIP-normalised pixels lie in about [-1.8, 2.2]; raw 0..2
 
 
 def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_new_tokens=0, bucket=16,
-                   extra_len=0):
+                   extra_len=0, n_visual=None):
   """Validates a generation / prefill request and packs it. Raises ValueError with one actionable line.
 
   input_ids (B, T) int; attention_mask (B, T) {0,1} or None (all real); pixel_values (B, H, W, 3) or None.
-  The packed length is round_up(max real length + extra_len, bucket).
+  The packed length is round_up(max real length + extra_len, bucket). n_visual: this call's image
+  placeholders per image (`projector.visual_token_count`; default the model's count).
   """
   ids = np.asarray(input_ids)
   if ids.ndim != 2 or ids.shape[0] == 0:
@@ -64,7 +65,7 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
   if longest + max_new_tokens > lc.max_position:
     raise ValueError(f'prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model\'s '
                      f'max_position={lc.max_position}; shorten the prompt or lower max_new_tokens')
-  n = num_image_tokens(model_cfg)
+  n = num_image_tokens(model_cfg) if n_visual is None else int(n_visual)
   n_img = ((ids == model_cfg.image_token_id) & mask).sum(-1).astype(np.int32)
   bad = np.flatnonzero((n_img != 0) & (n_img != n))
   if bad.size:
@@ -100,14 +101,14 @@ def boundaries(method, model_cfg):
   return tuple(sorted(p for p in pts if p > 0))
 
 
-def segment_sizes(method, model_cfg, n_real, n_img, t0, bucket, extra=0) -> Tuple[int, ...]:
+def segment_sizes(method, model_cfg, n_real, n_img, t0, bucket, extra=0, n_visual=None) -> Tuple[int, ...]:
   """Static sequence length of every segment (len(boundaries) + 1 entries), each <= the previous one.
 
   Per sample after drop i: real tokens − image tokens + min(k_i, image tokens) + 1 (the last token is
   always kept) + `extra` (generated tokens in no-cache decoding); threshold mode (k_i None) keeps the bound
-  of all image tokens.
+  of all image tokens. n_visual: this call's image tokens per image (default the model's count).
   """
-  n = num_image_tokens(model_cfg)
+  n = num_image_tokens(model_cfg) if n_visual is None else int(n_visual)
   pts = tuple(int(p) for p in method.drop_points(model_cfg))
   counts = tuple(method.keep_counts(n))
   if len(counts) != len(pts):

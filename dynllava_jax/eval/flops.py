@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynllava_jax.model import projector as P
 from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 from dynllava_jax.sparsity.base import keep_budget
 
@@ -31,7 +32,7 @@ def image_token_schedule(model_cfg, method=None, n_image=None):
 
   A threshold-mode drop (keep count None) is counted at the configured budget ⌊N·r_I⌋.
   """
-  n = num_image_tokens(model_cfg) if n_image is None else n_image
+  n = P.visual_token_count(model_cfg, method) if n_image is None else n_image
   layers = model_cfg.llm.layers
   sched = [n] * layers
   if method is None:
@@ -73,10 +74,17 @@ def vit_flops(vc, batch=1):
   return batch * (patch + run * layer)
 
 
-def projector_flops(model_cfg, batch=1):
-  n = num_image_tokens(model_cfg)
-  h = model_cfg.llm.hidden
-  return batch * (2 * n * model_cfg.vision.width * h + 2 * n * h * h)
+def projector_flops(model_cfg, batch=1, visual_tokens=None):
+  """The projector's matmuls at `visual_tokens` (MQT m; None = the model's count)."""
+  return P.projector_flops(model_cfg, visual_tokens, batch)
+
+
+def slot_flops(model_cfg, method=None, visual_tokens=None, batch=1):
+  """The visual-token slot of one call: projector at m, plus a pre-LLM reducer's own work
+  (`method.reduce_flops`), whose projector runs on the tokens it feeds it."""
+  if method is not None and getattr(method, 'reduces_visual', False):
+    return method.reduce_flops(model_cfg, visual_tokens, batch)
+  return projector_flops(model_cfg, batch, visual_tokens)
 
 
 def attention_pairs(t, causal_chunk=0):
@@ -111,26 +119,27 @@ def last_query_layer_flops(lc, t, batch=1):
 
 
 def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last', seq_lens=None,
-                  include_vision=True, causal_chunk=0, last_query=False):
+                  include_vision=True, causal_chunk=0, last_query=False, visual_tokens=None):
   """Analytic FLOPs of one prefill of `batch` prompts, each `text_tokens` text + N image tokens.
 
   seq_lens: optional per-layer sequence lengths (e.g. the engine's padded buckets); default = text tokens
   + the image tokens the method keeps in that layer. causal_chunk: the engine's query-chunked attention
   (`model.causal_chunk`; 0 = full t² attention, the model-level count). last_query: the engine's last
   layer computes its output for the last position only (`last_query_layer_flops`; needs lm_head='last').
-  Returns a dict of parts and 'total'.
+  visual_tokens: MQT m (the slot's count, `projector.visual_token_count`; a pre-LLM reducer method sets
+  its own k). Returns a dict of parts and 'total'.
   """
   if lm_head not in ('last', 'all'):
     raise ValueError(f"lm_head={lm_head!r}: use 'last' or 'all'")
   lc = model_cfg.llm
-  n = num_image_tokens(model_cfg)
+  n = P.visual_token_count(model_cfg, method, visual_tokens)
   sched = image_token_schedule(model_cfg, method, n)
   lens = [text_tokens + k for k in sched] if seq_lens is None else list(seq_lens)
   if len(lens) != lc.layers:
     raise ValueError(f'seq_lens has {len(lens)} entries; the LLM has {lc.layers} layers')
   out = {}
   out['vision'] = vit_flops(model_cfg.vision, batch) if include_vision else 0
-  out['projector'] = projector_flops(model_cfg, batch) if include_vision else 0
+  out['projector'] = slot_flops(model_cfg, method, visual_tokens, batch) if include_vision else 0
   per_layer = [llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)) for t in lens]
   if last_query:
     if lm_head != 'last':
@@ -189,9 +198,10 @@ def abstract_model(model_cfg):
   return nnx.split(model)
 
 
-def abstract_prompt(model_cfg, batch, text_tokens):
-  """Abstract (input_ids, pixel_values, attention_mask) of `batch` prompts with N image placeholders."""
-  n = num_image_tokens(model_cfg)
+def abstract_prompt(model_cfg, batch, text_tokens, n=None):
+  """Abstract (input_ids, pixel_values, attention_mask) of `batch` prompts with N (or n) image
+  placeholders."""
+  n = num_image_tokens(model_cfg) if n is None else n
   t = n + text_tokens
   s = model_cfg.vision.image_size
   return (jax.ShapeDtypeStruct((batch, t), jnp.int32),

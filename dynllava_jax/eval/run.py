@@ -186,27 +186,30 @@ def layer_lengths(method, model_cfg, sizes):
   return out
 
 
-def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16, xla=True):
+def engine_prefill_flops(model_cfg, method, text_tokens, batch=1, bucket=16, xla=True, visual_tokens=None):
   """(XLA FLOPs, analytic FLOPs) of the engine's prefill (`sparse_forward` with KV outputs) for `batch`
   prompts of `text_tokens` text + N image tokens, on abstract shapes (no weights are allocated).
-  xla=False skips XLA's count (a compile): (nan, analytic)."""
-  n = num_image_tokens(model_cfg)
+  xla=False skips XLA's count (a compile): (nan, analytic). visual_tokens: MQT m (N = m); a pre-LLM
+  reducer method sets its own N = k."""
+  from dynllava_jax.model.projector import visual_token_count  # pylint: disable=g-import-not-at-top
+  n = visual_token_count(model_cfg, method, visual_tokens)
   n_real = np.full((batch,), text_tokens + n, np.int32)
   n_img = np.full((batch,), n, np.int32)
   t0 = R.round_up(text_tokens + n, bucket)
-  sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket)
+  sizes = R.segment_sizes(method, model_cfg, n_real, n_img, t0, bucket, n_visual=n)
   analytic = F.prefill_flops(model_cfg, method, text_tokens, batch,
                              seq_lens=layer_lengths(method, model_cfg, sizes),
-                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True)['total']
+                             causal_chunk=int(model_cfg.get('causal_chunk', 0)), last_query=True,
+                             visual_tokens=visual_tokens)['total']
   if not xla:
     return float('nan'), analytic
   graphdef, state = F.abstract_model(model_cfg)
 
   def fn(state, ids, count, pix):
     model = nnx.merge(graphdef, state)
-    h, image_mask = model.embed(ids, pix)
+    h, image_mask = model.embed(ids, pix, visual_tokens, method)
     valid = jnp.arange(ids.shape[1])[None, :] < count[:, None]
-    out = sparse_forward(model, method, h, valid, image_mask, None, jax.random.key(0), sizes=sizes)
+    out = sparse_forward(model, method, h, valid, image_mask, None, jax.random.key(0), sizes=sizes, n_image=n)
     return out.logits_last, [s.kv for s in out.segments]
 
   s = model_cfg.vision.image_size
@@ -354,6 +357,11 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
   xla_flops=False XLA's FLOP count (nan; the analytic count stays)."""
   mc = model.mc
   method = make_sparsifier(name, config, **(overrides or {}))
+  from dynllava_jax.model.projector import visual_token_count  # pylint: disable=g-import-not-at-top
+  n_vis = visual_token_count(mc, method)
+  if n_vis != num_image_tokens(mc):     # a pre-LLM reducer (VisionZip, DivPrune): prompts with its k slots
+    from dynllava_jax.eval.visual_prompts import resize_sample  # pylint: disable=g-import-not-at-top
+    samples = [resize_sample(s, mc.image_token_id, n_vis) for s in samples]
   rng = jax.random.key(config.seed) if rng is None else rng
   max_new = int(config.eval.max_new_tokens)
   _ = method.drop_points(mc)          # a budget this model cannot run: one line before any compile
@@ -401,7 +409,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
                                runs=timing_runs)
     decode_ms = _decode_ms_per_token(model, config, method, ids, pix, mask, max_new, rng, timing_runs)
 
-  text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - num_image_tokens(mc)
+  text_tokens = int(round(np.mean([len(s['prompt_ids']) for s in samples]))) - n_vis
   xla, analytic = engine_prefill_flops(mc, method, max(text_tokens, 1), 1, int(config.eval.prefill_bucket),
                                        xla=xla_flops)
   n = len(samples)
@@ -409,7 +417,8 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'method': name,
       'accuracy': M.accuracy(scores),
       'ppl': M.perplexity(nll, cnt),
-      'kept_image_ratio': float(np.mean(img_ratios)) if img_ratios else 1.0,
+      # of the model's N image tokens (a pre-LLM reducer already kept n_vis of them before the LLM)
+      'kept_image_ratio': float(np.mean(img_ratios)) * n_vis / num_image_tokens(mc) if img_ratios else 1.0,
       'kept_text_ratio': float(np.mean(txt_ratios)) if txt_ratios else 1.0,
       'prefill_flops_eq13': F.eq13_flops(mc, method),
       'prefill_flops_xla': xla,

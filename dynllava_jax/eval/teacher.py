@@ -35,7 +35,7 @@ def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_
   lm = model.language_model
   n_layers = mc.llm.layers
   valid = attention_mask.astype(bool)
-  h, image_mask = model.embed(input_ids, pixel_values)
+  h, image_mask = model.embed(input_ids, pixel_values, None, method)   # a pre-LLM reducer acts in the slot
   positions = positions_from_mask(attention_mask)
   allowed = dense_allowed(attention_mask)
   t = input_ids.shape[1]

@@ -19,7 +19,7 @@ from dynllava_jax.model.attention import ATTENTION_IMPLS, causal_allowed, resolv
 from dynllava_jax.model import plan as P
 from dynllava_jax.model.llama import LAYER_KINDS, Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
-from dynllava_jax.model.projector import make_projector, num_visual_tokens
+from dynllava_jax.model.projector import make_projector, num_visual_tokens, visual_token_count
 from dynllava_jax.model.vision import VisionTower, select_features
 
 
@@ -46,6 +46,12 @@ def check_model_config(mc):
       r = sc[name]
       if not 0.0 < r <= 1.0:
         raise ValueError(f'sparse.{name}={r} must be in (0, 1]')
+  if mc.get('projector', 'mlp2x_gelu') == 'mqt':
+    from dynllava_jax.model.mqt import check_mqt_config  # pylint: disable=g-import-not-at-top
+    check_mqt_config(mc)
+  elif 'mqt' in mc and mc.mqt.get('sample_m', False):
+    raise ValueError(f'mqt.sample_m=True needs the MQT projector (model.projector=mqt); this model has '
+                     f"model.projector={mc.get('projector', 'mlp2x_gelu')}")
   if mc.attention not in ('masked_softmax_eps', 'exact_zero'):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
   if mc.get('attention_impl', 'auto') not in ATTENTION_IMPLS:
@@ -70,12 +76,13 @@ def dense_allowed(attention_mask):
   return causal_allowed(idx, idx, attention_mask)
 
 
-def check_placeholders(mc, input_ids):
-  """Eager calls only (a no-op under jit): every row holds 0 or exactly N image placeholders, else a
-  ValueError in one line (a short row would silently use only its first features)."""
+def check_placeholders(mc, input_ids, n=None):
+  """Eager calls only (a no-op under jit): every row holds 0 or exactly N image placeholders (n: this
+  call's count, default `num_visual_tokens(mc)`), else a ValueError in one line (a short row would
+  silently use only its first features)."""
   if isinstance(input_ids, jax.core.Tracer):
     return
-  n = num_visual_tokens(mc)
+  n = num_visual_tokens(mc) if n is None else n
   counts = (np.asarray(input_ids) == mc.image_token_id).sum(-1).reshape(-1)   # numpy: never staged
   bad = np.flatnonzero((counts != 0) & (counts != n))
   if bad.size:
@@ -123,26 +130,35 @@ class Llava(nnx.Module):
     feats = select_features(hidden, self.mc.vision.feature_select)
     return self.projector(feats, count)
 
-  def embed(self, input_ids, pixel_values=None):
-    """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask)."""
+  def visual_tokens(self, pixel_values, count=None, method=None):
+    """The visual-token slot for one call -> (B, n, hidden): the projector at `count` (MQT m; None = its
+    default), then `method.reduce_visual` when the method is a pre-LLM reducer (VisionZip, DivPrune)."""
+    if method is not None and getattr(method, 'reduces_visual', False):
+      return method.reduce_visual(self, pixel_values, count)
+    return self.image_features(pixel_values, count)
+
+  def embed(self, input_ids, pixel_values=None, count=None, method=None):
+    """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask).
+    count / method: this call's visual-token slot (`visual_tokens`); prompts carry that many placeholders."""
     if pixel_values is not None:
-      check_placeholders(self.mc, input_ids)
+      check_placeholders(self.mc, input_ids, visual_token_count(self.mc, method, count))
     image_mask = input_ids == self.mc.image_token_id
     h = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:
-      h = merge_image_features(h, self.image_features(pixel_values), image_mask)
+      h = merge_image_features(h, self.visual_tokens(pixel_values, count, method), image_mask)
     return h, image_mask
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None, *,
-               intermediates=False):
+               intermediates=False, visual_tokens=None, method=None):
     """Dense forward -> logits (B, T, vocab) float32; with intermediates=True -> (logits, aux), aux =
     {'hidden_in', 'hidden_out'}: each decoder layer's input and output (L, B, T, H) (nothing extra is
-    computed or kept when False)."""
+    computed or kept when False). visual_tokens: MQT m (prompts with m placeholders); method: a pre-LLM
+    reducer (VisionZip / DivPrune: prompts with its k placeholders)."""
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    h, _ = self.embed(input_ids, pixel_values)
+    h, _ = self.embed(input_ids, pixel_values, visual_tokens, method)
     out = self.language_model.run_layers(h, positions, dense_allowed(attention_mask), mode=self.mc.attention,
                                          remat=self.mc.remat, intermediates=intermediates)
     if not intermediates:

@@ -2,6 +2,12 @@
 
 pixel_values (B, H, W, 3) float32, CLIP-normalised -> hidden states (B, 1 + N, width), N = (H/p)·(W/p).
 Patch embedding is a matmul over flattened (p, p, 3) patches, identical to a stride-p conv without bias.
+
+Intermediates by request: `tower(pix, intermediates=True) -> (hidden, {'attn', 'keys'})` adds the last
+layer LLaVA runs (the feature layer's, e.g. HF `attentions[-2]` for feature_layer −2): its softmaxed
+attention (B, heads, 1 + N, 1 + N) fp32 and its keys (B, 1 + N, heads, head_dim) (k_proj output, before
+the split into heads is undone; VisionZip averages them over heads). Off (the default) the program is the
+plain one.
 """
 import jax
 import jax.numpy as jnp
@@ -27,14 +33,19 @@ class VisionLayer(nnx.Module):
     self.fc1 = L.dense(w, vc.mlp_dim, ('embed', 'mlp'), **kw)
     self.fc2 = L.dense(vc.mlp_dim, w, ('mlp', 'embed'), **kw)
 
-  def __call__(self, x):
+  def __call__(self, x, return_attn=False):
+    """x (B, T, w) -> (B, T, w); with return_attn -> (x, (probs (B, heads, T, T) fp32, keys (B, T, heads, hd)))."""
     b, t, w = x.shape
     y = self.ln1(x)
     split = lambda z: z.reshape(b, t, self.heads, w // self.heads)
     allowed = jnp.ones((b, t, t), bool)
-    o = dot_attention(split(self.q(y)), split(self.k(y)), split(self.v(y)), allowed)
+    k = split(self.k(y))
+    o = dot_attention(split(self.q(y)), k, split(self.v(y)), allowed, return_probs=return_attn)
+    if return_attn:
+      o, probs = o
     x = x + self.o(o.reshape(b, t, w))
-    return x + self.fc2(L.quick_gelu(self.fc1(self.ln2(x))))
+    x = x + self.fc2(L.quick_gelu(self.fc1(self.ln2(x))))
+    return (x, (probs, k)) if return_attn else x
 
 
 def sincos2d(side, width, temperature=10000.0):
@@ -95,8 +106,9 @@ class VisionTower(nnx.Module):
     x = pixel_values.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
-  def __call__(self, pixel_values, remat=False):
-    """Returns the selected hidden state (B, 1 + N, width) (CLS first; selection is the caller's)."""
+  def __call__(self, pixel_values, remat=False, intermediates=False):
+    """Returns the selected hidden state (B, 1 + N, width) (CLS first; selection is the caller's); with
+    intermediates=True (hidden, {'attn', 'keys'}) of the last layer run (module docstring)."""
     x = self.patch_embed(self.patchify(pixel_values.astype(self.dtype)))
     b = x.shape[0]
     cls = jnp.broadcast_to(self.class_embed[...].astype(x.dtype), (b, 1, x.shape[-1]))
@@ -104,10 +116,18 @@ class VisionTower(nnx.Module):
     x = self.pre_ln(x)
     x = constrain(x, ('act_batch', 'act_len', 'act_embed'))
     n = self.layers_to_run()
-    if n == 0:
+    if not intermediates:
+      if n == 0:
+        return x
+      x, _ = L.split_scan(self.layers, lambda layer, h, _: (layer(h), None), x, stop=n, remat=remat)
       return x
-    x, _ = L.split_scan(self.layers, lambda layer, h, _: (layer(h), None), x, stop=n, remat=remat)
-    return x
+    if n == 0:
+      raise ValueError('vision intermediates need at least one layer run (feature_layer selects the embeddings)')
+    if n > 1:
+      x, _ = L.split_scan(self.layers, lambda layer, h, _: (layer(h), None), x, stop=n - 1, remat=remat)
+    x, (probs, keys) = L.split_scan(self.layers, lambda layer, h, _: layer(h, return_attn=True), x,
+                                    start=n - 1, stop=n, remat=remat)
+    return x, {'attn': probs[0], 'keys': keys[0]}
 
 
 def select_features(hidden, strategy):

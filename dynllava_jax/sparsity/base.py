@@ -71,6 +71,8 @@ class ScoreContext:
   layer    int        static, the drop point
   model               the Llava module (for its layers' weights and the predictors)
   rng      PRNG key   for random methods
+  n_image  int        static, image tokens per image in this call (MQT m, a reducer's k); None = the
+                      model's count (`image_count(ctx)`)
   """
   h: Any
   h_prev: Optional[Any]
@@ -81,6 +83,12 @@ class ScoreContext:
   layer: int
   model: Any
   rng: Any = None
+  n_image: Optional[int] = None
+
+
+def image_count(ctx):
+  """Image tokens per image in the scored call: ctx.n_image, else the model's count."""
+  return int(ctx.model.num_image_tokens if ctx.n_image is None else ctx.n_image)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ logit0 > logit1 (no rate control), for every layer from `sparse_layer` on.
 import jax
 import jax.numpy as jnp
 
-from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, keep_budget
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, image_count, keep_budget
 
 
 def gather_image_tokens(h, image_mask, n):
@@ -62,7 +62,7 @@ class DynamicSparsifier(Sparsifier):
                        '(or use the dense method)')
 
   def score(self, i, ctx: ScoreContext):
-    n = ctx.model.num_image_tokens
+    n = image_count(ctx)
     h_img, idx, present = gather_image_tokens(ctx.h, ctx.image_mask, n)
     logits = ctx.model.image_score_predictor(h_img, present.astype(h_img.dtype))
     if self.topk:

@@ -7,7 +7,7 @@ The draw uses `ctx.rng` when the engine passes one (it folds in the drop index),
 import jax
 import jax.numpy as jnp
 
-from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, keep_budget
+from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, image_count, keep_budget
 
 
 class RandomKeep(Sparsifier):
@@ -31,7 +31,7 @@ class RandomKeep(Sparsifier):
     """Uniform draws indexed by (sample, image-token ordinal), so the choice does not depend on the
     sequence length, padding or packing. (B, T) float32."""
     key = ctx.rng if ctx.rng is not None else jax.random.fold_in(jax.random.key(self.seed), i)
-    n = int(ctx.model.num_image_tokens)
+    n = image_count(ctx)
     mask = ctx.image_mask.astype(bool)
     draws = jax.random.uniform(key, (mask.shape[0], n))
     ordinal = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, n - 1)

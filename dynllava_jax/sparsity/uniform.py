@@ -5,7 +5,7 @@ j = ⌊(i + ½)·N/k⌋ for some i < k (the centres of k equal strides).
 import numpy as np
 import jax.numpy as jnp
 
-from dynllava_jax.sparsity.base import ScoreContext
+from dynllava_jax.sparsity.base import ScoreContext, image_count
 from dynllava_jax.sparsity.random_keep import RandomKeep
 
 
@@ -21,7 +21,7 @@ class UniformKeep(RandomKeep):
 
   def score(self, i, ctx: ScoreContext):
     """1 on the stride centres, 0 elsewhere, minus a tiny ordinal term (deterministic order). (B, T)."""
-    n = int(ctx.model.num_image_tokens)
+    n = image_count(ctx)
     table = jnp.asarray(stride_table(n, self.keep_counts(n)[0]))
     mask = ctx.image_mask.astype(bool)
     ordinal = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, n - 1)   # (B, T)

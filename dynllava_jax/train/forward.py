@@ -20,6 +20,15 @@ Decisions (1 = keep), per sample b:
 Text-only samples keep every token (the released code instead skips the predictors for a whole batch that
 has one text-only sample).
 
+MQT-LLaVA (`model.projector='mqt'`): prompts carry M placeholders and the projector emits M tokens; one m
+per forward (`mqt.train_count`: M in stage 1, uniform over {2, 4, …, M} in stage 2 from the forward's key)
+and the image tokens past the first m leave the attention mask (no key, no RoPE position): the forward
+equals one on an m-placeholder prompt (tests/test_mqt.py). Padding to M keeps one compiled program for
+every m (buckets would compile up to M/2 programs and change the batch shapes between steps); the cost is
+the LLM work on M − m masked tokens. Their labels are ignored (image tokens carry no label); a labelled
+token right after the image would be scored from the last padding slot (not the case in LLaVA's templates:
+the image sits in the user turn).
+
 Loss (the released code; squared): token-mean CE (shifted, labels -100 ignored)
   + λ·mean_b q_b·(r_I − mean_i M_I[b, i])²              q_b = has_image[b]
   + λ·mean_b (t_b − mean_{i∈span} M_OT[b, i])²          t_b = r_OT if qualifies else stop_grad(own mean)
@@ -30,6 +39,7 @@ like short answers in the output-text term. An empty answer span has mean 0 / ma
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.model import mqt
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
 from dynllava_jax.sparsity.base import keep_budget, top_k_mask
@@ -140,13 +150,22 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   remat = mc.remat if remat is None else remat
   ids, mask = batch['input_ids'], batch['attention_mask']
   b, t = ids.shape
+  mqt_m = None
+  if mc.get('projector', 'mlp2x_gelu') == 'mqt':
+    # MQT-LLaVA: M placeholders and M projector tokens (static shapes, one program for every m); the
+    # image tokens past the first m leave the attention mask, so layers, positions and loss see m tokens.
+    mqt_m = mqt.train_count(mc, rng)
+    mask = mask * ~mqt.padding_slots(ids == mc.image_token_id, mqt_m)
   positions = positions_from_mask(mask)
   allowed = dense_allowed(mask)
   lm = model.language_model
   h, _ = model.embed(ids, batch['pixel_values'])
   if not sparse:
     h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat)
-    return {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
+    out = {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
+    if mqt_m is not None:
+      out['mqt_m'] = mqt_m
+    return out
   k = sc.sparse_layer
   h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat)
   out = {}
@@ -173,6 +192,8 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   out['keep'] = keep
+  if mqt_m is not None:
+    out['mqt_m'] = mqt_m
   return out
 
 

@@ -1,0 +1,215 @@
+"""MQT-LLaVA's Matryoshka query projector (`model.projector='mqt'`): one model, any visual-token count m.
+
+Facts: ../shared/METHODS.md §2 (released `Resampler`, MQT-LLaVA `llava/model/multimodal_projector/builder.py`).
+
+    proj = MatryoshkaQueryProjector(mc, dtype=..., param_dtype=..., rngs=...)
+    out = proj(feats, count=m)       # feats (B, N, w) CLIP patch features -> (B, m, H), 1 <= m <= M
+
+With w = vision width, M = `mqt.queries` (a square: its grid side g = √M), heads = `mqt.heads`,
+N = s² patches (s = image_size / patch_size; CLS dropped, feature_select='default'):
+
+    pos   (M, w)  the 2-D sine-cosine table on the g×g grid (MAE form, `vision.sincos2d`), initialised
+                  with fp16-rounded values (the release stores it fp16) and frozen unless trained
+    pos_k (N, w)  pos bicubically interpolated to the s×s patch grid (torch F.interpolate(mode='bicubic',
+                  align_corners=False): cubic convolution A = −0.75, half-pixel centres, edge clamp)
+    q = ln_q(query[:m] + pos[:m])   (m, w)          k = ln_k(pos_k)   (N, w)      v = ln_v(feats) (B, N, w)
+    one multi-head attention (packed in-projection `in_proj` with bias, `out_proj` with bias), softmax in
+    fp32; no LayerNorm after it; then `proj` (w -> H, no bias). Every LayerNorm has eps `mqt.ln_eps` (1e-6).
+
+The keys depend on positions only, so the attention weights (heads, m, N) do not depend on the image
+(`attention`), and queries do not attend to each other: the m-token output is exactly the first m rows of
+the M-token output. `count` is static (a Python int): each m is its own program; training pads to M and
+masks (`train/forward.py`).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dynllava_jax.model import layers as L
+from dynllava_jax.model.vision import sincos2d
+
+BICUBIC_A = -0.75   # torch's cubic-convolution coefficient
+
+
+def _cubic_weights(t, a=BICUBIC_A):
+  """Weights of the 4 taps at offsets −1, 0, 1, 2 for fractional position t in [0, 1) (torch's
+  cubic_convolution1 / cubic_convolution2)."""
+  def near(x):        # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):         # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.array([far(t + 1), near(t), near(1 - t), far(2 - t)], np.float64)
+
+
+def bicubic_matrix(n_in, n_out):
+  """(n_out, n_in) float64 matrix W with out = W @ in along one axis, equal to torch's
+  `F.interpolate(mode='bicubic', align_corners=False)` (source x = (i + 0.5)·n_in/n_out − 0.5, taps
+  clamped to the edge, no antialiasing). n_in == n_out gives the identity."""
+  w = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
+  for i in range(n_out):
+    x = (i + 0.5) * scale - 0.5
+    x0 = math.floor(x)
+    for tap, c in zip(range(x0 - 1, x0 + 3), _cubic_weights(x - x0)):
+      w[i, min(max(tap, 0), n_in - 1)] += c
+  return w
+
+
+def interpolate_grid(table, side_in, side_out):
+  """table (side_in², w) in row-major grid order -> (side_out², w), bicubic per channel (fp32)."""
+  if side_in == side_out:
+    return table
+  m = jnp.asarray(bicubic_matrix(side_in, side_out), jnp.float32)
+  w = table.shape[-1]
+  grid = table.astype(jnp.float32).reshape(side_in, side_in, w)
+  cols = jnp.einsum('xj,ijc->ixc', m, grid)          # columns first, then rows (separable)
+  return jnp.einsum('yi,ixc->yxc', m, cols).reshape(side_out * side_out, w)
+
+
+def grid_side(n, what):
+  s = math.isqrt(int(n))
+  if s * s != int(n):
+    raise ValueError(f'{what}={n} must be a perfect square (a g×g grid)')
+  return s
+
+
+def check_mqt_config(mc):
+  """One-line ValueError for an impossible MQT config."""
+  qc, vc = mc.mqt, mc.vision
+  grid_side(qc.queries, 'mqt.queries')
+  if qc.queries < 1:
+    raise ValueError(f'mqt.queries={qc.queries} must be >= 1')
+  if vc.width % qc.heads:
+    raise ValueError(f'mqt.heads={qc.heads} must divide the vision width {vc.width}')
+  if vc.feature_select != 'default':
+    raise ValueError("model.projector='mqt' reads the patch grid: use vision.feature_select='default' (no CLS)")
+  if vc.width % 4:
+    raise ValueError(f'model.projector=mqt: the sine-cosine table needs a vision width divisible by 4, got '
+                     f'{vc.width}')
+
+
+class MatryoshkaQueryProjector(nnx.Module):
+  """The Matryoshka query transformer (see the module docstring). Parameters (our names = the release's):
+  query (M, w), pos_embed (M, w), ln_q / ln_k / ln_v, in_proj (w, 3w) + bias, out_proj (w, w) + bias,
+  proj (w, H) without bias."""
+
+  def __init__(self, mc, *, dtype, param_dtype, rngs):
+    check_mqt_config(mc)
+    qc, vc = mc.mqt, mc.vision
+    w, big_m = vc.width, int(qc.queries)
+    self.num_queries, self.heads, self.width = big_m, int(qc.heads), w
+    self.side_q = grid_side(big_m, 'mqt.queries')
+    self.side_k = vc.image_size // vc.patch_size
+    self.dtype = dtype
+    init = nnx.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)   # timm: ±2 absolute
+    self.query = nnx.Param(init(rngs.params(), (big_m, w), param_dtype), out_sharding=('positions', 'embed'))
+    with jax.ensure_compile_time_eval():      # a constant (also under eval_shape)
+      table = np.asarray(sincos2d(self.side_q, w)).astype(np.float16).astype(np.float32)
+    self.pos_embed = nnx.Param(jnp.asarray(table, param_dtype), out_sharding=('positions', 'embed'))
+    eps = float(qc.ln_eps)
+    self.ln_q = L.LayerNorm(w, eps, param_dtype=param_dtype)
+    self.ln_k = L.LayerNorm(w, eps, param_dtype=param_dtype)
+    self.ln_v = L.LayerNorm(w, eps, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=True)
+    self.in_proj = L.dense(w, 3 * w, ('embed', 'heads'), **kw)
+    self.out_proj = L.dense(w, w, ('heads', 'embed'), **kw)
+    h = mc.llm.hidden
+    self.proj = L.dense(w, h, ('patch', 'embed'), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                        std=h ** -0.5)
+
+  @staticmethod
+  def num_tokens(mc, count=None):
+    big_m = int(mc.mqt.queries)
+    if count is None:
+      return big_m
+    return check_count(mc, count)
+
+  def _in(self, x, part):
+    """Slice `part` (0 q, 1 k, 2 v) of the packed in-projection: x (..., w) -> (..., w)."""
+    w = self.width
+    k = self.in_proj.kernel[...][:, part * w:(part + 1) * w].astype(self.dtype)
+    b = self.in_proj.bias[...][part * w:(part + 1) * w].astype(self.dtype)
+    return x.astype(self.dtype) @ k + b
+
+  def key_positions(self):
+    """pos_k (N, w): the query grid's table interpolated to the patch grid."""
+    return interpolate_grid(self.pos_embed[...], self.side_q, self.side_k)
+
+  def attention(self, count=None):
+    """Attention probabilities (heads, m, N) float32 — a function of the parameters only (no image)."""
+    m = self.num_queries if count is None else int(count)
+    hd = self.width // self.heads
+    q = self.ln_q(self.query[...][:m] + self.pos_embed[...][:m])
+    k = self.ln_k(self.key_positions().astype(self.pos_embed[...].dtype))
+    qh = self._in(q, 0).reshape(m, self.heads, hd)
+    kh = self._in(k, 1).reshape(-1, self.heads, hd)
+    s = jnp.einsum('mhd,nhd->hmn', qh.astype(jnp.float32), kh.astype(jnp.float32)) / math.sqrt(hd)
+    return jax.nn.softmax(s, axis=-1)
+
+  def __call__(self, x, count=None):
+    """x (B, N, w) patch features -> (B, m, H); m = count or M."""
+    b, n, w = x.shape
+    if n != self.side_k ** 2:
+      raise ValueError(f'mqt projector: got {n} features, expected {self.side_k ** 2} patches')
+    hd = w // self.heads
+    p = self.attention(count)
+    v = self._in(self.ln_v(x), 2).reshape(b, n, self.heads, hd)
+    o = jnp.einsum('hmn,bnhd->bmhd', p.astype(v.dtype), v).reshape(b, p.shape[1], w)
+    return self.proj(self.out_proj(o))
+
+
+def check_count(mc, count):
+  """The visual-token count m of an MQT model: an int in 1..M, else a one-line UserError."""
+  from dynllava_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  big_m = int(mc.mqt.queries)
+  try:
+    m = int(count)
+  except (TypeError, ValueError):
+    raise UserError(f'visual tokens m={count!r} must be an integer in 1..{big_m}') from None
+  if m != count or not 1 <= m <= big_m:
+    raise UserError(f'visual tokens m={count} is outside 1..{big_m} (mqt.queries of this model)')
+  return m
+
+
+def mqt_flops(mc, count=None, batch=1):
+  """Matmul FLOPs of one projector call as computed here: the query/key side once per call (image-
+  independent: q/k projections and scores), the value side per image."""
+  w, h = mc.vision.width, mc.llm.hidden
+  m = int(mc.mqt.queries) if count is None else int(count)
+  s = mc.vision.image_size // mc.vision.patch_size
+  n = s * s
+  g = grid_side(mc.mqt.queries, 'mqt.queries')
+  interp = 0 if g == s else 2 * g * s * g * w + 2 * s * g * s * w   # the two separable contractions
+  once = interp + 2 * m * w * w + 2 * n * w * w + 2 * m * n * w      # q proj, k proj, scores
+  per_image = 2 * n * w * w + 2 * m * n * w + 2 * m * w * w + 2 * m * w * h   # v, p·v, out_proj, proj
+  return once + batch * per_image
+
+
+def sample_counts(rng, big_m, shape=()):
+  """Stage-2 draw: m uniform over {2, 4, …, M} (M even; odd M: up to M − 1) — int32 of `shape`."""
+  return 2 * jax.random.randint(rng, shape, 1, big_m // 2 + 1, dtype=jnp.int32)
+
+
+MQT_STREAM = 3   # fold_in index of the m draw in a training forward's key (Gumbel streams use 0..2)
+
+
+def train_count(mc, rng):
+  """The m of one training forward (a traced int32 scalar): M in stage 1 (`mqt.sample_m` False) or
+  without a key (evaluation); else a draw from {2, 4, …, M} on fold_in(rng, MQT_STREAM). The key is the
+  micro-batch's (train/step.py: fold_in(fold_in(state rng, step), micro index)), so the draw is part of
+  the checkpointed RNG stream: a resumed run draws the same m at the same step."""
+  big_m = int(mc.mqt.queries)
+  if not mc.mqt.get('sample_m', False) or rng is None:
+    return jnp.int32(big_m)
+  return sample_counts(jax.random.fold_in(rng, MQT_STREAM), big_m)
+
+
+def padding_slots(image_mask, m):
+  """Training pads every image to M tokens: the placeholders past the first m of each row (B, T) bool.
+  Masking them out of the attention mask (no key, no position) makes the forward equal to one on a
+  prompt with m placeholders."""
+  ordinal = jnp.cumsum(image_mask.astype(jnp.int32), axis=-1) - 1
+  return image_mask & (ordinal >= m)
