@@ -2,18 +2,26 @@
 
     out = pretrain_tower(config, out_dir)     # writes <out_dir>/params (orbax, {'vision_tower': ...})
 
-The tower (`model.vision`, the same `VisionTower` LLaVA runs, up to its feature layer) is trained on
-per-cell digit classification from its patch tokens: a `CellHead` of g² learned cell queries attends over
-the selected patch tokens (CLS dropped, as LLaVA feeds them) and classifies each cell into 11 classes
-(digits 0..9, 10 = empty). The head is thrown away; `<out_dir>/params` holds the tower's params in the
-`dynllava_jax.convert` layout, so `train.init_from` of the next stage loads them (its other modules keep
-their fresh init) and `train.freeze_vision` keeps them frozen from then on.
+The tower (`model.vision`, the same `VisionTower` LLaVA runs, up to its feature layer) is trained on the
+patch tokens LLaVA feeds the projector (CLS dropped), with throw-away heads (`TowerClassifier`):
+  objective 'patches' (the demo's): every patch token classifies its own cell's digit (11 classes: digits
+            0..9, 10 = empty) through one LayerNorm + Linear — a dense, segmentation-like target, so each
+            token the LLM reads says what its cell holds; a cell's prediction is the mean of its patches'
+            logits;
+  objective 'cells':  a `CellHead` of g² learned cell queries attends over the patch tokens and classifies
+            each cell;
+  where_weight > 0:   every patch token also classifies which cell it lies in (`patch_cells`), so the
+            tokens say where they come from (the LLM finds "row r column c" by content, not only by RoPE).
+The heads are thrown away; `<out_dir>/params` holds the tower's params in the `dynllava_jax.convert`
+layout, so `train.init_from` of the next stage loads them (its other modules keep their fresh init) and
+`train.freeze_vision` keeps them frozen from then on.
 
 Canvases come from `digits_vqa.draw_grid` / `render_canvas` with the dataset's geometry
 (`data.digits.canvas_size`, `grid`), from the train split's source digits (a pool of `tower.pool` canvases
-drawn by (seed, 'tower', i)); the held-out accuracy uses `tower.eval_canvases` canvases from the validation
-split's source digits. Pixels go through `images.preprocess`, the pipeline's own LLaVA/CLIP preprocessing.
-Config section `tower`: steps, batch_size, lr, weight_decay, warmup_ratio, pool, eval_canvases, log_every.
+drawn by (seed, 'tower', i)); the held-out accuracy (per cell) uses `tower.eval_canvases` canvases from the
+validation split's source digits. Pixels go through `images.preprocess`, the pipeline's own LLaVA/CLIP
+preprocessing. Config section `tower`: steps, batch_size, lr, weight_decay, warmup_ratio, pool,
+eval_canvases, log_every, objective, where_weight.
 """
 import json
 import os
