@@ -1,6 +1,6 @@
 """The demo's staged toy LLaVA recipe (`make demo`, scripts/demo.py): one config per stage.
 
-    configs/demo.py:stage=0      tower pretraining (CLIP's role): per-cell digit classification
+    configs/demo.py:stage=0      tower pretraining (CLIP's role): per-patch digit + cell classification
     configs/demo.py:stage=1      alignment: projector only, on captions (LLaVA's pretrain stage)
     configs/demo.py:stage=2      instruction tuning: LLM + projector (the dense LLaVA)
     configs/demo.py:stage=3      Dynamic-LLaVA fine-tune from stage 2
