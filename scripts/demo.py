@@ -4,7 +4,7 @@
 
 Stages (configs/demo.py:stage=K; each cached in <workdir>/stage<K>_<name>/, skipped on a re-run while its
 config and every upstream config are unchanged — dynllava_jax/demo/stages.py):
-  0 tower     pretrain the tiny ViT on per-cell digit classification, then freeze it
+  0 tower     pretrain the tiny ViT (each patch token: its cell's digit and which cell), then freeze it
   1 align     projector only, on captions
   2 instruct  LLM + projector on the digits questions: the dense LLaVA
   3 dynamic   Dynamic-LLaVA fine-tune from stage 2

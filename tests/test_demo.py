@@ -34,6 +34,9 @@ def test_geometry_cells_align_with_patches_and_descriptions_qualify():
     for col in range(2):
       ink = canvas[32 * r:32 * r + 32, 32 * col:32 * col + 32].mean()
       assert (ink > 20) == (g[r][col] is not None)     # every digit stays inside its own 4x4 patch block
+  from dynllava_jax.demo.tower import patch_cells
+  cells = patch_cells(d.canvas_size, d.grid, v.image_size, v.patch_size).reshape(8, 8)   # stage 0's 'where'
+  np.testing.assert_array_equal(cells, np.repeat(np.repeat(np.arange(4).reshape(2, 2), 4, 0), 4, 1))
 
 
 def test_builder_options_name_the_dataset():

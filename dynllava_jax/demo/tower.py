@@ -2,18 +2,26 @@
 
     out = pretrain_tower(config, out_dir)     # writes <out_dir>/params (orbax, {'vision_tower': ...})
 
-The tower (`model.vision`, the same `VisionTower` LLaVA runs, up to its feature layer) is trained on
-per-cell digit classification from its patch tokens: a `CellHead` of g² learned cell queries attends over
-the selected patch tokens (CLS dropped, as LLaVA feeds them) and classifies each cell into 11 classes
-(digits 0..9, 10 = empty). The head is thrown away; `<out_dir>/params` holds the tower's params in the
-`dynllava_jax.convert` layout, so `train.init_from` of the next stage loads them (its other modules keep
-their fresh init) and `train.freeze_vision` keeps them frozen from then on.
+The tower (`model.vision`, the same `VisionTower` LLaVA runs, up to its feature layer) is trained on the
+patch tokens LLaVA feeds the projector (CLS dropped), with throw-away heads (`TowerClassifier`):
+  objective 'patches' (the demo's): every patch token classifies its own cell's digit (11 classes: digits
+            0..9, 10 = empty) through one LayerNorm + Linear — a dense, segmentation-like target, so each
+            token the LLM reads says what its cell holds; a cell's prediction is the mean of its patches'
+            logits;
+  objective 'cells':  a `CellHead` of g² learned cell queries attends over the patch tokens and classifies
+            each cell;
+  where_weight > 0:   every patch token also classifies which cell it lies in (`patch_cells`), so the
+            tokens say where they come from (the LLM finds "row r column c" by content, not only by RoPE).
+The heads are thrown away; `<out_dir>/params` holds the tower's params in the `dynllava_jax.convert`
+layout, so `train.init_from` of the next stage loads them (its other modules keep their fresh init) and
+`train.freeze_vision` keeps them frozen from then on.
 
 Canvases come from `digits_vqa.draw_grid` / `render_canvas` with the dataset's geometry
 (`data.digits.canvas_size`, `grid`), from the train split's source digits (a pool of `tower.pool` canvases
-drawn by (seed, 'tower', i)); the held-out accuracy uses `tower.eval_canvases` canvases from the validation
-split's source digits. Pixels go through `images.preprocess`, the pipeline's own LLaVA/CLIP preprocessing.
-Config section `tower`: steps, batch_size, lr, weight_decay, warmup_ratio, pool, eval_canvases, log_every.
+drawn by (seed, 'tower', i)); the held-out accuracy (per cell) uses `tower.eval_canvases` canvases from the
+validation split's source digits. Pixels go through `images.preprocess`, the pipeline's own LLaVA/CLIP
+preprocessing. Config section `tower`: steps, batch_size, lr, weight_decay, warmup_ratio, pool,
+eval_canvases, log_every, objective, where_weight.
 """
 import json
 import os
@@ -47,6 +55,12 @@ def tower_defaults():
   c.pool = 4096
   c.eval_canvases = 512
   c.log_every = 100
+  # Weight of the per-patch 'where' loss: every patch token also classifies which cell it lies in (a
+  # segmentation-like dense objective), so the features the LLM reads say where they come from. 0 = off.
+  c.where_weight = 1.0
+  # 'cells': g² learned cell queries pool the patch tokens and classify each cell (`CellHead`);
+  # 'patches': every patch token classifies its own cell's digit (a dense, segmentation-like objective).
+  c.objective = 'patches'
   return c
 
 
@@ -75,17 +89,56 @@ class CellHead(nnx.Module):
 
 
 class TowerClassifier(nnx.Module):
-  def __init__(self, vision_cfg, cells, *, rngs):
+  """The tower and its throw-away heads. objective 'cells': a `CellHead` classifies each cell; 'patches':
+  every patch token classifies its own cell's digit (a linear head; a cell's logits are the mean over its
+  patches). Both: every patch token also classifies which cell it lies in (the 'where' head).
+
+  pixels (B, S, S, 3) -> (cell logits (B, g², 11) or None, per-patch digit logits (B, N, 11) or None,
+  per-patch cell logits (B, N, g²)); `cell_logits` turns the second into the first."""
+
+  def __init__(self, vision_cfg, cells, objective='cells', *, rngs):
     self.vision_tower = VisionTower(vision_cfg, rngs=rngs)
-    n = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    self.head = CellHead(vision_cfg.width, cells, n, rngs=rngs)
+    n, w = (vision_cfg.image_size // vision_cfg.patch_size) ** 2, vision_cfg.width
+    self.objective = objective
+    if objective == 'cells':
+      self.head = CellHead(w, cells, n, rngs=rngs)
+    elif objective == 'patches':
+      self.head_ln = nnx.LayerNorm(w, rngs=rngs)
+      self.head = nnx.Linear(w, NUM_CLASSES, rngs=rngs)
+    else:
+      raise ValueError(f"tower.objective={objective!r}: use 'cells' or 'patches'")
+    self.where_ln = nnx.LayerNorm(w, rngs=rngs)
+    self.where_head = nnx.Linear(w, cells, rngs=rngs)
     self.feature_select = vision_cfg.feature_select
 
   def __call__(self, pixels):
     feats = select_features(self.vision_tower(pixels), self.feature_select)
     if self.feature_select == 'full':
       feats = feats[:, 1:]
-    return self.head(feats)
+    where = self.where_head(self.where_ln(feats))
+    if self.objective == 'cells':
+      return self.head(feats), None, where
+    return None, self.head(self.head_ln(feats)), where
+
+
+def cell_logits(out, patch_cell, cells):
+  """The per-cell logits (B, g², 11) of a `TowerClassifier` output: its own, or the mean of the per-patch
+  logits over each cell's patches (patch_cell (N,) int: each patch's cell)."""
+  if out[0] is not None:
+    return out[0]
+  onehot = jax.nn.one_hot(patch_cell, cells, dtype=out[1].dtype)              # (N, g²)
+  return jnp.einsum('bnk,nc->bck', out[1], onehot / jnp.maximum(onehot.sum(0), 1.0))
+
+
+def patch_cells(canvas_size, grid, image_size, patch_size):
+  """(N,) int32: the cell (row-major, 0..g²-1) holding each patch's centre (canvas resized to image_size,
+  as `images.preprocess` does; cells as `digits_vqa.render_canvas` lays them out)."""
+  side = image_size // patch_size
+  centre = (np.arange(side) + 0.5) * patch_size * canvas_size / image_size
+  cell = canvas_size // grid
+  margin = (canvas_size - grid * cell) // 2
+  rc = np.clip(np.floor((centre - margin) / cell).astype(np.int32), 0, grid - 1)
+  return (rc[:, None] * grid + rc[None, :]).reshape(-1)
 
 
 def make_canvases(config, split, count, stream):
@@ -126,16 +179,29 @@ def pretrain_tower(config, out_dir, report=print):
   ev_x, ev_y = make_canvases(config, 'validation', int(t.eval_canvases), 102)
   report(f'stage 0: {len(pool_x)} train canvases, {len(ev_x)} held-out ({time.time() - t0:.0f} s); '
          f'{t.steps} steps at batch {t.batch_size}')
-  model = TowerClassifier(config.model.vision, g * g, rngs=nnx.Rngs(int(config.seed)))
+  where = patch_cells(int(config.data.digits.canvas_size), g, int(config.model.vision.image_size),
+                      int(config.model.vision.patch_size))
+  model = TowerClassifier(config.model.vision, g * g, str(t.get('objective', 'cells')),
+                          rngs=nnx.Rngs(int(config.seed)))
   sched = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), max(1, int(t.warmup_ratio * t.steps)),
                                              max(int(t.steps), 2))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=float(t.weight_decay)))
   graphdef, params = nnx.split(model, nnx.Param)
   opt_state = tx.init(params)
 
+  where = jnp.asarray(where)
+  ww = float(t.get('where_weight', 0.0))
+
   def loss_fn(p, x, y):
-    logits = nnx.merge(graphdef, p)(x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    out = nnx.merge(graphdef, p)(x)
+    logits, per_patch, where_logits = cell_logits(out, where, g * g), out[1], out[2]
+    if per_patch is None:
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    else:   # each patch token: its cell's class
+      ce = optax.softmax_cross_entropy_with_integer_labels(per_patch, y[:, where]).mean()
+    if ww:
+      ce = ce + ww * optax.softmax_cross_entropy_with_integer_labels(
+          where_logits, jnp.broadcast_to(where, where_logits.shape[:2])).mean()
     return ce, jnp.mean(jnp.argmax(logits, -1) == y)
 
   @jax.jit
@@ -146,7 +212,7 @@ def pretrain_tower(config, out_dir, report=print):
 
   @jax.jit
   def predict(p, x):
-    return jnp.argmax(nnx.merge(graphdef, p)(x), -1)
+    return jnp.argmax(cell_logits(nnx.merge(graphdef, p)(x), where, g * g), -1)
 
   order_rng = np.random.default_rng([int(config.seed), 103])
   loss = acc = float('nan')
