@@ -16,6 +16,7 @@ from flax import nnx
 from dynllava_jax import convert, hf
 from dynllava_jax.errors import UserError
 from dynllava_jax.model import lora as LR
+from dynllava_jax.tools import adapters as AD
 from dynllava_jax.model import plan as P
 from dynllava_jax.model.llama import LAYER_KINDS
 from dynllava_jax.model.llava import Llava, check_model_config
@@ -161,8 +162,8 @@ def test_lora_zero_init_merge_and_adapters(tiny, tmp_path):
   np.testing.assert_allclose(w, layer1.kernel[...][0] + (mc.lora.alpha / 4) * ab, rtol=1e-5, atol=1e-6)
   # Adapters saved apart (small) with the base reference; loading gives the same model back.
   base = convert.save_params(ref, cfg.model, str(tmp_path / 'base'))
-  LR.save_adapters(str(tmp_path / 'ad'), model, mc, base)
-  back, _ = LR.load_adapters(str(tmp_path / 'ad'))
+  AD.save_adapters(str(tmp_path / 'ad'), model, mc, base)
+  back, _ = AD.load_adapters(str(tmp_path / 'ad'))
   flat = lambda m: {k: np.asarray(v) for k, v in zip(_paths(nnx.to_pure_dict(nnx.state(m, nnx.Param))),
                                                      jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param))))}
   got, exp = flat(back), flat(model)

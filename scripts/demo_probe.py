@@ -1,7 +1,7 @@
 """Teacher-forced look at a trained demo stage (the figures of docs/demo.md's second table).
 
-    python -m dynllava_jax.demo.probe <workdir>/stage2_instruct 2 [--samples 300]
-    python -m dynllava_jax.demo.probe <workdir>/stage3_dynamic 3
+    python scripts/demo_probe.py <workdir>/stage2_instruct 2 [--samples 300]
+    python scripts/demo_probe.py <workdir>/stage3_dynamic 3
 
 Prints, per question type of the validation split, the teacher-forced answer accuracy (every token of the
 last answer right, `train.evaluate.answer_table`: sparse models with inference-style decisions, top-k image
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
