@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(VPY) benchmarks/decode_step.py --batch 8 --capacities 128,768,1536 --runs 3 --json $(BENCH_OUT)/decode_step_b8.json
 	$(VPY) benchmarks/decode_step.py --batch 1 --capacities 128,768 --blocks 8 --json $(BENCH_OUT)/decode_step_b1_blocks8.json
 	$(VPY) benchmarks/cpu_kernels.py --json $(BENCH_OUT)/cpu_kernels.json
+	$(VPY) benchmarks/train_step.py --batches 1 --runs 3 --no_memory --json $(BENCH_OUT)/train_step_b1.json
+	$(VPY) benchmarks/mqt_prefill.py --runs 5 --json $(BENCH_OUT)/mqt_prefill.json
 	$(VPY) benchmarks/summarize.py $(BENCH_OUT)/*.json
 
 lock: $(STAMP)
