@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact pins on Python 3.11; plain ranges elsewhere (jax >= 0.11 needs Python >= 3.12).
 CONSTRAINTS := $(shell $(PY) -c 'import sys; print("-c constraints-py311.txt" if sys.version_info[:2]==(3,11) else "")')
 WORKDIR ?= runs/demo
-PYTEST_ARGS ?= -n 3
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup demo test lock clean bench
 
