@@ -75,8 +75,11 @@ class Preemption:
     return bool(multihost_utils.process_allgather(np.asarray(self.flag)).any())
 
   def close(self):
+    """Restores the previous handlers; once a stop was requested (and the run saved), further SIGTERMs
+    are ignored instead: a supervisor repeating its SIGTERM while the process exits must not turn exit 0
+    into -15."""
     for sig, h in self._old.items():
-      signal.signal(sig, h)
+      signal.signal(sig, signal.SIG_IGN if self.flag and sig == signal.SIGTERM else h)
 
 
 class Trainer:
