@@ -154,6 +154,19 @@ def test_bad_budgets_are_one_line():
     DivPrune(tokens=65).validate(mc, 65)
   with pytest.raises(UserError, match=r'ratio=0 must be in \(0, 1\]'):
     DivPrune(ratio=0)
+  with pytest.raises(UserError, match=r'visionzip: ratio=1.5 must be in \(0, 1\]'):
+    make_sparsifier('visionzip', mc, ratio=1.5)
+
+
+def test_keep_ratio_knobs_of_the_reducers():
+  """`eval.py --keep_ratios` reaches the reducers: r -> round(r·64) of the tiny tower's 64 patches."""
+  from dynllava_jax.eval.budgets import sweep_points
+  mc = get_config('size=tiny,dense=True').model
+  points = sweep_points(['visionzip', 'divprune'], keep_ratios=[0.2, 0.5])
+  got = [(m, make_sparsifier(m, mc, **o).visual_tokens(mc, 64)) for m, o in points]
+  assert got == [('visionzip', 13), ('visionzip', 32), ('divprune', 13), ('divprune', 32)]
+  vz = make_sparsifier('visionzip', mc, ratio=0.2)
+  assert (vz.dominant, vz.contextual) == split_budget(13)
 
 
 def test_eval_samples_resized_to_k_slots():

@@ -18,6 +18,8 @@ KEEP_KNOBS = {
     'uniform': lambda r: {'keep_ratio': r},
     'fastv': lambda r: {'r': round(1.0 - r, 6)},                        # R = the fraction dropped
     'pdrop': lambda r: {'ratios': (r, r / 2, r / 4)},                   # λ, λ/2, λ/4 (default λ = 0.5)
+    'visionzip': lambda r: {'ratio': r},                                # k = round(r·N) before the LLM
+    'divprune': lambda r: {'ratio': r},
 }
 
 

@@ -3,6 +3,7 @@ Facts: ../shared/METHODS.md, "Training-free reducers before the LLM" (released d
 
     method = make_sparsifier('visionzip', cfg, tokens=64)              # D = 54 dominant (CLS included) + C = 10
     method = make_sparsifier('visionzip', cfg, dominant=108, contextual=20)
+    method = make_sparsifier('visionzip', cfg, ratio=0.1)              # k = round(0.1·N) tokens
 
 It reads the feature layer's hidden states (CLS included), softmaxed attention and keys (the tower's
 intermediates, `model/vision.py`; no second tower) and hands the projector k = D + C tokens:
@@ -124,4 +125,16 @@ class VisionZip(Sparsifier):
     return {'method': self.name, 'dominant': self.dominant, 'contextual': self.contextual}
 
 
-registry.register('visionzip', lambda mc, **kw: VisionZip(**kw))
+def _make(mc, ratio=None, **kw):
+  """`ratio=r` (a keep fraction, `eval.py --keep_ratios`) -> tokens = round(r·N) of the tower's N patches."""
+  if ratio is not None:
+    if 'tokens' in kw:
+      raise UserError('visionzip: give tokens=k or ratio=r, not both')
+    if not 0.0 < float(ratio) <= 1.0:
+      raise UserError(f'visionzip: ratio={ratio} must be in (0, 1]')
+    patches = (mc.vision.image_size // mc.vision.patch_size) ** 2
+    kw['tokens'] = max(2, int(round(float(ratio) * patches)))   # CLS + at least one patch
+  return VisionZip(**kw)
+
+
+registry.register('visionzip', _make)
