@@ -76,7 +76,8 @@ def load_model(config, workdir, allow_random_init=False, report_fn=print, step=N
     mesh = shd.make_mesh(config.mesh)
     tx = optim.make_optimizer(config.train, optim.restart_step(config))
     graphdef, abstract, sh = st.state_shardings(mesh, config, tx)
-    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False,   # frozen params left out: rebuilt as training did
+                               frozen_source=lambda: st.init_frozen(mesh, config, tx, sh))
     try:
       if step is not None and int(step) not in ck.steps():
         raise UserError(f'--step {step}: {ckpt_dir} has steps {ck.steps()}')

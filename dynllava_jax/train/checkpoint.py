@@ -1,9 +1,12 @@
 """One checkpoint bundle per step in `<workdir>/checkpoints/<step>/`, via an orbax CheckpointManager:
 
-  state: params + frozen params + optimizer state + step + RNG key (orbax StandardSave, sharded arrays)
+  state: params + frozen params + optimizer state + step + RNG key (orbax StandardSave, sharded arrays);
+         with `save_frozen=False` (train.save_frozen) without the frozen params
   data:  the grain iterator state (`DataIterator.get_state()`, JSON)
   meta:  the state's signature (path, shape, dtype of every leaf) and digest (per leaf: two modular sums of
-         its bit patterns and its count of non-finite values), JSON
+         its bit patterns and its count of non-finite values), JSON; when the frozen params were left out,
+         their signature and digest under 'frozen': a restore rebuilds them (`frozen_source`, e.g. the seed
+         init + train.init_from) and accepts them only when they match
 
 Promises (docs/reliability.md):
   - atomic: orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete, so a step killed
@@ -155,9 +158,12 @@ def remove_tmp_dirs(directory):
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the bundle layout and promises above."""
 
-  def __init__(self, workdir, keep=3, async_save=True, cleanup=False):
+  def __init__(self, workdir, keep=3, async_save=True, cleanup=False, save_frozen=True, frozen_source=None):
     """cleanup: remove half-written `<step>.orbax-checkpoint-tmp*` dirs first. Only for the workdir's one
-    writer (training, holding the workdir lock): a reader (eval) must not delete a save in progress."""
+    writer (training, holding the workdir lock): a reader (eval) must not delete a save in progress.
+    save_frozen: False leaves the state's 'frozen' part out of the saved bundle (its digest in meta).
+    frozen_source: () -> the frozen params rebuilt (same tree and shardings as the state's 'frozen'),
+    called at most once, when a step without them is restored."""
     if keep < 1:
       raise UserError(f'train.keep_checkpoints={keep} must be >= 1 (0 would keep no checkpoint at all)')
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
@@ -166,13 +172,37 @@ class Checkpointer:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup,
                                         enable_async_checkpointing=async_save)
     self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
+    self.save_frozen = bool(save_frozen)
+    self._frozen_source, self._frozen = frozen_source, None
 
   def save(self, step, state, data_state, force=True):
     """Saves the bundle for `step` (async; call wait() before relying on it)."""
-    meta = {'version': 1, 'signature': signature(state), 'digest': digest(state)}
+    meta = {'version': 1}
+    if not self.save_frozen and 'frozen' in state:
+      state = dict(state)
+      frozen = state.pop('frozen')
+      meta['frozen'] = {'signature': signature(frozen), 'digest': digest(frozen)}
+    meta.update(signature=signature(state), digest=digest(state))
     self.mgr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
         meta=ocp.args.JsonSave(meta)), force=force)
+
+  def _rebuilt_frozen(self, want):
+    """The frozen params of a step saved without them, rebuilt and checked against `want` (the step's
+    meta['frozen']); ValueError (one line) when there is no source or they differ."""
+    if self._frozen_source is None:
+      raise ValueError('it holds no frozen params (train.save_frozen) and this reader cannot rebuild them')
+    if self._frozen is None:
+      self._frozen = self._frozen_source()
+    sig = signature(self._frozen)
+    if sig != want['signature']:
+      raise ValueError('the frozen params rebuilt from the config differ in structure from those it was '
+                       f'trained with ({describe_difference(want["signature"], sig)})')
+    for (path, _, _), w, h in zip(sig, want['digest'], digest(self._frozen)):
+      if list(w) != list(h):
+        raise ValueError(f'the frozen param {path} rebuilt from the config (seed, train.init_from) differs '
+                         'from the one it was trained with: the base weights changed')
+    return self._frozen
 
   def wait(self):
     self.mgr.wait_until_finished()
@@ -195,11 +225,15 @@ class Checkpointer:
     meta = self.meta(step)
     if meta == {}:
       raise ValueError('its meta item does not read')
+    omitted = bool(meta) and 'frozen' in meta
+    target = _without_frozen(abstract_state) if omitted else abstract_state
     out = self.mgr.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     state = out['state']
     if meta is not None:
       self._verify(state, meta)
+    if omitted:
+      state = {**state, 'frozen': self._rebuilt_frozen(meta['frozen'])}
     return state, out['data']
 
   @staticmethod
@@ -226,8 +260,16 @@ class Checkpointer:
     want = signature(abstract_state)
     for step in steps:
       meta = self.meta(step)
-      if meta and meta.get('signature') != want:
-        why = describe_difference(want, meta['signature'])
+      if meta and 'frozen' in meta:     # saved without the frozen params: both parts must fit this config
+        mine = signature(_without_frozen(abstract_state))
+        stored = meta.get('signature')
+        if stored == mine:
+          mine = signature(abstract_state.get('frozen', {}))
+          stored = meta['frozen'].get('signature')
+      else:
+        mine, stored = want, (meta or {}).get('signature', want)
+      if meta and stored != mine:
+        why = describe_difference(mine, stored)
         if not strict:
           report(f'checkpoint {self.directory}/{step} was written for another config ({why})')
           return None
@@ -296,6 +338,10 @@ class Checkpointer:
   def close(self):
     self.mgr.wait_until_finished()
     self.mgr.close()
+
+
+def _without_frozen(state):
+  return {k: v for k, v in state.items() if k != 'frozen'}
 
 
 def load_params(path, abstract_params, require_any=True, n_layers=None):

@@ -20,6 +20,10 @@ Fields (see docs/training.md):
   log_every, eval_every, save_every: in optimizer steps (0 = never; a final save always happens).
   eval_batches: validation batches per evaluation.
   keep_checkpoints: the last K (>= 1) checkpoints are kept.
+  save_frozen: 'auto' | 'always' | 'never'. Whether a checkpoint holds the frozen params; without them it
+    holds their signature and digest, and a restore rebuilds them (seed init + train.init_from) and checks
+    the digest. 'auto' = omit them when the layer plan has frozen or LoRA groups (visual-region / LoRA runs:
+    a 7B base is ~13 GB per checkpoint, the trained part MBs), keep them otherwise.
   restart: when the workdir's checkpoints belong to another config or none of them restores, move them to
     checkpoints/old/<time>/ and start over (default: stop with one line; nothing is ever deleted).
     Checkpoints that fit this config are resumed either way, so a relaunch never starts over.
@@ -75,6 +79,7 @@ def train_defaults(size='tiny'):
   c.eval_batches = 4
   c.save_every = 200 if tiny else 1000
   c.keep_checkpoints = 3
+  c.save_frozen = 'auto'
   c.restart = False
   c.init_from = ''
   c.distributed = False
@@ -112,6 +117,8 @@ def check_config(config, num_devices):
   for name in ('lr', 'predictor_lr', 'projector_lr'):
     if not t.get(name, 0.0) >= 0:
       raise UserError(f'train.{name}={t[name]} must be >= 0 (a negative rate trains by gradient ascent)')
+  if t.get('save_frozen', 'auto') not in ('auto', 'always', 'never'):
+    raise UserError(f"train.save_frozen={t.save_frozen!r}: use 'auto', 'always' or 'never'")
   if t.keep_checkpoints < 1:
     raise UserError(f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (0 keeps no checkpoint)')
   for name in ('log_every', 'eval_every', 'save_every', 'eval_batches'):

@@ -109,16 +109,18 @@ class Trainer:
     """Overwrites params / frozen params with those `train.init_from` has (the rest keep their init)."""
     out, found = dict(state), 0
     for part in ('params', 'frozen'):
-      target = st.abstract_with_shardings(state[part], self.shardings[part])
-      loaded = ckpt_lib.load_params(self.config.train.init_from, target, require_any=False,
-                                    n_layers=self.config.model.llm.layers)   # plan groups: cut from one stack
-      found += len(jax.tree.leaves(loaded))
-      out[part] = jax.tree.map(lambda new, old: old if new is None else new, loaded, state[part],
-                               is_leaf=lambda x: x is None)
+      out[part], n = st.overlay_init_from(self.config, state[part], self.shardings[part])
+      found += n
     if not found:   # the whole model, not each part: a tower-only init (the demo's stage 0) is fine
       ckpt_lib.load_params(self.config.train.init_from, st.abstract_with_shardings(
           state['params'], self.shardings['params']))   # raises its one-line UserError
     return out     # AdamW's initial state (zero moments) does not depend on the param values
+
+  def checkpointer(self, workdir, **kw):
+    """The run's Checkpointer: frozen params left out per `train.save_frozen`, rebuilt on restore."""
+    return ckpt_lib.Checkpointer(
+        workdir, save_frozen=not st.omits_frozen(self.config),
+        frozen_source=lambda: st.init_frozen(self.mesh, self.config, self.tx, self.shardings), **kw)
 
   def step_fn(self, step):
     sparse = self.sparse and step >= self.stage_switch
@@ -161,7 +163,7 @@ def train(config, workdir, devices=None):
     say = lambda m: print(m, flush=True) if main else None
     lock = WorkdirLock(workdir, report=say) if main else None     # one writer per workdir
     t = config.train
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, cleanup=True)
+    ckpt = trainer.checkpointer(workdir, keep=t.keep_checkpoints, cleanup=True)
     target = st.abstract_with_shardings(trainer.abstract, trainer.shardings)
     restored = ckpt.restore_latest(target, report=say, start_over=bool(t.get('restart', False)))
     from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (tfds: after the checks)

@@ -77,6 +77,37 @@ def create_state(mesh, config, tx):
   return graphdef, state, sh
 
 
+def init_frozen(mesh, config, tx, shardings):
+  """The frozen params alone, as a fresh start makes them: the seed init (`make_init_fn`, the rest of the
+  state is never computed) with what `train.init_from` holds on top. -> pure dict in shardings['frozen']."""
+  with jax.set_mesh(mesh):
+    frozen = jax.jit(lambda: make_init_fn(config, tx)()['frozen'], out_shardings=shardings['frozen'])()
+  if config.train.init_from:
+    frozen = overlay_init_from(config, frozen, shardings['frozen'])[0]
+  return frozen
+
+
+def overlay_init_from(config, part, shardings):
+  """-> (part with the leaves `train.init_from` has replaced, how many it had)."""
+  from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  target = abstract_with_shardings(part, shardings)
+  loaded = ckpt_lib.load_params(config.train.init_from, target, require_any=False,
+                                n_layers=config.model.llm.layers)   # plan groups: cut from one stack
+  found = len(jax.tree.leaves(loaded))
+  return jax.tree.map(lambda new, old: old if new is None else new, loaded, part,
+                      is_leaf=lambda x: x is None), found
+
+
+def omits_frozen(config):
+  """Whether checkpoints leave the frozen params out (`train.save_frozen`; 'auto': the layer plan has
+  frozen or LoRA groups)."""
+  mode = config.train.get('save_frozen', 'auto')
+  if mode != 'auto':
+    return mode == 'never'
+  from dynllava_jax.model import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  return any(g.train != 'full' for g in plan_lib.resolve(config.model))
+
+
 def abstract_with_shardings(abstract, shardings):
   """ShapeDtypeStructs carrying the target shardings (restore targets)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
