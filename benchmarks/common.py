@@ -84,3 +84,18 @@ def print_rows(rows, keys):
       v = r.get(k)
       cells.append(f'{v:.4g}' if isinstance(v, float) else str(v))
     print('| ' + ' | '.join(cells) + ' |')
+
+
+def interleaved_times(run, names, runs):
+  """Each of `names` run once (compile), then `runs` rounds of one timed run each, in turn (so a change in
+  the machine's load hits every variant alike) -> {name: [seconds, ...]}."""
+  import time  # pylint: disable=g-import-not-at-top
+  for name in names:
+    run(name)
+  times = {name: [] for name in names}
+  for _ in range(runs):
+    for name in names:
+      t0 = time.perf_counter()
+      run(name)
+      times[name].append(time.perf_counter() - t0)
+  return times

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,14 +61,7 @@ def main():
     ids, pix, mask = data[m]
     return jax.block_until_ready(prefill(model, cfg, Dense(), ids, pix, mask, visual_tokens=m).out)
 
-  for m in counts:
-    run(m)                                        # compile
-  times = {m: [] for m in counts}
-  for _ in range(args.runs):
-    for m in counts:
-      t0 = time.perf_counter()
-      run(m)
-      times[m].append(time.perf_counter() - t0)
+  times = common.interleaved_times(run, counts, args.runs)
   rows = []
   for m in counts:
     xla, ana = engine_prefill_flops(mc, Dense(), args.text_tokens, args.batch, int(cfg.eval.prefill_bucket),
