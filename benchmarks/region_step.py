@@ -8,7 +8,7 @@ as the release does): trainable params, optimizer-state bytes (AdamW moments + c
 state: exact), the train step's matmul FLOPs counted on its jaxpr (every dot_general, scan bodies times
 their length; XLA's CPU cost analysis counts a scan body once, so it cannot compare plans with different
 groupings), and the warm median step time over --steps
-steps (weights random; a timing, so it moves with the machine's load, recorded in meta). Ratios are
+steps, the three variants' steps interleaved (weights random; a timing, so it moves with the machine's load). Ratios are
 against full tuning. With the projector trained the backward runs down to it (activation gradients only
 through frozen layers); `--freeze_projector` shows the step when it ends at the lowest region layer.
 --abstract: shapes only (no weights, no compile, no timing): params, optimizer bytes and matmul FLOPs.
@@ -99,16 +99,15 @@ def run_variant(cfg, batch, text_tokens, steps, abstract=False):
   fn = jax.jit(step, donate_argnums=0)
   t0 = time.perf_counter()
   compiled = fn.lower(state, b).compile()
-  compile_s = time.perf_counter() - t0
-  state, m = compiled(state, b)
-  jax.block_until_ready(m['loss'])
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, b)
-    jax.block_until_ready(m['loss'])
-    times.append(time.perf_counter() - t0)
-  return {**summary, 'step_s': statistics.median(times), 'compile_s': compile_s, 'loss': float(m['loss'])}
+  summary['compile_s'] = time.perf_counter() - t0
+  cell = {'state': state}
+
+  def one_step():
+    """One step (the state is donated and replaced); -> its loss."""
+    cell['state'], m = compiled(cell['state'], b)
+    summary['loss'] = float(jax.block_until_ready(m['loss']))
+
+  return summary, one_step
 
 
 def main():
@@ -122,13 +121,20 @@ def main():
   ap.add_argument('--abstract', action='store_true', help='shapes only: no weights, compile or timing')
   ap.add_argument('--json')
   a = ap.parse_args()
-  rows = []
+  rows, steps = [], {}
   for name, region, train in [('full', '', 'full'), ('region_full', 'auto', 'full'),
                               ('region_lora', 'auto', f'lora{a.rank}')]:
     cfg = variant_config(a.size, region, train, a.freeze_projector)
-    r = {'variant': name, **run_variant(cfg, a.batch, a.text_tokens, a.steps, a.abstract)}
-    rows.append(r)
-    print(r, flush=True)
+    got = run_variant(cfg, a.batch, a.text_tokens, a.steps, a.abstract)
+    if not a.abstract:
+      got, steps[name] = got
+    rows.append({'variant': name, **got})
+  if not a.abstract:      # the variants' steps interleaved, after one warm-up step each
+    times = common.interleaved_times(lambda name: steps[name](), list(steps), a.steps)
+    for r in rows:
+      r.update(step_s=statistics.median(times[r['variant']]), times_s=times[r['variant']])
+  for r in rows:
+    print({k: v for k, v in r.items() if k != 'times_s'}, flush=True)
   base = rows[0]
   for r in rows:
     for k in ('opt_state_bytes', 'step_matmul_flops', 'step_s'):
