@@ -1,0 +1,121 @@
+"""Multi-turn with the KV cache carried over (`decode/extend.py`, `generate(..., past=caches)`):
+dense: extend + decode ≡ a fresh generate on the whole conversation (tokens equal, logits ≤ 1e-5);
+Dynamic-LLaVA: ≡ the masked full-sequence forward whose keys after the sparse layer are the kept set
+(turn 1's kept image tokens and kept generated tokens, every turn-2 prompt token, turn 2's kept generated
+tokens). Two samples of different lengths, left- and right-padded; small cache buckets, so the caches
+grow in the extend and in the decode loop."""
+import jax
+import numpy as np
+import pytest
+
+from dynllava_jax.decode.extend import extend
+from dynllava_jax.decode.generate import generate
+from dynllava_jax.decode.prefill import prefill
+from dynllava_jax.sparsity.registry import make_sparsifier
+from test_decode_prefill import make_batch, make_model, masked_reference, small_config, to_original
+
+M1, M2 = 6, 6
+SPECS = [(30, 3, 'left'), (26, 1, 'right')]
+NEW = (5, 9)              # turn-2 text tokens per sample (besides turn 1's unfed last token)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = small_config(cache_bucket=4)
+  model = make_model(cfg, seed=1)
+  ids, pix, mask = make_batch(cfg, SPECS, seed=2)
+  rng = np.random.default_rng(5)
+  texts = [rng.integers(5, cfg.model.llm.vocab_size, n).tolist() for n in NEW]
+  return cfg, model, (ids, pix, mask), texts
+
+
+def prompts(ids, mask):
+  return [ids[b][mask[b].astype(bool)].tolist() for b in range(ids.shape[0])]
+
+
+def pad(rows, pad_id, left):
+  t = max(len(r) for r in rows)
+  out = np.full((len(rows), t), pad_id, np.int32)
+  m = np.zeros((len(rows), t), np.int32)
+  for b, r in enumerate(rows):
+    sl = slice(t - len(r), t) if left[b] else slice(0, len(r))
+    out[b, sl], m[b, sl] = r, 1
+  return out, m
+
+
+def two_turns(cfg, model, method, batch, texts):
+  """Turn 1 (prefill + decode), turn 2 (extend + decode) -> (turn1, turn2, chunks, prompt rows)."""
+  ids, pix, mask = batch
+  one = generate(model, cfg, method, ids, pix, mask, max_new_tokens=M1, sampling='greedy', return_logits=True,
+                 return_caches=True)
+  chunks = [[int(one.tokens[b, one.lengths[b] - 1])] + texts[b] for b in range(len(texts))]
+  c_ids, c_mask = pad(chunks, cfg.model.pad_token_id, left=[False, True])
+  two = generate(model, cfg, method, c_ids, None, c_mask, past=one.caches, max_new_tokens=M2,
+                 sampling='greedy', return_logits=True, return_caches=True)
+  return one, two, chunks
+
+
+def test_dense_extend_equals_prefill_of_the_conversation(setup):
+  cfg, model, batch, texts = setup
+  ids, pix, mask = batch
+  one, two, chunks = two_turns(cfg, model, 'dense', batch, texts)
+  conv = [p + one.tokens[b, :one.lengths[b] - 1].tolist() + chunks[b] for b, p in enumerate(prompts(ids, mask))]
+  v_ids, v_mask = pad(conv, cfg.model.pad_token_id, left=[True, False])
+  ref = generate(model, cfg, 'dense', v_ids, pix, v_mask, max_new_tokens=M2, sampling='greedy',
+                 return_logits=True)
+  np.testing.assert_array_equal(two.tokens, ref.tokens)
+  np.testing.assert_array_equal(two.lengths, ref.lengths)
+  np.testing.assert_allclose(two.logits, ref.logits, atol=1e-5, rtol=1e-5)
+  assert len(two.capacities[0]) == 1 and two.caches[0].capacity > one.caches[0].capacity
+  np.testing.assert_array_equal(np.asarray(two.caches[0].length),
+                                [len(c) + two.lengths[b] - 1 for b, c in enumerate(conv)])
+
+
+def test_dynamic_extend_equals_masked_reference_of_the_kept_set(setup):
+  cfg, model, batch, texts = setup
+  ids, pix, mask = batch
+  method = make_sparsifier('dynamic', cfg.model)
+  one, two, chunks = two_turns(cfg, model, method, batch, texts)
+  # turn 1's image decisions: the prefill generate ran (same rng: generate splits PRNGKey(0))
+  pre = prefill(model, cfg, method, ids, pix, mask, rng=jax.random.split(jax.random.PRNGKey(0))[0],
+                max_new_tokens=M1)
+  kept_prompt = to_original(np.asarray(pre.out.kept[1]), mask)
+  rows, keeps, spans = [], [], []
+  for b, p in enumerate(prompts(ids, mask)):
+    fed1, fed2 = one.lengths[b] - 1, two.lengths[b] - 1
+    rows.append(p + one.tokens[b, :fed1].tolist() + chunks[b] + two.tokens[b, :fed2].tolist())
+    keeps.append(kept_prompt[b][mask[b].astype(bool)].tolist() + one.text_keep[b, :fed1].tolist()
+                 + [True] * len(chunks[b]) + two.text_keep[b, :fed2].tolist())
+    start = len(p) + fed1 + len(chunks[b]) - 1           # the chunk's last token: turn 2's first logits
+    spans.append((start, fed2))
+  v_ids, v_mask = pad(rows, cfg.model.pad_token_id, left=[False, False])
+  g = np.zeros(v_ids.shape, bool)
+  for b, k in enumerate(keeps):
+    g[b, :len(k)] = k
+  ref = np.asarray(masked_reference(model, v_ids, pix, v_mask, (cfg.model.sparse.sparse_layer,), (g,)))
+  for b, (start, fed2) in enumerate(spans):
+    np.testing.assert_allclose(two.logits[b, :fed2 + 1], ref[b, start:start + fed2 + 1], atol=1e-5, rtol=1e-5)
+  # the test means something: image tokens were pruned and the text rule dropped generated tokens
+  n_img = (ids == cfg.model.image_token_id).sum(-1)
+  assert (kept_prompt.sum(-1) < mask.sum(-1)).all() and n_img.min() > 0
+  assert not np.concatenate([k for k in keeps]).all()
+  # the compact segment holds turn 1's kept tokens + every chunk token + turn 2's kept generated tokens
+  kept2 = [int(two.text_keep[b, :two.lengths[b] - 1].sum()) for b in range(len(SPECS))]
+  np.testing.assert_array_equal(np.asarray(two.caches[1].length),
+                                np.asarray(one.caches[1].length) + [len(c) for c in chunks] + kept2)
+  assert np.isnan(two.kept_image_ratio).all()
+
+
+def test_extend_refuses_what_it_cannot_append(setup):
+  cfg, model, batch, texts = setup
+  ids, pix, mask = batch
+  one = generate(model, cfg, 'dense', ids[:1], pix[:1], mask[:1], max_new_tokens=2, return_caches=True)
+  dense = make_sparsifier('dense', cfg.model)
+  with pytest.raises(ValueError, match='image placeholders'):
+    extend(model, cfg, dense, one.caches, np.array([[5, cfg.model.image_token_id]]))
+  with pytest.raises(ValueError, match='segments'):
+    extend(model, cfg, make_sparsifier('dynamic', cfg.model), one.caches, np.array([[5, 6]]))
+  with pytest.raises(ValueError, match='max_position'):
+    extend(model, cfg, dense, one.caches, np.array([[5, 6]]), max_new_tokens=cfg.model.llm.max_position)
+  with pytest.raises(ValueError, match='pixel_values=None'):
+    generate(model, cfg, 'dense', np.array([[5, 6]]), pix[:1], past=one.caches)
