@@ -5,24 +5,44 @@ Dynamic-LLaVA: ≡ the masked full-sequence forward whose keys after the sparse 
 tokens). Two samples of different lengths, left- and right-padded; small cache buckets, so the caches
 grow in the extend and in the decode loop."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dynllava_jax.decode.extend import extend
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.prefill import prefill
+from dynllava_jax.model.llava import Llava
 from dynllava_jax.sparsity.registry import make_sparsifier
-from test_decode_prefill import make_batch, make_model, masked_reference, small_config, to_original
+from test_decode_prefill import make_batch, masked_reference, small_config, to_original
 
 M1, M2 = 6, 6
 SPECS = [(30, 3, 'left'), (26, 1, 'right')]
 NEW = (5, 9)              # turn-2 text tokens per sample (besides turn 1's unfed last token)
 
 
+def quick_model(cfg, seed, std=0.06, pred_std=0.6):
+  """A random model filled on the host (the eager / jitted init costs ~12 s of CPU): N(0, std²) weights
+  (the predictors' last layers N(0, pred_std²): decisions far from ties), norm scales 1, biases 0."""
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llava(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    if '/bias/' in name:
+      return jnp.zeros(x.shape, x.dtype)
+    if '/weight/' in name and ('norm' in name or 'ln' in name):
+      return jnp.ones(x.shape, x.dtype)
+    sd = pred_std if ('head_3' in name or 'fc_4' in name) else std
+    return jnp.asarray(rng.standard_normal(x.shape) * sd, x.dtype)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, params), rest)
+
+
 @pytest.fixture(scope='module')
 def setup():
-  cfg = small_config(cache_bucket=4)
-  model = make_model(cfg, seed=1)
+  cfg = small_config()
+  model = quick_model(cfg, seed=1)
   ids, pix, mask = make_batch(cfg, SPECS, seed=2)
   rng = np.random.default_rng(5)
   texts = [rng.integers(5, cfg.model.llm.vocab_size, n).tolist() for n in NEW]
@@ -43,8 +63,18 @@ def pad(rows, pad_id, left):
   return out, m
 
 
+_RUNS = {}
+
+
 def two_turns(cfg, model, method, batch, texts):
-  """Turn 1 (prefill + decode), turn 2 (extend + decode) -> (turn1, turn2, chunks, prompt rows)."""
+  """Turn 1 (prefill + decode), turn 2 (extend + decode) -> (turn1, turn2, chunks); once per method."""
+  key = getattr(method, 'name', method)
+  if key not in _RUNS:
+    _RUNS[key] = _two_turns(cfg, model, method, batch, texts)
+  return _RUNS[key]
+
+
+def _two_turns(cfg, model, method, batch, texts):
   ids, pix, mask = batch
   one = generate(model, cfg, method, ids, pix, mask, max_new_tokens=M1, sampling='greedy', return_logits=True,
                  return_caches=True)
@@ -109,13 +139,13 @@ def test_dynamic_extend_equals_masked_reference_of_the_kept_set(setup):
 def test_extend_refuses_what_it_cannot_append(setup):
   cfg, model, batch, texts = setup
   ids, pix, mask = batch
-  one = generate(model, cfg, 'dense', ids[:1], pix[:1], mask[:1], max_new_tokens=2, return_caches=True)
+  one, _, _ = two_turns(cfg, model, 'dense', batch, texts)
   dense = make_sparsifier('dense', cfg.model)
   with pytest.raises(ValueError, match='image placeholders'):
-    extend(model, cfg, dense, one.caches, np.array([[5, cfg.model.image_token_id]]))
+    extend(model, cfg, dense, one.caches, np.array([[5, cfg.model.image_token_id]] * 2))
   with pytest.raises(ValueError, match='segments'):
-    extend(model, cfg, make_sparsifier('dynamic', cfg.model), one.caches, np.array([[5, 6]]))
+    extend(model, cfg, make_sparsifier('dynamic', cfg.model), one.caches, np.array([[5, 6]] * 2))
   with pytest.raises(ValueError, match='max_position'):
-    extend(model, cfg, dense, one.caches, np.array([[5, 6]]), max_new_tokens=cfg.model.llm.max_position)
+    extend(model, cfg, dense, one.caches, np.array([[5, 6]] * 2), max_new_tokens=cfg.model.llm.max_position)
   with pytest.raises(ValueError, match='pixel_values=None'):
-    generate(model, cfg, 'dense', np.array([[5, 6]]), pix[:1], past=one.caches)
+    generate(model, cfg, 'dense', np.array([[5, 6]] * 2), pix, past=one.caches)

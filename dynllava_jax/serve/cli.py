@@ -180,10 +180,11 @@ def _generate(argv, out, stdin):
 
 
 def _chat(eng, image, out, stdin, fv, desc):
-  """Multi-turn: each question is answered with the whole conversation so far as the prompt (the
-  sparsified KV cache is not carried over between turns: every turn is one fresh prefill)."""
+  """Multi-turn (`serve/chat.py`): the first question is prefilled, each later one appended to the
+  conversation's KV caches (a fresh prefill only when they are full: said on stderr)."""
+  from dynllava_jax.serve.chat import Chat  # pylint: disable=g-import-not-at-top
   from dynllava_jax.serve.engine import stats_line  # pylint: disable=g-import-not-at-top
-  turns = []
+  chat = Chat(eng, image, seed=fv.seed, report=lambda m: print(m, file=sys.stderr, flush=True))
   out.write('chat: type a question, an empty line or EOF ends\n')
   while True:
     out.write('USER: ')
@@ -192,19 +193,16 @@ def _chat(eng, image, out, stdin, fv, desc):
     if not line or not line.strip():
       out.write('\n')
       return 0
-    turns.append((line.strip(), None))
-    try:
-      p = eng.encode(turns, image)
-    except ValueError as e:
-      out.write(f'({e}; starting a new conversation)\n')
-      turns = [turns[-1]]
-      p = eng.encode(turns, image)
     out.write('ASSISTANT: ')
-    [r] = eng.run([p], seed=fv.seed, on_text=lambda i, piece: (out.write(piece), out.flush()))
+    try:
+      r = chat.ask(line.strip(), on_text=lambda i, piece: (out.write(piece), out.flush()))
+    except ValueError as e:
+      out.write(f'({e}; ask a shorter question)\n')
+      continue
     out.write('\n')
     if fv.stats:
-      out.write(stats_line([r], desc) + '\n')
-    turns[-1] = (turns[-1][0], r.text)
+      how = 'prefill' if chat.mode == 'prefill' else f'extend +{r.prompt_tokens} tokens'
+      out.write(stats_line([r], f'{desc} turn={len(chat.turns)} {how} conversation={len(chat.ids)}') + '\n')
 
 
 def _desc(d):
