@@ -39,19 +39,25 @@ import numpy as np
 
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
-from dynllava_jax.decode.prefill import eval_section
+from dynllava_jax.decode.prefill import _take, eval_section, pack
 from dynllava_jax.model.attention import NEG_INF
+from dynllava_jax.model.projector import visual_token_count
+from dynllava_jax.sparsity.base import ScoreContext, top_k_mask
 
 
 @dataclasses.dataclass
 class ExtendOutput:
   """caches: tuple of SegmentCache (device arrays) with the chunk appended; logits_last (B, V) fp32 at
   each sample's last chunk token; logits (B, T, V) fp32 at every chunk slot (return_logits) or None;
-  n_new (B,) chunk tokens per sample."""
+  n_new (B,) chunk tokens per sample; kept (n_seg, B, T) bool: which chunk tokens (by their slot in the
+  packed chunk) each segment holds; kept_image_ratio (B,): image tokens of the chunk in the last segment /
+  the chunk's image tokens (NaN for a chunk without an image)."""
   caches: Tuple[Any, ...]
   logits_last: Any
   logits: Optional[Any]
   n_new: np.ndarray
+  kept: np.ndarray
+  kept_image_ratio: np.ndarray
 
 
 def chunk_attention(k_buf, v_buf, length, n_new):
@@ -86,45 +92,74 @@ def chunk_attention(k_buf, v_buf, length, n_new):
   return attend
 
 
-@partial(jax.jit, static_argnames=('return_logits',))
-def _extend_jit(model, caches, ids, n_new, *, return_logits):
+def _chunk_keep(method, model, h, h_prev, pos, valid, image_mask, n_new, layer, rng, n_image):
+  """The chunk tokens kept at drop point `layer`: every real text token, the method's k best image
+  tokens of the chunk (scored on the chunk's own tokens), the last real token -> (B, T) bool."""
+  pts = tuple(int(p) for p in method.drop_points(model.mc))
+  i = pts.index(layer)
+  key = None if rng is None else jax.random.fold_in(rng, i)
+  ctx = ScoreContext(h=h, h_prev=h_prev, positions=pos, valid=valid, image_mask=image_mask, last_index=n_new - 1,
+                     layer=layer, model=model, rng=key, n_image=n_image)
+  k = tuple(method.keep_counts(n_image))[i]
+  last = jnp.arange(h.shape[1])[None, :] == (n_new - 1)[:, None]
+  return valid & (~image_mask | top_k_mask(method.score(i, ctx), image_mask, k)) | (last & valid)
+
+
+@partial(jax.jit, static_argnames=('method', 'return_logits', 'count'))
+def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_logits, count=None):
   lm = model.language_model
-  h, _ = model.embed(ids)
-  t = ids.shape[1]
-  out = []
-  for cache in caches:
-    pos = cache.next_pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  h, image_mask = model.embed(ids, pixel_values, count, method)
+  b, t = ids.shape
+  valid = jnp.arange(t)[None, :] < n_new[:, None]
+  n0 = n_new
+  image_mask = image_mask & valid
+  off = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))     # each token's index in the chunk
+  pts = tuple(int(p) for p in method.drop_points(model.mc))
+  n_image = visual_token_count(model.mc, method, count)
+  out, kept = [], []
+  h_prev = pos_prev = None
+  for s, cache in enumerate(caches):
+    if s > 0 and pixel_values is not None and cache.start in pts:
+      keep = _chunk_keep(method, model, h, h_prev, pos_prev, valid, image_mask, n_new, cache.start, rng, n_image)
+      idx, valid, n_new = pack(keep, t)
+      h, off, image_mask = _take(h, idx), _take(off, idx), _take(image_mask, idx) & valid
+    kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], off].max(valid))
+    rank = jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions else off
+    pos = cache.next_pos[:, None] + rank
     ks, vs = [], []
     for j, i in enumerate(range(cache.start, cache.stop)):
+      if i == cache.stop - 1 and method.needs_prev_hidden:
+        h_prev = h                            # entering the layer before the next drop point
       h, (kc, vc) = lm.layer_at(i)(h, pos, chunk_attention(cache.k[j], cache.v[j], cache.length, n_new))
       ks.append(kc)
       vs.append(vc)
+    pos_prev = pos
     out.append(cache.replace(k=tuple(ks), v=tuple(vs), length=cache.length + n_new,
-                             next_pos=cache.next_pos + n_new))
+                             next_pos=cache.next_pos + (n_new if method.renumber_positions else n0)))
   h_last = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None
-  return tuple(out), logits_last, logits
+  n_img_last = jnp.sum(image_mask, axis=1)
+  return tuple(out), logits_last, logits, jnp.stack(kept), n_img_last
 
 
-def extend(model, cfg, method, caches, input_ids, attention_mask=None, *, max_new_tokens=1,
-           return_logits=False):
+def extend(model, cfg, method, caches, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens=1,
+           rng=None, visual_tokens=None, return_logits=False):
   """Appends the chunk input_ids (B, T) to `caches` (module docstring) -> ExtendOutput.
 
-  method: the Sparsifier the caches were made with (its segments must be theirs); max_new_tokens: room
-  reserved in segment 0 and checked against the model's positions. ValueError (one line) for a chunk
-  with image placeholders, a batch size or segmentation that does not match the caches, or a
-  conversation that would outgrow the model's positions (`max_position`).
+  method: the Sparsifier the caches were made with (its segments must be theirs); pixel_values
+  (B, S, S, 3) CLIP-normalised or None: the images of chunks that hold image placeholders (the
+  method's count, as in a prefill; 0 for a text-only sample); rng: the drop points' key (random
+  methods); max_new_tokens: room reserved in segment 0 and checked against the model's positions.
+  ValueError (one line) for a bad chunk (`request.check_and_pack`'s checks), a batch size or
+  segmentation that does not match the caches, or a conversation that would outgrow the model's
+  positions (`max_position`).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
   ids = np.asarray(input_ids)
   if ids.ndim != 2:
     raise ValueError(f'input_ids must be (batch, length); got shape {ids.shape}')
-  mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-  if ((ids == mc.image_token_id) & mask).any():
-    raise ValueError('the new turn contains image placeholders: extend takes text only (an image in a later '
-                     'turn needs a fresh prefill of the conversation)')
   bounds = R.boundaries(method, mc)
   starts = tuple(c.start for c in caches)
   if starts != (0,) + bounds:
@@ -134,7 +169,10 @@ def extend(model, cfg, method, caches, input_ids, attention_mask=None, *, max_ne
   if ids.shape[0] != b:
     raise ValueError(f'{ids.shape[0]} new prompts for caches of batch {b}')
   m = int(max_new_tokens)
-  req = R.check_and_pack(mc, ids, None, mask, max_new_tokens=m, bucket=ev.prefill_bucket)
+  n_vis = visual_token_count(mc, method, visual_tokens)
+  method.validate(mc, n_vis)
+  req = R.check_and_pack(mc, ids, pixel_values, attention_mask, max_new_tokens=m, bucket=ev.prefill_bucket,
+                         n_visual=n_vis)
   n_new = req.n_real
   used = np.asarray(caches[0].next_pos)
   over = used + n_new + m > mc.llm.max_position
@@ -147,6 +185,9 @@ def extend(model, cfg, method, caches, input_ids, attention_mask=None, *, max_ne
   for s, c in enumerate(caches):
     need = int((np.asarray(c.length) + n_new).max()) + (m if s == 0 else 1)
     grown.append(C.grow(c, max(c.capacity, R.round_up(need, bucket))))
-  out, logits_last, logits = _extend_jit(model, tuple(grown), jnp.asarray(req.ids), jnp.asarray(n_new),
-                                         return_logits=bool(return_logits))
-  return ExtendOutput(out, logits_last, logits, n_new)
+  pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
+  out, logits_last, logits, kept, n_img_kept = _extend_jit(
+      model, method, tuple(grown), jnp.asarray(req.ids), jnp.asarray(n_new), pix, rng,
+      return_logits=bool(return_logits), count=None if visual_tokens is None else int(visual_tokens))
+  ratio = np.where(req.n_img > 0, np.asarray(n_img_kept) / np.maximum(req.n_img, 1), np.nan)
+  return ExtendOutput(out, logits_last, logits, n_new, np.asarray(kept), ratio.astype(np.float32))

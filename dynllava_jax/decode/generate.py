@@ -168,8 +168,9 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   (default model.mc.eos_token_id); visual_tokens: MQT m for this call (prompts with m placeholders per image);
   on_token: the streaming callback (module docstring; KV-cache mode only); past: the caches of an
   earlier `generate(..., return_caches=True)` (a conversation so far, same batch and method): then
-  input_ids are the next turn's tokens only, appended by `extend.extend` instead of a prefill
-  (pixel_values must be None; kept_image_ratio is NaN: the earlier turns' pruning stands).
+  input_ids (and pixel_values, for a turn that brings an image) are the next turn's only, appended by
+  `extend.extend` instead of a prefill (kept_image_ratio: of the turn's image; NaN for a text turn,
+  whose earlier turns' pruning stands).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
@@ -193,9 +194,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
       finally:
         jax.effects_barrier()       # every callback of this call has run
         _STREAM['fn'] = None
-  if past is not None and (not use_cache or pixel_values is not None):
-    raise ValueError('generate(past=...) extends KV caches with text: it needs use_cache=True and '
-                     'pixel_values=None')
+  if past is not None and not use_cache:
+    raise ValueError('generate(past=...) extends KV caches: it needs use_cache=True')
   if not use_cache:
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
                             sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos,
@@ -206,7 +206,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   kw = dict(sampling=samp, pad_id=jnp.int32(mc.pad_token_id), eos_id=jnp.int32(eos),
             record_logits=bool(return_logits))
   if past is not None:
-    ext = extend(model, cfg, method, past, input_ids, attention_mask, max_new_tokens=m)
+    ext = extend(model, cfg, method, past, input_ids, attention_mask, pixel_values, max_new_tokens=m,
+                 rng=p_rng, visual_tokens=visual_tokens)
     jax.block_until_ready(ext.logits_last)
     t_decode = time.perf_counter()
     caps = tuple(c.capacity for c in ext.caches)
@@ -238,8 +239,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   decode_s = time.perf_counter() - t_decode
   if past is not None:
     b = tokens.shape[0]
-    img_ratio, txt_ratio = _ratios(np.zeros((b, 1), bool), np.zeros(b), state.keep, state.lengths)
-    img_ratio = np.full(b, np.nan, np.float32)
+    _, txt_ratio = _ratios(np.zeros((b, 1), bool), np.zeros(b), state.keep, state.lengths)
+    img_ratio = ext.kept_image_ratio
   else:
     img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
   return GenerateOutput(
