@@ -18,7 +18,7 @@ from dynllava_jax.sparsity.registry import make_sparsifier
 from test_decode_prefill import make_batch, masked_reference, small_config, to_original
 
 M1, M2 = 6, 6
-SPECS = [(30, 3, 'left'), (26, 1, 'right')]
+SPECS = [(30, None, 'left'), (26, None, 'right')]   # dense: text only (no vision compile); images: the dynamic test
 NEW = (5, 9)              # turn-2 text tokens per sample (besides turn 1's unfed last token)
 
 
