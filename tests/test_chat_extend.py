@@ -1,9 +1,10 @@
 """Multi-turn with the KV cache carried over (`decode/extend.py`, `generate(..., past=caches)`):
 dense: extend + decode ≡ a fresh generate on the whole conversation (tokens equal, logits ≤ 1e-5);
-Dynamic-LLaVA: ≡ the masked full-sequence forward whose keys after the sparse layer are the kept set
-(turn 1's kept image tokens and kept generated tokens, every turn-2 prompt token, turn 2's kept generated
-tokens). Two samples of different lengths, left- and right-padded; small cache buckets, so the caches
-grow in the extend and in the decode loop."""
+Dynamic-LLaVA (one sample's image in turn 1, the other's in turn 2): ≡ the masked full-sequence forward
+whose keys after the sparse layer are the kept set (turn 1's kept image and generated tokens, turn 2's
+prompt with its image pruned by the extend, turn 2's kept generated tokens), and the image decisions ≡ a
+prefill of the whole conversation's. Samples of different lengths, left- and right-padded; the caches
+grow in the extend."""
 import jax
 import jax.numpy as jnp
 import numpy as np

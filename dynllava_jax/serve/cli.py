@@ -184,8 +184,11 @@ def _chat(eng, image, out, stdin, fv, desc):
   conversation's KV caches (a fresh prefill only when they are full: said on stderr)."""
   from dynllava_jax.serve.chat import Chat  # pylint: disable=g-import-not-at-top
   from dynllava_jax.serve.engine import stats_line  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.serve.engine import open_image  # pylint: disable=g-import-not-at-top
   chat = Chat(eng, image, seed=fv.seed, report=lambda m: print(m, file=sys.stderr, flush=True))
-  out.write('chat: type a question, an empty line or EOF ends\n')
+  out.write('chat: type a question (`/image PATH` first attaches an image to the next one), an empty line '
+            'or EOF ends\n')
+  pending = None
   while True:
     out.write('USER: ')
     out.flush()
@@ -193,12 +196,22 @@ def _chat(eng, image, out, stdin, fv, desc):
     if not line or not line.strip():
       out.write('\n')
       return 0
+    if line.startswith('/image '):
+      try:
+        if chat.image is not None:
+          raise ValueError('this conversation has its image already (one image per conversation)')
+        pending = open_image(line[len('/image '):].strip())
+        out.write('(image attached to the next question)\n')
+      except (ValueError, errors.UserError) as e:
+        out.write(f'({e})\n')
+      continue
     out.write('ASSISTANT: ')
     try:
-      r = chat.ask(line.strip(), on_text=lambda i, piece: (out.write(piece), out.flush()))
+      r = chat.ask(line.strip(), image=pending, on_text=lambda i, piece: (out.write(piece), out.flush()))
     except ValueError as e:
-      out.write(f'({e}; ask a shorter question)\n')
+      out.write(f'({e})\n')
       continue
+    pending = None
     out.write('\n')
     if fv.stats:
       how = 'prefill' if chat.mode == 'prefill' else f'extend +{r.prompt_tokens} tokens'
