@@ -124,7 +124,8 @@ def _define_generate(fv):
   flags.DEFINE_multi_string('image', [], 'Image file (one per --prompt, or one for all, or none).',
                             flag_values=fv)
   flags.DEFINE_multi_string('prompt', [], 'Question; several --prompt form a batch.', flag_values=fv)
-  flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat on stdin (one --image at most).',
+  flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat on stdin, the KV cache carried over turns (one '
+                    'image: --image, or `/image PATH` before a question).',
                     flag_values=fv)
   flags.DEFINE_bool('stream', True, 'Print the answer as it is generated (a single prompt).', flag_values=fv)
   flags.DEFINE_bool('stats', True, 'Print the stats line after the answers.', flag_values=fv)
