@@ -4,6 +4,7 @@ answer equals a fresh generation on the whole conversation's ids, and those ids 
 tokens and the vicuna_v1 template's next turn (`<image>` before the question); a full cache falls back to
 a fresh prefill and says so (one test: each step reuses the programs compiled by the ones before)."""
 import io
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from dynllava_jax import source
 from dynllava_jax.data import images
 from dynllava_jax.serve.chat import Chat
-from dynllava_jax.serve.cli import generate_main
+from dynllava_jax.serve import cli
 from dynllava_jax.serve.engine import Engine, Prompt, open_image
 import use_utils
 
@@ -25,16 +26,17 @@ def setup(tmp_path_factory):
   path, _ = use_utils.shared_workdir(tmp_path_factory)
   [img] = use_utils.write_images(tmp_path_factory.mktemp('chat_imgs'), n=1)
   eng = Engine(source.load_source(workdir=path, one_device=True, report=lambda _: None), method='dense')
-  return path, img, eng
+  eng.max_new_tokens = MAX_NEW      # as generate.py --max_new_tokens
+  return img, eng
 
 
 def test_chat_extends_the_cache_equals_a_prefill_and_falls_back_when_full(setup, capsys):
-  path, img, eng = setup
+  img, eng = setup
   out = io.StringIO()
   stdin = f'{QUESTIONS[0]}\n/image {img}\n{QUESTIONS[1]}\n/image {img}\n\n'
-  code = generate_main(['generate.py', '--workdir', path, '--one_device', '--method', 'dense', '--max_new_tokens',
-                        str(MAX_NEW), '--chat'], out=out, stdin=io.StringIO(stdin))
-  assert code == 0
+  # generate.py --chat's loop on this engine (its flags and loading: tests/test_use_generate.py)
+  fv = types.SimpleNamespace(seed=0, stats=True)
+  assert cli._chat(eng, None, out, io.StringIO(stdin), fv, 'dense') == 0
   lines = out.getvalue().splitlines()
   answers = [l.split('ASSISTANT: ', 1)[1] for l in lines if 'ASSISTANT: ' in l]
   stats = [l for l in lines if 'kept image' in l]
@@ -42,6 +44,7 @@ def test_chat_extends_the_cache_equals_a_prefill_and_falls_back_when_full(setup,
   assert 'turn=1 prefill' in stats[0] and 'turn=2 extend +' in stats[1], stats
   assert 'image attached' in out.getvalue() and 'has its image already' in out.getvalue()
   assert 'full' not in capsys.readouterr().err
+  assert 'kept image 1.000' in stats[1]            # the dense method keeps the image that came in turn 2
   # the same conversation in-process: the same answers, turn 2 by extending the caches with the image
   image = open_image(img)
   chat = Chat(eng)
