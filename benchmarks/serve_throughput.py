@@ -6,9 +6,11 @@
 Without --model it writes a random-init model of the preset `--size` (configs/dynllava.py) as an HF
 export (weights, run_config.json, tokenizer.json) into a temporary directory and serves that. Starts
 serve.py as a subprocess, waits for it, sends the requests (each a different question / image, greedy),
-first sequentially, then from `--clients` threads, checks every concurrent answer equals its sequential
-one, prints a markdown table (requests/s, p50 / p95 latency, speed-up) and the machine's load average,
-and stops the server with SIGTERM. --json writes the figures.
+first sequentially, then from `--clients` threads, `--repeats` times (alternating), checks every
+concurrent answer equals its sequential one, prints a markdown table (the median over the repeats of
+wall time and requests/s; p50 / p95 latency over every request of the mode; the speed-up as the ratio
+of the medians, and each repeat's) and the machine's load average, and stops the server with SIGTERM.
+--json writes the figures.
 """
 import argparse
 import base64
@@ -65,6 +67,7 @@ def main():
   ap.add_argument('--clients', type=int, default=8)
   ap.add_argument('--max_tokens', type=int, default=16)
   ap.add_argument('--slots', type=int, default=8)
+  ap.add_argument('--repeats', type=int, default=3, help='Sequential + concurrent rounds (medians reported).')
   ap.add_argument('--json', default=None)
   a = ap.parse_args()
   import httpx  # pylint: disable=g-import-not-at-top
@@ -103,33 +106,44 @@ def main():
 
     ask(bodies[0])                                  # any compile the warm-up missed
     load0 = os.getloadavg()
-    t = time.perf_counter()
-    seq = [ask(b) for b in bodies]
-    seq_s = time.perf_counter() - t
-    t = time.perf_counter()
-    with cf.ThreadPoolExecutor(a.clients) as ex:
-      conc = list(ex.map(ask, bodies))
-    conc_s = time.perf_counter() - t
+    runs = {'seq': [], 'conc': []}
+    for _ in range(max(1, a.repeats)):
+      t = time.perf_counter()
+      seq = [ask(b) for b in bodies]
+      runs['seq'].append((seq, time.perf_counter() - t))
+      t = time.perf_counter()
+      with cf.ThreadPoolExecutor(a.clients) as ex:
+        conc = list(ex.map(ask, bodies))
+      runs['conc'].append((conc, time.perf_counter() - t))
     load1 = os.getloadavg()
-    same = sum(x[0] == y[0] for x, y in zip(seq, conc))
+    first = [x[0] for x in runs['seq'][0][0]]
+    checked = [res for key in ('seq', 'conc') for res, _ in runs[key]]
+    same = sum(all(res[i][0] == first[i] for res in checked) for i in range(len(first)))
     rows = []
-    for name, res, wall in (('one at a time', seq, seq_s), (f'{a.clients} concurrent clients', conc, conc_s)):
-      lat = np.array([x[1] for x in res]) * 1000
-      rows.append(dict(mode=name, requests=len(res), wall_s=wall, requests_per_s=len(res) / wall,
-                       p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95))))
+    for key, name in (('seq', 'one at a time'), ('conc', f'{a.clients} concurrent clients')):
+      walls = [w for _, w in runs[key]]
+      lat = np.array([x[1] for res, _ in runs[key] for x in res]) * 1000
+      rows.append(dict(mode=name, requests=a.requests, repeats=len(walls), wall_s=float(np.median(walls)),
+                       requests_per_s=float(np.median([a.requests / w for w in walls])),
+                       p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
+                       walls=walls))
     speedup = rows[1]['requests_per_s'] / rows[0]['requests_per_s']
+    each = [s_ / c_ for s_, c_ in zip(rows[0]['walls'], rows[1]['walls'])]
     print(f'\nserve.py --model {a.model or a.size + " (random init)"} --slots {a.slots}, max_tokens {a.max_tokens}, '
-          f'{a.requests} requests; load average before {load0[0]:.2f}, after {load1[0]:.2f} '
+          f'{a.requests} requests x {len(each)} repeats; load average before {load0[0]:.2f}, after {load1[0]:.2f} '
           f'({os.cpu_count()} CPUs)\n')
-    print('| mode | requests | wall s | requests/s | p50 ms | p95 ms |\n|---|---|---|---|---|---|')
+    print('| mode | requests | wall s (median) | requests/s (median) | p50 ms | p95 ms |\n|---|---|---|---|---|---|')
     for r in rows:
       print(f'| {r["mode"]} | {r["requests"]} | {r["wall_s"]:.2f} | {r["requests_per_s"]:.2f} | '
             f'{r["p50_ms"]:.0f} | {r["p95_ms"]:.0f} |')
-    print(f'\nspeed-up {speedup:.2f}x; concurrent answers identical to the sequential ones: {same}/{len(seq)}')
+    print(f'\nspeed-up {speedup:.2f}x (ratio of the medians; per repeat: '
+          f'{", ".join(f"{x:.2f}x" for x in each)}); answers identical in every round and mode: '
+          f'{same}/{len(first)}')
     if a.json:
       with open(a.json, 'w') as f:
-        json.dump(dict(rows=rows, speedup=speedup, identical=same, load=[load0, load1], size=a.size), f, indent=1)
-    return 0 if same == len(seq) else 1
+        json.dump(dict(rows=rows, speedup=speedup, per_repeat=each, identical=same, load=[load0, load1],
+                       size=a.size), f, indent=1)
+    return 0 if same == len(first) else 1
   finally:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)

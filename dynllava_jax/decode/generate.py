@@ -9,6 +9,10 @@ overflow a segment cache; the host then grows that cache to the next multiple of
 (one compile per capacity tuple) and continues. So compact caches hold, and cost, only what was kept.
 Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
 
+Multi-turn: `generate(..., past=caches)` continues a conversation whose caches an earlier call returned
+(`return_caches=True`): the new turn's tokens are appended to them (`extend.py`: no prefill of the
+conversation so far; earlier turns' pruning stands), then the same loop decodes.
+
 Streaming: `on_token(step, tokens (B,) int32, active (B,) bool)` is called on the host for every generated
 position as the loop produces it (token 0 after the prefill, then from inside the jitted loop through a
 `jax.debug.callback`); the values are the same as `out.tokens[:, step]`. The callback is not ordered
@@ -29,6 +33,7 @@ from flax import struct
 
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
+from dynllava_jax.decode.extend import extend
 from dynllava_jax.decode.nocache import generate_nocache
 from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import eval_section, prefill
@@ -62,15 +67,25 @@ def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
   return tokens, logits, tok == eos_id
 
 
+def _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits):
+  b = logits_last.shape[0]
+  tokens, logits, done = _first(logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)
+  return LoopState(tuple(caches), tokens, jnp.ones((b, max_new), bool), logits, jnp.int32(1), done,
+                   jnp.ones((b,), jnp.int32), rng)
+
+
 @partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits'))
 def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits):
   """The loop state after the prefill: caches filled from its segments, the first token sampled from its
   last logits."""
   caches = tuple(C.from_segment(s, c) for s, c in zip(out.segments, capacities))
-  b = out.logits_last.shape[0]
-  tokens, logits, done = _first(out.logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)
-  return LoopState(caches, tokens, jnp.ones((b, max_new), bool), logits, jnp.int32(1), done,
-                   jnp.ones((b,), jnp.int32), rng)
+  return _start(caches, out.logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits)
+
+
+@partial(jax.jit, static_argnames=('sampling', 'max_new', 'record_logits'))
+def _init_extended(caches, logits_last, rng, *, sampling, max_new, pad_id, eos_id, record_logits):
+  """The loop state after an `extend`: its caches, the first token sampled from its last logits."""
+  return _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits)
 
 
 def _overflow(state):
@@ -143,7 +158,7 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
              sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False,
-             eos_token_id=None, visual_tokens=None, on_token=None, _stream=False):
+             eos_token_id=None, visual_tokens=None, on_token=None, past=None, _stream=False):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
@@ -151,7 +166,11 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
   rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
   (default model.mc.eos_token_id); visual_tokens: MQT m for this call (prompts with m placeholders per image);
-  on_token: the streaming callback (module docstring; KV-cache mode only).
+  on_token: the streaming callback (module docstring; KV-cache mode only); past: the caches of an
+  earlier `generate(..., return_caches=True)` (a conversation so far, same batch and method): then
+  input_ids (and pixel_values, for a turn that brings an image) are the next turn's only, appended by
+  `extend.extend` instead of a prefill (kept_image_ratio: of the turn's image; NaN for a text turn,
+  whose earlier turns' pruning stands).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
@@ -170,27 +189,38 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
       try:
         return generate(model, cfg, method, input_ids, pixel_values, attention_mask,
                         max_new_tokens=m, sampling=samp, rng=rng, use_cache=True, return_logits=return_logits,
-                        return_caches=return_caches, eos_token_id=eos, _stream=True)
+                        return_caches=return_caches, eos_token_id=eos, visual_tokens=visual_tokens,
+                        past=past, _stream=True)
       finally:
         jax.effects_barrier()       # every callback of this call has run
         _STREAM['fn'] = None
+  if past is not None and not use_cache:
+    raise ValueError('generate(past=...) extends KV caches: it needs use_cache=True')
   if not use_cache:
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
                             sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos,
                             visual_tokens=visual_tokens)
   p_rng, d_rng = jax.random.split(rng)
-  pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
-                max_new_tokens=m, visual_tokens=visual_tokens)
-  req, out = pre.request, pre.out
   bucket = int(ev.cache_bucket)
-  counts = [int(np.asarray(s.count).max()) for s in out.segments]      # waits for the prefill
-  t_decode = time.perf_counter()
-  caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
-  caps = tuple(caps)
   # pad / eos ids are traced (a new stop token compiles nothing new)
   kw = dict(sampling=samp, pad_id=jnp.int32(mc.pad_token_id), eos_id=jnp.int32(eos),
             record_logits=bool(return_logits))
-  state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
+  if past is not None:
+    ext = extend(model, cfg, method, past, input_ids, attention_mask, pixel_values, max_new_tokens=m,
+                 rng=p_rng, visual_tokens=visual_tokens)
+    jax.block_until_ready(ext.logits_last)
+    t_decode = time.perf_counter()
+    caps = tuple(c.capacity for c in ext.caches)
+    state = _init_extended(ext.caches, ext.logits_last, d_rng, max_new=m, **kw)
+  else:
+    pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
+                  max_new_tokens=m, visual_tokens=visual_tokens)
+    req, out = pre.request, pre.out
+    counts = [int(np.asarray(s.count).max()) for s in out.segments]      # waits for the prefill
+    t_decode = time.perf_counter()
+    caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
+    caps = tuple(caps)
+    state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
   if _stream:
     _emit(0, state.tokens[:, 0], np.ones(state.tokens.shape[0], bool))
   bytes_prefill = C.used_bytes(state.caches)
@@ -207,7 +237,12 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     state = state.replace(caches=tuple(C.grow(c, cap) for c, cap in zip(state.caches, caps)))
   tokens = np.asarray(state.tokens)
   decode_s = time.perf_counter() - t_decode
-  img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
+  if past is not None:
+    b = tokens.shape[0]
+    _, txt_ratio = _ratios(np.zeros((b, 1), bool), np.zeros(b), state.keep, state.lengths)
+    img_ratio = ext.kept_image_ratio
+  else:
+    img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
   return GenerateOutput(
       tokens=tokens, lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,
       kept_text_ratio=txt_ratio, kv_cache_bytes_prefill=bytes_prefill,

@@ -124,7 +124,8 @@ def _define_generate(fv):
   flags.DEFINE_multi_string('image', [], 'Image file (one per --prompt, or one for all, or none).',
                             flag_values=fv)
   flags.DEFINE_multi_string('prompt', [], 'Question; several --prompt form a batch.', flag_values=fv)
-  flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat on stdin (one --image at most).',
+  flags.DEFINE_bool('chat', False, 'Interactive multi-turn chat on stdin, the KV cache carried over turns (one '
+                    'image: --image, or `/image PATH` before a question).',
                     flag_values=fv)
   flags.DEFINE_bool('stream', True, 'Print the answer as it is generated (a single prompt).', flag_values=fv)
   flags.DEFINE_bool('stats', True, 'Print the stats line after the answers.', flag_values=fv)
@@ -180,11 +181,15 @@ def _generate(argv, out, stdin):
 
 
 def _chat(eng, image, out, stdin, fv, desc):
-  """Multi-turn: each question is answered with the whole conversation so far as the prompt (the
-  sparsified KV cache is not carried over between turns: every turn is one fresh prefill)."""
+  """Multi-turn (`serve/chat.py`): the first question is prefilled, each later one appended to the
+  conversation's KV caches (a fresh prefill only when they are full: said on stderr)."""
+  from dynllava_jax.serve.chat import Chat  # pylint: disable=g-import-not-at-top
   from dynllava_jax.serve.engine import stats_line  # pylint: disable=g-import-not-at-top
-  turns = []
-  out.write('chat: type a question, an empty line or EOF ends\n')
+  from dynllava_jax.serve.engine import open_image  # pylint: disable=g-import-not-at-top
+  chat = Chat(eng, image, seed=fv.seed, report=lambda m: print(m, file=sys.stderr, flush=True))
+  out.write('chat: type a question (`/image PATH` first attaches an image to the next one), an empty line '
+            'or EOF ends\n')
+  pending = None
   while True:
     out.write('USER: ')
     out.flush()
@@ -192,19 +197,26 @@ def _chat(eng, image, out, stdin, fv, desc):
     if not line or not line.strip():
       out.write('\n')
       return 0
-    turns.append((line.strip(), None))
-    try:
-      p = eng.encode(turns, image)
-    except ValueError as e:
-      out.write(f'({e}; starting a new conversation)\n')
-      turns = [turns[-1]]
-      p = eng.encode(turns, image)
+    if line.startswith('/image '):
+      try:
+        if chat.image is not None:
+          raise ValueError('this conversation has its image already (one image per conversation)')
+        pending = open_image(line[len('/image '):].strip())
+        out.write('(image attached to the next question)\n')
+      except (ValueError, errors.UserError) as e:
+        out.write(f'({e})\n')
+      continue
     out.write('ASSISTANT: ')
-    [r] = eng.run([p], seed=fv.seed, on_text=lambda i, piece: (out.write(piece), out.flush()))
+    try:
+      r = chat.ask(line.strip(), image=pending, on_text=lambda i, piece: (out.write(piece), out.flush()))
+    except ValueError as e:
+      out.write(f'({e})\n')
+      continue
+    pending = None
     out.write('\n')
     if fv.stats:
-      out.write(stats_line([r], desc) + '\n')
-    turns[-1] = (turns[-1][0], r.text)
+      how = 'prefill' if chat.mode == 'prefill' else f'extend +{r.prompt_tokens} tokens'
+      out.write(stats_line([r], f'{desc} turn={len(chat.turns)} {how} conversation={len(chat.ids)}') + '\n')
 
 
 def _desc(d):

@@ -123,6 +123,15 @@ class Engine:
     slots: pad the batch to this many rows (fixed shapes; None = len(prompts)). on_text(i, new_text):
     streamed text of prompt i as it is generated; on_token(step, tokens (B,), active (B,)) the raw stream.
     """
+    return self.run_with_caches(prompts, method=method, overrides=overrides, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, slots=slots, on_text=on_text,
+                                on_token=on_token)[0]
+
+  def run_with_caches(self, prompts, *, method=None, overrides=None, max_new_tokens=None, temperature=None,
+                      top_p=None, seed=0, slots=None, on_text=None, on_token=None, past=None):
+    """`run` -> ([Result], GenerateOutput) (its `caches`: the segment caches at the end, for a next turn).
+    past: caches of an earlier call with the same rows and method: the prompts are then the next turn's
+    text tokens, appended to them (`decode/extend.py`) instead of a prefill."""
     from dynllava_jax.data.pipeline import left_pad_batch  # pylint: disable=g-import-not-at-top
     from dynllava_jax.decode.generate import generate  # pylint: disable=g-import-not-at-top
     from dynllava_jax.decode.sampling import Sampling  # pylint: disable=g-import-not-at-top
@@ -143,7 +152,7 @@ class Engine:
       stream = _TextStream(self.tok, n, int(self.mc.eos_token_id), on_text, on_token)
     t0 = time.perf_counter()
     out = generate(self.model, self.config, meth, ids, pix, mask, max_new_tokens=m, sampling=samp,
-                   rng=jax.random.PRNGKey(int(seed)), return_caches=True, on_token=stream)
+                   rng=jax.random.PRNGKey(int(seed)), return_caches=True, on_token=stream, past=past)
     total = time.perf_counter() - t0
     decode_s = float(out.decode_s or 0.0)
     steps = int(np.max(out.lengths)) - 1
@@ -158,7 +167,7 @@ class Engine:
       results.append(Result(self.tok.decode(gen), gen, 'stop' if stop else 'length', int(mask[b].sum()),
                             float(out.kept_image_ratio[b]), float(out.kept_text_ratio[b]), float(kv[b]),
                             max(total - decode_s, 0.0), ms_tok))
-    return results
+    return results, out
 
 
 class _TextStream:

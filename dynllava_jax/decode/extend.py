@@ -1,0 +1,197 @@
+"""Extend: append new prompt tokens to existing segment KV caches (multi-turn chat with the cache carried
+over), instead of re-running the prefill on the whole conversation.
+
+    ext = extend(model, cfg, method, caches, input_ids, attention_mask, max_new_tokens=32)
+    ext.caches (the same segments, grown and appended), ext.logits_last (B, vocab) fp32
+
+`caches` are the SegmentCaches a `generate(..., return_caches=True)` (or an earlier `extend` + decode)
+left: segment 0 holds every token of the conversation so far, the later (compact) segments what the
+method kept — the image tokens its prefill kept and the generated tokens its text rule kept. The chunk
+(B, T) is the next user turn's tokens (for a chat: the previous answer's last token, which the decode
+loop samples but never feeds, then the rest of the template text `</s>USER: … ASSISTANT:`); each
+sample's real tokens are taken in order (left- or right-padding alike), `attention_mask` marks them.
+
+Semantics (what "the same conversation" means after pruning):
+  - earlier turns' pruning stays as decided: no image token the prefill dropped and no generated token the
+    text rule dropped comes back, and no kept one is re-scored;
+  - every text token of the chunk is prompt text, so every segment keeps all of them (a prefill never
+    drops prompt text; the text rule judges generated tokens only);
+  - a chunk that brings an image (its placeholders, `pixel_values`) has it pruned as a prefill would: at
+    each drop point the method scores the chunk's tokens (`ScoreContext` over the chunk alone: a score
+    that looks at other tokens, e.g. FastV's last-query attention, sees the new turn's tokens only) and
+    the chunk keeps its k best image tokens, its text and its last token;
+  - a chunk token's RoPE position in a segment is that segment's `next_pos` + its index in the chunk (as
+    if the decode loop had fed it: the original positions), or, for a method that renumbers after a drop,
+    + its rank among the chunk tokens that segment kept.
+So for the dense method extend ≡ a prefill of the whole conversation, and for a pruning method it ≡ the
+masked forward over the whole conversation whose key set after each boundary is the kept set above
+(tests/test_chat_extend.py); Dynamic-LLaVA's image decisions on a later turn's image equal a prefill's
+of the whole conversation (its image predictor reads the image tokens' hidden states at the sparse
+layer, which see only earlier tokens, all present before that layer).
+
+Static shapes: the chunk is padded to a multiple of `eval.prefill_bucket`; before the jitted program the
+caches are grown (`cache.grow`) to hold the chunk and, for segment 0, max_new_tokens more, in multiples of
+`eval.cache_bucket`: one compile per (chunk bucket, capacities).
+"""
+import dataclasses
+from functools import partial
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynllava_jax.decode import cache as C
+from dynllava_jax.decode import request as R
+from dynllava_jax.decode.prefill import _take, eval_section, pack
+from dynllava_jax.model.attention import NEG_INF
+from dynllava_jax.model.projector import visual_token_count
+from dynllava_jax.sparsity.base import ScoreContext, top_k_mask
+
+
+@dataclasses.dataclass
+class ExtendOutput:
+  """caches: tuple of SegmentCache (device arrays) with the chunk appended; logits_last (B, V) fp32 at
+  each sample's last chunk token; logits (B, T, V) fp32 at every chunk slot (return_logits) or None;
+  n_new (B,) chunk tokens per sample; kept (n_seg, B, T) bool: which chunk tokens (by their slot in the
+  packed chunk) each segment holds; kept_image_ratio (B,): image tokens of the chunk in the last segment /
+  the chunk's image tokens (NaN for a chunk without an image)."""
+  caches: Tuple[Any, ...]
+  logits_last: Any
+  logits: Optional[Any]
+  n_new: np.ndarray
+  kept: np.ndarray
+  kept_image_ratio: np.ndarray
+
+
+def chunk_attention(k_buf, v_buf, length, n_new):
+  """An `attend` for `DecoderLayer.__call__` on a chunk of T new tokens over a segment cache.
+
+  k_buf / v_buf (B, Hkv, C, D): the layer's cache buffers, slots [0, length) in use; n_new (B,) real chunk
+  tokens (slots [0, n_new) of the chunk). The chunk's K/V are written at slots length + j (j < n_new;
+  padding rows are not written), then query j attends over the old slots and chunk tokens 0..j (fp32
+  softmax, GQA). attend(q (B, T, Hq, D), k, v (B, T, Hkv, D)) -> (o (B, T, Hq, D), (k_buf', v_buf')).
+  """
+  b, _, cap, _ = k_buf.shape
+
+  def attend(q, k, v):
+    t = q.shape[1]
+    j = jnp.arange(t)[None, :]
+    slot = jnp.where(j < n_new[:, None], length[:, None] + j, cap)             # (B, T); cap: not written
+    rows = jnp.arange(b)[:, None]
+    kc = k_buf.at[rows, :, slot].set(k.astype(k_buf.dtype), mode='drop')       # value (B, T, Hkv, D)
+    vc = v_buf.at[rows, :, slot].set(v.astype(v_buf.dtype), mode='drop')
+    hq, d = q.shape[2], q.shape[3]
+    hkv = kc.shape[1]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    s = jnp.einsum('bthgd,bhkd->bhgtk', qg, kc, preferred_element_type=jnp.float32) * d ** -0.5
+    c = jnp.arange(cap)[None, None, :]
+    old = c < length[:, None, None]
+    new = (c >= length[:, None, None]) & (c - length[:, None, None] <= jnp.arange(t)[None, :, None])
+    allowed = (old | new)[:, None, None]                                        # (B, 1, 1, T, C)
+    s = jnp.where(allowed, s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1) * allowed
+    o = jnp.einsum('bhgtk,bhkd->bthgd', p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, hq, d).astype(q.dtype), (kc, vc)
+  return attend
+
+
+def _chunk_keep(method, model, h, h_prev, pos, valid, image_mask, n_new, layer, rng, n_image):
+  """The chunk tokens kept at drop point `layer`: every real text token, the method's k best image
+  tokens of the chunk (scored on the chunk's own tokens), the last real token -> (B, T) bool."""
+  pts = tuple(int(p) for p in method.drop_points(model.mc))
+  i = pts.index(layer)
+  key = None if rng is None else jax.random.fold_in(rng, i)
+  ctx = ScoreContext(h=h, h_prev=h_prev, positions=pos, valid=valid, image_mask=image_mask, last_index=n_new - 1,
+                     layer=layer, model=model, rng=key, n_image=n_image)
+  k = tuple(method.keep_counts(n_image))[i]
+  last = jnp.arange(h.shape[1])[None, :] == (n_new - 1)[:, None]
+  return valid & (~image_mask | top_k_mask(method.score(i, ctx), image_mask, k)) | (last & valid)
+
+
+@partial(jax.jit, static_argnames=('method', 'return_logits', 'count'))
+def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_logits, count=None):
+  lm = model.language_model
+  h, image_mask = model.embed(ids, pixel_values, count, method)
+  b, t = ids.shape
+  valid = jnp.arange(t)[None, :] < n_new[:, None]
+  n0 = n_new
+  image_mask = image_mask & valid
+  off = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))     # each token's index in the chunk
+  pts = tuple(int(p) for p in method.drop_points(model.mc))
+  n_image = visual_token_count(model.mc, method, count)
+  out, kept = [], []
+  h_prev = pos_prev = None
+  for s, cache in enumerate(caches):
+    if s > 0 and pixel_values is not None and cache.start in pts:
+      keep = _chunk_keep(method, model, h, h_prev, pos_prev, valid, image_mask, n_new, cache.start, rng, n_image)
+      idx, valid, n_new = pack(keep, t)
+      h, off, image_mask = _take(h, idx), _take(off, idx), _take(image_mask, idx) & valid
+    kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], off].max(valid))
+    rank = jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions else off
+    pos = cache.next_pos[:, None] + rank
+    ks, vs = [], []
+    for j, i in enumerate(range(cache.start, cache.stop)):
+      if i == cache.stop - 1 and method.needs_prev_hidden:
+        h_prev = h                            # entering the layer before the next drop point
+      h, (kc, vc) = lm.layer_at(i)(h, pos, chunk_attention(cache.k[j], cache.v[j], cache.length, n_new))
+      ks.append(kc)
+      vs.append(vc)
+    pos_prev = pos
+    out.append(cache.replace(k=tuple(ks), v=tuple(vs), length=cache.length + n_new,
+                             next_pos=cache.next_pos + (n_new if method.renumber_positions else n0)))
+  h_last = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)
+  logits_last = lm.head(h_last)[:, 0]
+  logits = lm.head(h) if return_logits else None
+  n_img_last = jnp.sum(image_mask, axis=1)
+  return tuple(out), logits_last, logits, jnp.stack(kept), n_img_last
+
+
+def extend(model, cfg, method, caches, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens=1,
+           rng=None, visual_tokens=None, return_logits=False):
+  """Appends the chunk input_ids (B, T) to `caches` (module docstring) -> ExtendOutput.
+
+  method: the Sparsifier the caches were made with (its segments must be theirs); pixel_values
+  (B, S, S, 3) CLIP-normalised or None: the images of chunks that hold image placeholders (the
+  method's count, as in a prefill; 0 for a text-only sample); rng: the drop points' key (random
+  methods); max_new_tokens: room reserved in segment 0 and checked against the model's positions.
+  ValueError (one line) for a bad chunk (`request.check_and_pack`'s checks), a batch size or
+  segmentation that does not match the caches, or a conversation that would outgrow the model's
+  positions (`max_position`).
+  """
+  mc = model.mc
+  ev = eval_section(cfg, mc)
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f'input_ids must be (batch, length); got shape {ids.shape}')
+  bounds = R.boundaries(method, mc)
+  starts = tuple(c.start for c in caches)
+  if starts != (0,) + bounds:
+    raise ValueError(f'the caches have segments starting at layers {starts}; method {method.name} needs '
+                     f'{(0,) + bounds}: extend with the method the caches were made with')
+  b = int(np.asarray(caches[0].length).shape[0])
+  if ids.shape[0] != b:
+    raise ValueError(f'{ids.shape[0]} new prompts for caches of batch {b}')
+  m = int(max_new_tokens)
+  n_vis = visual_token_count(mc, method, visual_tokens)
+  method.validate(mc, n_vis)
+  req = R.check_and_pack(mc, ids, pixel_values, attention_mask, max_new_tokens=m, bucket=ev.prefill_bucket,
+                         n_visual=n_vis)
+  n_new = req.n_real
+  used = np.asarray(caches[0].next_pos)
+  over = used + n_new + m > mc.llm.max_position
+  if over.any():
+    i = int(np.flatnonzero(over)[0])
+    raise ValueError(f'sample {i}: a conversation of {int(used[i])} tokens + {int(n_new[i])} new + '
+                     f'max_new_tokens={m} exceeds the model\'s max_position={mc.llm.max_position}')
+  bucket = int(ev.cache_bucket)
+  grown = []
+  for s, c in enumerate(caches):
+    need = int((np.asarray(c.length) + n_new).max()) + (m if s == 0 else 1)
+    grown.append(C.grow(c, max(c.capacity, R.round_up(need, bucket))))
+  pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
+  out, logits_last, logits, kept, n_img_kept = _extend_jit(
+      model, method, tuple(grown), jnp.asarray(req.ids), jnp.asarray(n_new), pix, rng,
+      return_logits=bool(return_logits), count=None if visual_tokens is None else int(visual_tokens))
+  ratio = np.where(req.n_img > 0, np.asarray(n_img_kept) / np.maximum(req.n_img, 1), np.nan)
+  return ExtendOutput(out, logits_last, logits, n_new, np.asarray(kept), ratio.astype(np.float32))
