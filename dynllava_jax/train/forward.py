@@ -159,15 +159,16 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   positions = positions_from_mask(mask)
   allowed = dense_allowed(mask)
   lm = model.language_model
-  h, _ = model.embed(ids, batch['pixel_values'])
+  h, image_mask = model.embed(ids, batch['pixel_values'])
+  route = model.route(image_mask, batch['pixel_values'])
   if not sparse:
-    h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat)
+    h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat, route=route)
     out = {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
     if mqt_m is not None:
       out['mqt_m'] = mqt_m
     return out
   k = sc.sparse_layer
-  h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat)
+  h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat, route=route)
   out = {}
   has_image = batch['has_image'].astype(bool)
   keep = jnp.ones((b, t), jnp.float32)
@@ -189,7 +190,8 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
         sc.instruct_min_len, tau, _noise(rng, noise, 'instruct', (b, t, 2)))
     out.update(m_ins=m, ins_span=span, ins_qual=qual)
     keep = keep * m
-  h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat)
+  h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat,
+                    route=route)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   out['keep'] = keep
   if mqt_m is not None:
