@@ -83,16 +83,16 @@ def dense_allowed(attention_mask):
   return causal_allowed(idx, idx, attention_mask)
 
 
-def check_placeholders(mc, input_ids, n=None, frames=1):
+def check_placeholders(mc, input_ids, n=None, frames=None):
   """Eager calls only (a no-op under jit): every row holds 0 or exactly N image placeholders (n: this
-  call's count, default `num_visual_tokens(mc)`) — with `frames` F > 1 (pixel_values (B, F, H, W, 3)) a
+  call's count, default `num_visual_tokens(mc)`) — with `frames` F (pixel_values (B, F, H, W, 3)) a
   multiple of N up to F·N, one span per frame — else a UserError in one line (a short row would silently
   use only its first features)."""
   if isinstance(input_ids, jax.core.Tracer):
     return
   n = num_visual_tokens(mc) if n is None else n
   counts = (np.asarray(input_ids) == mc.image_token_id).sum(-1).reshape(-1)   # numpy: never staged
-  if frames > 1:
+  if frames is not None:
     bad = np.flatnonzero((counts % n != 0) | (counts > frames * n))
     if bad.size:
       c = int(counts[bad[0]])
@@ -164,7 +164,7 @@ class Llava(nnx.Module):
     count / method: this call's visual-token slot (`visual_tokens`); prompts carry that many placeholders."""
     if pixel_values is not None:
       check_placeholders(self.mc, input_ids, visual_token_count(self.mc, method, count),
-                         M.frames_of(pixel_values))
+                         pixel_values.shape[1] if pixel_values.ndim == 5 else None)
     image_mask = input_ids == self.mc.image_token_id
     h = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:

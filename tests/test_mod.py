@@ -1,0 +1,233 @@
+"""VideoLLM-MoD layers (model/mod.py): routing per frame, skipped tokens untouched and invisible, the router's
+gradient, r = 1 ≡ dense, the engine (routed tokens gathered) ≡ the masked forward, caches ≡ recompute, an
+MoD layer's KV cache = its routed tokens, bad settings in one line."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.dynllava import get_config
+from dynllava_jax.decode import cache as C
+from dynllava_jax.decode.generate import generate
+from dynllava_jax.decode.prefill import prefill
+from dynllava_jax.errors import UserError
+from dynllava_jax.model import mod as M
+from dynllava_jax.model.llama import full_attention
+from dynllava_jax.model.llava import Llava, dense_allowed, positions_from_mask
+from dynllava_jax.sparsity.base import Sparsifier
+from dynllava_jax.train import forward as F
+
+N = 16          # tokens per frame (32×32 images, 8×8 patches)
+K = 4           # routed per frame: ceil(0.25 · 16)
+
+
+def small_config(r=0.25, layers='interleave'):
+  """4 decoder layers (MoD at 1 and 3), hidden 64, 16 tokens per frame, k = 4."""
+  cfg = get_config('size=tiny,dense=1')
+  mc = cfg.model
+  mc.vision.image_size, mc.vision.depth = 32, 2
+  mc.llm.layers, mc.llm.hidden, mc.llm.heads, mc.llm.kv_heads, mc.llm.mlp_dim = 4, 64, 4, 2, 128
+  mc.llm.head_dim = 16
+  mc.mod.layers, mc.mod.r = layers, r
+  cfg.eval.prefill_bucket, cfg.eval.cache_bucket = 8, 8
+  return cfg
+
+
+def make_model(cfg, seed=0, router_scale=1.0):
+  """Random weights scaled ×3 (outputs vary), routers drawn N(0, router_scale) (zero at init)."""
+  model = nnx.jit(lambda: Llava(cfg.model, rngs=nnx.Rngs(seed)))()
+  state = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 7), 64))
+
+  def f(path, x):
+    name = '/'.join(str(p) for p in path)
+    if 'router' in name:
+      return router_scale * jax.random.normal(next(keys), x.shape, x.dtype) if router_scale else x
+    return x if ('norm' in name or 'bias' in name) else 3 * x
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(f, state))
+  return model
+
+
+def frames_batch(cfg, specs, frames=2, seed=0):
+  """specs: per sample (text before, n frames, text after, 'left'|'right'): BOS, text, n frames of N
+  placeholders each separated by one text token, text. -> ids (B, T), pix (B, F, 32, 32, 3), mask."""
+  mc = cfg.model
+  rng = np.random.default_rng(seed)
+  rows = []
+  for before, nf, after, _ in specs:
+    row = [mc.bos_token_id] + list(rng.integers(5, mc.llm.vocab_size, before))
+    for f in range(nf):
+      row += [mc.image_token_id] * N + ([int(rng.integers(5, 200))] if f < nf - 1 else [])
+    rows.append(row + list(rng.integers(5, mc.llm.vocab_size, after)))
+  t = max(len(r) for r in rows) + 2
+  ids = np.full((len(rows), t), mc.pad_token_id, np.int32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for b, (row, spec) in enumerate(zip(rows, specs)):
+    sl = slice(t - len(row), t) if spec[3] == 'left' else slice(0, len(row))
+    ids[b, sl], mask[b, sl] = row, 1
+  s = mc.vision.image_size
+  pix = rng.standard_normal((len(rows), frames, s, s, 3)).astype(np.float32)
+  return ids, pix, mask
+
+
+SPECS = [(3, 2, 5, 'right'), (6, 1, 3, 'left'), (4, 0, 6, 'right')]
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = small_config()
+  model = make_model(cfg)
+  ids, pix, mask = frames_batch(cfg, SPECS)
+  return cfg, model, ids, pix, mask
+
+
+@nnx.jit
+def _forward(model, ids, pix, mask):
+  return model(ids, pix, mask)
+
+
+def _routed_reference(model, layer_index, h, image, slots, valid):
+  """numpy: text tokens, and per present frame the K tokens with the highest router score (ties: earlier)."""
+  s = np.asarray(model.language_model.layer_at(layer_index).router(h))
+  routed = ~np.asarray(image)
+  for b in range(h.shape[0]):
+    for f in range(slots.shape[1]):
+      if valid[b, f]:
+        sl = np.asarray(slots[b, f])
+        order = sorted(range(N), key=lambda j: (-s[b, sl[j]], j))[:K]
+        routed[b, sl[order]] = True
+  return routed
+
+
+def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup):
+  """The routed set is the router's top k per frame; skipped tokens pass unchanged and are not keys (a
+  change to a skipped token's state changes no other token's output); routed vision tokens get
+  h + (1 + α·tanh s)·(f(h) − h)."""
+  cfg, model, ids, pix, mask = setup
+  h, image = model.embed(jnp.asarray(ids), jnp.asarray(pix))
+  route = M.make_route(cfg.model, image, N, 2)
+  pos = positions_from_mask(jnp.asarray(mask))
+  attend = full_attention(dense_allowed(jnp.asarray(mask)))
+  layer = model.language_model.layer_at(1)
+  run = jax.jit(lambda h: layer(h, pos, attend, route=route, layer=1)[0])
+  out = np.asarray(run(h))
+  routed = _routed_reference(model, 1, h, image, np.asarray(route.slots), np.asarray(route.valid))
+  assert routed[np.asarray(image)].sum() == 3 * K           # 2 + 1 frames present
+  skipped = ~routed
+  np.testing.assert_array_equal(out[skipped], np.asarray(h)[skipped])
+  moved = np.abs(out - np.asarray(h)).max(-1) > 0
+  assert moved[routed & (mask > 0)].all()
+  # a skipped token is no key: perturbing it (lowering its router score, so it stays skipped) changes nothing
+  kern = layer.router.kernel[...][:, 0]
+  bump = jnp.where(jnp.asarray(skipped)[..., None], -3.0 * kern / jnp.linalg.norm(kern), 0.0)
+  out2 = np.asarray(run(h + bump))
+  real_routed = routed & (mask > 0)          # (a padding row has no allowed key: it averages every value)
+  np.testing.assert_allclose(out2[real_routed], out[real_routed], rtol=0, atol=1e-6)
+  # the update of a routed vision token is weighted by 1 + α·tanh(s); text tokens get the dense body's
+  s = np.asarray(layer.router(h))
+  dense = np.asarray(jax.jit(lambda h: layer(h, pos, full_attention(
+      dense_allowed(jnp.asarray(mask)) & jnp.asarray(routed)[:, None, :]))[0])(h))
+  w = 1 + 0.2 * np.tanh(s)
+  rv = routed & np.asarray(image)
+  want = np.asarray(h) + w[..., None] * (dense - np.asarray(h))
+  np.testing.assert_allclose(out[rv], want[rv], rtol=1e-5, atol=1e-5)
+  rt = routed & ~np.asarray(image) & (mask > 0)
+  np.testing.assert_allclose(out[rt], dense[rt], rtol=1e-6, atol=1e-6)
+
+
+def test_r1_with_the_init_router_equals_dense():
+  """r = 1 routes every token; the zero-init router weighs every update 1: the dense model's logits."""
+  cfg = small_config(r=1.0)
+  model = make_model(cfg, router_scale=0.0)
+  ids, pix, mask = frames_batch(cfg, SPECS[:2])
+  got = _forward(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
+  h, _ = model.embed(jnp.asarray(ids), jnp.asarray(pix))
+  lm = model.language_model
+  m = jnp.asarray(mask)
+  want = lm.head(lm.run_layers(h, positions_from_mask(m), dense_allowed(m)))      # no route: dense bodies
+  real = mask > 0
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_router_gets_gradient_through_the_update_weight(setup):
+  cfg, model, ids, pix, mask = setup
+  labels = np.where(mask > 0, ids, F.IGNORE)
+  labels[ids == cfg.model.image_token_id] = F.IGNORE
+  batch = {'input_ids': jnp.asarray(ids), 'attention_mask': jnp.asarray(mask), 'labels': jnp.asarray(labels),
+           'pixel_values': jnp.asarray(pix), 'has_image': jnp.asarray((ids == 4).any(-1))}
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def grads(state):
+    def loss(state):
+      out = F.train_forward(nnx.merge(graphdef, state), batch, sparse=False)
+      return F.ce_sums(out['logits'], batch['labels'])[0]
+    return jax.grad(loss)(state)
+
+  g = nnx.to_pure_dict(grads(state))['language_model']
+  for attr in ('layers_1', 'layers_3'):
+    gk = np.asarray(g[attr]['router']['kernel'])
+    assert np.isfinite(gk).all() and np.abs(gk).max() > 0
+
+
+class _Drop(Sparsifier):
+  name = 'drop_test'
+
+  def drop_points(self, model_cfg):
+    return (1,)
+
+  def keep_counts(self, n):
+    return (2,)
+
+
+def test_engine_equals_masked_forward_and_mod_caches_hold_routed_tokens(setup):
+  """Prefill (each MoD layer on its gathered routed tokens) ≡ the masked forward, at every position;
+  KV-cache decoding ≡ recomputing the forward each step; the MoD layers' caches hold text + k per frame."""
+  cfg, model, ids, pix, mask = setup
+  want = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
+  dense = Sparsifier()
+  pre = prefill(model, cfg, dense, ids, pix, mask, return_logits=True)
+  n_real = mask.sum(-1)
+  got = np.asarray(pre.out.logits)
+  for b in range(len(ids)):
+    np.testing.assert_allclose(got[b, :n_real[b]], want[b][mask[b] > 0], rtol=1e-4, atol=1e-4)
+  segs = pre.out.segments
+  assert [(s.start, s.stop) for s in segs] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+  n_img = (ids == cfg.model.image_token_id).sum(-1)
+  routed = n_real - n_img + (n_img // N) * K
+  for s in segs:
+    np.testing.assert_array_equal(np.asarray(s.count), routed if s.start in (1, 3) else n_real)
+  assert segs[1].kv[0].shape[2] < ids.shape[1]                   # gathered: fewer slots than the prompt
+
+  out = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=4, sampling='greedy', return_logits=True,
+                 return_caches=True, use_cache=True)
+  ref = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=4, sampling='greedy', return_logits=True,
+                 use_cache=False)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+  caches = out.caches
+  per_token = C.bytes_per_token(caches[1])
+  fed = out.lengths - 1                    # tokens fed back through the decode steps (all text: routed)
+  np.testing.assert_array_equal(np.asarray(caches[1].length), routed + fed)
+  assert C.used_bytes(caches[1:2]) == per_token * int((routed + fed).sum())
+  with pytest.raises(UserError, match='MoD'):
+    prefill(model, cfg, _Drop(), ids[1:2], pix[1:2, 0], mask[1:2])     # one image: reaches the engine
+
+
+def test_bad_settings_one_line(setup):
+  cfg, model, ids, pix, mask = setup
+  for field, value, match in (('r', 0.0, r'r=0.0 must be in \(0, 1\]'), ('r', 1.5, 'must be in'),
+                              ('layers', '1,9', 'layer 9 is outside the layer plan'),
+                              ('router', 'softmax', 'unknown')):
+    c = small_config()
+    c.model.mod[field] = value
+    with pytest.raises(UserError, match=match):
+      Llava(c.model, rngs=nnx.Rngs(0))
+  bad = ids.copy()
+  bad[0, np.flatnonzero(bad[0] == cfg.model.image_token_id)[0]] = 7        # a frame one short
+  with pytest.raises(UserError, match='16 per frame'):
+    model.embed(jnp.asarray(bad), jnp.asarray(pix))
+  with pytest.raises(UserError, match='at most 16'):
+    model.embed(jnp.asarray(ids), jnp.asarray(pix[:, :1]))                 # 2 frames' spans, 1 frame given
