@@ -1,6 +1,8 @@
 """VideoLLM-MoD layers (model/mod.py): routing per frame, skipped tokens untouched and invisible, the router's
 gradient, r = 1 ≡ dense, the engine (routed tokens gathered) ≡ the masked forward, caches ≡ recompute, an
 MoD layer's KV cache = its routed tokens, bad settings in one line."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,36 +139,42 @@ def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup):
   np.testing.assert_allclose(out[rt], dense[rt], rtol=1e-6, atol=1e-6)
 
 
-def test_r1_with_the_init_router_equals_dense():
-  """r = 1 routes every token; the zero-init router weighs every update 1: the dense model's logits."""
-  cfg = small_config(r=1.0)
-  model = make_model(cfg, router_scale=0.0)
-  ids, pix, mask = frames_batch(cfg, SPECS[:2])
-  got = _forward(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
-  h, _ = model.embed(jnp.asarray(ids), jnp.asarray(pix))
-  lm = model.language_model
+def test_r1_with_the_init_router_equals_dense(setup):
+  """r = 1 routes every token and the zero-init router weighs every update 1: the MoD layer is the dense
+  layer."""
+  cfg, model, ids, pix, mask = setup
+  h, image = model.embed(jnp.asarray(ids), jnp.asarray(pix))
+  route = dataclasses.replace(M.make_route(cfg.model, image, N, 2), k=N)
+  graphdef, state = nnx.split(model.language_model.layer_at(1))
+  state = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if 'router' in str(p) else x, state)
+  layer = nnx.merge(graphdef, state)
   m = jnp.asarray(mask)
-  want = lm.head(lm.run_layers(h, positions_from_mask(m), dense_allowed(m)))      # no route: dense bodies
+  args = (positions_from_mask(m), full_attention(dense_allowed(m)))
+  got = jax.jit(lambda h: layer(h, *args, route=route, layer=1)[0])(h)
+  want = jax.jit(lambda h: layer(h, *args)[0])(h)
   real = mask > 0
-  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-6, atol=1e-6)
 
 
 def test_router_gets_gradient_through_the_update_weight(setup):
+  """The training forward (train/forward.py) routes; the CE's gradient reaches both routers."""
   cfg, model, ids, pix, mask = setup
   labels = np.where(mask > 0, ids, F.IGNORE)
   labels[ids == cfg.model.image_token_id] = F.IGNORE
   batch = {'input_ids': jnp.asarray(ids), 'attention_mask': jnp.asarray(mask), 'labels': jnp.asarray(labels),
            'pixel_values': jnp.asarray(pix), 'has_image': jnp.asarray((ids == 4).any(-1))}
-  graphdef, state = nnx.split(model)
+  graphdef, routers, rest = nnx.split(model, lambda p, _: 'router' in p, ...)
 
   @jax.jit
-  def grads(state):
-    def loss(state):
-      out = F.train_forward(nnx.merge(graphdef, state), batch, sparse=False)
+  def grads(routers):
+    def loss(routers):
+      out = F.train_forward(nnx.merge(graphdef, routers, rest), batch, sparse=False)
       return F.ce_sums(out['logits'], batch['labels'])[0]
-    return jax.grad(loss)(state)
+    return jax.grad(loss)(routers)
 
-  g = nnx.to_pure_dict(grads(state))['language_model']
+  g = nnx.to_pure_dict(grads(routers))['language_model']
+  assert sorted(g) == ['layers_1', 'layers_3']
   for attr in ('layers_1', 'layers_3'):
     gk = np.asarray(g[attr]['router']['kernel'])
     assert np.isfinite(gk).all() and np.abs(gk).max() > 0
@@ -231,3 +239,42 @@ def test_bad_settings_one_line(setup):
     model.embed(jnp.asarray(bad), jnp.asarray(pix))
   with pytest.raises(UserError, match='at most 16'):
     model.embed(jnp.asarray(ids), jnp.asarray(pix[:, :1]))                 # 2 frames' spans, 1 frame given
+
+
+def test_two_frame_sample_equals_one_sample_per_frame(setup):
+  """Frames: with the model cut to its embedding (frame-independent), a two-frame sample's placeholder
+  spans hold what each frame gives as a sample of its own; the engine checks frames per sample."""
+  cfg, model, ids, pix, mask = setup
+  embed = jax.jit(lambda i, p: model.embed(i, p)[0])
+  two = np.asarray(embed(jnp.asarray(ids[:1]), jnp.asarray(pix[:1])))          # sample 0: 2 frames
+  one = [np.asarray(embed(jnp.asarray(ids[1:2]), jnp.asarray(pix[0, f][None])))  # sample 1: 1 frame
+         for f in range(2)]
+  spans = np.flatnonzero(ids[0] == cfg.model.image_token_id).reshape(2, N)
+  span1 = np.flatnonzero(ids[1] == cfg.model.image_token_id)
+  for f in range(2):
+    np.testing.assert_allclose(two[0, spans[f]], one[f][0, span1], rtol=1e-6, atol=1e-6)
+  text = (ids[0] != cfg.model.image_token_id)
+  np.testing.assert_array_equal(two[0, text], np.asarray(model.language_model.embed_tokens(ids[:1]))[0, text])
+  with pytest.raises(ValueError, match='at most 32'):
+    prefill(model, cfg, Sparsifier(), np.concatenate([ids, ids[:, -N:] * 0 + 4], 1), pix, None)
+
+
+def test_mod_prefill_flops_analytic_equals_xla():
+  """The engine's prefill with an MoD layer (routed tokens only, router on every token): the analytic count
+  (eval/flops.py) within 1 % of XLA's cost analysis, at bench proportions (576 tokens per frame, 2 frames;
+  abstract shapes, 2 layers: MoD then dense); per kind, the MoD layer costs what a dense layer costs on
+  text + k per frame."""
+  from dynllava_jax.eval import flops as FL
+  cfg = get_config('size=bench,dense=1')
+  mc = cfg.model
+  mc.llm.layers, mc.vision.depth, mc.llm.vocab_size = 2, 1, 1024
+  mc.vision.feature_layer = -1
+  mc.image_token_id, mc.pad_token_id = 1000, 1001
+  mc.mod.layers, mc.attention_impl = '0', 'reference'
+  xla, analytic = FL.mod_engine_prefill_flops(mc, text_tokens=40, frames=2)
+  assert analytic == pytest.approx(xla, rel=0.01)
+  parts = FL.prefill_flops(mc, None, 40, frames=2, last_query=True)
+  k = M.routed_count(576, 0.2)
+  assert parts['per_kind']['mod'] == FL.llm_layer_flops(mc.llm, 40 + 2 * k) + 2 * mc.llm.hidden * (40 + 2 * 576)
+  kv = FL.mod_kv_bytes(mc, 40, 2)['per_kind']
+  assert kv['mod'] * (40 + 2 * 576) == kv['dense'] * (40 + 2 * k)

@@ -14,7 +14,7 @@ per frame, and a frame's tokens all arrive together, so top-k over a frame is ca
 
 Routing (`model.mod.routing`): 'learned' (the router), or the equal-capacity baselines 'random' (a fixed
 random pattern per layer and frame slot, from `model.mod.seed`) and 'uniform' (k tokens at an even
-stride); both leave the router unused and every weight 1.
+stride, the centres of k equal strides); both leave the router unused and every weight 1.
 
 Frames: the image placeholders of a sample are F consecutive spans of N (`frame_slots`); a sample may have
 fewer frames than the batch's maximum (the missing ones are masked). Shapes below: B batch, T tokens,
@@ -127,12 +127,11 @@ def make_route(mc, image_mask, n, frames):
 
 
 def _fixed_scores(routing, seed, layer, frames, n, k):
-  """(F, N) scores of the baselines: 'uniform' = 1 at k evenly spaced tokens, else 0; 'random' = a fixed
-  uniform draw per (layer, frame, token)."""
+  """(F, N) scores of the baselines: 'uniform' = 1 at the k stride centres ⌊(i + ½)·N/k⌋ (as the `uniform`
+  sparsifier keeps), else 0; 'random' = a fixed uniform draw per (layer, frame, token)."""
   if routing == 'uniform':
-    picks = jnp.asarray([(i * n) // k for i in range(k)], jnp.int32)
-    row = jnp.zeros((n,), jnp.float32).at[picks].set(1.0)
-    return jnp.broadcast_to(row, (frames, n))
+    from dynllava_jax.sparsity.uniform import stride_table  # pylint: disable=g-import-not-at-top
+    return jnp.broadcast_to(jnp.asarray(stride_table(n, k), jnp.float32), (frames, n))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), layer)
   return jax.random.uniform(key, (frames, n))
 
