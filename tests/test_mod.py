@@ -191,35 +191,29 @@ class _Drop(Sparsifier):
 
 
 def test_engine_equals_masked_forward_and_mod_caches_hold_routed_tokens(setup):
-  """Prefill (each MoD layer on its gathered routed tokens) ≡ the masked forward, at every position;
-  KV-cache decoding ≡ recomputing the forward each step; the MoD layers' caches hold text + k per frame."""
+  """Generation with KV caches (prefill: each MoD layer on its gathered routed tokens) ≡ recomputing the
+  forward every step (no cache); the prefill's logits ≡ the masked forward's; each MoD layer's cache holds
+  text + k per frame of the prompt, plus the generated tokens; a token-dropping method is refused."""
   cfg, model, ids, pix, mask = setup
   want = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
   dense = Sparsifier()
-  pre = prefill(model, cfg, dense, ids, pix, mask, return_logits=True)
-  n_real = mask.sum(-1)
-  got = np.asarray(pre.out.logits)
-  for b in range(len(ids)):
-    np.testing.assert_allclose(got[b, :n_real[b]], want[b][mask[b] > 0], rtol=1e-4, atol=1e-4)
-  segs = pre.out.segments
-  assert [(s.start, s.stop) for s in segs] == [(0, 1), (1, 2), (2, 3), (3, 4)]
-  n_img = (ids == cfg.model.image_token_id).sum(-1)
-  routed = n_real - n_img + (n_img // N) * K
-  for s in segs:
-    np.testing.assert_array_equal(np.asarray(s.count), routed if s.start in (1, 3) else n_real)
-  assert segs[1].kv[0].shape[2] < ids.shape[1]                   # gathered: fewer slots than the prompt
-
-  out = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=4, sampling='greedy', return_logits=True,
+  out = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=3, sampling='greedy', return_logits=True,
                  return_caches=True, use_cache=True)
-  ref = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=4, sampling='greedy', return_logits=True,
+  ref = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=3, sampling='greedy', return_logits=True,
                  use_cache=False)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  np.testing.assert_allclose(out.logits[:, 0], want[np.arange(len(ids)), last], rtol=1e-4, atol=1e-4)
   caches = out.caches
-  per_token = C.bytes_per_token(caches[1])
+  assert [(c.start, c.stop) for c in caches] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+  n_real = mask.sum(-1)
+  n_img = (ids == cfg.model.image_token_id).sum(-1)
+  routed = n_real - n_img + (n_img // N) * K
   fed = out.lengths - 1                    # tokens fed back through the decode steps (all text: routed)
-  np.testing.assert_array_equal(np.asarray(caches[1].length), routed + fed)
-  assert C.used_bytes(caches[1:2]) == per_token * int((routed + fed).sum())
+  for c in caches:
+    np.testing.assert_array_equal(np.asarray(c.length), (routed if c.start in (1, 3) else n_real) + fed)
+  assert C.used_bytes(caches[1:2]) == C.bytes_per_token(caches[1]) * int((routed + fed).sum())
   with pytest.raises(UserError, match='MoD'):
     prefill(model, cfg, _Drop(), ids[1:2], pix[1:2, 0], mask[1:2])     # one image: reaches the engine
 
