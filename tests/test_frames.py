@@ -79,3 +79,30 @@ def test_frame_container_roundtrip():
   assert frames_lib.unpack_frames(b'plain jpeg') == [b'plain jpeg']
   with pytest.raises(ValueError, match='truncated'):
     frames_lib.unpack_frames(frames_lib.pack_frames(files)[:-5] + b'\xff\xff\xff\xff')
+
+
+def test_digits_video_answers_and_pipeline(tmp_path):
+  """digits_video: answers follow the frames' grids; built offline and read as (B, F, S, S, 3) frames with
+  one N-placeholder span per frame."""
+  from dynllava_jax.data import digits_video as V
+  a = [[1, None], [3, 4]]
+  b = [[1, 7], [3, 4]]
+  c = [[1, 7], [3, None]]
+  grids = [a, b, b, c]
+  assert V.answer('first_frame', grids, d=7) == 'frame 2' and V.answer('first_frame', grids, d=9) == 'never'
+  assert V.answer('count_frames', grids, d=4) == '3'
+  assert V.answer('changed', grids, i=1) == 'row 1 column 2 : empty became 7'
+  assert V.answer('changed', grids, i=2) == 'nothing'
+  assert V.answer('changed', grids, i=3) == 'row 2 column 2 : 4 became empty'
+  assert V.answer('narrate', grids) == 'frame 1 : 3 . frame 2 : 4 . frame 3 : 4 . frame 4 : 3'
+  c = get_config('size=tiny')
+  c.data.name, c.data.data_dir, c.data.max_frames, c.data.batch_size = 'digits_video', str(tmp_path), 4, 3
+  c.data.max_len = 384                       # 4 frames × 64 tokens + the question
+  c.data.digits.num_train, c.data.digits.num_val, c.data.digits.num_test = 3, 1, 1
+  builders.build(c)
+  batch = next(iter(pipeline.make_iterator(c, 'train', shuffle=False, num_epochs=1, drop_remainder=False)))
+  s = c.model.vision.image_size
+  n = (s // c.model.vision.patch_size) ** 2
+  assert batch['pixel_values'].shape == (3, 4, s, s, 3)
+  assert ((batch['input_ids'] == c.model.image_token_id).sum(-1) == 4 * n).all()     # 4..4 frames
+  assert (batch['pixel_values'].reshape(3, 4, -1).std(-1) > 0.05).all()
