@@ -28,7 +28,7 @@ def small_config(r=0.25, layers='interleave'):
   """4 decoder layers (MoD at 1 and 3), hidden 64, 16 tokens per frame, k = 4."""
   cfg = get_config('size=tiny,dense=1')
   mc = cfg.model
-  mc.vision.image_size, mc.vision.depth = 32, 2
+  mc.vision.image_size, mc.vision.depth, mc.vision.feature_layer = 32, 1, -1
   mc.llm.layers, mc.llm.hidden, mc.llm.heads, mc.llm.kv_heads, mc.llm.mlp_dim = 4, 64, 4, 2, 128
   mc.llm.head_dim = 16
   mc.mod.layers, mc.mod.r = layers, r
@@ -36,20 +36,21 @@ def small_config(r=0.25, layers='interleave'):
   return cfg
 
 
-def make_model(cfg, seed=0, router_scale=1.0):
-  """Random weights scaled ×3 (outputs vary), routers drawn N(0, router_scale) (zero at init)."""
-  model = nnx.jit(lambda: Llava(cfg.model, rngs=nnx.Rngs(seed)))()
-  state = nnx.state(model, nnx.Param)
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 7), 64))
+def make_model(cfg, seed=0):
+  """Random weights without running the initializers (seconds saved per test session): matrices
+  N(0, 0.06²), norm weights 1, biases 0, routers N(0, 1) (the router's own init is zero)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg.model, rngs=nnx.Rngs(seed))))
+  rng = np.random.default_rng(seed)
 
-  def f(path, x):
-    name = '/'.join(str(p) for p in path)
-    if 'router' in name:
-      return router_scale * jax.random.normal(next(keys), x.shape, x.dtype) if router_scale else x
-    return x if ('norm' in name or 'bias' in name) else 3 * x
+  def fill(path, x):
+    keys = [str(getattr(k, 'key', k)) for k in path]
+    if keys[-1] == 'bias' and 'router' not in keys:
+      return jnp.zeros(x.shape, x.dtype)
+    if any('norm' in k or k.startswith('ln') for k in keys):
+      return jnp.ones(x.shape, x.dtype)
+    return jnp.asarray(rng.normal(0, 1.0 if 'router' in keys else 0.06, x.shape).astype(x.dtype))
 
-  nnx.update(model, jax.tree_util.tree_map_with_path(f, state))
-  return model
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
 def frames_batch(cfg, specs, frames=2, seed=0):
@@ -85,6 +86,18 @@ def setup():
   return cfg, model, ids, pix, mask
 
 
+@pytest.fixture(scope='module')
+def embedded(setup):
+  """(h (B, T, H), image (B, T)) of the setup batch: the jitted embedding, shared."""
+  _, model, ids, pix, _ = setup
+  return _embed(model, jnp.asarray(ids), jnp.asarray(pix))
+
+
+@nnx.jit
+def _embed(model, ids, pix):
+  return model.embed(ids, pix)
+
+
 @nnx.jit
 def _forward(model, ids, pix, mask):
   return model(ids, pix, mask)
@@ -103,12 +116,12 @@ def _routed_reference(model, layer_index, h, image, slots, valid):
   return routed
 
 
-def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup):
+def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup, embedded):
   """The routed set is the router's top k per frame; skipped tokens pass unchanged and are not keys (a
   change to a skipped token's state changes no other token's output); routed vision tokens get
   h + (1 + α·tanh s)·(f(h) − h)."""
   cfg, model, ids, pix, mask = setup
-  h, image = model.embed(jnp.asarray(ids), jnp.asarray(pix))
+  h, image = embedded
   route = M.make_route(cfg.model, image, N, 2)
   pos = positions_from_mask(jnp.asarray(mask))
   attend = full_attention(dense_allowed(jnp.asarray(mask)))
@@ -139,11 +152,11 @@ def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup):
   np.testing.assert_allclose(out[rt], dense[rt], rtol=1e-6, atol=1e-6)
 
 
-def test_r1_with_the_init_router_equals_dense(setup):
+def test_r1_with_the_init_router_equals_dense(setup, embedded):
   """r = 1 routes every token and the zero-init router weighs every update 1: the MoD layer is the dense
   layer."""
   cfg, model, ids, pix, mask = setup
-  h, image = model.embed(jnp.asarray(ids), jnp.asarray(pix))
+  h, image = embedded
   route = dataclasses.replace(M.make_route(cfg.model, image, N, 2), k=N)
   graphdef, state = nnx.split(model.language_model.layer_at(1))
   state = jax.tree_util.tree_map_with_path(
@@ -235,13 +248,12 @@ def test_bad_settings_one_line(setup):
     model.embed(jnp.asarray(ids), jnp.asarray(pix[:, :1]))                 # 2 frames' spans, 1 frame given
 
 
-def test_two_frame_sample_equals_one_sample_per_frame(setup):
+def test_two_frame_sample_equals_one_sample_per_frame(setup, embedded):
   """Frames: with the model cut to its embedding (frame-independent), a two-frame sample's placeholder
   spans hold what each frame gives as a sample of its own; the engine checks frames per sample."""
   cfg, model, ids, pix, mask = setup
-  embed = jax.jit(lambda i, p: model.embed(i, p)[0])
-  two = np.asarray(embed(jnp.asarray(ids[:1]), jnp.asarray(pix[:1])))          # sample 0: 2 frames
-  one = [np.asarray(embed(jnp.asarray(ids[1:2]), jnp.asarray(pix[0, f][None])))  # sample 1: 1 frame
+  two = np.asarray(embedded[0][:1])                                              # sample 0: 2 frames
+  one = [np.asarray(_embed(model, jnp.asarray(ids[1:2]), jnp.asarray(pix[0:1, f:f + 1]))[0])  # 1 frame each
          for f in range(2)]
   spans = np.flatnonzero(ids[0] == cfg.model.image_token_id).reshape(2, N)
   span1 = np.flatnonzero(ids[1] == cfg.model.image_token_id)
@@ -254,21 +266,25 @@ def test_two_frame_sample_equals_one_sample_per_frame(setup):
 
 
 def test_mod_prefill_flops_analytic_equals_xla():
-  """The engine's prefill with an MoD layer (routed tokens only, router on every token): the analytic count
-  (eval/flops.py) within 1 % of XLA's cost analysis, at bench proportions (576 tokens per frame, 2 frames;
-  abstract shapes, 2 layers: MoD then dense); per kind, the MoD layer costs what a dense layer costs on
-  text + k per frame."""
+  """The engine's prefill with MoD layers (routed tokens only, router on every token; the last one with
+  the last-query shortcut): the analytic count (eval/flops.py) within 1 % of XLA's cost analysis, at bench
+  proportions (576 tokens per frame, 2 frames; abstract shapes, 2 layers, both MoD); per kind, an MoD
+  layer costs a dense layer on text + k per frame plus the router; KV bytes: routed tokens only."""
   from dynllava_jax.eval import flops as FL
   cfg = get_config('size=bench,dense=1')
   mc = cfg.model
   mc.llm.layers, mc.vision.depth, mc.llm.vocab_size = 2, 1, 1024
   mc.vision.feature_layer = -1
   mc.image_token_id, mc.pad_token_id = 1000, 1001
-  mc.mod.layers, mc.attention_impl = '0', 'reference'
+  mc.mod.layers, mc.attention_impl = '0,1', 'reference'
   xla, analytic = FL.mod_engine_prefill_flops(mc, text_tokens=40, frames=2)
   assert analytic == pytest.approx(xla, rel=0.01)
   parts = FL.prefill_flops(mc, None, 40, frames=2, last_query=True)
-  k = M.routed_count(576, 0.2)
-  assert parts['per_kind']['mod'] == FL.llm_layer_flops(mc.llm, 40 + 2 * k) + 2 * mc.llm.hidden * (40 + 2 * 576)
+  t, tr = 40 + 2 * 576, 40 + 2 * M.routed_count(576, 0.2)
+  router = 2 * mc.llm.hidden * t
+  assert parts['per_kind'] == {'mod': FL.llm_layer_flops(mc.llm, tr) + FL.last_query_layer_flops(mc.llm, tr)
+                               + 2 * router}
   kv = FL.mod_kv_bytes(mc, 40, 2)['per_kind']
-  assert kv['mod'] * (40 + 2 * 576) == kv['dense'] * (40 + 2 * k)
+  mc.mod.layers = ''
+  dense = FL.mod_kv_bytes(mc, 40, 2)['per_kind']
+  assert kv['mod'] * t == dense['dense'] * tr

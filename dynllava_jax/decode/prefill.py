@@ -112,23 +112,36 @@ def _run_last_query(model, h, positions, valid, start, return_kv):
   return h_last, kv
 
 
-def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mask, size, return_kv):
+def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mask, size, return_kv,
+                 last_only=False):
   """An MoD layer run on its routed tokens only: the router on every token, the routed ones (text, the
   top k per frame) gathered in order into `size` slots, the dense body on them (its K/V: theirs only),
-  their update weighted and scattered back; skipped tokens keep h. -> (h (B, T, H), Segment)."""
+  their update weighted and scattered back; skipped tokens keep h. -> (h (B, T, H), Segment).
+  last_only (the model's last layer, only the last position read): the body's queries, output and MLP at
+  the last real token only (`DecoderLayer.__call__` select; K/V of every routed token) -> h (B, 1, H)."""
   layer = model.language_model.layer_at(layer_index)
   s = layer.router(h)
   routed = M.route_tokens(s, route, layer_index) & valid
   idx, rvalid, rcount = pack(routed, size)
   hr, pr, img_r = _take(h, idx), _take(positions, idx), _take(image_mask, idx) & rvalid
   ar = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), rvalid.shape)
-  attend = full_attention(causal_allowed(ar, ar, rvalid), mode=model.mc.attention,
-                          impl=model.language_model.attention_impl)
-  out, (k, v) = layer(hr, pr, attend)
   w, weighted = M.update_weight(_take(s, idx), img_r, route)
-  hr = M.mix(hr, out, w, weighted, rvalid)
-  h = h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)      # idx is a permutation: skipped slots get h
-  last = jnp.take_along_axis(positions, (jnp.sum(valid, -1).astype(jnp.int32) - 1)[:, None], axis=1)[:, 0]
+  n_valid = jnp.sum(valid, -1).astype(jnp.int32)
+  last = jnp.take_along_axis(positions, (n_valid - 1)[:, None], axis=1)[:, 0]
+  if last_only:       # the prompt's last token: the gathered slot rcount − 1 when it is routed
+    attend = full_attention(rvalid[:, None, :], mode=model.mc.attention, impl=model.language_model.attention_impl)
+    sel = (rcount - 1)[:, None]
+    out, (k, v) = layer(hr, pr, attend, select=rcount - 1)
+    hl = M.mix(_take(hr, sel), out, _take(w, sel), _take(weighted, sel), jnp.ones(sel.shape, bool))
+    h_last = _take(h, (n_valid - 1)[:, None])
+    here = _take(routed, (n_valid - 1)[:, None])
+    h = jnp.where(here[..., None], hl, h_last)
+  else:
+    attend = full_attention(causal_allowed(ar, ar, rvalid), mode=model.mc.attention,
+                            impl=model.language_model.attention_impl)
+    out, (k, v) = layer(hr, pr, attend)
+    hr = M.mix(hr, out, w, weighted, rvalid)
+    h = h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)      # idx is a permutation: skipped slots get h
   kv = (k[None], v[None]) if return_kv else None
   seg = Segment(kv, rcount, pr, _take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1)
   return h, seg
@@ -172,14 +185,14 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   gen = None if gen_mask is None else gen_mask & valid
   segments, kept, aux = [], [], {'scores': []}
   start = 0
-  full_last = False      # the last segment was an MoD layer: h is the full sequence, not the last position
   for stop in bounds + (n_layers,):
     if start in mods:
+      final = stop == n_layers
       h, seg = _mod_segment(model, start, route, h, positions, orig, valid, image_mask,
-                            t0 if mod_size is None else int(mod_size), return_kv)
+                            t0 if mod_size is None else int(mod_size), return_kv,
+                            last_only=final and not return_logits)
       segments.append(seg)
       kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], seg.orig].max(seg.valid))
-      full_last = stop == n_layers
       start = stop
       continue
     h_prev = None
@@ -230,7 +243,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
     start = stop
   count = jnp.sum(valid, -1).astype(jnp.int32)
   lm = model.language_model
-  h_last = h if not (return_logits or full_last) else _take(h, (count - 1)[:, None])
+  h_last = h if not return_logits else _take(h, (count - 1)[:, None])
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None
   return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept), aux if intermediates else None)

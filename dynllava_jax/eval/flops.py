@@ -130,8 +130,8 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   visual_tokens: MQT m (the slot's count, `projector.visual_token_count`; a pre-LLM reducer method sets
   its own k). frames: images (video frames) per prompt, N tokens each (ViT and projector run per frame).
   MoD layers (`model/mod.py`, the plan's `mod` kind) run on the text + k routed tokens per frame
-  (`mod_len`: the engine's padded length instead), plus the router on every token, and are never the
-  last-query layer (the engine runs them on their routed tokens). Returns a dict of parts, 'total', and
+  (`mod_len`: the engine's padded length instead), plus the router on every token (as the last-query
+  layer: the routed tokens' K/V and one query). Returns a dict of parts, 'total', and
   'per_kind': the LLM layers' FLOPs by layer kind.
   """
   if lm_head not in ('last', 'all'):
@@ -162,7 +162,10 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   if last_query:
     if lm_head != 'last':
       raise ValueError("last_query=True needs lm_head='last'")
-    if not (kinds[-1] == M.KIND and frames):
+    if kinds[-1] == M.KIND and frames:      # the routed tokens' K/V, one query; the router on every token
+      tr = text_tokens + frames * k_mod if mod_len is None else int(mod_len)
+      per_layer[-1] = last_query_layer_flops(lc, tr, batch) + M.router_flops(lc, lens[-1], batch)
+    elif kinds[-1] != PL.SKIP:
       per_layer[-1] = last_query_layer_flops(lc, lens[-1], batch)
   out['llm_layers'] = sum(per_layer)
   per_kind = {}
