@@ -14,6 +14,7 @@ from dynllava_jax.decode import cache as C
 from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.prefill import prefill
 from dynllava_jax.errors import UserError
+from dynllava_jax.eval.teacher import pruned_forward
 from dynllava_jax.model import mod as M
 from dynllava_jax.model.llama import full_attention
 from dynllava_jax.model.llava import Llava, dense_allowed, positions_from_mask
@@ -218,6 +219,9 @@ def test_engine_equals_masked_forward_and_mod_caches_hold_routed_tokens(setup):
   np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
   last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
   np.testing.assert_allclose(out.logits[:, 0], want[np.arange(len(ids)), last], rtol=1e-4, atol=1e-4)
+  teacher = nnx.jit(lambda m, i, p, k, l: pruned_forward(m, dense, i, p, k, l)[0])      # eval/teacher.py routes
+  tf = np.asarray(teacher(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask), jnp.asarray(last)))
+  np.testing.assert_allclose(tf[mask > 0], want[mask > 0], rtol=1e-5, atol=1e-5)
   caches = out.caches
   assert [(c.start, c.stop) for c in caches] == [(0, 1), (1, 2), (2, 3), (3, 4)]
   n_real = mask.sum(-1)
