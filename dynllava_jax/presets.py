@@ -113,6 +113,7 @@ def mod_config():
   c.alpha = 0.2
   c.routing = 'learned'        # 'learned' | 'random' | 'uniform' (the equal-capacity baselines)
   c.seed = 0                   # the 'random' routing's fixed pattern
+  c.train_gather = True        # training runs MoD layers on their routed tokens (exact masked fallback)
   return c
 
 

@@ -151,6 +151,13 @@ def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup, 
   np.testing.assert_allclose(out[rv], want[rv], rtol=1e-5, atol=1e-5)
   rt = routed & ~np.asarray(image) & (mask > 0)
   np.testing.assert_allclose(out[rt], dense[rt], rtol=1e-6, atol=1e-6)
+  # training's gathered form (the routed real tokens in T − F·(N − k) slots) equals the masked one; with
+  # too few slots for a sample it falls back to the masked form
+  real = mask > 0
+  for size in (ids.shape[1] - 2 * (N - K), 8):
+    rg = dataclasses.replace(route, gather=size, real=jnp.asarray(real))
+    got = np.asarray(jax.jit(lambda h, rg=rg: layer(h, pos, attend, route=rg, layer=1)[0])(h))
+    np.testing.assert_allclose(got[real], out[real], rtol=1e-5, atol=1e-5)
 
 
 def test_r1_with_the_init_router_equals_dense(setup, embedded):

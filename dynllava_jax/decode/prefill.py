@@ -71,19 +71,13 @@ class ForwardOut:
 
 
 def pack(keep, size):
-  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid."""
-  t = keep.shape[1]
-  idx = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
-  if size > t:
-    idx = jnp.concatenate([idx, jnp.full((keep.shape[0], size - t), t - 1, jnp.int32)], axis=1)
-  idx = idx[:, :size]
-  count = jnp.sum(keep, axis=-1).astype(jnp.int32)
-  valid = jnp.arange(size)[None, :] < count[:, None]
-  return idx, valid, count
+  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid,
+  count (`mod.compact`)."""
+  return M.compact(keep, size)
 
 
 def _take(x, idx):
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  return M.take(x, idx)
 
 
 def _run(model, h, positions, valid, start, stop, return_kv):

@@ -134,7 +134,7 @@ class MoDLayer(DecoderLayer):
   router go through the body (the only keys of its attention), their update scaled by the router weight;
   text tokens go through; the other vision tokens pass unchanged. Without one (the KV-cache decode step,
   text-only batches) it is the dense body. The engine runs it on the routed tokens only
-  (`decode/prefill.py`)."""
+  (`decode/prefill.py`), and so does training when the route says `gather` (no K/V returned then)."""
 
   def __init__(self, lc, *, dtype, param_dtype, rngs, lora=None):
     super().__init__(lc, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
@@ -149,9 +149,29 @@ class MoDLayer(DecoderLayer):
       raise ValueError('an MoD layer with a route takes neither select nor key_mask')
     s = self.router(h)
     routed = M.route_tokens(s, route, layer)
-    out, cache = super().__call__(h, positions, attend, key_mask=routed)
     w, weighted = M.update_weight(s, route.image, route)
-    return M.mix(h, out, w, weighted, routed), cache
+
+    def masked(h):
+      out, cache = DecoderLayer.__call__(self, h, positions, attend, key_mask=routed)
+      return M.mix(h, out, w, weighted, routed), cache
+
+    if not route.gather:
+      return masked(h)
+    # Training: the body on the routed real tokens only (`gather` slots, in order); when a sample has
+    # more (fewer frames than the batch's F and a long text), the masked form, which is the same math.
+    keep = routed & route.real
+    idx, rvalid, count = M.compact(keep, route.gather)
+
+    def gathered(h):
+      hr, pr = M.take(h, idx), M.take(positions, idx)
+      ar = jnp.broadcast_to(jnp.arange(route.gather, dtype=jnp.int32), rvalid.shape)
+      allowed = (ar[:, None, :] <= ar[:, :, None]) & rvalid[:, None, :]
+      out, _ = DecoderLayer.__call__(self, hr, pr, full_attention(allowed, mode=route.mode, impl=route.impl))
+      hr = M.mix(hr, out, M.take(w, idx), M.take(weighted, idx), rvalid)
+      return h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)
+
+    fits = jnp.all(count <= route.gather)
+    return jax.lax.cond(fits, gathered, lambda h: masked(h)[0], h), None
 
 
 # `skip` (plan.SKIP): a removed layer — no module, no weights; run_layers passes h through unchanged.

@@ -114,16 +114,46 @@ class Route:
   routing: str = 'learned'
   alpha: float = 0.2
   seed: int = 0
+  gather: int = 0           # > 0 (training): run MoD layers on their routed real tokens in this many slots
+                            # (`gathered`), falling back to the masked form when a sample has more
+  real: Any = None          # (B, T) bool real tokens (with gather)
+  mode: str = 'masked_softmax_eps'
+  impl: str = 'reference'
 
 
-def make_route(mc, image_mask, n, frames):
+def make_route(mc, image_mask, n, frames, real=None, impl='reference'):
   """The Route of a forward: image_mask (B, T), N tokens per frame, F frames at most (None when the
-  model has no MoD layer or the batch no image)."""
+  model has no MoD layer or the batch no image). real (B, T) bool: gather the routed tokens (training,
+  `model.mod.train_gather`) into T − F·(N − k) slots; impl: the attention implementation there."""
   if not frames:
     return None
   c = settings(mc)
+  k = routed_count(n, c.r)
   slots, valid = frame_slots(image_mask, n, frames)
-  return Route(image_mask, slots, valid, routed_count(n, c.r), str(c.routing), float(c.alpha), int(c.seed))
+  gather = 0
+  if real is not None and c.get('train_gather', True):
+    size = image_mask.shape[1] - frames * (n - k)
+    gather = size if 0 < size < image_mask.shape[1] else 0
+  return Route(image_mask, slots, valid, k, str(c.routing), float(c.alpha), int(c.seed), gather,
+               real, str(mc.attention), impl)
+
+
+def compact(keep, size):
+  """Stable compaction: keep (B, T) bool -> idx (B, size) int32 of the kept slots first (in order, then
+  the others), valid (B, size) bool, count (B,) int32. size > T repeats the last slot."""
+  t = keep.shape[1]
+  idx = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
+  if size > t:
+    idx = jnp.concatenate([idx, jnp.full((keep.shape[0], size - t), t - 1, jnp.int32)], axis=1)
+  idx = idx[:, :size]
+  count = jnp.sum(keep, axis=-1).astype(jnp.int32)
+  valid = jnp.arange(size)[None, :] < count[:, None]
+  return idx, valid, count
+
+
+def take(x, idx):
+  """x (B, T, ...) gathered along axis 1 at idx (B, S) -> (B, S, ...)."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _fixed_scores(routing, seed, layer, frames, n, k):

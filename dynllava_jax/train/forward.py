@@ -160,7 +160,8 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   allowed = dense_allowed(mask)
   lm = model.language_model
   h, image_mask = model.embed(ids, batch['pixel_values'])
-  route = model.route(image_mask, batch['pixel_values'])
+  # MoD layers (model/mod.py): routed per frame; dense training gathers their routed tokens
+  route = model.route(image_mask, batch['pixel_values'], real=None if sparse else mask.astype(bool))
   if not sparse:
     h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat, route=route)
     out = {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
