@@ -11,8 +11,8 @@ each followed by one text token, then text up to --text_tokens; the last half of
 labelled answer. `bench` with --image_size 168 gives N = 144 tokens per frame (12 × 12 patches of 14), so
 8 frames = 1152 vision tokens.
   train_step_s   median of --runs jitted optimizer steps (`train.step.make_train_step`, the CLIP tower
-                 frozen, AdamW), after a warm-up step; MoD trains masked (static shapes: every token
-                 computed, skipped ones masked out of the MoD layers' attention), so expect no saving here
+                 frozen, AdamW), after a warm-up step; MoD layers train on their gathered routed tokens
+                 (`model.mod.train_gather`), or masked with --masked_training
   train_xla_bytes XLA's memory analysis of the compiled step (arguments + outputs + temporaries − aliased)
   train_peak_bytes the device's peak bytes in use after the row's steps (GPU; None on CPU)
   prefill_s      median of --runs `decode.prefill` calls (the engine: MoD layers on their routed tokens)
@@ -42,6 +42,7 @@ def row_config(args, mod):
   mc.llm.max_position = max(mc.llm.max_position, 4096)
   mc.mod.r = args.r
   mc.mod.layers = args.layers if mod else ''
+  mc.mod.train_gather = not args.masked_training
   t = cfg.train
   t.freeze_vision, t.lr, t.weight_decay, t.grad_clip, t.warmup_ratio, t.grad_accum = True, 2e-5, 0.0, 1.0, 0.0, 1
   t.steps, t.dense_warmup_steps = 1000, 0
@@ -128,6 +129,8 @@ def main():
   ap.add_argument('--r', type=float, default=0.2)
   ap.add_argument('--layers', default='interleave')
   ap.add_argument('--runs', type=int, default=3)
+  ap.add_argument('--masked_training', action='store_true',
+                  help='MoD trains masked (model.mod.train_gather=False) instead of gathered')
   ap.add_argument('--tiny', action='store_true', help='tiny sizes (32x32 frames, 2 frames): a smoke run')
   args = ap.parse_args()
   if args.tiny:

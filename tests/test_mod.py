@@ -153,11 +153,22 @@ def test_one_mod_layer_routes_per_frame_and_skipped_tokens_are_untouched(setup, 
   np.testing.assert_allclose(out[rt], dense[rt], rtol=1e-6, atol=1e-6)
   # training's gathered form (the routed real tokens in T − F·(N − k) slots) equals the masked one; with
   # too few slots for a sample it falls back to the masked form
+  # (values and the router's gradient)
   real = mask > 0
+  graphdef, router, rest = nnx.split(layer, lambda p, _: 'router' in p, ...)
+
+  def value_and_router_grad(rt):
+    def f(router):
+      o = nnx.merge(graphdef, router, rest)(h, pos, attend, route=rt, layer=1)[0]
+      return jnp.sum(jnp.where(jnp.asarray(real)[..., None], o, 0.0) ** 2), o
+    (_, o), g = jax.jit(jax.value_and_grad(f, has_aux=True))(router)
+    return np.asarray(o), np.asarray(nnx.to_pure_dict(g)['router']['kernel'])
+
+  _, g_masked = value_and_router_grad(route)
   for size in (ids.shape[1] - 2 * (N - K), 8):
-    rg = dataclasses.replace(route, gather=size, real=jnp.asarray(real))
-    got = np.asarray(jax.jit(lambda h, rg=rg: layer(h, pos, attend, route=rg, layer=1)[0])(h))
+    got, g = value_and_router_grad(dataclasses.replace(route, gather=size, real=jnp.asarray(real)))
     np.testing.assert_allclose(got[real], out[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, g_masked, rtol=1e-4, atol=1e-4 * np.abs(g_masked).max())
 
 
 def test_r1_with_the_init_router_equals_dense(setup, embedded):

@@ -170,8 +170,10 @@ class MoDLayer(DecoderLayer):
       hr = M.mix(hr, out, M.take(w, idx), M.take(weighted, idx), rvalid)
       return h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)
 
+    # The fallback is rematerialised: a cond keeps the residuals of both branches for the backward pass,
+    # so an ordinary masked branch would hold its T-token activations even when the gathered one ran.
     fits = jnp.all(count <= route.gather)
-    return jax.lax.cond(fits, gathered, lambda h: masked(h)[0], h), None
+    return jax.lax.cond(fits, gathered, jax.checkpoint(lambda h: masked(h)[0]), h), None
 
 
 # `skip` (plan.SKIP): a removed layer — no module, no weights; run_layers passes h through unchanged.
