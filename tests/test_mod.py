@@ -310,3 +310,25 @@ def test_mod_prefill_flops_analytic_equals_xla():
   mc.mod.layers = ''
   dense = FL.mod_kv_bytes(mc, 40, 2)['per_kind']
   assert kv['mod'] * t == dense['dense'] * tr
+
+
+def test_equal_capacity_baselines():
+  """uniform routing = the k stride centres of each frame, random = a fixed draw per (layer, frame); the
+  "drop for good" baseline keeps k' so that the vision-token work equals MoD's (7B: 339 of 576)."""
+  from dynllava_jax.eval import flops as FL
+  from dynllava_jax.sparsity.registry import make_sparsifier
+  from dynllava_jax.sparsity.uniform import stride_table
+  image = jnp.asarray(np.r_[[False] * 3, [True] * (2 * N), [False] * 2][None])
+  slots, valid = M.frame_slots(image, N, 2)
+  scores = jnp.asarray(np.random.default_rng(0).normal(size=image.shape), jnp.float32)
+  uni = M.route_tokens(scores, M.Route(image, slots, valid, K, 'uniform'), layer=1)
+  for f in range(2):
+    np.testing.assert_array_equal(np.asarray(uni)[0, 3 + f * N:3 + (f + 1) * N], stride_table(N, K))
+  r1, r3 = (np.asarray(M.route_tokens(scores, M.Route(image, slots, valid, K, 'random'), layer=i)) for i in (1, 3))
+  assert r1[0, 3:3 + N].sum() == K and not (r1 == r3).all()
+  assert (np.asarray(M.route_tokens(scores * 5, M.Route(image, slots, valid, K, 'random'), layer=1)) == r1).all()
+  cfg = get_config('size=7b,dense=1')
+  drop = make_sparsifier('drop_equal_flops', cfg)
+  assert drop.drop_points(cfg.model) == (1,) and drop.keep_counts(576) == (339,)
+  sched = FL.image_token_schedule(cfg.model, drop)
+  assert abs(sum(sched) - (16 * 576 + 16 * M.routed_count(576, 0.2))) < 32
