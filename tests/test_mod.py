@@ -99,11 +99,6 @@ def _embed(model, ids, pix):
   return model.embed(ids, pix)
 
 
-@nnx.jit
-def _forward(model, ids, pix, mask):
-  return model(ids, pix, mask)
-
-
 def _routed_reference(model, layer_index, h, image, slots, valid):
   """numpy: text tokens, and per present frame the K tokens with the highest router score (ties: earlier)."""
   s = np.asarray(model.language_model.layer_at(layer_index).router(h))
@@ -223,26 +218,30 @@ class _Drop(Sparsifier):
 
 
 def test_engine_equals_masked_forward_and_mod_caches_hold_routed_tokens(setup):
-  """Generation with KV caches (prefill: each MoD layer on its gathered routed tokens) ≡ recomputing the
-  forward every step (no cache); the prefill's logits ≡ the masked forward's; each MoD layer's cache holds
-  text + k per frame of the prompt, plus the generated tokens; a token-dropping method is refused."""
+  """KV-cache generation (prefill: each MoD layer on its gathered routed tokens; decode steps over the MoD
+  layers' compact caches) ≡ the masked forward recomputed over prompt + generated tokens (teacher forcing,
+  eval/teacher.py, which routes like training), at the prefill's last position and at every step; each
+  MoD layer's cache holds text + k per frame of the prompt plus the generated tokens; a token-dropping
+  method is refused."""
   cfg, model, ids, pix, mask = setup
-  want = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
-  dense = Sparsifier()
-  out = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=3, sampling='greedy', return_logits=True,
+  dense, m = Sparsifier(), 4
+  out = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=m, sampling='greedy', return_logits=True,
                  return_caches=True, use_cache=True)
-  ref = generate(model, cfg, dense, ids, pix, mask, max_new_tokens=3, sampling='greedy', return_logits=True,
-                 use_cache=False)
-  np.testing.assert_array_equal(out.tokens, ref.tokens)
-  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-  np.testing.assert_allclose(out.logits[:, 0], want[np.arange(len(ids)), last], rtol=1e-4, atol=1e-4)
-  teacher = nnx.jit(lambda m, i, p, k, l: pruned_forward(m, dense, i, p, k, l)[0])      # eval/teacher.py routes
-  tf = np.asarray(teacher(model, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask), jnp.asarray(last)))
-  np.testing.assert_allclose(tf[mask > 0], want[mask > 0], rtol=1e-5, atol=1e-5)
+  n_real = mask.sum(-1)
+  full = np.full((len(ids), ids.shape[1] + m), cfg.model.pad_token_id, np.int32)
+  full_mask = np.zeros(full.shape, np.int32)
+  for b in range(len(ids)):
+    row = np.r_[ids[b][mask[b] > 0], out.tokens[b, :m]]
+    full[b, :len(row)], full_mask[b, :len(row)] = row, 1
+  teacher = nnx.jit(lambda md, i, p, k, l: pruned_forward(md, dense, i, p, k, l)[0])
+  tf = np.asarray(teacher(model, jnp.asarray(full), jnp.asarray(pix), jnp.asarray(full_mask),
+                          jnp.asarray(n_real - 1)))
+  for b in range(len(ids)):
+    steps = int(out.lengths[b])
+    np.testing.assert_allclose(out.logits[b, :steps], tf[b, n_real[b] - 1:n_real[b] - 1 + steps],
+                               rtol=1e-4, atol=1e-4)
   caches = out.caches
   assert [(c.start, c.stop) for c in caches] == [(0, 1), (1, 2), (2, 3), (3, 4)]
-  n_real = mask.sum(-1)
   n_img = (ids == cfg.model.image_token_id).sum(-1)
   routed = n_real - n_img + (n_img // N) * K
   fed = out.lengths - 1                    # tokens fed back through the decode steps (all text: routed)
