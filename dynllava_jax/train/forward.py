@@ -39,6 +39,7 @@ like short answers in the output-text term. An empty answer span has mean 0 / ma
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.errors import UserError
 from dynllava_jax.model import mqt
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
@@ -168,6 +169,9 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
     if mqt_m is not None:
       out['mqt_m'] = mqt_m
     return out
+  if batch['pixel_values'].ndim == 5:
+    raise UserError('Dynamic-LLaVA training (model.sparse.enabled) takes one image per sample: its image '
+                    'predictor scores N tokens from image_start; frames (data.max_frames > 1) need dense=1')
   k = sc.sparse_layer
   h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat, route=route)
   out = {}
