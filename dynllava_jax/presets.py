@@ -100,6 +100,20 @@ def model_config(size='tiny'):
   c.region_train = 'full'
   c.lora = lora_config()
   c.sparse = sparse_config()
+  c.mod = mod_config()
+  return c
+
+
+def mod_config():
+  """VideoLLM-MoD layers (`mod` in the layer plan, dynllava_jax/model/mod.py, docs/mod.md)."""
+  c = ml_collections.ConfigDict()
+  c.r = 0.2                    # routed share of each frame's vision tokens, k = ceil(r·N)
+  c.layers = ''                # '' = the plan's `mod` entries; 'interleave' = layers 1, 3, 5, …; or '1,3'
+  c.router = 'tanh'            # p-MoD's router: update weight 1 + alpha·tanh(s)
+  c.alpha = 0.2
+  c.routing = 'learned'        # 'learned' | 'random' | 'uniform' (the equal-capacity baselines)
+  c.seed = 0                   # the 'random' routing's fixed pattern
+  c.train_gather = True        # training runs MoD layers on their routed tokens (exact masked fallback)
   return c
 
 

@@ -12,6 +12,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from dynllava_jax.data import digits_video
 from dynllava_jax.data import digits_vqa
 from dynllava_jax.data import llava_instruct
 from dynllava_jax.data import policy
@@ -31,6 +32,11 @@ def get_builder(config):
                                  g.describe_style, g.max_rounds, g.extra_round_prob,
                                  g.get('grid', digits_vqa.GRID), g.get('type_probs', digits_vqa.TYPE_PROBS))
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
+  if d.name == 'digits_video':      # frames: data.max_frames (>= 2), from min(4, max_frames)
+    g, top = d.digits, int(d.get('max_frames', 1))
+    cfg = digits_video.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed, min(4, top), top,
+                                   g.get('grid', digits_vqa.GRID))
+    return digits_video.DigitsVideo(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:
       raise UserError('llava_instruct needs config.data.manual_dir (folder with the LLaVA JSON and '
@@ -39,8 +45,9 @@ def get_builder(config):
     folder = d.image_folder or d.manual_dir
     cfg = llava_instruct.make_config(json_path, folder, d.val_permille, d.check_images, d.strict)
     return llava_instruct.LlavaInstruct(config=cfg, data_dir=d.data_dir, file_format='array_record')
-  raise UserError(f'data.name={d.name!r} is unknown{suggest(d.name, ("digits_vqa", "llava_instruct"))}: '
-                  'digits_vqa | llava_instruct')
+  raise UserError(f'data.name={d.name!r} is unknown'
+                  f'{suggest(d.name, ("digits_vqa", "digits_video", "llava_instruct"))}: '
+                  'digits_vqa | digits_video | llava_instruct')
 
 
 def _write_json(path, obj):
@@ -105,6 +112,8 @@ def _finish(config, ds_dir):
   """Writes the digits tokenizer if missing; applies strict mode to the build report."""
   if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
     digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER), config.data.digits.describe_style)
+  if config.data.name == 'digits_video' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
+    digits_video.build_tokenizer(os.path.join(ds_dir, TOKENIZER))
   report = read_report(ds_dir)
   if config.data.strict and report['skipped_ids']:
     rid, reason = report['skipped_ids'][0]
@@ -117,6 +126,6 @@ def tokenizer_path(config):
   d = config.data
   if d.tokenizer:
     return d.tokenizer
-  if d.name == 'digits_vqa':
+  if d.name in ('digits_vqa', 'digits_video'):
     return os.path.join(os.fspath(get_builder(config).data_dir), TOKENIZER)
   return os.path.join(d.manual_dir, TOKENIZER)

@@ -55,6 +55,7 @@ def data_defaults(size='tiny'):
   c.val_permille = 0
   c.check_images = 'decode'
   c.max_len = 256 if size == 'tiny' else 2048
+  c.max_frames = 1                 # frames per sample at most (video / multi-image; data/frames.py)
   c.buckets = ()
   c.batch_size = 16 if size == 'tiny' else 64   # global batch
   c.seed = 0

@@ -1,7 +1,9 @@
 """`llava_instruct`: data in the LLaVA instruction format (as LLaVA-665K ships), written to array_record.
 
 Input: a JSON list of `{"id", "image"?: "coco/train2017/x.jpg", "conversations": [{"from": "human" |
-"gpt", "value"}]}` and an image folder the `image` paths are relative to. Multi-turn and text-only
+"gpt", "value"}]}` and an image folder the `image` paths are relative to. Frames: `"video": [paths]` or
+`"image": [paths]` with one `<image>` tag per frame (`data/frames.py`: checks per frame, one frame
+container in the record's image bytes). Multi-turn and text-only
 samples are kept (`has_image` per record). Images are stored as their encoded file bytes (not
 decoded; the reader decodes with PIL).
 
@@ -22,6 +24,7 @@ import zlib
 from etils import epath
 import tensorflow_datasets as tfds
 
+from dynllava_jax.data import frames as frames_lib
 from dynllava_jax.data import images
 from dynllava_jax.data import policy
 from dynllava_jax.data import records
@@ -124,6 +127,9 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
       yield index, example
 
   def _example(self, index, record, c):
+    if isinstance(record, dict) and (record.get('video') is not None or
+                                     isinstance(record.get('image'), (list, tuple))):
+      return self._frames_example(index, record, c)
     bad = policy.check_record(record)
     if bad:
       raise policy.SampleProblem(*bad)
@@ -132,10 +138,31 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     if record.get('image') is not None:
       data = images.check_image_file(os.path.join(c.image_folder, record['image']),
                                      decode=c.check_images == 'decode')
+    return self._finish(index, record, data, record.get('image') is not None)
+
+  def _frames_example(self, index, record, c):
+    """A record with frames (`"video": [paths]` or `"image": [paths]`, one `<image>` tag per frame;
+    `data/frames.py`): every frame checked, stored as one frame container."""
+    paths = frames_lib.record_frames(record)
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+      raise policy.SampleProblem(policy.MALFORMED, '`video` / `image` must be a non-empty list of paths')
+    if 'conversations' not in record:
+      raise policy.SampleProblem(policy.MALFORMED, 'missing key `conversations`')
+    bad = (policy.check_conversation(record['conversations'])
+           or frames_lib.check_frame_tags(record['conversations'], len(paths)))
+    if bad:
+      raise policy.SampleProblem(*bad)
+    check = lambda p: images.check_image_file(os.path.join(c.image_folder, p),
+                                              decode=c.check_images == 'decode')
+    data = frames_lib.pack_frames(frames_lib.check_frame_files(paths, check))
+    return self._finish(index, record, data, True)
+
+  def _finish(self, index, record, data, has_image):
+    conv = record['conversations']
     bad = policy.check_unicode(record)
     if bad:
       raise policy.SampleProblem(*bad)
     return {'index': index, 'id': str(record.get('id', index)), 'image': data,
-            'has_image': record.get('image') is not None,
+            'has_image': has_image,
             'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
             'question_type': '', 'answer': conv[-1]['value']}

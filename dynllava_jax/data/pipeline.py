@@ -23,6 +23,7 @@ import grain.python as grain
 import tensorflow_datasets as tfds
 
 from dynllava_jax.data import builders
+from dynllava_jax.data import frames as frames_lib
 from dynllava_jax.data import images
 from dynllava_jax.data import policy
 from dynllava_jax.data import records
@@ -48,7 +49,8 @@ class Processor:
   """Record (raw tfds dict) → training sample dict, or a skip marker `{'skip': reason, ...}`.
 
   Picklable (worker processes load the tokenizer themselves). Sample fields, L <= max_len:
-    input_ids, labels (L,) int32; pixel_values (H, W, 3) float32; has_image bool; image_start,
+    input_ids, labels (L,) int32; pixel_values (H, W, 3) float32 — (F, H, W, 3) with data.max_frames = F
+    > 1 (`data/frames.py`; more frames in a record: one-line UserError); has_image bool; image_start,
     instr_start, instr_end, answer_start, answer_end int32; id int32 (the record `index`).
   With `prompt=True` it also gives prompt_ids (P,) int32, answer str, question_type str, record_id.
   """
@@ -59,6 +61,7 @@ class Processor:
     self.n_img = int(num_visual_tokens(m))
     self.image_token_id, self.bos_id = int(m.image_token_id), int(m.bos_token_id)
     self.max_len = int(config.data.max_len)
+    self.max_frames = int(config.data.get('max_frames', 1) or 1)
     self.strict = bool(config.data.strict)
     self.tokenizer_path = tokenizer_path
     self.prompt = prompt
@@ -81,8 +84,16 @@ class Processor:
       except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise policy.SampleProblem(policy.MALFORMED, f'{type(e).__name__}: {e}') from None
       rid = rec['id']
-      bad = policy.check_conversation(rec['conversations']) or policy.check_image_tags(
-          rec['conversations'], rec['has_image'])
+      try:
+        rec['frames'] = len(frames_lib.unpack_frames(rec['image'])) if rec['has_image'] else 0
+      except ValueError as e:
+        raise policy.SampleProblem(policy.CORRUPT_IMAGE, str(e)) from None
+      if rec['frames'] > self.max_frames:
+        raise UserError(f"record id={rid} has {rec['frames']} frames; data.max_frames={self.max_frames}: "
+                        'raise data.max_frames or drop the record')
+      tags = (frames_lib.check_frame_tags(rec['conversations'], rec['frames']) if rec['frames'] > 1
+              else policy.check_image_tags(rec['conversations'], rec['has_image']))
+      bad = policy.check_conversation(rec['conversations']) or tags
       if bad:
         raise policy.SampleProblem(*bad)
       return self._process(rec)
@@ -92,8 +103,9 @@ class Processor:
       return {'skip': p.reason, 'record_id': rid, 'detail': p.detail}
 
   def _process(self, rec):
+    rid = rec['id']
     kw = dict(num_image_tokens=self.n_img, image_token_id=self.image_token_id, bos_id=self.bos_id,
-              max_len=self.max_len)
+              max_len=self.max_len, frames=max(rec['frames'], 1))
     enc = templates.encode_conversation(self.tok, rec['conversations'], rec['has_image'], **kw)
     out = {'input_ids': enc.input_ids, 'labels': enc.labels, 'has_image': np.bool_(enc.has_image),
            'id': np.int32(rec['index'])}
@@ -105,7 +117,11 @@ class Processor:
       if len(conv) == len(rec['conversations']):
         gold = rec['answer']
       out.update(answer=gold, question_type=rec['question_type'], record_id=rec['id'])
-    out['pixel_values'] = images.load_pixels(rec['image'], self.image_size, rec['has_image'])
+    if self.max_frames > 1:     # (F_max, S, S, 3): absent frames zero (their placeholders absent too)
+      data = rec['image'] if rec['has_image'] else b''
+      out['pixel_values'] = frames_lib.load_frames(data, self.image_size, self.max_frames, rid)[0]
+    else:
+      out['pixel_values'] = images.load_pixels(rec['image'], self.image_size, rec['has_image'])
     return out
 
 

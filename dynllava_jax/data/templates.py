@@ -56,15 +56,16 @@ class Encoded:
     return d
 
 
-def normalize_turns(conversations, has_image):
+def normalize_turns(conversations, has_image, frames=1):
   """LLaVA `conversations` (list of {from, value}) → list of (question, answer) rounds.
 
-  Moves `<image>` to the front of the first question ("<image>\\n" + question), as LLaVA does.
+  Moves `<image>` to the front of the first question ("<image>\\n" + question), as LLaVA does; with
+  frames > 1 the tags (one per frame, `data/frames.py`) stay where they are, in order.
   """
   rounds = []
   for i in range(0, len(conversations), 2):
     q, a = conversations[i]['value'], conversations[i + 1]['value']
-    if i == 0 and has_image:
+    if i == 0 and has_image and frames == 1:
       q = policy.IMAGE_TAG + '\n' + q.replace(policy.IMAGE_TAG, '').strip()
     rounds.append((q, a))
   return rounds
@@ -104,18 +105,20 @@ def _first_at_or_after(ends, char):
   return int(np.searchsorted(ends, char, side='left'))
 
 
-def _tokenize(tok, text, image_token_id, num_image_tokens, bos_id):
-  """Tokenizes `text`, prepends bos, expands the `<image>` token. Returns ids, char ends, image pos."""
+def _tokenize(tok, text, image_token_id, num_image_tokens, bos_id, frames=1):
+  """Tokenizes `text`, prepends bos, expands each `<image>` token (at most `frames` of them) to N
+  placeholders. Returns ids, char ends, the first image position (-1: none)."""
   ids, offsets = tok.encode(text)
   ends = _token_ends(offsets)
   where = np.flatnonzero(ids == image_token_id)
-  if len(where) > 1:
-    raise policy.SampleProblem(policy.MULTIPLE_TAGS, f'{len(where)} image tokens after tokenization')
+  if len(where) > frames:
+    raise policy.SampleProblem(policy.MULTIPLE_TAGS, f'{len(where)} image tokens after tokenization'
+                               + (f' for {frames} frames' if frames > 1 else ''))
   ids = np.concatenate([[bos_id], ids]).astype(np.int32)
   ends = np.concatenate([[-1], ends])
   pos = -1
-  if len(where):
-    pos = int(where[0]) + 1
+  for w in where[::-1]:          # from the last, so earlier positions stay valid
+    pos = int(w) + 1
     n = num_image_tokens
     ids = np.concatenate([ids[:pos], np.full(n, image_token_id, np.int32), ids[pos + 1:]])
     ends = np.concatenate([ends[:pos], np.full(n, ends[pos]), ends[pos + 1:]])
@@ -123,7 +126,7 @@ def _tokenize(tok, text, image_token_id, num_image_tokens, bos_id):
 
 
 def encode_conversation(tok, conversations, has_image, *, num_image_tokens, image_token_id,
-                        bos_id, max_len):
+                        bos_id, max_len, frames=1):
   """Tokenizes one LLaVA conversation for teacher forcing.
 
   Args:
@@ -131,18 +134,28 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
     conversations: list of {from: human|gpt, value} (already checked by policy.check_record).
     has_image: whether the sample has an image (its first question then holds `<image>`).
     num_image_tokens: N, image tokens per image.
+    frames: F frames (`data/frames.py`): the conversation holds F `<image>` tags, each expanded to N
+      placeholders where it stands; the image span starts at the first; truncation never cuts a frame
+      (a sample whose frames do not all fit is `over_long`).
   Returns:
     Encoded with (L,) int32 arrays, L <= max_len.
   Raises:
     policy.SampleProblem: over_long (or an `<image>` tag count that tokenization contradicts).
   """
-  rounds = normalize_turns(conversations, has_image)
+  rounds = normalize_turns(conversations, has_image, frames)
   text, questions, role_ends, answers = format_vicuna(rounds)
-  ids, ends, pos = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id)
+  ids, ends, pos = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id, frames)
   if has_image != (pos >= 0):
     raise policy.SampleProblem(policy.TAG_WITHOUT_IMAGE if pos >= 0 else policy.IMAGE_WITHOUT_TAG,
                                'image token count does not match the image')
   n_img = num_image_tokens if has_image else 0
+  if has_image and frames > 1:
+    got = int((ids == image_token_id).sum()) // num_image_tokens
+    if got != frames:
+      raise policy.SampleProblem(policy.IMAGE_WITHOUT_TAG, f'{frames} frames but {got} `<image>` tags')
+    where = np.flatnonzero(ids == image_token_id)
+    last_image_end = int(where[-1]) + 1
+    pos = int(where[0])
   # Spans in the expanded sequence; image tokens share the char end of the tag, so search the
   # ends of the text tokens only and shift past the image.
   def at(char):
@@ -154,6 +167,8 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
     instr_start = at(questions[0][0])
     image_start = instr_start
   instr_end = at(role_ends[0])
+  if has_image and frames > 1:       # the first turn's text after its last frame
+    instr_start = max(instr_start, min(last_image_end, instr_end))
   ans = [(at(s), at(e)) for s, e in answers]
   labels = np.full_like(ids, IGNORE)
   for s, e in ans:
@@ -175,21 +190,24 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
       raise policy.SampleProblem(
           policy.OVER_LONG, f'{len(ids)} tokens; image + first question need {instr_end + 1} > '
           f'max_len {max_len}')
+    if has_image and frames > 1 and length < last_image_end:
+      raise policy.SampleProblem(policy.OVER_LONG, f'{len(ids)} tokens; the {frames} frames end at '
+                                 f'{last_image_end} > max_len {max_len}')
     ids, labels = ids[:length], labels[:length]
   return Encoded(ids, labels.astype(np.int32), bool(has_image), int(image_start), int(instr_start),
                  int(instr_end), int(ans[-1][0]), int(ans[-1][1]), truncated, kept)
 
 
 def encode_prompt(tok, conversations, has_image, *, num_image_tokens, image_token_id, bos_id,
-                  max_len):
+                  max_len, frames=1):
   """Generation prompt: everything up to and including the last "ASSISTANT:".
 
   Returns:
     (prompt_ids (P,) int32, gold last answer string). Raises SampleProblem(over_long) if P > max_len.
   """
-  rounds = normalize_turns(conversations, has_image)
+  rounds = normalize_turns(conversations, has_image, frames)
   text, _, _, _ = format_vicuna(rounds, last_answer=False)
-  ids, _, _ = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id)
+  ids, _, _ = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id, frames)
   if len(ids) > max_len:
     raise policy.SampleProblem(policy.OVER_LONG, f'prompt has {len(ids)} > max_len {max_len} tokens')
   return ids, rounds[-1][1]

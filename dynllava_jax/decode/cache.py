@@ -10,7 +10,9 @@ Layout of a segment cache:
                                 slot `length` (per sample)
   next_pos (B,) int32           RoPE position of the next token fed to this segment
 Segment 0 (layers before the first boundary) is the *full* cache: every real token. Every later segment is
-*compact*: only the prompt tokens its prefill kept, plus the generated tokens the method keeps. A dropped
+*compact*: only the prompt tokens its prefill kept, plus the generated tokens the method keeps. An MoD
+layer (`model/mod.py`) is a segment of its own whose cache holds only the prompt tokens routed through it
+(text, k per frame) and every generated (text) token. A dropped
 token is never written (the scatter index is pushed out of bounds and dropped); nothing is evicted.
 A new token attends over the cache slots [0, length) and itself (`attend`), so it sees itself even when it
 is not written. Capacity grows (outside the jitted loop, `grow`) only when a sample's next write would
@@ -63,8 +65,11 @@ def from_segment(seg, capacity):
     pad = [(0, 0), (0, 0), (0, capacity - t), (0, 0), (0, 0)]
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
   k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)   # (L, B, Hkv, C, D)
-  last = jnp.take_along_axis(seg.positions, (seg.count - 1)[:, None], axis=1)[:, 0]
-  return SegmentCache(tuple(k), tuple(v), seg.count, last + 1, seg.start, seg.stop)
+  if seg.next_pos is not None:      # an MoD layer's cache: its last slot may be a skipped token's successor
+    nxt = seg.next_pos
+  else:
+    nxt = jnp.take_along_axis(seg.positions, (seg.count - 1)[:, None], axis=1)[:, 0] + 1
+  return SegmentCache(tuple(k), tuple(v), seg.count, nxt, seg.start, seg.stop)
 
 
 def grow(cache, capacity):

@@ -18,6 +18,7 @@ from dynllava_jax.model.projector import visual_token_count
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.output import GenerateOutput
 from dynllava_jax.decode.prefill import sparse_forward
+from dynllava_jax.model.mod import frames_of
 
 
 @partial(jax.jit, static_argnames=('method', 'sizes', 'sampling', 'max_new', 'record_logits', 'text_seg',
@@ -46,7 +47,7 @@ def _loop(model, method, ids, n_real, pixel_values, rng, *, sizes, sampling, max
     valid = slots < count[:, None]
     gen = valid & (slots >= n_real[:, None])
     out = sparse_forward(model, method, st['h'], valid, image_mask, gen, p_rng,
-                         sizes=sizes, return_kv=False, n_image=n_vis)
+                         sizes=sizes, return_kv=False, n_image=n_vis, frames=frames_of(pixel_values))
     active = ~st['done']
     nxt = sampling.sample(out.logits_last, jax.random.fold_in(d_rng, step))
     nxt = jnp.where(active, nxt, pad_id)

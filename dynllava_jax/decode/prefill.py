@@ -20,12 +20,16 @@ from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens
 from dynllava_jax.model.projector import visual_token_count
 from dynllava_jax.decode import request as R
 from dynllava_jax.decode.config import eval_defaults
+from dynllava_jax.errors import UserError
+from dynllava_jax.model import mod as M
+from dynllava_jax.model import plan as P
 from dynllava_jax.model.attention import causal_allowed
 from dynllava_jax.model.llama import full_attention
 from dynllava_jax.sparsity.base import ScoreContext, TextContext, top_k_mask
@@ -48,6 +52,8 @@ class Segment:
   image: Any
   start: int = struct.field(pytree_node=False)
   stop: int = struct.field(pytree_node=False)
+  next_pos: Any = None    # (B,) RoPE position of the next token when the segment's last slot is not the
+                          # prompt's last token (an MoD layer skipped it); None: positions[count - 1] + 1
 
 
 @struct.dataclass
@@ -65,19 +71,13 @@ class ForwardOut:
 
 
 def pack(keep, size):
-  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid."""
-  t = keep.shape[1]
-  idx = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
-  if size > t:
-    idx = jnp.concatenate([idx, jnp.full((keep.shape[0], size - t), t - 1, jnp.int32)], axis=1)
-  idx = idx[:, :size]
-  count = jnp.sum(keep, axis=-1).astype(jnp.int32)
-  valid = jnp.arange(size)[None, :] < count[:, None]
-  return idx, valid, count
+  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid,
+  count (`mod.compact`)."""
+  return M.compact(keep, size)
 
 
 def _take(x, idx):
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  return M.take(x, idx)
 
 
 def _run(model, h, positions, valid, start, stop, return_kv):
@@ -106,13 +106,55 @@ def _run_last_query(model, h, positions, valid, start, return_kv):
   return h_last, kv
 
 
+def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mask, size, return_kv,
+                 last_only=False):
+  """An MoD layer run on its routed tokens only: the router on every token, the routed ones (text, the
+  top k per frame) gathered in order into `size` slots, the dense body on them (its K/V: theirs only),
+  their update weighted and scattered back; skipped tokens keep h. -> (h (B, T, H), Segment).
+  last_only (the model's last layer, only the last position read): the body's queries, output and MLP at
+  the last real token only (`DecoderLayer.__call__` select; K/V of every routed token) -> h (B, 1, H)."""
+  layer = model.language_model.layer_at(layer_index)
+  s = layer.router(h)
+  routed = M.route_tokens(s, route, layer_index) & valid
+  idx, rvalid, rcount = pack(routed, size)
+  hr, pr, img_r = _take(h, idx), _take(positions, idx), _take(image_mask, idx) & rvalid
+  ar = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), rvalid.shape)
+  w, weighted = M.update_weight(_take(s, idx), img_r, route)
+  n_valid = jnp.sum(valid, -1).astype(jnp.int32)
+  last = jnp.take_along_axis(positions, (n_valid - 1)[:, None], axis=1)[:, 0]
+  if last_only:       # the prompt's last token: the gathered slot rcount − 1 when it is routed
+    attend = full_attention(rvalid[:, None, :], mode=model.mc.attention, impl=model.language_model.attention_impl)
+    sel = (rcount - 1)[:, None]
+    out, (k, v) = layer(hr, pr, attend, select=rcount - 1)
+    hl = M.mix(_take(hr, sel), out, _take(w, sel), _take(weighted, sel), jnp.ones(sel.shape, bool))
+    h_last = _take(h, (n_valid - 1)[:, None])
+    here = _take(routed, (n_valid - 1)[:, None])
+    h = jnp.where(here[..., None], hl, h_last)
+  else:
+    attend = full_attention(causal_allowed(ar, ar, rvalid), mode=model.mc.attention,
+                            impl=model.language_model.attention_impl)
+    out, (k, v) = layer(hr, pr, attend)
+    hr = M.mix(hr, out, w, weighted, rvalid)
+    h = h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)      # idx is a permutation: skipped slots get h
+  kv = (k[None], v[None]) if return_kv else None
+  seg = Segment(kv, rcount, pr, _take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1)
+  return h, seg
+
+
+def mod_plan(model, frames):
+  """The MoD layers the engine routes (the plan's `mod` layers when the call has frames, else ())."""
+  return tuple(P.kind_layers(model.language_model.plan, M.KIND)) if frames else ()
+
+
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
-                   return_logits=False, intermediates=False, n_image=None):
+                   return_logits=False, intermediates=False, n_image=None, frames=None, mod_size=None):
   """The segmented forward on packed inputs (traceable; sizes static).
 
   h (B, T0, H) embeddings; valid (B, T0) bool; image_mask (B, T0) bool; gen_mask (B, T0) bool generated
   tokens (or None: a plain prompt); rng a PRNG key or None; sizes = request.segment_sizes(...);
   n_image: image tokens per image in this call (the budgets' N; default the model's count).
+  frames: frames per sample at most (static; None = 1 on a model with MoD layers); each MoD layer is its
+  own segment, run on its routed tokens in `mod_size` slots (static; None = T0) (`_mod_segment`).
   """
   mc = model.mc
   n_layers = mc.llm.layers
@@ -122,13 +164,31 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   tl = method.text_layer(mc)
   bounds = R.boundaries(method, mc)
   b, t0 = valid.shape
+  mods = mod_plan(model, 1 if frames is None else frames)
+  route = None
+  if mods:
+    if bounds:
+      raise UserError(f'{method.name} drops tokens at layers {bounds}: not supported on a model with MoD '
+                      'layers (model.mod); use the dense method')
+    route = M.make_route(mc, image_mask & valid, n_img, 1 if frames is None else frames)
+    bounds = tuple(sorted(set(p for i in mods for p in (i, i + 1) if 0 < p < n_layers)))
+  method_bounds = R.boundaries(method, mc)
   positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
   orig = positions
   image_mask = image_mask & valid
   gen = None if gen_mask is None else gen_mask & valid
   segments, kept, aux = [], [], {'scores': []}
   start = 0
-  for j, stop in enumerate(bounds + (n_layers,)):
+  for stop in bounds + (n_layers,):
+    if start in mods:
+      final = stop == n_layers
+      h, seg = _mod_segment(model, start, route, h, positions, orig, valid, image_mask,
+                            t0 if mod_size is None else int(mod_size), return_kv,
+                            last_only=final and not return_logits)
+      segments.append(seg)
+      kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], seg.orig].max(seg.valid))
+      start = stop
+      continue
     h_prev = None
     nxt_drop = stop in pts and stop < n_layers
     if nxt_drop and method.needs_prev_hidden and stop - 1 > start:
@@ -147,6 +207,10 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
     kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], orig].max(valid))
     if stop == n_layers:
       break
+    if stop not in method_bounds:       # an MoD layer starts: no drop, the sequence stays as it is
+      start = stop
+      continue
+    j = method_bounds.index(stop)
     last = jnp.arange(h.shape[1])[None, :] == (count - 1)[:, None]
     keep = valid
     if stop in pts:
@@ -171,7 +235,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
     else:
       positions = _take(positions, idx)
     start = stop
-  count = segments[-1].count
+  count = jnp.sum(valid, -1).astype(jnp.int32)
   lm = model.language_model
   h_last = h if not return_logits else _take(h, (count - 1)[:, None])
   logits_last = lm.head(h_last)[:, 0]
@@ -179,14 +243,26 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept), aux if intermediates else None)
 
 
-@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits', 'intermediates', 'count'))
+@partial(jax.jit, static_argnames=('method', 'sizes', 'return_kv', 'return_logits', 'intermediates', 'count',
+                                   'mod_size'))
 def _prefill_jit(model, method, ids, n_real, pixel_values, rng, *, sizes, return_kv, return_logits,
-                 intermediates, count=None):
+                 intermediates, count=None, mod_size=None):
   h, image_mask = model.embed(ids, pixel_values, count, method)
   valid = jnp.arange(ids.shape[1])[None, :] < n_real[:, None]
   return sparse_forward(model, method, h, valid, image_mask, None, rng, sizes=sizes, return_kv=return_kv,
                         return_logits=return_logits, intermediates=intermediates,
-                        n_image=visual_token_count(model.mc, method, count))
+                        n_image=visual_token_count(model.mc, method, count),
+                        frames=M.frames_of(pixel_values), mod_size=mod_size)
+
+
+def mod_gather_size(model, req, n_visual, bucket):
+  """Static slots of an MoD layer's routed sequence: the longest sample's text + k per frame, rounded up
+  to the bucket (None when the model has no MoD layer or the batch no image)."""
+  if not model.has_mod or req.pixel_values is None:
+    return None
+  k = M.routed_count(n_visual, M.settings(model.mc).r)
+  need = req.n_real - req.n_img + (req.n_img // n_visual) * k
+  return min(int(req.ids.shape[1]), R.round_up(int(need.max()), bucket))
 
 
 def eval_section(cfg, model_cfg=None):
@@ -222,6 +298,9 @@ def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *,
   ev = eval_section(cfg, mc)
   n_vis = visual_token_count(mc, method, visual_tokens)
   method.validate(mc, n_vis)
+  if pixel_values is not None and np.ndim(pixel_values) == 5 and R.boundaries(method, mc):
+    raise UserError(f'{method.name} drops image tokens by a per-image budget: give one image per sample '
+                    '(pixel_values (B, H, W, 3)), not frames')
   req = R.check_and_pack(mc, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
                          bucket=ev.prefill_bucket, extra_len=extra_len, n_visual=n_vis)
   sizes = R.segment_sizes(method, mc, req.n_real, req.n_img, req.ids.shape[1], ev.prefill_bucket,
@@ -229,5 +308,6 @@ def prefill(model, cfg, method, input_ids, pixel_values, attention_mask=None, *,
   pix = None if req.pixel_values is None else jnp.asarray(req.pixel_values)
   out = _prefill_jit(model, method, jnp.asarray(req.ids), jnp.asarray(req.n_real), pix, rng, sizes=sizes,
                      return_kv=return_kv, return_logits=return_logits, intermediates=intermediates,
-                     count=None if visual_tokens is None else int(visual_tokens))
+                     count=None if visual_tokens is None else int(visual_tokens),
+                     mod_size=mod_gather_size(model, req, n_vis, ev.prefill_bucket))
   return PrefillOutput(out, req, sizes)

@@ -40,7 +40,8 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
                    extra_len=0, n_visual=None):
   """Validates a generation / prefill request and packs it. Raises ValueError with one actionable line.
 
-  input_ids (B, T) int; attention_mask (B, T) {0,1} or None (all real); pixel_values (B, H, W, 3) or None.
+  input_ids (B, T) int; attention_mask (B, T) {0,1} or None (all real); pixel_values (B, H, W, 3), frames
+  (B, F, H, W, 3) (N placeholders per frame, up to F per sample) or None.
   The packed length is round_up(max real length + extra_len, bucket). n_visual: this call's image
   placeholders per image (`projector.visual_token_count`; default the model's count).
   """
@@ -67,7 +68,13 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
                      f'max_position={lc.max_position}; shorten the prompt or lower max_new_tokens')
   n = num_image_tokens(model_cfg) if n_visual is None else int(n_visual)
   n_img = ((ids == model_cfg.image_token_id) & mask).sum(-1).astype(np.int32)
-  bad = np.flatnonzero((n_img != 0) & (n_img != n))
+  frames = np.shape(pixel_values)[1] if pixel_values is not None and np.ndim(pixel_values) == 5 else 1
+  if frames > 1:    # frames (B, F, H, W, 3): N placeholders per frame, up to F frames per sample
+    bad = np.flatnonzero((n_img % n != 0) | (n_img > frames * n))
+    if bad.size:
+      raise ValueError(f'sample {int(bad[0])} has {int(n_img[bad[0]])} image placeholders; with {frames} '
+                       f'frames this model needs {n} per frame, at most {frames * n}')
+  bad = np.flatnonzero((n_img != 0) & (n_img != n)) if frames == 1 else bad
   if bad.size:
     raise ValueError(f'sample {int(bad[0])} has {int(n_img[bad[0]])} image placeholders; this model needs '
                      f'exactly {n} (or 0 for a text-only sample)')
@@ -80,7 +87,7 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
       raise ValueError(f'pixel_values look like raw 0..255 pixels ({raw.dtype}, max {float(pix.max()):g}); '
                        'give CLIP-normalised floats (dynllava_jax.data.images.preprocess)')
     s = model_cfg.vision.image_size
-    if pix.shape != (b, s, s, 3):
+    if pix.shape != (b, s, s, 3) and pix.shape != (b, frames, s, s, 3):
       raise ValueError(f'pixel_values has shape {pix.shape}; this model expects ({b}, {s}, {s}, 3) '
                        '(batch, height, width, RGB), CLIP-normalised')
   else:

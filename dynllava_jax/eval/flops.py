@@ -119,7 +119,8 @@ def last_query_layer_flops(lc, t, batch=1):
 
 
 def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last', seq_lens=None,
-                  include_vision=True, causal_chunk=0, last_query=False, visual_tokens=None):
+                  include_vision=True, causal_chunk=0, last_query=False, visual_tokens=None, frames=1,
+                  mod_len=None):
   """Analytic FLOPs of one prefill of `batch` prompts, each `text_tokens` text + N image tokens.
 
   seq_lens: optional per-layer sequence lengths (e.g. the engine's padded buckets); default = text tokens
@@ -127,25 +128,49 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   (`model.causal_chunk`; 0 = full t² attention, the model-level count). last_query: the engine's last
   layer computes its output for the last position only (`last_query_layer_flops`; needs lm_head='last').
   visual_tokens: MQT m (the slot's count, `projector.visual_token_count`; a pre-LLM reducer method sets
-  its own k). Returns a dict of parts and 'total'.
+  its own k). frames: images (video frames) per prompt, N tokens each (ViT and projector run per frame).
+  MoD layers (`model/mod.py`, the plan's `mod` kind) run on the text + k routed tokens per frame
+  (`mod_len`: the engine's padded length instead), plus the router on every token (as the last-query
+  layer: the routed tokens' K/V and one query). Returns a dict of parts, 'total', and
+  'per_kind': the LLM layers' FLOPs by layer kind.
   """
   if lm_head not in ('last', 'all'):
     raise ValueError(f"lm_head={lm_head!r}: use 'last' or 'all'")
+  from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model import plan as PL  # pylint: disable=g-import-not-at-top
   lc = model_cfg.llm
   n = P.visual_token_count(model_cfg, method, visual_tokens)
-  sched = image_token_schedule(model_cfg, method, n)
+  sched = [frames * k for k in image_token_schedule(model_cfg, method, n)]
   lens = [text_tokens + k for k in sched] if seq_lens is None else list(seq_lens)
   if len(lens) != lc.layers:
     raise ValueError(f'seq_lens has {len(lens)} entries; the LLM has {lc.layers} layers')
+  groups = PL.resolve(model_cfg)
+  kinds = [g.kind for g in groups for _ in range(g.size)]
+  k_mod = M.routed_count(n, M.settings(model_cfg).r)
   out = {}
-  out['vision'] = vit_flops(model_cfg.vision, batch) if include_vision else 0
-  out['projector'] = slot_flops(model_cfg, method, visual_tokens, batch) if include_vision else 0
-  per_layer = [llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)) for t in lens]
+  out['vision'] = frames * vit_flops(model_cfg.vision, batch) if include_vision else 0
+  out['projector'] = frames * slot_flops(model_cfg, method, visual_tokens, batch) if include_vision else 0
+  per_layer = []
+  for i, t in enumerate(lens):
+    if kinds[i] == M.KIND and frames:
+      tr = text_tokens + frames * k_mod if mod_len is None else int(mod_len)
+      per_layer.append(llm_layer_flops(lc, tr, tr, batch) + M.router_flops(lc, t, batch))   # no query chunks
+    elif kinds[i] == PL.SKIP:
+      per_layer.append(0)
+    else:
+      per_layer.append(llm_layer_flops(lc, t, t, batch, attention_pairs(t, causal_chunk)))
   if last_query:
     if lm_head != 'last':
       raise ValueError("last_query=True needs lm_head='last'")
-    per_layer[-1] = last_query_layer_flops(lc, lens[-1], batch)
+    if kinds[-1] == M.KIND and frames:      # the routed tokens' K/V, one query; the router on every token
+      tr = text_tokens + frames * k_mod if mod_len is None else int(mod_len)
+      per_layer[-1] = last_query_layer_flops(lc, tr, batch) + M.router_flops(lc, lens[-1], batch)
+    elif kinds[-1] != PL.SKIP:
+      per_layer[-1] = last_query_layer_flops(lc, lens[-1], batch)
   out['llm_layers'] = sum(per_layer)
+  per_kind = {}
+  for kind, f in zip(kinds, per_layer):
+    per_kind[kind] = per_kind.get(kind, 0) + f
   score = 0
   if method is not None:
     for p in method.drop_points(model_cfg):
@@ -154,7 +179,58 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
   out['scoring'] = score
   out['lm_head'] = batch * 2 * lc.hidden * lc.vocab_size * (1 if lm_head == 'last' else lens[-1])
   out['total'] = float(sum(out.values()))
+  out['per_kind'] = per_kind
   return out
+
+
+def mod_kv_bytes(model_cfg, text_tokens, frames, batch=1, dtype_bytes=2):
+  """K/V bytes a prefill leaves: every layer holds text + frames·N tokens, an MoD layer text + frames·k
+  (real tokens, no padding) -> {'total', 'per_kind'}."""
+  from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model import plan as PL  # pylint: disable=g-import-not-at-top
+  lc = model_cfg.llm
+  n = P.visual_token_count(model_cfg)
+  k = M.routed_count(n, M.settings(model_cfg).r)
+  per_tok = 2 * lc.kv_heads * lc.head_dim * dtype_bytes * batch
+  per_kind = {}
+  for g in PL.resolve(model_cfg):
+    if g.kind == PL.SKIP:
+      continue
+    t = text_tokens + frames * (k if g.kind == M.KIND else n)
+    per_kind[g.kind] = per_kind.get(g.kind, 0) + g.size * t * per_tok
+  return {'total': int(sum(per_kind.values())), 'per_kind': per_kind}
+
+
+def mod_engine_prefill_flops(model_cfg, text_tokens, frames, batch=1, xla=True):
+  """(XLA FLOPs, analytic FLOPs) of the engine's prefill of `batch` prompts of `text_tokens` text and
+  `frames` frames of N tokens (no bucket padding: the prompt and every MoD layer's routed sequence at
+  their exact lengths), on abstract shapes. The analytic side is `prefill_flops` with last_query."""
+  from dynllava_jax.decode.prefill import sparse_forward  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.sparsity.base import Sparsifier  # pylint: disable=g-import-not-at-top
+  n = num_image_tokens(model_cfg)
+  t0 = text_tokens + frames * n
+  mod_size = text_tokens + frames * M.routed_count(n, M.settings(model_cfg).r)
+  analytic = prefill_flops(model_cfg, None, text_tokens, batch, causal_chunk=int(model_cfg.get('causal_chunk', 0)),
+                           last_query=True, frames=frames)['total']
+  if not xla:
+    return float('nan'), analytic
+  graphdef, state = abstract_model(model_cfg)
+  method = Sparsifier()
+
+  def fn(state, ids, pix):
+    model = nnx.merge(graphdef, state)
+    h, image_mask = model.embed(ids, pix)
+    valid = jnp.ones(ids.shape, bool)
+    out = sparse_forward(model, method, h, valid, image_mask, None, None, sizes=(t0,), frames=frames,
+                         mod_size=mod_size)
+    return out.logits_last, [seg.kv for seg in out.segments]
+
+  s = model_cfg.vision.image_size
+  pix = (batch, frames, s, s, 3) if frames > 1 else (batch, s, s, 3)
+  got = xla_flops(fn, state, jax.ShapeDtypeStruct((batch, t0), jnp.int32),
+                  jax.ShapeDtypeStruct(pix, jnp.float32))
+  return got, analytic
 
 
 def reduction(dense, sparse):

@@ -47,11 +47,12 @@ def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_
   bounds = sorted(set(points) | ({text_layer} if text_layer is not None else set()))
   present_image = image_mask & valid
   text_keep = jnp.ones_like(valid)
+  route = model.route(image_mask & valid, pixel_values)     # MoD layers (model/mod.py), else None
   masked = False
   start = 0
   for p in bounds + [n_layers]:
     kw = dict(key_keep=_key_keep(present_image, image_mask, text_keep, valid) if masked else None,
-              mode='exact_zero' if masked else mc.attention, index_params=True)
+              mode='exact_zero' if masked else mc.attention, index_params=True, route=route)
     h_prev = None
     if method.needs_prev_hidden and p in points:
       if p < 1:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynllava_jax.model import layers as L
+from dynllava_jax.model import mod as M
 from dynllava_jax.model import plan as P
 from dynllava_jax.model.attention import apply_rope, dot_attention, rope_cos_sin
 from dynllava_jax.sharding import constrain
@@ -76,9 +77,11 @@ class MLP(nnx.Module):
 def full_attention(allowed, key_keep=None, mode='masked_softmax_eps', causal_chunk=0, impl='reference'):
   """The attention of a layer over its own tokens (training, prefill, teacher forcing): an `attend` for
   `DecoderLayer.__call__`. allowed (B, Tq, Tk) bool; key_keep (B, Tk) or None (dense); causal_chunk, impl:
-  see `attention.dot_attention`. attend(q, k, v) -> (o (B, Tq, Hq, D), (k, v))."""
-  def attend(q, k, v):
-    return dot_attention(q, k, v, allowed, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk,
+  see `attention.dot_attention`. attend(q, k, v, key_mask=None) -> (o (B, Tq, Hq, D), (k, v)); key_mask
+  (B, Tk) bool narrows `allowed` to those keys (an MoD layer's routed tokens)."""
+  def attend(q, k, v, key_mask=None):
+    a = allowed if key_mask is None else allowed & key_mask[:, None, :]
+    return dot_attention(q, k, v, a, key_keep=key_keep, mode=mode, causal_chunk=causal_chunk,
                          impl=impl), (k, v)
   return attend
 
@@ -95,7 +98,7 @@ class DecoderLayer(nnx.Module):
     self.post_norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
     self.mlp = MLP(lc, **kw)
 
-  def __call__(self, h, positions, attend, *, select=None):
+  def __call__(self, h, positions, attend, *, select=None, key_mask=None):
     """h (B, T, H), positions (B, T) -> (h', cache).
 
     attend(q, k, v) -> (o, cache): the attention of queries q (B, Tq, Hq, D) given this layer's keys and
@@ -104,6 +107,8 @@ class DecoderLayer(nnx.Module):
     select (B,) int or None: queries, output projection and MLP at that one position per sample only (the
     keys and values still cover every token), h' (B, 1, H) — a prefill's last layer, where only the last
     position is read on (~85 % of that layer saved).
+    key_mask (B, T) bool or None: only these tokens are keys (handed to `attend`; an MoD layer's routed
+    tokens).
     """
     x = self.input_norm(h)
     rope = self.attn.rope(positions)
@@ -111,19 +116,68 @@ class DecoderLayer(nnx.Module):
     if select is not None:
       pick = lambda a: jnp.take_along_axis(a, select.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
       h, x, positions, rope = pick(h), pick(x), pick(positions), tuple(pick(r) for r in rope)
-    o, cache = attend(self.attn.q(x, positions, rope), k, v)
+    q = self.attn.q(x, positions, rope)
+    o, cache = attend(q, k, v) if key_mask is None else attend(q, k, v, key_mask=key_mask)
     h = h + self.attn.out(o)
     h = h + self.mlp(self.post_norm(h))
     return constrain(h, ('act_batch', 'act_len', 'act_embed')), cache
 
 
 class DenseAltLayer(DecoderLayer):
-  """A second layer kind computing exactly what `dense` computes: holds the place of the kinds to come
-  (`mod`) in mixed-plan tests."""
+  """A second layer kind computing exactly what `dense` computes (mixed-plan tests)."""
+
+
+class MoDLayer(DecoderLayer):
+  """A mixture-of-depths layer (`model/mod.py`): the dense body plus a router (Linear(H→1), zero init).
+
+  With a `route` (a forward over a sequence holding frames), per frame the top k vision tokens by the
+  router go through the body (the only keys of its attention), their update scaled by the router weight;
+  text tokens go through; the other vision tokens pass unchanged. Without one (the KV-cache decode step,
+  text-only batches) it is the dense body. The engine runs it on the routed tokens only
+  (`decode/prefill.py`), and so does training when the route says `gather` (no K/V returned then)."""
+
+  def __init__(self, lc, *, dtype, param_dtype, rngs, lora=None):
+    super().__init__(lc, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora)
+    self.router = M.Router(lc.hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, h, positions, attend, *, select=None, key_mask=None, route=None, layer=0):
+    """route: `mod.Route` or None (dense body); layer: this layer's global index (the random baseline's
+    pattern). -> (h', cache)."""
+    if route is None:
+      return super().__call__(h, positions, attend, select=select, key_mask=key_mask)
+    if select is not None or key_mask is not None:
+      raise ValueError('an MoD layer with a route takes neither select nor key_mask')
+    s = self.router(h)
+    routed = M.route_tokens(s, route, layer)
+    w, weighted = M.update_weight(s, route.image, route)
+
+    def masked(h):
+      out, cache = DecoderLayer.__call__(self, h, positions, attend, key_mask=routed)
+      return M.mix(h, out, w, weighted, routed), cache
+
+    if not route.gather:
+      return masked(h)
+    # Training: the body on the routed real tokens only (`gather` slots, in order); when a sample has
+    # more (fewer frames than the batch's F and a long text), the masked form, which is the same math.
+    keep = routed & route.real
+    idx, rvalid, count = M.compact(keep, route.gather)
+
+    def gathered(h):
+      hr, pr = M.take(h, idx), M.take(positions, idx)
+      ar = jnp.broadcast_to(jnp.arange(route.gather, dtype=jnp.int32), rvalid.shape)
+      allowed = (ar[:, None, :] <= ar[:, :, None]) & rvalid[:, None, :]
+      out, _ = DecoderLayer.__call__(self, hr, pr, full_attention(allowed, mode=route.mode, impl=route.impl))
+      hr = M.mix(hr, out, M.take(w, idx), M.take(weighted, idx), rvalid)
+      return h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)
+
+    # The fallback is rematerialised: a cond keeps the residuals of both branches for the backward pass,
+    # so an ordinary masked branch would hold its T-token activations even when the gathered one ran.
+    fits = jnp.all(count <= route.gather)
+    return jax.lax.cond(fits, gathered, jax.checkpoint(lambda h: masked(h)[0]), h), None
 
 
 # `skip` (plan.SKIP): a removed layer — no module, no weights; run_layers passes h through unchanged.
-LAYER_KINDS = {'dense': DecoderLayer, 'dense_alt': DenseAltLayer, P.SKIP: None}
+LAYER_KINDS = {'dense': DecoderLayer, 'dense_alt': DenseAltLayer, M.KIND: MoDLayer, P.SKIP: None}
 
 
 class Llama(nnx.Module):
@@ -174,7 +228,7 @@ class Llama(nnx.Module):
 
   def run_layers(self, h, positions, allowed, *, start=0, stop=None, key_keep=None,
                  mode='masked_softmax_eps', return_kv=False, remat=False, index_params=False,
-                 causal_chunk=0, intermediates=False):
+                 causal_chunk=0, intermediates=False, route=None):
     """Runs decoder layers [start, stop) on h (B, T, H), one scan per plan group met.
 
     Returns h, then (when return_kv) the stacked (k, v), each (L', B, T, Hkv, D), then (when intermediates)
@@ -184,17 +238,19 @@ class Llama(nnx.Module):
     `skip` layers pass h through (their intermediates: h in = h out); they have no K/V, so return_kv
     refuses them (decode a pruned model: `dynllava_jax.tools.prune.prune_model`). Within
     `layers.lora_dropout(key)`, LoRA layers drop with per-layer keys (fold_in(key, layer)).
+    route: `mod.Route` for the `mod` layers (None: they run as dense layers).
     """
     stop = self.lc.layers if stop is None else stop
     attend = full_attention(allowed, key_keep, mode, causal_chunk, self.attention_impl)
     drop_key = L.dropout_key()
 
     def step(layer, carry, i):
+      kw = {} if route is None or not isinstance(layer, MoDLayer) else {'route': route, 'layer': i}
       if drop_key is None:
-        out, kv = layer(carry, positions, attend)
+        out, kv = layer(carry, positions, attend, **kw)
       else:
         with L.lora_dropout(jax.random.fold_in(drop_key, i)):
-          out, kv = layer(carry, positions, attend)
+          out, kv = layer(carry, positions, attend, **kw)
       return out, ((kv if return_kv else None), (carry if intermediates else None))
 
     ys = []
@@ -207,7 +263,8 @@ class Llama(nnx.Module):
                            'build the pruned model (dynllava_jax.tools.prune.prune_model) to decode')
         ys.append((None, jnp.broadcast_to(h, (hi - lo,) + h.shape) if intermediates else None))
         continue
-      xs = None if drop_key is None else jnp.arange(g.start + lo, g.start + hi, dtype=jnp.int32)
+      per_layer = drop_key is not None or (route is not None and g.kind == M.KIND)
+      xs = jnp.arange(g.start + lo, g.start + hi, dtype=jnp.int32) if per_layer else None
       h, y = L.split_scan(getattr(self, g.attr), step, h, start=lo, stop=hi, remat=remat,
                           index_params=index_params, xs=xs)
       ys.append(y)

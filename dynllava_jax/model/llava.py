@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dynllava_jax.errors import UserError
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.attention import ATTENTION_IMPLS, causal_allowed, resolve_impl
+from dynllava_jax.model import mod as M
 from dynllava_jax.model import plan as P
 from dynllava_jax.model.llama import LAYER_KINDS, Llama
 from dynllava_jax.model.predictors import ImagePredictor, TextPredictor
@@ -56,7 +58,12 @@ def check_model_config(mc):
     raise ValueError(f"model.attention={mc.attention!r}: use 'masked_softmax_eps' or 'exact_zero'")
   if mc.get('attention_impl', 'auto') not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention_impl={mc.attention_impl!r}: use one of {ATTENTION_IMPLS}')
-  P.resolve(mc, LAYER_KINDS)      # layer plan, region, LoRA ranks: one line each
+  groups = P.resolve(mc, LAYER_KINDS)      # layer plan, MoD layers, region, LoRA ranks: one line each
+  if P.kind_layers(groups, M.KIND):
+    M.check(mc)
+    if mc.get('projector', 'mlp2x_gelu') == 'mqt':
+      raise UserError('MoD layers (model.mod / mod in model.layer_plan) with the MQT projector: not '
+                      'supported (MQT pads frames to M tokens); use model.projector=mlp2x_gelu')
   lora = mc.get('lora')
   if lora is not None and not 0.0 <= float(lora.get('dropout', 0.0)) < 1.0:
     raise ValueError(f'model.lora.dropout={lora.dropout} must be in [0, 1)')
@@ -76,19 +83,27 @@ def dense_allowed(attention_mask):
   return causal_allowed(idx, idx, attention_mask)
 
 
-def check_placeholders(mc, input_ids, n=None):
+def check_placeholders(mc, input_ids, n=None, frames=None):
   """Eager calls only (a no-op under jit): every row holds 0 or exactly N image placeholders (n: this
-  call's count, default `num_visual_tokens(mc)`), else a ValueError in one line (a short row would
-  silently use only its first features)."""
+  call's count, default `num_visual_tokens(mc)`) — with `frames` F (pixel_values (B, F, H, W, 3)) a
+  multiple of N up to F·N, one span per frame — else a UserError in one line (a short row would silently
+  use only its first features)."""
   if isinstance(input_ids, jax.core.Tracer):
     return
   n = num_visual_tokens(mc) if n is None else n
   counts = (np.asarray(input_ids) == mc.image_token_id).sum(-1).reshape(-1)   # numpy: never staged
+  if frames is not None:
+    bad = np.flatnonzero((counts % n != 0) | (counts > frames * n))
+    if bad.size:
+      c = int(counts[bad[0]])
+      raise UserError(f'sample {int(bad[0])} has {c} image placeholders (image_token_id={mc.image_token_id}); '
+                      f'with {frames} frames this model needs {n} per frame, at most {frames * n}')
+    return
   bad = np.flatnonzero((counts != 0) & (counts != n))
   if bad.size:
-    raise ValueError(f'sample {int(bad[0])} has {int(counts[bad[0]])} image placeholders '
-                     f'(image_token_id={mc.image_token_id}); this model needs exactly {n} per image '
-                     '(or 0 for a text-only sample)')
+    raise UserError(f'sample {int(bad[0])} has {int(counts[bad[0]])} image placeholders '
+                    f'(image_token_id={mc.image_token_id}); this model needs exactly {n} per image '
+                    '(or 0 for a text-only sample)')
 
 
 def merge_image_features(text_emb, image_feats, image_mask):
@@ -125,7 +140,12 @@ class Llava(nnx.Module):
     return num_visual_tokens(self.mc)
 
   def image_features(self, pixel_values, count=None):
-    """(B, H, W, 3) -> projected image tokens (B, N, hidden), N = `num_visual_tokens(mc, count)`."""
+    """(B, H, W, 3) -> projected image tokens (B, N, hidden), N = `num_visual_tokens(mc, count)`;
+    frames (B, F, H, W, 3) -> (B, F·N, hidden), frame after frame."""
+    if pixel_values.ndim == 5:
+      b, f = pixel_values.shape[:2]
+      feats = self.image_features(pixel_values.reshape((b * f,) + pixel_values.shape[2:]), count)
+      return feats.reshape(b, f * feats.shape[1], feats.shape[2])
     hidden = self.vision_tower(pixel_values, remat=self.mc.remat)
     feats = select_features(hidden, self.mc.vision.feature_select)
     return self.projector(feats, count)
@@ -134,6 +154,8 @@ class Llava(nnx.Module):
     """The visual-token slot for one call -> (B, n, hidden): the projector at `count` (MQT m; None = its
     default), then `method.reduce_visual` when the method is a pre-LLM reducer (VisionZip, DivPrune)."""
     if method is not None and getattr(method, 'reduces_visual', False):
+      if pixel_values.ndim == 5:
+        raise UserError(f'{method.name} reduces one image at a time: give pixel_values (B, H, W, 3)')
       return method.reduce_visual(self, pixel_values, count)
     return self.image_features(pixel_values, count)
 
@@ -141,12 +163,26 @@ class Llava(nnx.Module):
     """Token embeddings with image features merged at the placeholders -> (h (B, T, H), image_mask).
     count / method: this call's visual-token slot (`visual_tokens`); prompts carry that many placeholders."""
     if pixel_values is not None:
-      check_placeholders(self.mc, input_ids, visual_token_count(self.mc, method, count))
+      check_placeholders(self.mc, input_ids, visual_token_count(self.mc, method, count),
+                         pixel_values.shape[1] if pixel_values.ndim == 5 else None)
     image_mask = input_ids == self.mc.image_token_id
     h = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:
       h = merge_image_features(h, self.visual_tokens(pixel_values, count, method), image_mask)
     return h, image_mask
+
+  @property
+  def has_mod(self):
+    """Whether the layer plan holds MoD layers (`model/mod.py`)."""
+    return bool(P.kind_layers(self.language_model.plan, M.KIND))
+
+  def route(self, image_mask, pixel_values, count=None, method=None, real=None):
+    """The MoD layers' `mod.Route` for a forward (None without MoD layers or without images). real (B, T)
+    bool: training gathers the routed real tokens (`mod.make_route`)."""
+    if not self.has_mod or pixel_values is None:
+      return None
+    return M.make_route(self.mc, image_mask, visual_token_count(self.mc, method, count),
+                        M.frames_of(pixel_values), real, self.language_model.attention_impl)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None, *,
                intermediates=False, visual_tokens=None, method=None):
@@ -158,9 +194,10 @@ class Llava(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    h, _ = self.embed(input_ids, pixel_values, visual_tokens, method)
+    h, image_mask = self.embed(input_ids, pixel_values, visual_tokens, method)
     out = self.language_model.run_layers(h, positions, dense_allowed(attention_mask), mode=self.mc.attention,
-                                         remat=self.mc.remat, intermediates=intermediates)
+                                         remat=self.mc.remat, intermediates=intermediates,
+                                         route=self.route(image_mask, pixel_values, visual_tokens, method))
     if not intermediates:
       return self.language_model.head(out)
     h, h_in = out

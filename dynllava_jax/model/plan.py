@@ -6,7 +6,8 @@
     'dense:frozen,dense*3'               the first layer frozen (no gradient, no optimizer state)
     'dense:frozen,dense:lora8,dense*2:frozen'   LoRA (rank 8) on the seven linear layers of layer 1 only
     'dense*2,skip,dense'                 layer 2 removed (the identity; no weights)
-kind: a registered layer kind (`llama.LAYER_KINDS`: `dense`, `dense_alt`, `skip`); train: `full`
+kind: a registered layer kind (`llama.LAYER_KINDS`: `dense`, `dense_alt`, `mod` — a mixture-of-depths
+layer, `model/mod.py`; `model.mod.layers` turns listed layers into `mod` — and `skip`); train: `full`
 (default), `frozen` or `lora<r>` (rank r > 0; the base weights frozen, adapters trained; `model.lora`
 holds alpha and dropout). The counts must add up to `llm.layers`. Consecutive layers with equal
 (kind, train) form one group: one stacked module, one scan; group g's parameters live under
@@ -164,12 +165,36 @@ def parse_plan(spec, n_layers, kinds=None, *, region=(), region_train='full') ->
   return tuple(groups)
 
 
+def with_kind(spec, n_layers, layers, kind, kinds=None):
+  """`spec` with the layers in `layers` turned into `kind` (their train flags kept) -> a plan string.
+  ValueError (one line) when one of them is skipped in `spec`."""
+  entries = _entries(spec, n_layers, kinds)
+  out = []
+  for i, (k, t) in enumerate(entries):
+    if i in layers:
+      if k == SKIP:
+        raise ValueError(f'model.mod.layers: layer {i} is skipped in model.layer_plan')
+      k = kind
+    out.append(k + (f':{t}' if t is not None else ''))
+  return ','.join(out)
+
+
 def resolve(mc, kinds=None):
-  """The model config's groups: `model.layer_plan` with `model.region` / `model.region_train` applied."""
+  """The model config's groups: `model.layer_plan` with `model.mod.layers` (those layers become `mod`)
+  and `model.region` / `model.region_train` applied."""
   n = mc.llm.layers
   region = parse_region(mc.get('region', ''), n)
-  return parse_plan(mc.get('layer_plan', ''), n, kinds, region=region,
+  spec = mc.get('layer_plan', '')
+  if 'mod' in mc and str(mc.mod.get('layers', '') or ''):
+    from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
+    spec = with_kind(spec, n, M.mod_layers(mc.mod.layers, n), M.KIND, kinds)
+  return parse_plan(spec, n, kinds, region=region,
                     region_train=str(mc.get('region_train', 'full') or 'full'))
+
+
+def kind_layers(groups, kind):
+  """Global indices of the layers of one kind."""
+  return [i for g in groups if g.kind == kind for i in range(g.start, g.stop)]
 
 
 def trainable_layers(groups):

@@ -39,6 +39,7 @@ like short answers in the output-text term. An empty answer span has mean 0 / ma
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.errors import UserError
 from dynllava_jax.model import mqt
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
@@ -159,15 +160,20 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   positions = positions_from_mask(mask)
   allowed = dense_allowed(mask)
   lm = model.language_model
-  h, _ = model.embed(ids, batch['pixel_values'])
+  h, image_mask = model.embed(ids, batch['pixel_values'])
+  # MoD layers (model/mod.py): routed per frame; dense training gathers their routed tokens
+  route = model.route(image_mask, batch['pixel_values'], real=None if sparse else mask.astype(bool))
   if not sparse:
-    h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat)
+    h = lm.run_layers(h, positions, allowed, mode=mc.attention, remat=remat, route=route)
     out = {'logits': mask_padded(lm.head(h), text_vocab_size(mc))}
     if mqt_m is not None:
       out['mqt_m'] = mqt_m
     return out
+  if batch['pixel_values'].ndim == 5:
+    raise UserError('Dynamic-LLaVA training (model.sparse.enabled) takes one image per sample: its image '
+                    'predictor scores N tokens from image_start; frames (data.max_frames > 1) need dense=1')
   k = sc.sparse_layer
-  h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat)
+  h = lm.run_layers(h, positions, allowed, start=0, stop=k, mode=mc.attention, remat=remat, route=route)
   out = {}
   has_image = batch['has_image'].astype(bool)
   keep = jnp.ones((b, t), jnp.float32)
@@ -189,7 +195,8 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
         sc.instruct_min_len, tau, _noise(rng, noise, 'instruct', (b, t, 2)))
     out.update(m_ins=m, ins_span=span, ins_qual=qual)
     keep = keep * m
-  h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat)
+  h = lm.run_layers(h, positions, allowed, start=k, key_keep=keep, mode=mc.attention, remat=remat,
+                    route=route)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   out['keep'] = keep
   if mqt_m is not None:
