@@ -43,6 +43,10 @@ def random_export(size, out):
   from dynllava_jax.data import digits_vqa  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   cfg = get_config(f'size={size}')
+  tok = digits_vqa.build_tokenizer(None, cfg.data.digits.describe_style)
+  mc = cfg.model     # the served tokenizer is the digits one: its special ids for any size (random weights)
+  mc.image_token_id, mc.pad_token_id, mc.bos_token_id, mc.eos_token_id = (
+      tok.token_to_id(t) for t in ('<image>', '<pad>', '<s>', '</s>'))
   model = nnx.jit(lambda: Llava(cfg.model, rngs=nnx.Rngs(0)))()
   jax.block_until_ready(nnx.state(model))
   hf.save_llava(model, cfg.model, out, layout='hf5')
