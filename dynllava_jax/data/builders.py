@@ -29,7 +29,8 @@ def get_builder(config):
     g = d.digits
     cfg = digits_vqa.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed,
                                  g.describe_style, g.max_rounds, g.extra_round_prob,
-                                 g.get('grid', digits_vqa.GRID), g.get('type_probs', digits_vqa.TYPE_PROBS))
+                                 g.get('grid', digits_vqa.GRID), g.get('type_probs', digits_vqa.TYPE_PROBS),
+                                 g.get('describe_alone', False))
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:
