@@ -170,7 +170,7 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   """scripts/demo.py --smoke: every stage's config trains 2 steps; summary.json follows the schema."""
   w = tmp_path / 'demo'
   cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--workdir', str(w), '--smoke',
-         '--test_limit', '6', '--methods', 'dense,dynamic,divprune,prune_bi', '--budgets', '0.2',
+         '--test_limit', '6', '--methods', 'dense,dynamic,dynamic_cal,divprune,prune_bi', '--budgets', '0.2',
          '--prune_layers', '1',
          '--set', f'data.data_dir={tmp_path / "tfds"}']
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
@@ -184,7 +184,8 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   summary = json.loads((w / 'summary.json').read_text())
   res.check_summary(summary)
   m = summary['methods']
-  assert summary['test_samples'] == 6 and set(m) == {'dense@1.0', 'dynamic@0.2', 'divprune@0.2', 'prune_bi@1'}
+  assert summary['test_samples'] == 6 and set(m) == {'dense@1.0', 'dynamic@0.2', 'dynamic_cal@0.2', 'divprune@0.2',
+                                                   'prune_bi@1'}
   assert m['dense@1.0']['image_keep'] == 1.0 and np.isclose(m['divprune@0.2']['image_keep'], 12 / 64)
   for k in ('dynamic@0.2', 'divprune@0.2', 'prune_bi@1'):
     assert m[k]['prefill_flops'] < m['dense@1.0']['prefill_flops']
