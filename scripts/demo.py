@@ -98,7 +98,8 @@ def main():
   try:
     prune_layers = tuple(int(k) for k in args.prune_layers.split(',') if k.strip())
   except ValueError:
-    raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, e.g. 1,2') from None
+    raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, '
+                     'e.g. 1,2') from None
 
   configs, infos, up = {}, {}, None
   for k in STAGES:
@@ -150,8 +151,8 @@ def main():
       if sp['ratio'] is not None:
         cfg = cfg.copy_and_resolve_references()
         cfg.model.sparse.image_keep_ratio = sp['ratio']
-      keeps[sp['key']] = list(image_keep_grids(model, cfg, make_sparsifier(sp['sparsifier'], cfg, **sp['overrides']),
-                                               ids, mask, pix, jax.random.key(cfg.seed)))
+      method = make_sparsifier(sp['sparsifier'], cfg, **sp['overrides'])
+      keeps[sp['key']] = list(image_keep_grids(model, cfg, method, ids, mask, pix, jax.random.key(cfg.seed)))
       titles.append(sp['key'])
     report.plot_kept_patches(list(pix), keeps, titles, os.path.join(args.workdir, 'kept_patches.png'))
   wall = time.time() - t0

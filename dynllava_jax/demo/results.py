@@ -107,7 +107,8 @@ def text_margin_quantile(model, config, samples, batch_size=16):
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train.forward import train_forward  # pylint: disable=g-import-not-at-top
   len_ot = int(config.model.sparse.len_ot)
-  long = [s['full'] for s in samples if int(s['full']['answer_end']) - int(s['full']['answer_start']) >= len_ot]
+  long = [s['full'] for s in samples
+          if int(s['full']['answer_end']) - int(s['full']['answer_start']) >= len_ot]
   if not long:
     return 0.0, np.zeros((0,))
   margins = []

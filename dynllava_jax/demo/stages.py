@@ -9,11 +9,11 @@ Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
   checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
 The stage's hash is sha256 over what it reads of its resolved config (`stage_inputs`: stage 0 its tower
 section, the vision config, canvas geometry and seed; later stages the whole config with `train.init_from`
-blanked, a path inside the workdir; as JSON, keys sorted) and the upstream stage's hash, so a change to any earlier stage's config
-invalidates every later stage too. A stage whose stage.json has the same hash and `done` (and whose params/
-and checkpoints/ are still there) is skipped; one
-with another hash (or a directory without stage.json) is deleted and rerun, so no stale checkpoint is ever
-resumed. A stage interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
+blanked, a path inside the workdir; as JSON, keys sorted) and the upstream stage's hash, so a change to
+any earlier stage's config invalidates every later stage too. A stage whose stage.json has the same hash
+and `done` (and whose params/ and checkpoints/ are still there) is skipped; one with another hash (or a
+directory without stage.json) is deleted and rerun, so no stale checkpoint is ever resumed. A stage
+interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
 checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
 `StageInterrupted` (the stage is not marked done; later stages do not run).
 """
