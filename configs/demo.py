@@ -34,8 +34,8 @@ def _geometry(c):
   # the conversation, a look-up's sample-mean CE is not diluted by a 51-token answer beside it, and every
   # description is the last answer (the one output-text sparsification acts on).
   d.describe_alone = True
-  # Up to 6 rounds per image (~3.7 on average; a round adds ~14 tokens to the ~100 of the prompt and the
-  # image, in the same 256-token bucket): more grounded answers per forward pass, most of them look-ups.
+  # Up to 6 rounds per image (about 3 per sample; a round adds ~14 tokens to the ~100 of the prompt and
+  # the image, in the same 256-token bucket): more grounded answers per forward pass, mostly look-ups.
   d.max_rounds = 6
   d.extra_round_prob = 0.8
   d.type_probs = (0.45, 0.1, 0.25, 0.15, 0.05)   # digit_at, count, row_sum, describe, text_add
