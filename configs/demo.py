@@ -8,9 +8,10 @@
 
 Each stage is the tiny preset (configs/dynllava.py:size=tiny) with the demo's geometry on top: a 2x2 grid
 on the 64-px canvas, so each cell is a 4x4 block of the 8-px patches (16 image tokens per cell; at a 20 %
-budget ~3 per cell), the 'cells' description (51 tokens with </s>) and the released len_ot = 50. The
-geometry lives here and in `data.digits`, not in the size preset. `train.init_from` is left empty: the
-runner (`dynllava_jax/demo/stages.py`) points it at the previous stage's exported params.
+budget ~3 per cell), the 'named' text (cells a1..b2 in the questions and in the 51-token description,
+each description alone in its sample) and the released len_ot = 50. The geometry lives here and in
+`data.digits`, not in the size preset. `train.init_from` is left empty: the runner
+(`dynllava_jax/demo/stages.py`) points it at the previous stage's exported params.
 """
 import ml_collections
 
@@ -25,15 +26,24 @@ def _geometry(c):
   d = c.data.digits
   d.canvas_size = 64
   d.grid = 2
-  d.describe_style = 'cells'
-  d.max_rounds = 3
-  d.extra_round_prob = 0.6
-  d.type_probs = (0.35, 0.15, 0.25, 0.2, 0.05)   # digit_at, count, row_sum, describe, text_add
+  # One token names the cell a question is about ("what digit is in cell b1 ?", "the sum of row a"): the
+  # look-up is one attention hop from that token to the image tokens of its cell ("row 2 column 1" needs
+  # the two numbers composed first). The description names cells the same way (51 tokens with </s>).
+  d.describe_style = 'named'
+  # A description is a sample's only round: no look-up can copy its answer from a description earlier in
+  # the conversation, a look-up's sample-mean CE is not diluted by a 51-token answer beside it, and every
+  # description is the last answer (the one output-text sparsification acts on).
+  d.describe_alone = True
+  # Up to 6 rounds per image (about 3 per sample; a round adds ~14 tokens to the ~100 of the prompt and
+  # the image, in the same 256-token bucket): more grounded answers per forward pass, mostly look-ups.
+  d.max_rounds = 6
+  d.extra_round_prob = 0.8
+  d.type_probs = (0.45, 0.1, 0.25, 0.15, 0.05)   # digit_at, count, row_sum, describe, text_add
   c.data.batch_size = 8
   # The tower is pretrained here (stage 0): a fixed 2-D sine-cosine position table lets its attention
   # find neighbouring patches from the first step (the random N(0, 0.02) table gives it almost nothing).
   c.model.vision.pos_init = 'sincos2d'
-  c.model.sparse.len_ot = 50     # the released LEN_OT: the 'cells' descriptions qualify
+  c.model.sparse.len_ot = 50     # the released LEN_OT: the 51-token descriptions qualify
   c.eval.max_new_tokens = 56     # the 51-token description + slack
   # One compiled shape per method in the demo's 21 evaluation runs: every prompt packs to 256 tokens and
   # every cache holds 512 slots (never grown). Only compile time changes: KV bytes count held tokens, and

@@ -25,6 +25,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+METHODS_DEFAULT = ('dense', 'dynamic', 'dynamic_cal', 'fastv', 'pdrop', 'random', 'uniform', 'visionzip',
+                   'divprune', 'prune_bi', 'prune_random')
+KEPT_PATCH_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')   # N image slots in the LLM
+
 
 def apply_sets(config, stage, items):
   """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); without stageK: every stage that
@@ -65,8 +69,10 @@ def main():
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--test_limit', type=int, default=300, help='test samples answered per method')
   ap.add_argument('--budgets', default='0.1,0.2,0.35,0.5', help='image-token budgets (0.2 always added)')
-  ap.add_argument('--methods', default='dense,dynamic,fastv,pdrop,random,uniform')
-  ap.add_argument('--eval_batch', type=int, default=64)
+  ap.add_argument('--methods', default=','.join(METHODS_DEFAULT))
+  ap.add_argument('--eval_batch', type=int, default=100,
+                  help='generation batch (300 test samples = 3 x 100: one compiled shape per run)')
+  ap.add_argument('--prune_layers', default='1,2', help='prune_bi / prune_random: decoder layers removed')
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
                   help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
@@ -88,6 +94,12 @@ def main():
     raise SystemExit(f'--budgets {args.budgets!r}: give comma-separated fractions, e.g. 0.1,0.2') from None
   if any(not 0.0 < b <= 1.0 for b in budgets) or any(m not in res.METHOD_ORDER for m in methods):
     raise SystemExit(f'--budgets must be in (0, 1] and --methods among {res.METHOD_ORDER}')
+
+  try:
+    prune_layers = tuple(int(k) for k in args.prune_layers.split(',') if k.strip())
+  except ValueError:
+    raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, '
+                     'e.g. 1,2') from None
 
   configs, infos, up = {}, {}, None
   for k in STAGES:
@@ -119,7 +131,9 @@ def main():
   # Batches of like answers: short answers stop decoding after a few steps, descriptions run together.
   ordered = sorted(samples, key=lambda s: (s['question_type'] == 'describe', len(s['prompt_ids'])))
   print(f'evaluating {len(samples)} test samples: {methods} at budgets {budgets}', flush=True)
-  rows = res.evaluate_all(models, ordered, tok, budgets=budgets, methods=methods, batch_size=args.eval_batch)
+  calib = pipeline.make_eval_samples(configs[2], 'validation', limit=64)   # prune_bi's Block Influence
+  rows = res.evaluate_all(models, ordered, tok, budgets=budgets, methods=methods, batch_size=args.eval_batch,
+                          calib_samples=calib, prune_layers=prune_layers)
   train_samples = pipeline.make_eval_samples(configs[2], 'train', limit=2000)
   majority = res.majority(train_samples, samples)
   types = sorted({s['question_type'] for s in samples})
@@ -132,14 +146,14 @@ def main():
   if imgs:
     ids, mask, pix = _prompt_batch(configs[2], imgs)
     keeps, titles = {}, []
-    for k, name, stage, ratio, overrides in res.method_specs(configs[2].model, (0.2,), methods):
-      model, cfg = models[stage]
-      if ratio is not None:
+    for sp in res.method_specs(configs[2].model, (0.2,), [m for m in methods if m in KEPT_PATCH_METHODS]):
+      model, cfg = models[sp['stage']]
+      if sp['ratio'] is not None:
         cfg = cfg.copy_and_resolve_references()
-        cfg.model.sparse.image_keep_ratio = ratio
-      keeps[k] = list(image_keep_grids(model, cfg, make_sparsifier(name, cfg, **overrides), ids, mask, pix,
-                                       jax.random.key(cfg.seed)))
-      titles.append(k)
+        cfg.model.sparse.image_keep_ratio = sp['ratio']
+      method = make_sparsifier(sp['sparsifier'], cfg, **sp['overrides'])
+      keeps[sp['key']] = list(image_keep_grids(model, cfg, method, ids, mask, pix, jax.random.key(cfg.seed)))
+      titles.append(sp['key'])
     report.plot_kept_patches(list(pix), keeps, titles, os.path.join(args.workdir, 'kept_patches.png'))
   wall = time.time() - t0
   summary = res.check_summary(res.make_summary(rows, majority, len(samples), wall))

@@ -23,7 +23,10 @@ def main():
   ap.add_argument('stage_dir')
   ap.add_argument('stage', type=int, choices=(1, 2, 3))
   ap.add_argument('--samples', type=int, default=300)
+  ap.add_argument('--lookups', action='store_true', help='classify the wrong cell look-ups (generation)')
   args = ap.parse_args()
+  if args.lookups:
+    return lookup_errors(args.stage_dir, args.stage, args.samples)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs.demo import get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -48,6 +51,31 @@ def main():
     m = (lg[..., 0] - lg[..., 1])[np.asarray(out['ot_span'])]
     print('describe answer tokens: keep margin logit0-logit1 percentiles 5/25/50/75/95',
           np.percentile(m, [5, 25, 50, 75, 95]).round(3), 'kept (margin > 0)', (m > 0).mean().round(3))
+
+
+def lookup_errors(stage_dir, stage, limit):
+  import collections  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from configs.demo import get_config  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import digits_vqa  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import _load_samples, evaluate_method, load_model  # pylint: disable=g-import-not-at-top
+  c = get_config(f'stage={stage}')
+  model = load_model(c, stage_dir, report_fn=lambda m: None)[0]
+  samples, tok = _load_samples(c, 'validation', limit)
+  samples = [s for s in samples if s['question_type'] == 'digit_at']
+  row = evaluate_method(model, c, 'dynamic' if stage == 3 else 'dense', samples, tok, batch_size=len(samples),
+                        timing_runs=0, ppl=False, xla_flops=False)
+  labels = load_digits().target
+  split = list(digits_vqa.SOURCE_SPLITS).index('validation')
+  out = collections.Counter()
+  for p in row['predictions']:
+    # make_sample draws the grid first from default_rng([seed, split, index]): the image's cells
+    rng = np.random.default_rng([int(c.data.digits.seed), split, int(p['record_id'].split('-')[1])])
+    _, _, grid = digits_vqa.draw_grid(rng, labels, 'validation', int(c.data.digits.grid))
+    cells = {'empty' if v is None else str(v) for r in grid for v in r}
+    out['right' if p['correct'] else ('wrong: another cell of the image' if p['prediction'].strip() in cells
+                                      else 'wrong: not in the image')] += 1
+  print(f'{len(samples)} validation look-ups:', dict(out))
 
 
 if __name__ == '__main__':

@@ -45,6 +45,34 @@ def test_builder_options_name_the_dataset():
   cap = digits_vqa.make_config(grid=2, describe_style='cells', type_probs=(0, 0, 0, 1, 0), max_rounds=1)
   assert len({a.name, b.name, cap.name}) == 3
   assert digits_vqa.make_config().name == 'c64_n4000-300-300_s0'       # default sets keep their dir
+  named = digits_vqa.make_config(grid=2, describe_style='named', describe_alone=True)
+  assert named.name.endswith('_da') and 'named' in named.name
+
+
+def test_named_cells_and_lone_descriptions():
+  """The demo's text: one token names the cell (row) a question is about, the description names cells
+  the same way at the 'cells' length, and a description is always a sample's only round."""
+  assert digits_vqa.question('digit_at', 2, 1, style='named') == 'what digit is in cell b1 ?'
+  assert digits_vqa.question('row_sum', 1, style='named') == 'what is the sum of row a ?'
+  grid = [[None, 7], [3, 4]]
+  text = digits_vqa.describe(grid, 'named')
+  assert 'in cell a2 the digit is 7' in text and 'in cell a1 the cell is empty' in text
+  assert len(text.split()) == len(digits_vqa.describe(grid, 'cells').split())
+  from dynllava_jax.data.tokenizer import split_words
+  vocab = set(w for t in digits_vqa.vocabulary_texts('named') for w in split_words(t))
+  assert {'a1', 'b2', 'c3', 'cell'} <= vocab
+  from sklearn.datasets import load_digits
+  dg = load_digits()
+  kinds, rounds = [], []
+  for i in range(60):
+    rec = digits_vqa.make_sample('train', i, dg.images, dg.target, 64, 0, 'named', 3, 0.9, 2,
+                                 (0.3, 0.1, 0.2, 0.3, 0.1), describe_alone=True)
+    qs = rec['conversations']['value'][0::2]
+    kinds.append(rec['question_type'])
+    rounds.append(len(qs))
+    if any(q.startswith(('<image>\ndescribe', 'describe')) for q in qs):
+      assert len(qs) == 1 and rec['question_type'] == 'describe'
+  assert 'describe' in kinds and max(rounds) == 3
   with pytest.raises(ValueError, match='type_probs'):
     digits_vqa.make_config(type_probs=(1, 0, 0, 0))
 
@@ -104,6 +132,20 @@ def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
   assert calls == [3]
 
 
+def test_tower_hash_covers_what_the_tower_reads():
+  base = stg.stage_hash(get_config('stage=0'))
+  c = get_config('stage=0')
+  c.data.digits.type_probs, c.data.digits.max_rounds = (0.2, 0.2, 0.2, 0.2, 0.2), 2   # the question mix
+  assert stg.stage_hash(c) == base
+  changes = {'tower.steps': lambda c: setattr(c.tower, 'steps', 5),
+             'data.digits.grid': lambda c: setattr(c.data.digits, 'grid', 3),
+             'model.vision.patch_size': lambda c: setattr(c.model.vision, 'patch_size', 16)}
+  for name, change in changes.items():                                             # what it reads
+    c = get_config('stage=0')
+    change(c)
+    assert stg.stage_hash(c) != base, name
+
+
 def test_summary_schema_check():
   acc = {'count': 1.0, 'all': 1.0}
   entry = {'method': 'dense', 'image_keep': 1.0, 'text_keep': 1.0, 'accuracy': acc, 'prefill_flops': 1.0,
@@ -120,19 +162,31 @@ def test_summary_schema_check():
 
 def test_budgets_match():
   mc = get_config('stage=2').model
-  specs = {k: (name, stage, ratio, ov) for k, name, stage, ratio, ov in res.method_specs(mc)}
-  assert len(specs) == 1 + 5 * len(res.BUDGETS) and specs['dense@1.0'][1] == 2 and specs['dynamic@0.2'][1] == 3
+  specs = {sp['key']: sp for sp in res.method_specs(mc)}
+  n_budgeted = len(res.METHOD_ORDER) - 2 - len(res.PRUNE)
+  assert len(specs) == 2 + n_budgeted * len(res.BUDGETS) + len(res.PRUNE) * len(res.PRUNE_LAYERS)
+  assert specs['dynamic_cal@0.2']['sparsifier'] == 'dynamic' and specs['dynamic_cal@0.2']['stage'] == 3
+  assert specs['dense@1.0']['stage'] == 2 and specs['dynamic@0.2']['stage'] == 3
   for r in res.BUDGETS:
-    layers, ratios = specs[res.key('pdrop', r)][3]['layers'], specs[res.key('pdrop', r)][3]['ratios']
-    assert layers[0] == mc.sparse.sparse_layer and np.isclose(np.mean(ratios), r)
-    assert np.isclose(specs[res.key('fastv', r)][3]['r'], 1 - r)
+    pd = specs[res.key('pdrop', r)]['overrides']
+    assert pd['layers'][0] == mc.sparse.sparse_layer and np.isclose(np.mean(pd['ratios']), r)
+    assert np.isclose(specs[res.key('fastv', r)]['overrides']['r'], 1 - r)
+    k = int(np.floor(64 * r + 1e-6))                  # the random / dynamic budget, before the LLM
+    for m in ('visionzip', 'divprune'):
+      assert specs[res.key(m, r)]['overrides'] == {'tokens': k}
+  assert specs['prune_bi@1']['prune'] == 1 and specs['prune_bi@1']['sparsifier'] == 'dense'
+  bi = [0.5, 0.1, 0.3, 0.05]                           # layer 3 is the visual region's: never removed
+  assert res.prune_choice('prune_bi', 1, bi, mc) == (1,) and res.prune_choice('prune_bi', 2, bi, mc) == (1, 2)
+  rand = res.prune_choice('prune_random', 2, bi, mc)
+  assert len(rand) == 2 and 3 not in rand and rand == res.prune_choice('prune_random', 2, bi, mc)
 
 
 def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   """scripts/demo.py --smoke: every stage's config trains 2 steps; summary.json follows the schema."""
   w = tmp_path / 'demo'
   cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--workdir', str(w), '--smoke',
-         '--test_limit', '6', '--methods', 'dense,dynamic', '--budgets', '0.2',
+         '--test_limit', '6', '--methods', 'dense,dynamic,dynamic_cal,divprune,prune_bi', '--budgets', '0.2',
+         '--prune_layers', '1',
          '--set', f'data.data_dir={tmp_path / "tfds"}']
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=2400)
@@ -144,9 +198,13 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
     assert info['result']['steps' if k == 0 else 'step'] == 2
   summary = json.loads((w / 'summary.json').read_text())
   res.check_summary(summary)
-  assert summary['test_samples'] == 6 and set(summary['methods']) == {'dense@1.0', 'dynamic@0.2'}
-  assert summary['methods']['dense@1.0']['image_keep'] == 1.0
-  assert summary['methods']['dynamic@0.2']['prefill_flops'] < summary['methods']['dense@1.0']['prefill_flops']
+  m = summary['methods']
+  assert summary['test_samples'] == 6
+  assert set(m) == {'dense@1.0', 'dynamic@0.2', 'dynamic_cal@0.2', 'divprune@0.2', 'prune_bi@1'}
+  assert m['dense@1.0']['image_keep'] == 1.0 and np.isclose(m['divprune@0.2']['image_keep'], 12 / 64)
+  for k in ('dynamic@0.2', 'divprune@0.2', 'prune_bi@1'):
+    assert m[k]['prefill_flops'] < m['dense@1.0']['prefill_flops']
+  assert m['prune_bi@1']['kv_cache_bytes'] < m['dense@1.0']['kv_cache_bytes']      # 3 of the 4 layers' caches
   for f in ('tradeoff.png', 'kept_patches.png', 'results.md'):
     assert (w / f).stat().st_size > 0
 

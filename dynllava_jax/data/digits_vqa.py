@@ -46,30 +46,40 @@ GRID = 3
 PNG_MAX_SIZE = 128   # canvases up to this side are stored as PNG, larger ones as JPEG (q95)
 
 
-def question(qtype, r=0, c=0, a=0, b=0):
+def row_name(r):
+  """The 'named' style's name of row r (1-based): a, b, c."""
+  return 'abc'[r - 1]
+
+
+def question(qtype, r=0, c=0, a=0, b=0, style='long'):
+  if style == 'named':   # one token names the cell (row) the question is about: a one-hop look-up
+    at, row = f'in cell {row_name(r)}{c}', row_name(r)
+  else:
+    at, row = f'at row {r} column {c}', r
   return {
-      'digit_at': f'what digit is at row {r} column {c} ?',
+      'digit_at': f'what digit is {at} ?',
       'count': 'how many digits are there ?',
-      'row_sum': f'what is the sum of row {r} ?',
+      'row_sum': f'what is the sum of row {row} ?',
       'describe': 'describe the grid row by row .',
       'text_add': f'what is {a} plus {b} ?',
   }[qtype]
 
 
-DESCRIBE_STYLES = ('long', 'short', 'cells')
+DESCRIBE_STYLES = ('long', 'short', 'cells', 'named')
 
 
 def describe(grid, style='long'):
   """Long answer for `grid` (g x g list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
   cell = lambda v: 'empty' if v is None else str(v)
-  if style == 'cells':
-    g = len(grid)
+  if style in ('cells', 'named'):
+    g, named = len(grid), style == 'named'
     parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
     for r, row in enumerate(grid):
-      cells = [f'in column {c + 1} ' + ('the cell is empty' if v is None else f'the digit is {v}')
-               for c, v in enumerate(row)]
-      parts.append(f'row {r + 1} : ' + ' , '.join(cells) + ' .')
+      rn = row_name(r + 1) if named else str(r + 1)
+      cells = [(f'in cell {rn}{c + 1} ' if named else f'in column {c + 1} ') +
+               ('the cell is empty' if v is None else f'the digit is {v}') for c, v in enumerate(row)]
+      parts.append(f'row {rn} : ' + ' , '.join(cells) + ' .')
     return ' '.join(parts)
   if style == 'short':
     rows = [f'row {r + 1} : ' + ' '.join(cell(v) for v in row) + ' .' for r, row in enumerate(grid)]
@@ -101,8 +111,9 @@ def vocabulary_texts(describe_style='long'):
   'short' describe words are always in (the vocabulary of the default sets does not change); 'cells' adds
   its own words only to datasets built with it."""
   texts = [templates.SYSTEM, ' '.join(templates.ROLES) + ' : ' + templates.SEP2, 'empty']
-  texts += [question(t, 1, 1, 0, 0) for t in QUESTION_TYPES]
   styles = ('long', 'short') + ((describe_style,) if describe_style not in ('long', 'short') else ())
+  texts += [question(t, r, c, 0, 0, style) for t in QUESTION_TYPES for style in styles
+            for r in range(1, GRID + 1) for c in range(1, GRID + 1)]
   texts += [describe([[None] * 3] * 3, style) for style in styles]
   texts.append(' '.join(str(i) for i in range(9 * GRID * GRID + 1)))
   return texts
@@ -147,8 +158,12 @@ def render_canvas(tiles, canvas_size, rng):
   return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS):
-  qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=type_probs))]
+def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS, allow_describe=True):
+  p = np.asarray(type_probs, np.float64)
+  if not allow_describe and p.sum() > p[3]:
+    p = np.where(np.arange(len(p)) == 3, 0.0, p)
+    p = p / p.sum()
+  qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=p))]
   if qtype == 'text_add' and not allow_text:
     qtype = 'count'
   g = len(grid)
@@ -157,7 +172,7 @@ def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_P
     filled = [(i + 1, j + 1) for i in range(g) for j in range(g) if grid[i][j] is not None]
     r, c = filled[int(rng.integers(len(filled)))]
   a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-  return qtype, question(qtype, r, c, a, b), answer(qtype, grid, r, c, a, b, style)
+  return qtype, question(qtype, r, c, a, b, style), answer(qtype, grid, r, c, a, b, style)
 
 
 def draw_grid(rng, labels, split, g=GRID):
@@ -178,11 +193,14 @@ def tiles_of(images, empty, src):
 
 
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
-                extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS):
+                extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
+                describe_alone=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
-  to max_rounds in all; `question_type` / `answer` describe the last round.
+  to max_rounds in all; `question_type` / `answer` describe the last round. describe_alone: a
+  description is a sample's only round (no look-up can copy its answer from a description earlier in the
+  conversation, and every description is the last answer, which output-text sparsification acts on).
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
@@ -190,8 +208,10 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   has_image = qtype != 'text_add'
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
-  while has_image and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
-    qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs)
+  more = has_image and not (describe_alone and qtype == 'describe')
+  while more and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
+    qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs,
+                                   allow_describe=not describe_alone)
     conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
   image = b''
   if has_image:
@@ -219,10 +239,12 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   extra_round_prob: float = SECOND_ROUND_PROB
   grid: int = GRID
   type_probs: tuple = TYPE_PROBS
+  describe_alone: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
-                max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS):
+                max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
+                describe_alone=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -245,9 +267,12 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += f'_g{grid}'
   if type_probs != TYPE_PROBS:
     name += '_t' + '-'.join(f'{p:g}' for p in type_probs)
+  if describe_alone:
+    name += '_da'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
-                         extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs)
+                         extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
+                         describe_alone=bool(describe_alone))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -276,4 +301,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
-                           c.extra_round_prob, c.grid, c.type_probs)
+                           c.extra_round_prob, c.grid, c.type_probs, c.describe_alone)

@@ -3,16 +3,26 @@
     rows = evaluate_all(configs, dirs, samples, tok)      # one row per '<method>@<budget>' key
     summary = make_summary(rows, majority, test_samples, wall_s)
 
-Keys are `<method>@<budget>`, the budget being the kept fraction of image tokens asked for, written as
-Python prints the float (`dense@1.0`, `dynamic@0.2`, `fastv@0.35`, ...). Methods and models:
+Keys are `<method>@<budget>`: for the image-token methods the budget is the kept fraction of image
+tokens asked for, written as Python prints the float (`dense@1.0`, `dynamic@0.2`, `fastv@0.35`, ...); for
+the layer-pruned models it is the number of decoder layers removed (`prune_bi@1`). Methods and models:
   dense@1.0           stage 2 (the dense LLaVA), every token kept
   dynamic@r           stage 3 (Dynamic-LLaVA), top-k ⌊N·r⌋ image tokens at `sparse_layer`, output-text
                       pruning in decoding (trained at r_I = 0.2, r_OT = 0.5; r only changes k at inference)
+  dynamic_cal@0.2     the same with the output-text rule `text_margin=θ` (an option, not the released
+                      rule): θ = the (1 − r_OT) quantile of the predictor's keep margins on the validation
+                      descriptions (`text_margin_quantile`), so it keeps ~r_OT of the generated tokens
   random@r, uniform@r stage 2, ⌊N·r⌋ image tokens at `sparse_layer` (the same budget as dynamic@r)
   fastv@r             stage 2, FastV with K = sparse_layer and R = 1 − r (round(N·r) kept from layer K on)
   pdrop@r             stage 2, PyramidDrop dropping entering every layer from sparse_layer on, the kept
                       fractions halving per layer (x, x/2, x/4, ...) with x chosen so their mean equals r:
                       the same image-token·layers in the prefill as the others at r
+  visionzip@r,        stage 2, ⌊N·r⌋ visual tokens handed to the LLM by the pre-LLM reducers (VisionZip:
+  divprune@r          dominant + contextual tokens from the tower's CLS attention; DivPrune: the max-min
+                      diverse subset of the projected tokens); prompts carry that many image slots
+  prune_bi@k,         stage 2 with k decoder layers removed (`tools/prune.prune_model`): the k lowest Block
+  prune_random@k      Influence layers outside the visual region (BI over 64 validation prompts), or k of
+                      the same candidates drawn at random by (seed, k)
 All use `dynllava_jax.eval.run.evaluate_method` (the engine's greedy KV-cache generation).
 """
 import collections
@@ -20,12 +30,15 @@ import collections
 import numpy as np
 
 BUDGETS = (0.1, 0.2, 0.35, 0.5)
-TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform')
-METHOD_ORDER = ('dense', 'dynamic') + TRAINING_FREE
+PRUNE_LAYERS = (1, 2)   # decoder layers removed by prune_bi / prune_random (of the 4; the region's stays)
+TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform', 'visionzip', 'divprune')
+PRUNE = ('prune_bi', 'prune_random')
+CAL_BUDGET = 0.2        # dynamic_cal runs at the trained r_I only
+METHOD_ORDER = ('dense', 'dynamic', 'dynamic_cal') + TRAINING_FREE + PRUNE
 
 
 def key(method, budget):
-  return f'{method}@{float(budget)}'
+  return f'{method}@{budget}' if method in PRUNE else f'{method}@{float(budget)}'
 
 
 def pdrop_ratios(budget, layers, sparse_layer):
@@ -35,28 +48,91 @@ def pdrop_ratios(budget, layers, sparse_layer):
   return tuple(range(sparse_layer, layers)), tuple(x * 0.5 ** i for i in range(m))
 
 
-def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER):
-  """[(key, method name, stage (2 | 3), image_keep_ratio for the config, sparsifier overrides)]."""
+def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=PRUNE_LAYERS):
+  """One dict per key: {key, method (the key's name), sparsifier (the registry name run), stage (2 | 3),
+  ratio (model.sparse.image_keep_ratio for the config, or None), overrides (sparsifier keywords),
+  prune (k decoder layers to remove, 0 = none)}."""
+  from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.sparsity.base import keep_budget  # pylint: disable=g-import-not-at-top
   sl, n_layers = int(model_cfg.sparse.sparse_layer), int(model_cfg.llm.layers)
+  n = num_visual_tokens(model_cfg)
+  spec = lambda m, b, **kw: {'key': key(m, b), 'method': m, 'sparsifier': m, 'stage': 2, 'ratio': None,
+                             'overrides': {}, 'prune': 0, **kw}
   out = []
   if 'dense' in methods:
-    out.append((key('dense', 1.0), 'dense', 2, None, {}))
+    out.append(spec('dense', 1.0))
   for m in methods:
     if m == 'dense':
       continue
+    if m in PRUNE:
+      out += [spec(m, k, sparsifier='dense', prune=k) for k in prune_layers]
+      continue
     for r in budgets:
       if m == 'dynamic':
-        out.append((key(m, r), m, 3, r, {}))
+        out.append(spec(m, r, stage=3, ratio=r))
+      elif m == 'dynamic_cal':   # the calibrated output-text threshold (evaluate_all sets text_margin)
+        if r == CAL_BUDGET:      # at the trained r_I only
+          out.append(spec(m, r, sparsifier='dynamic', stage=3, ratio=r))
       elif m in ('random', 'uniform'):
-        out.append((key(m, r), m, 2, r, {}))
+        out.append(spec(m, r, ratio=r))
       elif m == 'fastv':
-        out.append((key(m, r), m, 2, None, {'k': sl, 'r': 1.0 - r}))
+        out.append(spec(m, r, overrides={'k': sl, 'r': 1.0 - r}))
       elif m == 'pdrop':
         layers, ratios = pdrop_ratios(r, n_layers, sl)
-        out.append((key(m, r), m, 2, None, {'layers': layers, 'ratios': ratios}))
+        out.append(spec(m, r, overrides={'layers': layers, 'ratios': ratios}))
+      elif m in ('visionzip', 'divprune'):   # ⌊N·r⌋ projected tokens before the LLM
+        out.append(spec(m, r, overrides={'tokens': keep_budget(n, r)}))
       else:
         raise ValueError(f'demo: method {m!r} unknown; use {METHOD_ORDER}')
   return out
+
+
+def prune_choice(method, k, bi, model_cfg, seed=0):
+  """The k decoder layers prune_bi (lowest Block Influence outside the visual region, `tools/prune.choose`)
+  or prune_random (k of the same candidate layers drawn by (seed, k)) removes, sorted."""
+  from dynllava_jax.tools import prune  # pylint: disable=g-import-not-at-top
+  if method == 'prune_bi':
+    return prune.choose(bi, k, model_cfg)
+  free = [i for i in range(int(model_cfg.llm.layers)) if i not in set(prune.region_of(model_cfg))]
+  rng = np.random.default_rng([int(seed), int(k)])
+  return tuple(sorted(int(i) for i in rng.choice(free, int(k), replace=False)))
+
+
+def text_margin_quantile(model, config, samples, batch_size=16):
+  """(θ, margins): the output-text predictor's keep margins logit0 − logit1 on the answer tokens of the
+  long answers (≥ len_ot) among `samples`, teacher-forced (the training forward without Gumbel noise: the
+  predictor reads the hidden state entering `sparse_layer`, which image pruning does not change), and θ
+  = their (1 − r_OT) quantile: `text_margin=θ` keeps the trained fraction r_OT of such tokens."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train.forward import train_forward  # pylint: disable=g-import-not-at-top
+  len_ot = int(config.model.sparse.len_ot)
+  long = [s['full'] for s in samples
+          if int(s['full']['answer_end']) - int(s['full']['answer_start']) >= len_ot]
+  if not long:
+    return 0.0, np.zeros((0,))
+  margins = []
+  for i in range(0, len(long), batch_size):
+    batch = pipeline.pad_batch(long[i:i + batch_size], pipeline.buckets(config), config.model.pad_token_id)
+    out = train_forward(model, {k: jnp.asarray(v) for k, v in batch.items()}, tau=0.1, rng=None)
+    lg = np.asarray(out['ot_logits'])
+    margins.append((lg[..., 0] - lg[..., 1])[np.asarray(out['ot_span'])])
+  m = np.concatenate(margins)
+  return float(np.quantile(m, 1.0 - float(config.model.sparse.text_keep_ratio))), m
+
+
+def block_influence(model, config, samples, batch_size=32):
+  """Mean Block Influence per decoder layer of `model` over the prompts of `samples` (numpy (L,))."""
+  from dynllava_jax.data.pipeline import left_pad_batch  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.tools import block_influence as bi_lib  # pylint: disable=g-import-not-at-top
+
+  def batches():
+    for i in range(0, len(samples), batch_size):
+      chunk = samples[i:i + batch_size]
+      ids, mask = left_pad_batch([s['prompt_ids'] for s in chunk], config.model.pad_token_id)
+      yield ids, np.stack([s['pixel_values'] for s in chunk]).astype(np.float32), mask
+
+  return bi_lib.block_influence(model, batches(), 'all')[0]
 
 
 def majority(train_samples, test_samples):
@@ -73,34 +149,54 @@ def majority(train_samples, test_samples):
   return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_ORDER, batch_size=64,
-                 report=print):
-  """stage_models: {2: (model, config), 3: (model, config)}. Returns {key: row} (`evaluate_method` rows
-  plus 'key', 'budget', 'stage')."""
+def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_ORDER, batch_size=100,
+                 calib_samples=None, prune_layers=PRUNE_LAYERS, report=print):
+  """stage_models: {2: (model, config), 3: (model, config)}; calib_samples: the prompts Block Influence
+  is measured on (prune_bi; the validation split). Returns {key: row} (`evaluate_method` rows plus 'key',
+  'budget', 'stage', 'removed_layers' for the pruned models)."""
   from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import engine_prefill_flops, evaluate_method  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.tools import prune  # pylint: disable=g-import-not-at-top
   rows = {}
   mc = stage_models[2][1].model  # prefill FLOPs: analytic, batch 1, the mean test prompt, real length
   mean_prompt = int(round(np.mean([len(s['prompt_ids']) for s in samples])))
   text_tokens = max(1, mean_prompt - num_image_tokens(mc))
-  for k, name, stage, ratio, overrides in method_specs(mc, budgets, methods):
-    model, config = stage_models[stage]
-    cfg = config
-    if ratio is not None:
+  bi = theta = None
+  for sp in method_specs(mc, budgets, methods, prune_layers):
+    model, config = stage_models[sp['stage']]
+    cfg, removed = config, ()
+    if sp['method'] == 'dynamic_cal':
+      if theta is None:
+        theta, m = text_margin_quantile(model, config, calib_samples or samples)
+        report(f'  output-text keep margins on {m.size} held-out answer tokens: released rule (> 0) keeps '
+               f'{np.mean(m > 0):.3f}; calibrated text_margin {theta:.4f} keeps {np.mean(m > theta):.3f}')
+      sp = {**sp, 'overrides': {'text_margin': theta}}
+    if sp['ratio'] is not None or sp['prune']:
       cfg = config.copy_and_resolve_references()
-      cfg.model.sparse.image_keep_ratio = float(ratio)
-    row = evaluate_method(model, cfg, name, samples, tok, batch_size=batch_size, timing_runs=0,
-                          overrides=overrides, ppl=False, xla_flops=False)
-    # The engine packs prompts to eval.prefill_bucket (one compile); count FLOPs at the real length.
-    method = make_sparsifier(name, cfg, **overrides)
-    _, row['prefill_flops_analytic'] = engine_prefill_flops(mc, method, text_tokens, 1, 1, xla=False)
-    row.update(key=k, budget=float(k.split('@')[1]), stage=stage)
+    if sp['ratio'] is not None:
+      cfg.model.sparse.image_keep_ratio = float(sp['ratio'])
+    if sp['prune']:
+      if bi is None:
+        bi = block_influence(model, config, calib_samples or samples)
+        report(f'  block influence of the stage-2 layers: {np.round(bi, 4).tolist()}')
+      removed = prune_choice(sp['method'], sp['prune'], bi, mc, int(config.seed))
+      model, cfg.model = prune.prune_model(model, mc, removed)
+    row = evaluate_method(model, cfg, sp['sparsifier'], samples, tok, batch_size=batch_size, timing_runs=0,
+                          overrides=sp['overrides'], ppl=False, xla_flops=False)
+    # The engine packs prompts to eval.prefill_bucket (one compile); count FLOPs at the real length
+    # (text tokens + the visual tokens this method hands the LLM).
+    method = make_sparsifier(sp['sparsifier'], cfg, **sp['overrides'])
+    _, row['prefill_flops_analytic'] = engine_prefill_flops(cfg.model, method, text_tokens, 1, 1, xla=False)
+    k = sp['key']
+    row.update(method=sp['method'], key=k, budget=float(k.split('@')[1]), stage=sp['stage'],
+               removed_layers=list(removed))
     rows[k] = row
     acc = row['accuracy_by_type']
     report(f'  {k:14s} all {acc["all"]:.3f}  ' + '  '.join(
         f'{t} {v:.3f}' for t, v in acc.items() if t != 'all') +
-        f'  image {row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
+        f'  image {row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}' +
+        (f'  removed layers {list(removed)}' if removed else ''))
   return rows
 
 

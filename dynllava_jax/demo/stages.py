@@ -7,12 +7,13 @@ Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
   params/      the stage's model params (orbax, `dynllava_jax.convert` layout) for the next stage's
                `train.init_from` (stage 0: the vision tower only)
   checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
-The stage's hash is sha256 over its resolved config (as JSON, keys sorted, `train.init_from` blanked: it
-is a path inside the workdir) and the upstream stage's hash, so a change to any earlier stage's config
-invalidates every later stage too. A stage whose stage.json has the same hash and `done` (and whose params/
-and checkpoints/ are still there) is skipped; one
-with another hash (or a directory without stage.json) is deleted and rerun, so no stale checkpoint is ever
-resumed. A stage interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
+The stage's hash is sha256 over what it reads of its resolved config (`stage_inputs`: stage 0 its tower
+section, the vision config, canvas geometry and seed; later stages the whole config with `train.init_from`
+blanked, a path inside the workdir; as JSON, keys sorted) and the upstream stage's hash, so a change to
+any earlier stage's config invalidates every later stage too. A stage whose stage.json has the same hash
+and `done` (and whose params/ and checkpoints/ are still there) is skipped; one with another hash (or a
+directory without stage.json) is deleted and rerun, so no stale checkpoint is ever resumed. A stage
+interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
 checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
 `StageInterrupted` (the stage is not marked done; later stages do not run).
 """
@@ -33,11 +34,23 @@ def stage_dir(workdir, config):
   return os.path.join(workdir, f'stage{config.stage.index}_{config.stage.name}')
 
 
-def stage_hash(config, upstream_hash=''):
-  """16 hex digits identifying the stage's config and everything upstream of it."""
+def stage_inputs(config):
+  """The part of the config a stage reads: stage 0 (the tower) only its `tower` section, the vision tower's
+  config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
+  it); stages 1-3 everything (`train.init_from` blanked: it is a path inside the workdir)."""
   d = config.to_dict()
+  if config.stage.index == 0:
+    g = d['data']['digits']
+    return {'stage': d['stage'], 'tower': d['tower'], 'vision': d['model']['vision'], 'seed': d['seed'],
+            'canvas': {k: g.get(k) for k in ('canvas_size', 'grid')}}
   if 'train' in d:
     d['train']['init_from'] = ''
+  return d
+
+
+def stage_hash(config, upstream_hash=''):
+  """16 hex digits identifying what the stage reads (`stage_inputs`) and everything upstream of it."""
+  d = stage_inputs(config)
   text = json.dumps(d, sort_keys=True, default=str)
   return hashlib.sha256(f'{upstream_hash}\n{text}'.encode()).hexdigest()[:16]
 

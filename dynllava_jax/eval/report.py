@@ -128,17 +128,18 @@ def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
   by = {}
   for k, m in methods.items():
     by.setdefault(m['method'], []).append((float(k.split('@')[1]), m))
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharey=True)
   panels = (('prefill_flops', 1e9, 'prefill GFLOPs (batch 1)'),
             ('kv_cache_bytes', 1024.0, 'KV cache KiB at the end of the answer'))
-  markers = 'o^sDvP*X'
+  markers = 'o^sDvPXhp<>d'
+  colors = plt.get_cmap('tab20').colors
   for ax, (field, scale, label) in zip(axes, panels):
     for i, (name, pts) in enumerate(sorted(by.items(), key=lambda kv: (kv[0] != 'dense', kv[0]))):
       pts.sort(key=lambda p: p[0])
       x = [p[1][field] / scale for p in pts]
       y = [p[1]['accuracy']['all'] for p in pts]
-      style = dict(marker='*', markersize=12, linestyle='none') if name == 'dense' else dict(
-          marker=markers[i % len(markers)], markersize=5)
+      style = dict(marker='*', markersize=12, linestyle='none', color='black') if name == 'dense' else dict(
+          marker=markers[i % len(markers)], markersize=5, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2])
       ax.plot(x, y, label=name, **style)
       if field == 'prefill_flops' and name == 'dynamic':
         for b, xx, yy in zip([p[0] for p in pts], x, y):
@@ -147,7 +148,7 @@ def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
   axes[0].set_ylabel('exact match (all test questions)', fontsize=9)
-  axes[1].legend(fontsize=8, loc='lower right')
+  axes[1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.02, 0.5))
   fig.suptitle(title, fontsize=10)
   return _save(fig, path, dpi=90)
 

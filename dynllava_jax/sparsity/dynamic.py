@@ -5,7 +5,10 @@ log-probability log_softmax(logits)[..., 0] and the engine keeps the top k = ⌊
 "TopkArgmax", `topk=True`), or, with `topk=False` (the main text's plain argmax), the engine's threshold mode
 keeps every image token with logit0 > logit1 (the score is then the margin logit0 − logit1).
 Generated text: the output-text predictor on a token's hidden state entering `sparse_layer` keeps it iff
-logit0 > logit1 (no rate control), for every layer from `sparse_layer` on.
+logit0 > logit1 (no rate control), for every layer from `sparse_layer` on. `text_margin=θ` (an option, not
+the released rule; default 0 = the released rule exactly) keeps it iff logit0 − logit1 > θ instead: a
+threshold calibrated on held-out answers so that the kept fraction matches the trained rate r_OT when the
+predictor's margins are not bimodal (scripts/demo.py's `dynamic_cal` rows).
 """
 import jax
 import jax.numpy as jnp
@@ -31,8 +34,9 @@ def gather_image_tokens(h, image_mask, n):
 class DynamicSparsifier(Sparsifier):
   """image / text switch the two predictors; topk picks TopkArgmax (True) or plain argmax (False)."""
 
-  def __init__(self, image=True, text=True, topk=True, keep_ratio=0.2, sparse_layer=None):
+  def __init__(self, image=True, text=True, topk=True, keep_ratio=0.2, sparse_layer=None, text_margin=0.0):
     self.image, self.text, self.topk = bool(image), bool(text), bool(topk)
+    self.text_margin = float(text_margin)
     self.keep_ratio = float(keep_ratio)
     self.sparse_layer = sparse_layer   # None = model_cfg.sparse.sparse_layer
     self.name = 'dynamic' if (self.image and self.text) else ('dynamic_image' if self.image else 'dynamic_text')
@@ -77,7 +81,9 @@ class DynamicSparsifier(Sparsifier):
     if not self.text:
       return None
     logits = ctx.model.output_text_score_predictor(ctx.h_new)
-    return logits[..., 0] > logits[..., 1]
+    if self.text_margin == 0.0:
+      return logits[..., 0] > logits[..., 1]
+    return logits[..., 0] - logits[..., 1] > self.text_margin
 
   def scoring_flops(self, model_cfg, t, n, batch=1):
     """The image predictor on n image tokens (down, blocks, head)."""
@@ -89,4 +95,4 @@ class DynamicSparsifier(Sparsifier):
 
   def describe(self):
     return {'method': self.name, 'image': self.image, 'text': self.text, 'topk': self.topk,
-            'keep_ratio': self.keep_ratio, 'sparse_layer': self.sparse_layer}
+            'keep_ratio': self.keep_ratio, 'sparse_layer': self.sparse_layer, 'text_margin': self.text_margin}
