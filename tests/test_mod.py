@@ -248,6 +248,7 @@ def test_engine_equals_masked_forward_and_mod_caches_hold_routed_tokens(setup):
   for c in caches:
     np.testing.assert_array_equal(np.asarray(c.length), (routed if c.start in (1, 3) else n_real) + fed)
   assert C.used_bytes(caches[1:2]) == C.bytes_per_token(caches[1]) * int((routed + fed).sum())
+  np.testing.assert_array_equal(out.kept_image_ratio, 1.0)      # routed past, never dropped
   with pytest.raises(UserError, match='MoD'):
     prefill(model, cfg, _Drop(), ids[1:2], pix[1:2, 0], mask[1:2])     # one image: reaches the engine
 

@@ -146,6 +146,16 @@ def _grown(state, bucket):
   return tuple(caps)
 
 
+def _last_dropping_segment(model, segments):
+  """The last segment that is not an MoD layer: an MoD layer routes image tokens past it and drops none,
+  so the image tokens the model still holds are those of the last other segment (the last one when every
+  layer is MoD)."""
+  from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model import plan as P  # pylint: disable=g-import-not-at-top
+  mod_layers = set(P.kind_layers(model.language_model.plan, M.KIND))
+  return next((s for s in reversed(segments) if s.start not in mod_layers), segments[-1])
+
+
 def _ratios(seg_image, n_img, keep, lengths):
   kept_img = np.asarray(seg_image).sum(-1)
   img_ratio = np.where(n_img > 0, kept_img / np.maximum(n_img, 1), 1.0)
@@ -242,7 +252,8 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     _, txt_ratio = _ratios(np.zeros((b, 1), bool), np.zeros(b), state.keep, state.lengths)
     img_ratio = ext.kept_image_ratio
   else:
-    img_ratio, txt_ratio = _ratios(out.segments[-1].image, req.n_img, state.keep, state.lengths)
+    img_ratio, txt_ratio = _ratios(_last_dropping_segment(model, out.segments).image, req.n_img, state.keep,
+                                   state.lengths)
   return GenerateOutput(
       tokens=tokens, lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,
       kept_text_ratio=txt_ratio, kv_cache_bytes_prefill=bytes_prefill,

@@ -10,7 +10,7 @@ class GenerateOutput:
   """Host (numpy) results of one `generate` call.
 
   tokens (B, M) int32, pad_token_id after each sample's end; lengths (B,) generated tokens incl. EOS;
-  kept_image_ratio (B,) image tokens present in the last segment / the sample's image tokens (1.0 for
+  kept_image_ratio (B,) image tokens present in the last non-MoD segment / the sample's image tokens (1.0 for
   text-only samples); kept_text_ratio (B,) fraction of the fed generated tokens the method kept at its text
   layer (1.0 when none was fed); text_keep (B, M) bool decision for generated token j (True where no
   decision was made); kv_cache_bytes_prefill / _final: K/V bytes holding tokens after prefill / at the end
