@@ -146,14 +146,10 @@ def _grown(state, bucket):
   return tuple(caps)
 
 
-def _last_dropping_segment(model, segments):
-  """The last segment that is not an MoD layer: an MoD layer routes image tokens past it and drops none,
-  so the image tokens the model still holds are those of the last other segment (the last one when every
-  layer is MoD)."""
-  from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.model import plan as P  # pylint: disable=g-import-not-at-top
-  mod_layers = set(P.kind_layers(model.language_model.plan, M.KIND))
-  return next((s for s in reversed(segments) if s.start not in mod_layers), segments[-1])
+def _last_kept_segment(segments):
+  """The last segment that is not an MoD layer (`Segment.routes`: it routes image tokens past itself and
+  drops none): its image tokens are those the model still holds (the last segment when every one routes)."""
+  return next((s for s in reversed(segments) if not s.routes), segments[-1])
 
 
 def _ratios(seg_image, n_img, keep, lengths):
@@ -252,7 +248,7 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
     _, txt_ratio = _ratios(np.zeros((b, 1), bool), np.zeros(b), state.keep, state.lengths)
     img_ratio = ext.kept_image_ratio
   else:
-    img_ratio, txt_ratio = _ratios(_last_dropping_segment(model, out.segments).image, req.n_img, state.keep,
+    img_ratio, txt_ratio = _ratios(_last_kept_segment(out.segments).image, req.n_img, state.keep,
                                    state.lengths)
   return GenerateOutput(
       tokens=tokens, lengths=np.asarray(state.lengths), kept_image_ratio=img_ratio,

@@ -54,6 +54,8 @@ class Segment:
   stop: int = struct.field(pytree_node=False)
   next_pos: Any = None    # (B,) RoPE position of the next token when the segment's last slot is not the
                           # prompt's last token (an MoD layer skipped it); None: positions[count - 1] + 1
+  routes: bool = struct.field(pytree_node=False, default=False)   # an MoD layer: image tokens routed past
+                                                                  # it, none dropped for good
 
 
 @struct.dataclass
@@ -137,7 +139,8 @@ def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mas
     hr = M.mix(hr, out, w, weighted, rvalid)
     h = h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)      # idx is a permutation: skipped slots get h
   kv = (k[None], v[None]) if return_kv else None
-  seg = Segment(kv, rcount, pr, _take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1)
+  seg = Segment(kv, rcount, pr, _take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1,
+                routes=True)
   return h, seg
 
 
