@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# The benchmarks quoted in docs/benchmarks.md (not tests; about an hour on 2 CPU cores). JSON files go to
+# The benchmarks quoted in docs/ (not tests; about two hours on 2 CPU cores). JSON files go to
 # $(BENCH_OUT); `make bench BENCH_OUT=benchmarks/results` refreshes the committed ones.
 BENCH_OUT ?= runs/bench
 bench: $(STAMP)
@@ -45,6 +45,11 @@ bench: $(STAMP)
 	$(VPY) benchmarks/cpu_kernels.py --json $(BENCH_OUT)/cpu_kernels.json
 	$(VPY) benchmarks/train_step.py --batches 1 --runs 3 --no_memory --json $(BENCH_OUT)/train_step_b1.json
 	$(VPY) benchmarks/mqt_prefill.py --runs 5 --json $(BENCH_OUT)/mqt_prefill.json
+	$(VPY) benchmarks/prune_prefill.py --size bench --runs 7 --json $(BENCH_OUT)/prune_prefill.json
+	$(VPY) benchmarks/region_step.py --size bench --steps 5 --json $(BENCH_OUT)/region_step_bench_timed.json
+	$(VPY) benchmarks/mod_step.py --size bench --frames 8 --image_size 168 --runs 3 --json $(BENCH_OUT)/mod_step_bench_8x144.json
+	$(VPY) benchmarks/serve_throughput.py --size bench --requests 16 --clients 8 --max_tokens 8 --repeats 3 \
+	    --json $(BENCH_OUT)/serve_throughput_bench.json
 	$(VPY) benchmarks/summarize.py $(BENCH_OUT)/*.json
 
 lock: $(STAMP)

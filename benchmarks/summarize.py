@@ -34,13 +34,16 @@ def fmt(k, v):
 def table(path):
   with open(path) as f:
     d = json.load(f)
+  rows = d.get('results', d.get('rows', []))
   kind = next((k for k in COLS if k in path), 'default')
   cols = COLS[kind]
+  if kind == 'default' and rows and len(set(cols) & set(rows[0])) < len(cols) // 2:   # another script: its fields
+    cols = [k for k, v in rows[0].items() if not isinstance(v, (list, dict))]
   meta = d.get('meta', {})
   lines = [f'`{path}` (jax {meta.get("jax")}, {meta.get("cpu_count")} CPUs, load avg '
            f'{meta.get("loadavg_1_5_15min_at_end", "n/a")}, args {meta.get("args")})', '',
            '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  for r in d['results']:
+  for r in rows:
     lines.append('| ' + ' | '.join(fmt(c, r.get(c)) for c in cols) + ' |')
   return '\n'.join(lines)
 
