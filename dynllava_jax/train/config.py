@@ -151,7 +151,7 @@ def check_config(config, num_devices):
                      f'each divisible by the data axes data*fsdp={data_par}')
 
 
-DATASETS = ('digits_vqa', 'llava_instruct')
+DATASETS = ('digits_vqa', 'digits_video', 'llava_instruct')
 
 
 def check_data_config(config):

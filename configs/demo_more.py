@@ -1,0 +1,75 @@
+"""The sibling methods' demo stages (`make demo-more`, scripts/demo_more.py): one config per stage.
+
+    configs/demo_more.py:stage=mqt_align        MQT projector (M = 64 queries) only, m = M, from stage 0
+    configs/demo_more.py:stage=mqt_instruct     MQT: projector + LLM, m ~ U{2, 4, ..., M}, from mqt_align
+    configs/demo_more.py:stage=mod_instruct     VideoLLM-MoD (r = 0.2, layers 1, 3) on the images, from stage 1
+    configs/demo_more.py:stage=video_instruct   dense LLaVA on digits_video (4 frames), from stage 1
+    configs/demo_more.py:stage=mod_video        VideoLLM-MoD on digits_video, from stage 1
+    configs/demo_more.py:stage=region_full      visual region (layer 3 of 4) fully tuned, from stage 1
+    configs/demo_more.py:stage=region_lora      visual region with LoRA r 16 (alpha 32), from stage 1
+    configs/demo_more.py:stage=<name>,smoke=True   2 steps, small data (the tests)
+
+Every stage is derived from `configs/demo.py`'s stage 1 (the align stages) or stage 2 (the instruct stages):
+the demo's geometry, data mix, steps and learning rate come from there, so a change to those stages'
+recipe reaches these stages (and their cache hashes) without an edit here. What each adds is the method's
+own setting. The video stages read `digits_video` (the demo's canvas and 2x2 grid, 4 frames per sample) with
+its own tokenizer: the data pipeline reads one dataset per run and the two datasets' word tokenizers number
+their words differently, so one model cannot train on both in one stage here (docs/demo.md, "make
+demo-more"); MoD's image rows come from `mod_instruct`, its video rows from `mod_video`, the dense video
+comparator from `video_instruct`.
+"""
+import ml_collections
+
+from configs import common
+from configs import demo
+
+# name -> (index: the stage dir is <workdir>/stage<index>_<name>, configs/demo.py stage it derives from,
+#          the upstream stage whose params are train.init_from: an int = configs/demo.py's, a str = ours)
+STAGES = {
+    'mqt_align': (4, 1, 0),
+    'mqt_instruct': (5, 2, 'mqt_align'),
+    'mod_instruct': (6, 2, 1),
+    'video_instruct': (7, 2, 1),
+    'mod_video': (8, 2, 1),
+    'region_full': (9, 2, 1),
+    'region_lora': (10, 2, 1),
+}
+MQT_QUERIES = 64      # M: one query per patch of the 8x8 grid (the dense model's N), so m = M is dense's count
+VIDEO_FRAMES = 4      # digits_video frames per sample (data.max_frames; the builder draws min(4, F)..F)
+LORA_RANK = 16        # the release's alpha / r = 2 (r 128, alpha 256) at the tiny width 128
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, stage='mqt_instruct', smoke=False)
+  if arg.stage not in STAGES:
+    raise ValueError(f'configs/demo_more.py: stage={arg.stage} unknown; use one of {tuple(STAGES)}')
+  index, base, upstream = STAGES[arg.stage]
+  c = demo.get_config(f'stage={base},smoke={arg.smoke}')
+  m, t = c.model, c.train
+  if arg.stage.startswith('mqt'):
+    m.projector = 'mqt'
+    m.mqt.queries = MQT_QUERIES
+    m.mqt.sample_m = arg.stage == 'mqt_instruct'
+    t.freeze_projector = False
+    # stage 1 trains the sin-cos position table too; stage 2 keeps it frozen (the release)
+    t.frozen = '^projector/pos_embed$' if arg.stage == 'mqt_instruct' else ''
+  if arg.stage.startswith('mod'):
+    m.mod.layers = 'interleave'     # layers 1, 3 of 4
+    m.mod.r = 0.2
+    m.mod.routing = 'learned'
+  if arg.stage in ('video_instruct', 'mod_video'):
+    d = c.data
+    d.name = 'digits_video'
+    d.max_frames = VIDEO_FRAMES
+    # 4 frames x 64 tokens + the question: ~280 tokens (buckets 96 / 192 / 384)
+    d.max_len = 384
+    c.eval.prefill_bucket = 384
+    if arg.smoke:
+      d.max_len = 320
+  if arg.stage.startswith('region'):
+    m.region = 'auto'               # ceil(4 / 4) = 1 layer: layer 3
+    m.region_train = 'full' if arg.stage == 'region_full' else f'lora{LORA_RANK}'
+    m.lora.alpha = 2.0 * LORA_RANK
+  c.stage = ml_collections.ConfigDict({'index': index, 'name': arg.stage})
+  c.upstream = upstream if isinstance(upstream, str) else f'stage{upstream}'
+  return c
