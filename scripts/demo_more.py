@@ -93,10 +93,12 @@ def main():
   from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
 
   def load(name, **mod):
-    c = configs[name]
-    if mod:
-      c = c.copy_and_resolve_references()
-      c.model.mod.update(mod)
+    # train.init_from as in training (a cached stage was not run): a region run's checkpoint leaves its
+    # frozen params out and the load rebuilds them from there
+    c = configs[name].copy_and_resolve_references()
+    up = c.get('upstream') or f'stage{c.stage.index - 1}'
+    c.train.init_from = os.path.abspath(os.path.join(infos[up]['dir'], 'params'))
+    c.model.mod.update(mod)
     return load_model(c, infos[name]['dir'], report_fn=lambda m: None)[0], c
 
   models = {2: load('stage2'), 3: load('stage3')}
@@ -152,8 +154,8 @@ def main():
       parts = {'image': part(load('mod_instruct', routing=routing), 'dense', ordered, tok),
                'video': part(load('mod_video', routing=routing), 'dense', video, vtok)}
       rows[res.key(name, more.MOD_R)] = more.merged_row(name, more.MOD_R, parts)
-    parts = {'image': part(models[2], 'drop_equal_flops', ordered, tok, overrides=drop),
-             'video': part(dense_video, 'drop_equal_flops', video, vtok, overrides=drop)}
+    # images only: the engine refuses a per-image drop budget on multi-frame prompts (decode/prefill.py)
+    parts = {'image': part(models[2], 'drop_equal_flops', ordered, tok, overrides=drop)}
     rows[res.key('drop_equal_flops', more.MOD_R)] = more.merged_row('drop_equal_flops', more.MOD_R, parts)
     parts = {'image': part(models[2], 'dense', ordered, tok),
              'video': part(dense_video, 'dense', video, vtok)}
