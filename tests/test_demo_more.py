@@ -1,0 +1,148 @@
+"""`make demo-more` (configs/demo_more.py, scripts/demo_more.py, dynllava_jax/demo/more.py): each stage is
+configs/demo.py's stage plus its method's settings only (so the lead's recipe changes reach it, hash
+included), the riskiest stage (MoD on digits_video through train.py) trains 2 steps, the merged rows and
+the new summary keys follow the documented schema.
+
+The whole pipeline (every stage 2 steps, every row on 6 samples) is `scripts/demo_more.py --smoke`
+(~8 min of CPU on the 2-core VM: too slow for `make test`); set DEMO_MORE_SMOKE=1 to run it here."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import demo
+from configs import demo_more
+from dynllava_jax.demo import more
+from dynllava_jax.demo import results as res
+from dynllava_jax.demo import stages as stg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# what each stage may change of the configs/demo.py stage it derives from (besides stage / upstream)
+ALLOWED = {
+    'mqt': {'model.projector', 'model.mqt.queries', 'model.mqt.sample_m', 'train.frozen',
+            'train.freeze_projector'},
+    'mod': {'model.mod.layers', 'model.mod.r', 'model.mod.routing'},
+    'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket'},
+    'region': {'model.region', 'model.region_train', 'model.lora.alpha'},
+}
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+@pytest.mark.parametrize('name', list(demo_more.STAGES))
+def test_stage_is_the_demo_stage_plus_its_method(name):
+  from dynllava_jax.train.config import check_config
+  index, base, upstream = demo_more.STAGES[name]
+  c = demo_more.get_config(f'stage={name}')
+  b = _flat(demo.get_config(f'stage={base}').to_dict())
+  f = _flat(c.to_dict())
+  changed = {k for k in set(b) | set(f) if b.get(k, '<absent>') != f.get(k, '<absent>')}
+  allowed = {'stage.index', 'stage.name', 'upstream'}
+  for fam in ALLOWED:
+    if fam in name or (fam == 'video' and name == 'mod_video'):
+      allowed |= ALLOWED[fam]
+  assert changed <= allowed, sorted(changed - allowed)
+  assert c.train.steps == b['train.steps'] and c.train.lr == b['train.lr']     # the base stage's recipe
+  check_config(c, 1)                                                           # train.py would accept it
+  assert c.stage.index == index and stg.stage_dir('/w', c) == f'/w/stage{index}_{name}'
+  assert c.upstream == (upstream if isinstance(upstream, str) else f'stage{upstream}')
+  if name.startswith('mqt'):
+    from dynllava_jax.model.projector import num_visual_tokens
+    assert num_visual_tokens(c.model) == 64 == c.model.mqt.queries            # M = the dense model's N
+  if name.startswith('region'):
+    from dynllava_jax.tools.prune import region_of
+    assert tuple(region_of(c.model)) == (3,)                                   # a quarter of the 4 layers
+
+
+def test_demo_recipe_changes_reach_the_stages(monkeypatch):
+  """A change to configs/demo.py's stage 2 changes every derived stage's config and cache hash."""
+  before = {n: stg.stage_hash(demo_more.get_config(f'stage={n}'), 'up') for n in demo_more.STAGES}
+  real = demo.get_config
+
+  def changed(arg=None):
+    c = real(arg)
+    if c.stage.index == 2:
+      c.train.lr = 5e-4
+    return c
+  monkeypatch.setattr(demo, 'get_config', changed)
+  for n, (_, base, _) in demo_more.STAGES.items():
+    c = demo_more.get_config(f'stage={n}')
+    assert (c.train.lr == 5e-4) == (base == 2)
+    assert (stg.stage_hash(c, 'up') != before[n]) == (base == 2), n
+
+
+def _part(types, acc, n, flops, kv):
+  by = {t: a for t, a in zip(types, acc)}
+  by['all'] = float(np.mean(acc))
+  return {'accuracy_by_type': by, 'token_accuracy_by_type': dict(by), 'kv_cache_bytes_by_type': dict(by),
+          'num_samples': n, 'kept_image_ratio': 1.0, 'kept_text_ratio': 1.0, 'prefill_flops_analytic': flops,
+          'kv_cache_bytes': kv}
+
+
+def test_merged_rows_and_the_new_summary_keys():
+  assert more.matched_budgets(64) == (2 / 64, 4 / 64, 8 / 64, 16 / 64, 32 / 64)
+  img = _part(['count', 'digit_at'], [1.0, 0.5], 30, 100.0, 10.0)
+  vid = _part(['changed', 'narrate'], [0.0, 0.5], 10, 300.0, 50.0)
+  row = more.merged_row('mod', 0.2, {'image': img, 'video': vid})
+  assert row['key'] == 'mod@0.2' and row['num_samples'] == 40
+  assert set(row['accuracy_by_type']) == {'count', 'digit_at', 'changed', 'narrate', 'all'}
+  assert np.isclose(row['accuracy_by_type']['all'], 0.75 * 0.75 + 0.25 * 0.25)   # sample-weighted
+  assert np.isclose(row['prefill_flops_analytic'], 150.0) and np.isclose(row['kv_cache_bytes'], 20.0)
+  with pytest.raises(ValueError, match='two parts'):
+    more.merged_row('mod', 0.2, {'image': img, 'video': img})
+  rows = {'dense@1.0': {**img, 'method': 'dense'}, 'dynamic@0.2': {**img, 'method': 'dynamic'},
+          'mqt@16': {**img, 'method': 'mqt'}, 'visionzip@0.03125': {**img, 'method': 'visionzip'},
+          'mod@0.2': row, 'dense_mod@1.0': more.merged_row('dense_mod', 1.0, {'image': img, 'video': vid}),
+          'drop_equal_flops@0.2': more.merged_row('drop_equal_flops', 0.2, {'image': img}),
+          'region_full': {**img, 'method': 'region_full'}, 'region_lora': {**img, 'method': 'region_lora'}}
+  summary = res.check_summary(res.make_summary(rows, {'count': 0.3, 'changed': 0.1}, 40, 1.0))
+  assert summary['methods']['mod@0.2']['accuracy']['changed'] == 0.0
+  plot = more.plot_entries(summary['methods'], rows)
+  assert 'region_full@1.0' in plot and 'region_full' not in plot
+  assert plot['mod@0.2']['accuracy'] == img['accuracy_by_type'] and plot['mod@0.2']['prefill_flops'] == 100.0
+
+
+def test_mod_video_stage_trains_two_steps(tmp_path):
+  """The MoD stage on digits_video (4 frames) through the demo's stage runner body (`loop.train`), 2 steps
+  from a fresh init: the frames reach training, the params are exported for evaluation."""
+  c = demo_more.get_config('stage=mod_video,smoke=True')
+  c.data.data_dir = str(tmp_path / 'tfds')
+  c.data.digits.num_train, c.data.digits.num_val, c.data.digits.num_test = 16, 4, 4
+  c.train.eval_every = 0
+  c.model.llm.layers, c.model.vision.depth, c.data.batch_size = 2, 1, 2     # a cheaper compile: MoD layer 1
+  path = str(tmp_path / 'mod_video')
+  out = stg._train_llava_stage(c, path, report=lambda m: None)   # pylint: disable=protected-access
+  assert out['step'] == 2 and np.isfinite(out['last']['loss'])
+  assert os.path.isdir(os.path.join(path, 'params'))
+
+
+@pytest.mark.skipif(not os.environ.get('DEMO_MORE_SMOKE'), reason='~8 min CPU; set DEMO_MORE_SMOKE=1')
+def test_demo_more_smoke_end_to_end(tmp_path):
+  w = tmp_path / 'demo'
+  cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo_more.py'), '--workdir', str(w), '--smoke',
+         '--test_limit', '6', '--eval_batch', '6', '--set', f'data.data_dir={tmp_path / "tfds"}']
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  for name in demo_more.STAGES:
+    info = stg.read_state(stg.stage_dir(str(w), demo_more.get_config(f'stage={name},smoke=True')))
+    assert info['done'] and info['result']['step'] == 2
+  m = res.check_summary(json.loads((w / 'summary.json').read_text()))['methods']
+  want = {f'mqt@{k}' for k in more.MQT_COUNTS} | {'mod@0.2', 'mod_random@0.2', 'mod_uniform@0.2',
+                                                   'drop_equal_flops@0.2', 'dense_mod@1.0', *more.REGION_KEYS}
+  want |= {res.key(x, r) for x in more.MATCHED_METHODS for r in more.matched_budgets(64)}
+  assert want <= set(m)
+  assert {'changed', 'count', 'digit_at'} <= set(m['mod@0.2']['accuracy'])
+  assert m['mqt@2']['prefill_flops'] < m['mqt@64']['prefill_flops']
