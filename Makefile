@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell $(PY) -c 'import sys; print("-c constraints-py311.txt" if
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test lock clean bench
+.PHONY: setup demo demo-more test lock clean bench
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): requirements.txt requirements-test.txt constraints-py311.txt
 
 demo: $(STAMP)
 	$(VPY) scripts/demo.py --workdir $(WORKDIR)
+
+# The sibling methods' stages and rows (MQT, MoD, visual region) in the same workdir (docs/demo.md).
+demo-more: $(STAMP)
+	$(VPY) scripts/demo_more.py --workdir $(WORKDIR)
 
 # pytest exits 5 when nothing was collected: that is a failure here, not a pass.
 test: $(STAMP)

@@ -38,6 +38,12 @@ def _sets_for(items, name, index):
   return out
 
 
+def _fail(msg):
+  """Bad input: one line on stderr, exit 2."""
+  print(msg, file=sys.stderr)
+  sys.exit(2)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
@@ -62,7 +68,12 @@ def main():
 
   families = [m.strip() for m in args.methods.split(',') if m.strip()]
   if not families or any(f not in more.FAMILIES for f in families):
-    raise SystemExit(f'--methods {args.methods!r}: use a comma-separated subset of {tuple(more.FAMILIES)}')
+    _fail(f'--methods {args.methods!r}: use a comma-separated subset of {tuple(more.FAMILIES)}')
+  names = {f'stage{k}' for k in demo_cfg.STAGES} | set(more_cfg.STAGES)
+  for item in args.set:
+    target, sep, _ = item.partition(':')
+    if sep and '=' not in target and target not in names and not target.startswith('stage'):
+      _fail(f'--set {item}: stage {target!r} unknown; use stageK or one of {tuple(more_cfg.STAGES)}')
   configs, infos = {}, {}
   try:
     up = None
