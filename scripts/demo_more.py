@@ -13,8 +13,8 @@ all from stage 1 with stage 2's recipe unless said. Then the rows (dynllava_jax/
 image-token methods at the MQT counts (`<method>@<m/64>`, unless --no_matched), mod@0.2, mod_random@0.2,
 mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, region_full, region_lora. They are merged into
 <workdir>/summary.json, results.json, results.md and tradeoff.png beside `make demo`'s rows (kept when
-their test_samples match this run's; else dense@1.0 and dynamic@0.2 are evaluated here and the old rows
-are left out).
+they answered as many test samples with the same stages 0-3; else dense@1.0 and dynamic@0.2 are evaluated
+here and the old rows are left out).
 """
 import argparse
 import json
@@ -129,11 +129,15 @@ def main():
       old_json = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
     pass
-  if old_summary and old_summary.get('test_samples') == len(samples) and old_json.get('rows'):
+  base_stages = {str(k): infos[f'stage{k}'] for k in demo_cfg.STAGES}
+  same_models = ({k: v.get('hash') for k, v in (old_json.get('stages') or {}).items()} ==
+                 {k: v['hash'] for k, v in base_stages.items()})
+  if old_summary and old_summary.get('test_samples') == len(samples) and old_json.get('rows') and same_models:
     old_rows = old_json['rows']
   elif old_summary:
-    print(f'{args.workdir}/summary.json answered {old_summary.get("test_samples")} test samples, this run '
-          f'{len(samples)}: its rows are left out', flush=True)
+    print(f'{args.workdir}/summary.json answered {old_summary.get("test_samples")} test samples (this run '
+          f'{len(samples)}) with stages 0-3 ' + ('as now' if same_models else 'that changed since') +
+          ': its rows are left out', flush=True)
   rows = {}
   base = [m for m in ('dense', 'dynamic') if res.key(m, 1.0 if m == 'dense' else 0.2) not in old_rows]
   if base:
@@ -195,7 +199,7 @@ def main():
   with open(os.path.join(args.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   from demo import _json_default  # pylint: disable=g-import-not-at-top
-  out = {**(old_json if old_rows else {}), 'rows': all_rows, 'majority': majority}
+  out = {**(old_json if old_rows else {}), 'rows': all_rows, 'majority': majority, 'stages': base_stages}
   out['more'] = {'stages': {k: infos[k] for k in infos if not k.startswith('stage')}, 'wall_s': wall,
                  'eval_wall_s': wall - t_train, 'families': families}
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
