@@ -136,7 +136,7 @@ def main():
     old_rows = old_json['rows']
   elif old_summary:
     print(f'{args.workdir}/summary.json answered {old_summary.get("test_samples")} test samples (this run '
-          f'{len(samples)}) with stages 0-3 ' + ('as now' if same_models else 'that changed since') +
+          f'{len(samples)}) with stages 0-3 ' + ('as now' if same_models else 'not recorded as the current ones') +
           ': its rows are left out', flush=True)
   rows = {}
   base = [m for m in ('dense', 'dynamic') if res.key(m, 1.0 if m == 'dense' else 0.2) not in old_rows]
