@@ -77,10 +77,14 @@ class DynamicSparsifier(Sparsifier):
     out = jnp.zeros(ctx.h.shape[:2], jnp.float32)
     return out.at[jnp.arange(b)[:, None], jnp.where(present, idx, ctx.h.shape[1])].set(s, mode='drop')
 
+  def text_logits(self, ctx: TextContext):
+    """The output-text predictor's logits (B, S, 2) (index 0 = keep), or None without the text rule."""
+    return ctx.model.output_text_score_predictor(ctx.h_new) if self.text else None
+
   def text_keep(self, ctx: TextContext):
-    if not self.text:
+    logits = self.text_logits(ctx)
+    if logits is None:
       return None
-    logits = ctx.model.output_text_score_predictor(ctx.h_new)
     if self.text_margin == 0.0:
       return logits[..., 0] > logits[..., 1]
     return logits[..., 0] - logits[..., 1] > self.text_margin
