@@ -13,6 +13,7 @@ predictor's margins are not bimodal (scripts/demo.py's `dynamic_cal` rows).
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.model.mod import compact
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, image_count, keep_budget
 
 
@@ -22,12 +23,8 @@ def gather_image_tokens(h, image_mask, n):
   h (B, T, H), image_mask (B, T) bool -> (h_img (B, n, H), idx (B, n) int32 into T, present (B, n) bool).
   Samples with fewer flagged tokens get present=False in the tail (their idx point at other tokens).
   """
-  b, t = image_mask.shape
-  idx = jnp.argsort(~image_mask, axis=-1, stable=True).astype(jnp.int32)
-  if n > t:    # a short (text-only) sequence: pad with repeats of the last slot, marked absent
-    idx = jnp.concatenate([idx, jnp.full((b, n - t), t - 1, jnp.int32)], axis=1)
-  idx = idx[:, :n]
-  present = jnp.take_along_axis(image_mask, idx, axis=1) & (jnp.arange(n) < t)[None, :]
+  idx, _, _ = compact(image_mask, n)     # n > T (a short text-only sequence): repeats of the last slot
+  present = jnp.take_along_axis(image_mask, idx, axis=1) & (jnp.arange(n) < image_mask.shape[1])[None, :]
   return jnp.take_along_axis(h, idx[..., None], axis=1), idx, present
 
 
