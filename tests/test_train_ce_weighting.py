@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import sparse_config
 from dynllava_jax.train import forward as F
 
 
@@ -22,16 +21,16 @@ def _out_and_batch(v=8):
 
 def test_token_and_sample_weighting_hand_computed():
   out, batch, v = _out_and_batch()
-  sums = F.loss_sums(out, batch, sparse_config())
+  sums = F.loss_sums(out, batch)
   n_tok = jnp.asarray(4.0)
-  token, _ = F.combine(sums, n_tok, 2.0, 100.0, 'token')
-  sample, _ = F.combine(sums, n_tok, 2.0, 100.0, 'sample')
+  token, _ = F.combine(sums, n_tok, 2.0, (), 'token')
+  sample, _ = F.combine(sums, n_tok, 2.0, (), 'sample')
   np.testing.assert_allclose(float(token), np.log(v) / 4, rtol=1e-5)
   np.testing.assert_allclose(float(sample), np.log(v) / 2, rtol=1e-5)
 
 
 def test_unknown_weighting_is_one_clear_error():
   out, batch, _ = _out_and_batch()
-  sums = F.loss_sums(out, batch, sparse_config())
+  sums = F.loss_sums(out, batch)
   with pytest.raises(ValueError, match='ce_weighting'):
-    F.combine(sums, jnp.asarray(4.0), 2.0, 100.0, 'tokens')
+    F.combine(sums, jnp.asarray(4.0), 2.0, (), 'tokens')

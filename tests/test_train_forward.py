@@ -9,6 +9,8 @@ from flax import nnx
 from configs.dynllava import get_config
 from dynllava_jax.model.attention import NEG_INF, masked_softmax
 from dynllava_jax.model.llava import Llava
+from dynllava_jax.sparsity import dynamic_train as DT
+from dynllava_jax.sparsity.registry import train_hooks
 from dynllava_jax.train import forward as F
 from dynllava_jax.train import optim
 
@@ -122,7 +124,7 @@ def test_text_only_and_short_answers_keep_everything_without_nan():
   keep = np.asarray(out['keep'])
   assert keep[1].min() == 1.0                      # text-only: every key kept
   assert np.asarray(out['ot_qual']).tolist() == [True, False]
-  s = F.loss_sums(out, batch, c.model.sparse)
+  s = F.loss_sums(out, batch, train_hooks(c.model))
   assert all(np.isfinite(float(v)) for v in s.values())
   assert float(s['n_image']) == 1.0 and float(s['n_answer']) == 1.0
 
@@ -139,8 +141,8 @@ def test_gradients_reach_predictors_and_not_the_frozen_tower():
   def grads(p):
     def loss(p, ce_only):
       out = F.train_forward(nnx.merge(graphdef, frozen, p), batch, tau=0.5, noise=noise)
-      s = F.loss_sums(out, batch, sc)
-      total = F.combine(s, s['n_tokens'], 1.0, sc.lambda_ratio)[0]
+      s = F.loss_sums(out, batch, train_hooks(c.model))
+      total = F.combine(s, s['n_tokens'], 1.0, train_hooks(c.model))[0]
       return (s['ce_sum'] if ce_only else total), out['m_img']
     (_, m_img), g = jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(p)
     g_ce = jax.grad(lambda p: loss(p, True)[0])(p)['image_score_predictor']
@@ -164,22 +166,22 @@ def test_loss_terms_equal_hand_computed_example():
                      [[3., 0.], [0., 0.], [0., 0.], [0., 0.]]])
   # argmax of log_softmax + noise: sample 0 -> keep, drop, drop (tie broken by noise), keep;
   # sample 1 -> keep (noise 3 > 1), drop, drop, drop.
-  m_img = F.gumbel_keep(logits, 0.5, noise)
+  m_img = DT.gumbel_keep(logits, 0.5, noise)
   np.testing.assert_array_equal(np.asarray(m_img), [[1, 0, 0, 1], [1, 0, 0, 0]])
   # evaluation's top-k (k = 2): keep log-probs of sample 0 rank tokens 0 > 3 > 2 > 1
-  np.testing.assert_array_equal(np.asarray(F.topk_keep(logits[:1], 2)), [[1, 0, 0, 1]])
+  np.testing.assert_array_equal(np.asarray(DT.topk_keep(logits[:1], 2)), [[1, 0, 0, 1]])
   # output-text: sample 0 qualifies with a 4-token span, 1 kept; sample 1 does not qualify (own mean).
   t = 6
   m_ot = jnp.array([[1., 1., 0., 0., 0., 1.], [1., 1., 1., 1., 1., 1.]])
   out = {'m_img': m_img, 'm_ot': m_ot,
-         'ot_span': F.span_mask(jnp.array([2, 1]), jnp.array([6, 3]), t),
+         'ot_span': DT.span_mask(jnp.array([2, 1]), jnp.array([6, 3]), t),
          'ot_qual': jnp.array([True, False])}
   batch = {'has_image': jnp.array([True, False])}
 
   class SC:
-    image_keep_ratio, text_keep_ratio, instruct_keep_ratio = 0.2, 0.5, 0.7
+    image_keep_ratio, text_keep_ratio, instruct_keep_ratio, lambda_ratio = 0.2, 0.5, 0.7, 100.0
 
-  s = F.ratio_sums(out, batch, SC)
+  s = DT.ratio_sums(out, batch, SC)
   # image: only sample 0 has an image: (0.2 − 2/4)² = 0.09; sample 1 contributes 0 but counts in B = 2.
   # answer: sample 0: span [2, 6) holds 0, 0, 0, 1 -> mean 0.25, (0.5 − 0.25)² = 0.0625; sample 1: 0.
   np.testing.assert_allclose(float(s['reg_image']), 0.09, rtol=1e-6)
@@ -191,16 +193,19 @@ def test_loss_terms_equal_hand_computed_example():
   ce, n, _, _ = F.ce_sums(lg, labels)
   np.testing.assert_allclose(float(ce), -np.log(0.75), rtol=1e-6)
   sums = {**s, 'ce_sum': ce, 'n_tokens': n.astype(jnp.float32)}
-  loss, terms = F.combine(sums, n.astype(jnp.float32), 2.0, 100.0)
+  class MC:
+    sparse = SC
+
+  loss, terms = F.combine(sums, n.astype(jnp.float32), 2.0, (DT.DynamicTrain(MC),))
   np.testing.assert_allclose(float(terms['reg_image']), 100 * 0.09 / 2, rtol=1e-6)
   np.testing.assert_allclose(float(terms['reg_answer']), 100 * 0.0625 / 2, rtol=1e-6)
   np.testing.assert_allclose(float(loss), -np.log(0.75) + 4.5 + 3.125, rtol=1e-6)
   # the non-qualifying sample's target is stop_grad(own mean): no gradient from its term.
-  g = jax.grad(lambda m: F.ratio_sums({**out, 'm_ot': m}, batch, SC)['reg_answer'])(m_ot)
+  g = jax.grad(lambda m: DT.ratio_sums({**out, 'm_ot': m}, batch, SC)['reg_answer'])(m_ot)
   assert float(jnp.abs(g[1]).sum()) == 0.0 and float(jnp.abs(g[0]).sum()) > 0
 
 
 def test_tau_schedule():
-  np.testing.assert_allclose(float(F.tau_at(0, 100)), 1.0)
-  np.testing.assert_allclose(float(F.tau_at(50, 100)), 0.1 ** 0.5, rtol=1e-6)
-  np.testing.assert_allclose(float(F.tau_at(100, 100)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(DT.tau_at(0, 100)), 1.0)
+  np.testing.assert_allclose(float(DT.tau_at(50, 100)), 0.1 ** 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(DT.tau_at(100, 100)), 0.1, rtol=1e-6)

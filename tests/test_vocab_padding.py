@@ -12,6 +12,7 @@ from dynllava_jax.decode.generate import generate
 from dynllava_jax.decode.sampling import Sampling, as_sampling
 from dynllava_jax.model.llava import Llava, check_model_config
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
+from dynllava_jax.sparsity.registry import train_hooks
 from dynllava_jax.train import forward as F
 import test_decode_prefill as P
 import test_train_forward as T
@@ -58,8 +59,8 @@ def loss_and_grads(model, batch):
     def loss(params):
       m = nnx.merge(graphdef, params, rest)
       out = F.train_forward(m, batch, sparse=False)
-      sums = F.loss_sums(out, batch, m.mc.sparse)
-      total, terms = F.combine(sums, n_tok, bsz, m.mc.sparse.lambda_ratio)
+      sums = F.loss_sums(out, batch, train_hooks(m.mc))
+      total, terms = F.combine(sums, n_tok, bsz, train_hooks(m.mc))
       return total, terms['ce']
     return jax.value_and_grad(loss, has_aux=True)(params)
 

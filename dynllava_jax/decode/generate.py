@@ -20,6 +20,13 @@ position as the loop produces it (token 0 after the prefill, then from inside th
 receivers order and de-duplicate by `step` (`serve.engine` does).
 The callback variant of the loop is a separate compile; without `on_token` the loop has no callback.
 One streaming `generate` at a time per process (the callback target is a module global).
+
+Intermediates on request (`intermediates=True`, KV-cache mode): out.intermediates = {'prefill': the
+prefill's method scores and text decisions (`prefill`'s aux), 'positions' (B, M) int32: RoPE position of
+generated token j when it was fed (-1: never fed), 'text_logits' (B, M, C): the method's text-rule scores
+of token j at its text layer (`Sparsifier.text_logits`, Dynamic-LLaVA's output-text predictor; with a
+method that has them)}; entry j matches out.text_keep[:, j]. Off (the default) the loop state carries no
+such field, so the loop is the same program.
 """
 import threading
 import time
@@ -40,13 +47,15 @@ from dynllava_jax.decode.prefill import eval_section, prefill
 from dynllava_jax.decode.sampling import as_sampling
 from dynllava_jax.decode.step import decode_step, unstack_layers, weight_blocks
 from dynllava_jax.model.vocab import text_vocab_size
+from dynllava_jax.sparsity.base import TextContext
 from dynllava_jax.sparsity.registry import make_sparsifier
 
 
 @struct.dataclass
 class LoopState:
   """caches: tuple of SegmentCache; tokens (B, M); keep (B, M) bool; logits (B, M, V) or (B, 1, 1);
-  step () int32 = tokens produced so far; done (B,); lengths (B,); rng PRNG key."""
+  step () int32 = tokens produced so far; done (B,); lengths (B,); rng PRNG key; aux: None, or the
+  decode intermediates being recorded ({'positions' (B, M), ['text_logits' (B, M, C)]})."""
   caches: Tuple[Any, ...]
   tokens: jax.Array
   keep: jax.Array
@@ -55,6 +64,7 @@ class LoopState:
   done: jax.Array
   lengths: jax.Array
   rng: jax.Array
+  aux: Any = None
 
 
 def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
@@ -67,25 +77,41 @@ def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
   return tokens, logits, tok == eos_id
 
 
-def _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits):
+def _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record=None):
+  """record: None, or the static shapes of the decode intermediates to record (`_record_shapes`)."""
   b = logits_last.shape[0]
   tokens, logits, done = _first(logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)
+  aux = None
+  if record is not None:
+    aux = {'positions': jnp.full((b, max_new), -1, jnp.int32)}
+    if record:
+      aux['text_logits'] = jnp.zeros((b, max_new) + record, jnp.float32)
   return LoopState(tuple(caches), tokens, jnp.ones((b, max_new), bool), logits, jnp.int32(1), done,
-                   jnp.ones((b,), jnp.int32), rng)
+                   jnp.ones((b,), jnp.int32), rng, aux)
 
 
-@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits'))
-def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits):
+@partial(jax.jit, static_argnames=('capacities', 'sampling', 'max_new', 'record_logits', 'record'))
+def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_logits, record=None):
   """The loop state after the prefill: caches filled from its segments, the first token sampled from its
   last logits."""
   caches = tuple(C.from_segment(s, c) for s, c in zip(out.segments, capacities))
-  return _start(caches, out.logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits)
+  return _start(caches, out.logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record)
 
 
-@partial(jax.jit, static_argnames=('sampling', 'max_new', 'record_logits'))
-def _init_extended(caches, logits_last, rng, *, sampling, max_new, pad_id, eos_id, record_logits):
+@partial(jax.jit, static_argnames=('sampling', 'max_new', 'record_logits', 'record'))
+def _init_extended(caches, logits_last, rng, *, sampling, max_new, pad_id, eos_id, record_logits, record=None):
   """The loop state after an `extend`: its caches, the first token sampled from its last logits."""
-  return _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits)
+  return _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record)
+
+
+def _record_shapes(model, method):
+  """The per-token shape of the method's text-rule scores (e.g. (2,)), or () when it has none."""
+  tl = method.text_layer(model.mc)
+  if tl is None:
+    return ()
+  h = jax.ShapeDtypeStruct((1, 1, model.mc.llm.hidden), jnp.float32)
+  shape = jax.eval_shape(lambda x: method.text_logits(TextContext(h_new=x, layer=tl, model=model)), h)
+  return () if shape is None else tuple(shape.shape[2:])
 
 
 def _overflow(state):
@@ -105,6 +131,13 @@ def _emit(step, tokens, active):
     fn(int(step), np.asarray(tokens), np.asarray(active))
 
 
+def _put(rec, x, active, j):
+  """rec (B, M, ...) with column j set to x (B, ...) where active."""
+  old = jax.lax.dynamic_index_in_dim(rec, j, axis=1, keepdims=False)
+  x = jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x.astype(rec.dtype), old)
+  return jax.lax.dynamic_update_index_in_dim(rec, x, j, axis=1)
+
+
 @partial(jax.jit, static_argnames=('method', 'sampling', 'record_logits', 'stream'),
          donate_argnames=('state',))
 def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record_logits, stream=False):
@@ -116,7 +149,8 @@ def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record
   def body(st):
     active = ~st.done
     cur = jax.lax.dynamic_index_in_dim(st.tokens, st.step - 1, axis=1, keepdims=False)
-    logits, caches, keep = decode_step(model, method, st.caches, cur, active, layers)
+    logits, caches, keep, *aux = decode_step(model, method, st.caches, cur, active, layers,
+                                             intermediates=st.aux is not None)
     nxt = sampling.sample(logits, jax.random.fold_in(st.rng, st.step))
     nxt = jnp.where(active, nxt, pad_id)
     if stream:
@@ -127,8 +161,12 @@ def _run_chunk(model, layers, method, state, *, sampling, pad_id, eos_id, record
     rec = st.logits
     if record_logits:
       rec = jax.lax.dynamic_update_index_in_dim(rec, jnp.where(active[:, None], logits, 0.0), st.step, axis=1)
+    rec_aux = st.aux
+    if rec_aux is not None:       # token step − 1's intermediates, where active
+      rec_aux = {k: _put(v, aux[0][k], active, st.step - 1) for k, v in rec_aux.items()}
     return st.replace(caches=caches, tokens=tokens, keep=keep_rec, logits=rec, step=st.step + 1,
-                      done=st.done | (active & (nxt == eos_id)), lengths=st.lengths + active.astype(jnp.int32))
+                      done=st.done | (active & (nxt == eos_id)), lengths=st.lengths + active.astype(jnp.int32),
+                      aux=rec_aux)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -164,7 +202,8 @@ def _ratios(seg_image, n_img, keep, lengths):
 
 def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *, max_new_tokens=None,
              sampling=None, rng=None, use_cache=None, return_logits=False, return_caches=False,
-             eos_token_id=None, visual_tokens=None, on_token=None, past=None, _stream=False):
+             eos_token_id=None, visual_tokens=None, on_token=None, past=None, intermediates=False,
+             _stream=False):
   """Generates up to max_new_tokens per sample (stops per sample at EOS). Returns GenerateOutput.
 
   cfg: the root config (its `eval` section gives buckets and defaults) or None; method: a Sparsifier or a
@@ -176,7 +215,7 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   earlier `generate(..., return_caches=True)` (a conversation so far, same batch and method): then
   input_ids (and pixel_values, for a turn that brings an image) are the next turn's only, appended by
   `extend.extend` instead of a prefill (kept_image_ratio: of the turn's image; NaN for a text turn,
-  whose earlier turns' pruning stands).
+  whose earlier turns' pruning stands); intermediates: record the decode intermediates (module docstring).
   """
   mc = model.mc
   ev = eval_section(cfg, mc)
@@ -196,13 +235,15 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
         return generate(model, cfg, method, input_ids, pixel_values, attention_mask,
                         max_new_tokens=m, sampling=samp, rng=rng, use_cache=True, return_logits=return_logits,
                         return_caches=return_caches, eos_token_id=eos, visual_tokens=visual_tokens,
-                        past=past, _stream=True)
+                        past=past, intermediates=intermediates, _stream=True)
       finally:
         jax.effects_barrier()       # every callback of this call has run
         _STREAM['fn'] = None
   if past is not None and not use_cache:
     raise ValueError('generate(past=...) extends KV caches: it needs use_cache=True')
   if not use_cache:
+    if intermediates:
+      raise ValueError('generate(intermediates=True) records the KV-cache loop: it needs use_cache=True')
     return generate_nocache(model, ev, method, input_ids, pixel_values, attention_mask, max_new_tokens=m,
                             sampling=samp, rng=rng, return_logits=return_logits, eos_token_id=eos,
                             visual_tokens=visual_tokens)
@@ -211,22 +252,25 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   # pad / eos ids are traced (a new stop token compiles nothing new)
   kw = dict(sampling=samp, pad_id=jnp.int32(mc.pad_token_id), eos_id=jnp.int32(eos),
             record_logits=bool(return_logits))
+  record = _record_shapes(model, method) if intermediates else None
+  pre_aux = None
   if past is not None:
     ext = extend(model, cfg, method, past, input_ids, attention_mask, pixel_values, max_new_tokens=m,
                  rng=p_rng, visual_tokens=visual_tokens)
     jax.block_until_ready(ext.logits_last)
     t_decode = time.perf_counter()
     caps = tuple(c.capacity for c in ext.caches)
-    state = _init_extended(ext.caches, ext.logits_last, d_rng, max_new=m, **kw)
+    state = _init_extended(ext.caches, ext.logits_last, d_rng, max_new=m, record=record, **kw)
   else:
     pre = prefill(model, cfg, method, input_ids, pixel_values, attention_mask, rng=p_rng,
-                  max_new_tokens=m, visual_tokens=visual_tokens)
+                  max_new_tokens=m, visual_tokens=visual_tokens, intermediates=intermediates)
     req, out = pre.request, pre.out
+    pre_aux = out.aux
     counts = [int(np.asarray(s.count).max()) for s in out.segments]      # waits for the prefill
     t_decode = time.perf_counter()
     caps = [R.round_up(counts[0] + m, bucket)] + [R.round_up(c + 1, bucket) for c in counts[1:]]
     caps = tuple(caps)
-    state = _init(out, d_rng, capacities=caps, max_new=m, **kw)
+    state = _init(out, d_rng, capacities=caps, max_new=m, record=record, **kw)
   if _stream:
     _emit(0, state.tokens[:, 0], np.ones(state.tokens.shape[0], bool))
   bytes_prefill = C.used_bytes(state.caches)
@@ -256,4 +300,5 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
       kv_cache_bytes_final=C.used_bytes(state.caches), kv_cache_bytes_allocated=C.allocated_bytes(state.caches),
       text_keep=np.asarray(state.keep), capacities=history,
       logits=np.asarray(state.logits) if return_logits else None,
-      caches=state.caches if return_caches else None, method=method.name, use_cache=True, decode_s=decode_s)
+      caches=state.caches if return_caches else None, method=method.name, use_cache=True, decode_s=decode_s,
+      intermediates=None if state.aux is None else {'prefill': pre_aux, **jax.device_get(state.aux)})

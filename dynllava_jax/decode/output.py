@@ -17,7 +17,9 @@ class GenerateOutput:
   (all segments and samples; 0 without a cache); kv_cache_bytes_allocated: final buffer bytes;
   capacities: the segment-cache capacity tuples used, in order; logits (B, M, V) when asked, else None;
   caches: the final SegmentCache tuple (device arrays) when return_caches=True, else None; decode_s: wall
-  seconds from the prefill's outputs being ready to the tokens on the host (KV-cache path; else None).
+  seconds from the prefill's outputs being ready to the tokens on the host (KV-cache path; else None);
+  intermediates: with generate(..., intermediates=True) {'prefill', 'positions' (B, M), 'text_logits'
+  (B, M, C)} (decode/generate.py), else None.
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -33,3 +35,4 @@ class GenerateOutput:
   method: str = ''
   use_cache: bool = True
   decode_s: Optional[float] = None
+  intermediates: Optional[dict] = None

@@ -7,7 +7,9 @@ tokens (B,) int32 the token fed now; active (B,) bool samples still generating (
 nothing and do not advance). At the method's text layer the token's hidden state entering that layer
 decides (method.text_keep, e.g. Dynamic-LLaVA's output-text predictor, keep = logit0 > logit1) whether it
 is written into the caches of that layer and every later one; layers before it always write (when active).
-Returns logits (B, vocab) fp32, the updated caches, keep (B,) bool (True when the method has no text rule).
+Returns logits (B, vocab) fp32, the updated caches, keep (B,) bool (True when the method has no text rule);
+with intermediates=True also aux = {'positions' (B,) int32: the fed token's RoPE position, 'text_logits'
+(B, C): method.text_logits at the text layer (when the method has them)}.
 
 The layers run unrolled, each from its own weight arrays (`unstack_layers`; from batch 4 on each matmul
 kernel is held as column blocks that XLA CPU multiplies concurrently, `BlockedLinear`) and its own cache
@@ -137,7 +139,7 @@ def _segment(layers, cache, h, write_mask, active):
   return h, C.advance(cache, ks, vs, write_mask, active)
 
 
-def decode_step(model, method, caches, tokens, active, layers=None):
+def decode_step(model, method, caches, tokens, active, layers=None, intermediates=False):
   """layers: `unstack_layers(model)`, made once outside the loop (None: made here, i.e. per call)."""
   if layers is None:
     layers = unstack_layers(model)
@@ -146,14 +148,19 @@ def decode_step(model, method, caches, tokens, active, layers=None):
   lm = model.language_model
   h = lm.embed_tokens(tokens[:, None])
   keep = jnp.ones_like(active)
+  aux = {'positions': caches[0].next_pos}
   out = []
   for cache in caches:
     if tl is not None and cache.start == tl:
-      tk = method.text_keep(TextContext(h_new=h, layer=tl, model=model))
+      ctx = TextContext(h_new=h, layer=tl, model=model)
+      tk = method.text_keep(ctx)
+      lg = method.text_logits(ctx) if intermediates else None
+      if lg is not None:
+        aux['text_logits'] = lg[:, 0].astype(jnp.float32)
       if tk is not None:
         keep = tk.reshape(-1)
     w = active & keep if (tl is not None and cache.start >= tl) else active
     h, cache = _segment(layers, cache, h, w, active)
     out.append(cache)
   logits = layers.head(lm.norm(h))[:, 0].astype(jnp.float32)
-  return logits, tuple(out), keep
+  return (logits, tuple(out), keep) + ((aux,) if intermediates else ())

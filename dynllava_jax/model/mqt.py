@@ -30,6 +30,7 @@ from flax import nnx
 
 from dynllava_jax.model import layers as L
 from dynllava_jax.model.vision import sincos2d
+from dynllava_jax.sparsity.base import TrainHook
 
 BICUBIC_A = -0.75   # torch's cubic-convolution coefficient
 
@@ -213,3 +214,21 @@ def padding_slots(image_mask, m):
   prompt with m placeholders."""
   ordinal = jnp.cumsum(image_mask.astype(jnp.int32), axis=-1) - 1
   return image_mask & (ordinal >= m)
+
+
+class MQTTrain(TrainHook):
+  """MQT-LLaVA's training hook: prompts carry M placeholders and the projector emits M tokens; one m per
+  forward (`train_count`) and the image tokens past the first m leave the attention mask (no key, no RoPE
+  position), so the forward equals one on an m-placeholder prompt (tests/test_mqt.py). Padding to M keeps
+  one compiled program for every m (buckets would compile up to M/2 programs and change the batch shapes
+  between steps); the cost is the LLM work on M − m masked tokens. Their labels are ignored (image tokens
+  carry no label); a labelled token right after the image would be scored from the last padding slot (not
+  the case in LLaVA's templates: the image sits in the user turn). out['mqt_m']: the forward's m."""
+  name = 'mqt'
+
+  def __init__(self, mc):
+    self.mc = mc
+
+  def prepare(self, ctx, mask, out):
+    out['mqt_m'] = m = train_count(self.mc, ctx.rng)
+    return mask * ~padding_slots(ctx.batch['input_ids'] == self.mc.image_token_id, m)

@@ -27,6 +27,8 @@ Decode contract:
                                                   # all. KV-cache decoding calls it with S = 1 for the
                                                   # newest token; decoding without a cache with every
                                                   # generated token (the newest is kept regardless).
+  logits = method.text_logits(ctx)                # (B, S, C) the scores behind text_keep, or None
+                                                  # (recorded by generate(..., intermediates=True))
 The engine splits the decoder into segments at sorted(set(drop_points) | {text_layer}); layers before the
 first boundary keep a full KV cache, every later segment a compact cache of the tokens it kept.
 """
@@ -131,6 +133,10 @@ class Sparsifier:
   def text_keep(self, ctx: TextContext):
     return None
 
+  def text_logits(self, ctx: TextContext):
+    """The text rule's raw scores on ctx.h_new (B, S, H) -> (B, S, C) (decode intermediates), or None."""
+    return None
+
   def scoring_flops(self, model_cfg, t, n, batch=1) -> int:
     """Extra FLOPs of one `score` call on a t-token sequence holding n image tokens (`eval.flops`)."""
     return 0
@@ -144,3 +150,66 @@ class Sparsifier:
 
   def __eq__(self, other):
     return type(self) is type(other) and self.describe() == other.describe()
+
+
+@dataclasses.dataclass
+class TrainContext:
+  """What a method's training hook sees in one training forward (`train/forward.py`).
+
+  model      the Llava module; batch: the training batch (input_ids, attention_mask, labels (B, T), …)
+  tau        Gumbel temperature (traced scalar); rng: the forward's PRNG key or None (deterministic)
+  noise      explicit noise arrays by name (tests) or None
+  deterministic  evaluation: decisions as at inference (e.g. per-sample top-k), no noise
+  """
+  model: Any
+  batch: Any
+  tau: Any = 1.0
+  rng: Any = None
+  noise: Optional[dict] = None
+  deterministic: bool = False
+
+
+class TrainHook:
+  """The training side of a method, looked up from the model config (`sparsity/registry.py::train_hooks`).
+  The generic forward and step (`train/forward.py`, `train/step.py`) call, in order, for every hook:
+
+    mask = hook.prepare(ctx, mask, out)       # input side: may take tokens out of the attention mask (B, T)
+    keep = hook.decide(ctx, h, out)           # at layer hook.layer(mc): h (B, T, H) entering it -> key-column
+                                              # keep G (B, T) float (1 = kept; MaskedSoftmax in the layers
+                                              # from there on), or None; writes its outputs into `out`
+    sums = hook.sums(out, batch)              # additive per-batch sums (dict of scalars; micro-batches add)
+    terms = hook.terms(sums, batch_size)      # its loss terms {name: scalar}, added to the CE by the step
+    hook.metrics(sums), hook.eval_sums(out, batch)   # logged ratios; per-sample (B,) eval sums
+    hook.temperature(config, step)            # the step's tau (traced), or None
+  param_rules: ((regex over '/'-joined param paths, optimizer group), ...) for its own modules
+  (`train/optim.py`). sparse_stage: the hook runs only in sparse steps (after train.dense_warmup_steps);
+  its sums / terms / metrics are still reported (as zeros) in dense steps. masks_keys: decide returns a
+  key mask (MoD layers then route without gathering)."""
+  name = 'none'
+  param_rules = ()
+  sparse_stage = False
+  masks_keys = False
+
+  def layer(self, model_cfg) -> Optional[int]:
+    return None
+
+  def prepare(self, ctx: TrainContext, mask, out):
+    return mask
+
+  def decide(self, ctx: TrainContext, h, out):
+    return None
+
+  def sums(self, out, batch) -> dict:
+    return {}
+
+  def terms(self, sums, batch_size) -> dict:
+    return {}
+
+  def metrics(self, sums) -> dict:
+    return {}
+
+  def eval_sums(self, out, batch) -> dict:
+    return {}
+
+  def temperature(self, config, step):
+    return None

@@ -13,6 +13,7 @@ predictor's margins are not bimodal (scripts/demo.py's `dynamic_cal` rows).
 import jax
 import jax.numpy as jnp
 
+from dynllava_jax.model.mod import compact
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, image_count, keep_budget
 
 
@@ -22,12 +23,8 @@ def gather_image_tokens(h, image_mask, n):
   h (B, T, H), image_mask (B, T) bool -> (h_img (B, n, H), idx (B, n) int32 into T, present (B, n) bool).
   Samples with fewer flagged tokens get present=False in the tail (their idx point at other tokens).
   """
-  b, t = image_mask.shape
-  idx = jnp.argsort(~image_mask, axis=-1, stable=True).astype(jnp.int32)
-  if n > t:    # a short (text-only) sequence: pad with repeats of the last slot, marked absent
-    idx = jnp.concatenate([idx, jnp.full((b, n - t), t - 1, jnp.int32)], axis=1)
-  idx = idx[:, :n]
-  present = jnp.take_along_axis(image_mask, idx, axis=1) & (jnp.arange(n) < t)[None, :]
+  idx, _, _ = compact(image_mask, n)     # n > T (a short text-only sequence): repeats of the last slot
+  present = jnp.take_along_axis(image_mask, idx, axis=1) & (jnp.arange(n) < image_mask.shape[1])[None, :]
   return jnp.take_along_axis(h, idx[..., None], axis=1), idx, present
 
 
@@ -77,10 +74,14 @@ class DynamicSparsifier(Sparsifier):
     out = jnp.zeros(ctx.h.shape[:2], jnp.float32)
     return out.at[jnp.arange(b)[:, None], jnp.where(present, idx, ctx.h.shape[1])].set(s, mode='drop')
 
+  def text_logits(self, ctx: TextContext):
+    """The output-text predictor's logits (B, S, 2) (index 0 = keep), or None without the text rule."""
+    return ctx.model.output_text_score_predictor(ctx.h_new) if self.text else None
+
   def text_keep(self, ctx: TextContext):
-    if not self.text:
+    logits = self.text_logits(ctx)
+    if logits is None:
       return None
-    logits = ctx.model.output_text_score_predictor(ctx.h_new)
     if self.text_margin == 0.0:
       return logits[..., 0] > logits[..., 1]
     return logits[..., 0] - logits[..., 1] > self.text_margin

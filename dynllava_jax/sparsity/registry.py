@@ -3,6 +3,7 @@
     method = make_sparsifier('dynamic', cfg)                   # cfg: the root config or its `model` section
     method = make_sparsifier('dynamic_image', cfg, topk=False)
     register('fastv', lambda cfg, **kw: FastV(**kw))            # in dynllava_jax/sparsity/fastv.py
+    hooks = train_hooks(mc)                                     # the training hooks this model config uses
 
 Names not registered yet trigger one import of every module in `dynllava_jax.sparsity` (so methods that
 register themselves at import time are found without a central list).
@@ -10,10 +11,14 @@ register themselves at import time are found without a central list).
 import importlib
 import pkgutil
 
+from dynllava_jax.model.mqt import MQTTrain
+from dynllava_jax.model.projector import elastic
 from dynllava_jax.sparsity.dense import Dense
 from dynllava_jax.sparsity.dynamic import DynamicSparsifier
+from dynllava_jax.sparsity.dynamic_train import DynamicTrain
 
 _FACTORIES = {}
+_TRAIN = {}
 _SCANNED = [False]
 
 
@@ -35,10 +40,28 @@ def _dynamic(image, text):
   return make
 
 
+def register_train(name, hook_cls, applies):
+  """A method's training hook (sparsity/base.py::TrainHook): hook_cls(model_cfg) is used whenever
+  applies(model_cfg); hooks run in registration order."""
+  _TRAIN[str(name)] = (hook_cls, applies)
+
+
+def train_hooks(mc):
+  """The training hooks of model config mc (MQT's m draw, then Dynamic-LLaVA's decisions, ...)."""
+  return tuple(cls(mc) for cls, applies in _TRAIN.values() if applies(mc))
+
+
+def train_param_rules():
+  """Every registered hook's optimizer rules (a rule for modules a model lacks matches nothing)."""
+  return tuple(r for cls, _ in _TRAIN.values() for r in cls.param_rules)
+
+
 register('dense', lambda mc, **kw: Dense(**kw))
 register('dynamic', _dynamic(True, True))
 register('dynamic_image', _dynamic(True, False))
 register('dynamic_text', _dynamic(False, True))
+register_train('mqt', MQTTrain, elastic)
+register_train('dynamic', DynamicTrain, lambda mc: bool(mc.sparse.enabled))
 
 
 def _scan_package():

@@ -10,6 +10,8 @@ Fields (see docs/training.md):
     2e-5 beside the adapters' 2e-4); 0 = the projector trains at lr.
   warmup_ratio: linear warm-up as a fraction of `steps`, then cosine to `min_lr_ratio`·peak.
   weight_decay, predictor_weight_decay: decoupled AdamW decay per group (matrices only, not biases/norms).
+  param_groups: more optimizer-group rules, 'regex=group,...' over '/'-joined param paths, checked before
+    the methods' own rules (groups: main | predictor | projector; train/optim.py::group_rules).
   b1, b2, adam_eps: AdamW moments.
   grad_clip: global-norm clipping over all trainable params (0 = off).
   grad_accum: micro-batches per optimizer step (the global batch is split inside the jitted step).
@@ -64,6 +66,7 @@ def train_defaults(size='tiny'):
   c.min_lr_ratio = 0.0
   c.weight_decay = 0.0
   c.predictor_weight_decay = 0.0
+  c.param_groups = ''          # e.g. '^language_model/lm_head/=predictor' (first match wins)
   c.b1, c.b2, c.adam_eps = 0.9, 0.999, 1e-8
   c.grad_clip = 1.0
   c.grad_accum = 1
@@ -124,6 +127,8 @@ def check_config(config, num_devices):
   for name in ('log_every', 'eval_every', 'save_every', 'eval_batches'):
     if t[name] < 0:
       raise UserError(f'train.{name}={t[name]} must be >= 0')
+  from dynllava_jax.train.optim import config_rules  # local: keeps this module import-light
+  config_rules(t)
   if t.get('ce_weighting', 'token') not in ('token', 'sample'):
     raise UserError(f"train.ce_weighting={t.ce_weighting!r}: use 'token' or 'sample'")
   if not 0 <= t.dense_warmup_steps <= t.steps:

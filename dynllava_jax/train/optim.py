@@ -7,11 +7,16 @@ Parameter split (`split_params`): the model's nnx.Param variables are split into
              and norms of its LoRA groups (only the adapters train) and, with a visual region
              (model.region), the LLM's embeddings, final norm and LM head.
              No gradients are computed for them and the optimizer holds no state for them.
-  trainable: everything else, in optimizer groups (`param_group`):
-             'predictor' = the keep-predictors (train.predictor_lr, train.predictor_weight_decay),
-             'projector' = the projector, only when train.projector_lr > 0 (its own rate: the region
-                           recipe's 2e-5 beside the adapters' 2e-4),
-             'main'      = the rest: LLM (+ projector) (train.lr, train.weight_decay).
+  trainable: everything else, in optimizer groups by rules (`group_rules`): regexes over '/'-joined
+             parameter paths -> group, the first match wins: train.param_groups ('regex=group,...'),
+             then every method's own rules (its TrainHook.param_rules: Dynamic-LLaVA's predictors ->
+             'predictor'), then '^projector/' -> 'projector' when train.projector_lr > 0; else 'main'.
+             The groups (`group_settings`) carry their peak lr and weight decay:
+             'main'      = train.lr, train.weight_decay
+             'predictor' = train.predictor_lr, train.predictor_weight_decay
+             'projector' = train.projector_lr (> 0: its own rate, the region recipe's 2e-5 beside the
+                           adapters' 2e-4), train.weight_decay.
+             A config rule that matches no trainable param, or names an unknown group: one UserError line.
 Weight decay applies to matrices (ndim >= 2) only, never to biases or norm scales.
 Gradient accumulation is done inside the jitted step (`step.py`), not by the optimizer.
 """
@@ -22,7 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-PREDICTORS = ('image_score_predictor', 'output_text_score_predictor', 'instruct_score_predictor')
+from dynllava_jax.errors import UserError
+from dynllava_jax.sparsity.registry import train_param_rules
 
 
 def frozen_rules(train_cfg, model=None):
@@ -70,21 +76,59 @@ def split_params(model, train_cfg):
   return graphdef, nnx.to_pure_dict(frozen), nnx.to_pure_dict(trainable)
 
 
-def param_group(path, projector_group=False):
-  """'predictor' for keep-predictor params, 'projector' for the projector when it has its own rate
-  (projector_group), else 'main'. path: tuple of keys."""
-  if path and str(path[0]) in PREDICTORS:
-    return 'predictor'
-  if projector_group and path and str(path[0]) == 'projector':
-    return 'projector'
-  return 'main'
+def group_settings(train_cfg):
+  """{group: (peak lr, weight decay)}: 'main' and 'predictor' always, 'projector' when train.projector_lr > 0."""
+  t = train_cfg
+  groups = {'main': (t.lr, t.weight_decay), 'predictor': (t.predictor_lr, t.predictor_weight_decay)}
+  if float(t.get('projector_lr', 0.0)) > 0:
+    groups['projector'] = (t.projector_lr, t.weight_decay)
+  return groups
 
 
-def _labels(projector_group):
+def config_rules(train_cfg):
+  """train.param_groups ('regex=group,...') -> ((regex, group), ...); UserError for an unknown group or a
+  bad regex."""
+  rules = []
+  for item in (r.strip() for r in str(train_cfg.get('param_groups', '') or '').split(',')):
+    if not item:
+      continue
+    pattern, _, group = item.rpartition('=')
+    if group not in group_settings(train_cfg) or not pattern:
+      raise UserError(f'train.param_groups: {item!r} must be regex=group with group one of '
+                      f'{sorted(group_settings(train_cfg))} (projector needs train.projector_lr > 0)')
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise UserError(f'train.param_groups: {pattern!r} is not a regular expression ({e})') from None
+    rules.append((pattern, group))
+  return tuple(rules)
+
+
+def group_rules(train_cfg):
+  """The rules table, first match wins: the config's, the methods', then the projector's own rate."""
+  proj = (('^projector/', 'projector'),) if 'projector' in group_settings(train_cfg) else ()
+  return config_rules(train_cfg) + train_param_rules() + proj
+
+
+def param_group(path, rules=None):
+  """The optimizer group of the param at `path` (a tuple of keys or a '/'-joined string); rules: from
+  `group_rules` (default: the methods' rules only)."""
+  path = path if isinstance(path, str) else '/'.join(str(k) for k in path)
+  return next((g for r, g in (train_param_rules() if rules is None else rules) if re.search(r, path)), 'main')
+
+
+def _labels(train_cfg):
+  rules = group_rules(train_cfg)
+  checked = config_rules(train_cfg)
+
   def labels(params):
-    def one(path, _):
-      return param_group(tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path), projector_group)
-    return jax.tree_util.tree_map_with_path(one, params)
+    paths = ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for r, g in checked:
+      if not any(re.search(r, p) for p in paths):
+        raise UserError(f'train.param_groups: {r}={g} matches no trainable parameter (frozen ones take no '
+                        'group); check the pattern against the model\'s parameter paths')
+    return jax.tree.unflatten(jax.tree.structure(params), [param_group(p, rules) for p in paths])
   return labels
 
 
@@ -121,30 +165,19 @@ def _staged(peak, t, restart):
 
 
 def schedules(train_cfg, restart=0):
-  """{'main', 'predictor', 'projector'}: step -> lr. restart > 0: warm-up + cosine over [0, restart), then
-  again over [restart, steps) with the peaks times train.sparse_lr_scale (see `restart_step`). 'projector'
-  peaks at train.projector_lr, or train.lr when that is 0."""
-  t = train_cfg
-  return {'main': _staged(t.lr, t, restart), 'predictor': _staged(t.predictor_lr, t, restart),
-          'projector': _staged(float(t.get('projector_lr', 0.0)) or t.lr, t, restart)}
+  """{group: step -> lr} for `group_settings`. restart > 0: warm-up + cosine over [0, restart), then
+  again over [restart, steps) with the peaks times train.sparse_lr_scale (see `restart_step`)."""
+  return {g: _staged(lr, train_cfg, restart) for g, (lr, _) in group_settings(train_cfg).items()}
 
 
 def make_optimizer(train_cfg, restart=0):
-  """optax GradientTransformation over the trainable pure dict."""
+  """optax GradientTransformation over the trainable pure dict: global-norm clipping, then AdamW per group."""
   t = train_cfg
   sch = schedules(t, restart)
-
-  def adamw(lr, wd):
-    return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=wd, mask=_decay_mask)
-
-  proj = float(t.get('projector_lr', 0.0)) > 0
-  txs = {'main': adamw(sch['main'], t.weight_decay),
-         'predictor': adamw(sch['predictor'], t.predictor_weight_decay)}
-  if proj:
-    txs['projector'] = adamw(sch['projector'], t.weight_decay)
-  groups = optax.multi_transform(txs, _labels(proj))
+  txs = {g: optax.adamw(sch[g], b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=wd, mask=_decay_mask)
+         for g, (_, wd) in group_settings(t).items()}
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-  return optax.chain(*parts, groups)
+  return optax.chain(*parts, optax.multi_transform(txs, _labels(t)))
 
 
 def global_norm(tree):

@@ -1,0 +1,106 @@
+"""The training-method seam (sparsity/base.py::TrainHook) and optimizer groups by config rules.
+
+The generic forward hands a hook the hidden state entering its layer and applies its keep mask from there
+on; its loss terms are added to the CE by `combine`; the hooks come from the model config (MQT's m draw,
+then Dynamic-LLaVA). Optimizer groups come from the rules table (config rules first, then the methods')."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynllava_jax.errors import UserError
+from dynllava_jax.model.llava import Llava
+from dynllava_jax.sparsity.base import TrainHook
+from dynllava_jax.sparsity.registry import train_hooks
+from dynllava_jax.train import forward as F
+from dynllava_jax.train import optim
+from scripts import record_model_fixture as fixture
+
+
+class Probe(TrainHook):
+  """Reads the residual stream entering layer 2, keeps every key (all-ones G ≡ the dense model) and adds
+  a loss term 0.5 · Σ h[..., 0] / B."""
+  name, masks_keys = 'probe', True
+
+  def layer(self, model_cfg):
+    return 2
+
+  def decide(self, ctx, h, out):
+    out['h2'] = h
+    return jnp.ones(h.shape[:2], jnp.float32)
+
+  def sums(self, out, batch):
+    return {'probe': jnp.sum(out['h2'][..., 0])} if 'h2' in out else {'probe': jnp.zeros(())}
+
+  def terms(self, sums, batch_size):
+    return {'probe': 0.5 * sums['probe'] / batch_size}
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = fixture.config()
+  return cfg, Llava(cfg.model, rngs=nnx.Rngs(0)), jax.tree.map(jnp.asarray, fixture.train_batch(cfg))
+
+
+def test_hooks_from_the_config_and_a_hook_sees_its_layer(setup):
+  cfg, model, batch = setup
+  assert [h.name for h in train_hooks(cfg.model)] == ['dynamic']
+  other = fixture.config()
+  other.model.projector = 'mqt'
+  assert [h.name for h in train_hooks(other.model)] == ['mqt', 'dynamic']
+  other.model.sparse.enabled = False
+  assert [h.name for h in train_hooks(other.model)] == ['mqt']
+  hook = Probe()
+  out = F.train_forward(model, batch, hooks=(hook,))
+  _, aux = model(batch['input_ids'], batch['pixel_values'], batch['attention_mask'], intermediates=True)
+  real = np.asarray(batch['attention_mask'], bool)
+  np.testing.assert_allclose(np.asarray(out['h2'])[real], np.asarray(aux['hidden_in'][2])[real], atol=1e-5)
+  dense_out = F.train_forward(model, batch, sparse=False)          # the dense stage: Dynamic-LLaVA skipped
+  assert 'keep' not in dense_out and 'm_img' not in dense_out
+  np.testing.assert_allclose(np.asarray(out['logits'])[real], np.asarray(dense_out['logits'])[real], atol=2e-5)
+  sums = F.loss_sums(out, batch, (hook,))
+  loss, terms = F.combine(sums, sums['n_tokens'], 2.0, (hook,))
+  assert set(terms) == {'ce', 'probe'}
+  np.testing.assert_allclose(float(loss), float(terms['ce']) + 0.25 * float(jnp.sum(out['h2'][..., 0])),
+                             rtol=1e-6)
+  # a dense step (sparse=False) skips a sparse_stage hook; its sums stay reported (zeros)
+  Probe.sparse_stage = True
+  try:
+    skipped = jax.eval_shape(lambda: F.train_forward(model, batch, sparse=False, hooks=(hook,)))
+  finally:
+    Probe.sparse_stage = False
+  assert set(skipped) == {'logits'} and float(hook.sums(skipped, batch)['probe']) == 0.0
+
+
+def _labels(cfg, params):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in p): g for p, g in
+          jax.tree_util.tree_flatten_with_path(optim._labels(cfg.train)(params))[0]}
+
+
+def test_optimizer_groups_by_rules(setup):
+  cfg, model, _ = setup
+  cfg = fixture.config()
+  _, _, params = optim.split_params(model, cfg.train)
+  labels = _labels(cfg, params)
+  assert {g for p, g in labels.items() if p.startswith('image_score_predictor/')} == {'predictor'}
+  assert {g for p, g in labels.items() if p.startswith('output_text_score_predictor/')} == {'predictor'}
+  assert {g for p, g in labels.items() if 'predictor' not in p} == {'main'}
+  # a config rule comes first: the LM head joins the predictor group; the projector gets its own rate
+  cfg.train.param_groups = '^language_model/lm_head/=predictor'
+  cfg.train.projector_lr = 1e-4
+  labels = _labels(cfg, params)
+  assert {g for p, g in labels.items() if p.startswith('language_model/lm_head/')} == {'predictor'}
+  assert {g for p, g in labels.items() if p.startswith('projector/')} == {'projector'}
+  assert labels['language_model/embed_tokens/embedding'] == 'main'
+  state = optim.make_optimizer(cfg.train).init(params)
+  moments = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert any("'projector'" in p and 'linear_1' in p for p in moments)
+  assert not any('vision_tower' in p for p in moments)            # frozen: no state
+  # one line for an unknown group and for a rule that matches nothing trainable (the frozen tower)
+  cfg.train.param_groups = '^language_model/=fast'
+  with pytest.raises(UserError, match=r"train.param_groups: '\^language_model/=fast' must be regex=group"):
+    optim.make_optimizer(cfg.train)
+  cfg.train.param_groups = '^vision_tower/=main'
+  with pytest.raises(UserError, match='matches no trainable parameter'):
+    optim.make_optimizer(cfg.train).init(params)
