@@ -21,7 +21,8 @@ written once in the HF layout by an `export` child (`hf.save_llava` of what `cre
 ours builds the same init from the seed, and every child makes the same batch from seed 0; the parent
 checks that our dense and torch's first losses agree (relative 1e-4) and exits 1 when they do not.
 Timing: `--rounds` rounds, each spawning one child per row in turn (ours dense, torch dense, ours
-dynamic, ...: the same machine load for all); a child compiles, runs one warm-up step (its loss is the
+dynamic, ...: the same machine load for all; the later children of a row reuse the first one's
+executable from a temporary persistent compilation cache); a child compiles, runs one warm-up step (its loss is the
 first loss), then `--runs` timed steps; `step_s` = the median of all timed steps of all the row's children.
 `gflops` = the step's FLOPs / `step_s`, with the FLOPs from XLA's cost analysis of our step (scans
 unrolled, remat off: the model's FLOPs; `eval.flops.xla_flops`), the same count for the torch row (the
@@ -230,7 +231,10 @@ def run_child(args):
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
   else:
-    import jax  # pylint: disable=g-import-not-at-top,unused-import
+    import jax  # pylint: disable=g-import-not-at-top
+    if args.cache_dir:       # a later child of the same row reuses the first one's executable
+      jax.config.update('jax_compilation_cache_dir', args.cache_dir)
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   _bound_memory()
   cfg = step_config(args.size, method, args)
   b = make_batch(cfg.model, int(batch), args.text_tokens)
@@ -270,7 +274,7 @@ def spawn(args, spec, flops=False):
   RSS (polled VmHWM: known even when the child is killed) and, when it failed, `error`."""
   cmd = [sys.executable, os.path.abspath(__file__), '--child', spec, '--size', args.size,
          '--text_tokens', str(args.text_tokens), '--hf_dir', str(args.hf_dir), '--dtype', args.dtype,
-         '--attention_impl', args.attention_impl, '--runs', str(args.runs)]
+         '--attention_impl', args.attention_impl, '--runs', str(args.runs), '--cache_dir', args.cache_dir]
   cmd += ['--remat'] * bool(args.remat) + ['--child_flops'] * flops
   if args.param_dtype:
     cmd += ['--param_dtype', args.param_dtype]
@@ -326,6 +330,8 @@ def _rows(args, b, results, flops, gemm):
   for (impl, method), runs in results.items():
     ok = [r for r in runs if 'error' not in r]
     base = {'impl': impl, 'method': method, 'batch': b}
+    if not runs:
+      continue
     if not ok:
       bad = runs[-1] if runs else {}
       skipped.append({**base, 'error': bad.get('error', 'not run'),
@@ -357,6 +363,13 @@ def _rows(args, b, results, flops, gemm):
   return rows, skipped
 
 
+def _write(path, meta, gemm, rows, skipped):
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump({'meta': meta, 'gemm_gflops': gemm, 'results': rows, 'skipped': skipped}, f, indent=1)
+
+
 def first_loss_diff(rows):
   """|ours − torch| / |torch| of the dense rows' first losses (None without both rows)."""
   by = {(r['impl'], r['method']): r['first_loss'] for r in rows}
@@ -383,6 +396,8 @@ def main():
   ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--child_flops', action='store_true', help=argparse.SUPPRESS)
   ap.add_argument('--hf_dir', default=None, help=argparse.SUPPRESS)
+  ap.add_argument('--cache_dir', default='', help=argparse.SUPPRESS)
+  ap.add_argument('--torch_batches', default=None, help='the batches with a torch row (default: --batches)')
   args = ap.parse_args()
   if args.child:
     return run_child(args)
@@ -391,6 +406,7 @@ def main():
           'mem_available_bytes_at_start': _meminfo('MemAvailable')}
   methods = args.methods.split(',')
   keys = [('ours', m) for m in methods]
+  args.cache_dir = tempfile.mkdtemp(prefix='train_step_xla_cache_')
   if not args.no_torch and 'dense' in methods:
     keys.insert(1, ('torch', 'dense'))             # ours dense, torch, ours dynamic, ... per round
     args.hf_dir = tempfile.mkdtemp(prefix='train_step_hf_')
@@ -406,6 +422,8 @@ def main():
       results, flops = {k: [] for k in keys}, {}
       for rnd in range(args.rounds):
         for impl, method in keys:
+          if impl == 'torch' and args.torch_batches and str(b) not in args.torch_batches.split(','):
+            continue
           if results[(impl, method)] and 'error' in results[(impl, method)][-1]:
             continue                              # a batch that did not fit is not retried
           want_flops = impl == 'ours' and method not in flops
@@ -424,9 +442,11 @@ def main():
       rows += new
       skipped += bad
       print(json.dumps(new), flush=True)
+      _write(args.json, meta, gemm, rows, skipped)            # each batch kept as soon as it is measured
   finally:
-    if args.hf_dir and args.hf_dir.startswith(tempfile.gettempdir()):
-      shutil.rmtree(args.hf_dir, ignore_errors=True)      # our own temporary export, not a run's output
+    for d in (args.hf_dir, args.cache_dir):    # our own temporary export and XLA cache, not a run's output
+      if d and d.startswith(tempfile.gettempdir()):
+        shutil.rmtree(d, ignore_errors=True)
   common.print_rows(rows, ['impl', 'method', 'batch', 'tokens', 'step_s', 'gflops', 'gemm_fraction',
                            'vs_ours_dense', 'speedup_vs_torch', 'mfu', 'peak_bytes', 'max_rss_bytes',
                            'first_loss'])
@@ -437,10 +457,7 @@ def main():
   if args.flops_7b:
     meta['flops_7b'] = flops_7b(args.text_tokens)
     print('7B step FLOPs:', json.dumps(meta['flops_7b']))
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump({'meta': meta, 'gemm_gflops': gemm, 'results': rows, 'skipped': skipped}, f, indent=1)
+  _write(args.json, meta, gemm, rows, skipped)
   if not agree:
     raise SystemExit(f"the two implementations' first losses differ: {meta['first_loss_rel_diff']}")
 
