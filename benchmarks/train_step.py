@@ -31,8 +31,8 @@ parent in the same run (a 2048³ jnp.dot, median). `speedup_vs_torch` = torch's 
 Memory: `max_rss_bytes` = the child's peak RSS (VmHWM, polled by the parent too, so a killed child has
 one); `xla_peak_bytes` (ours) = XLA's memory analysis of the compiled step (arguments + outputs +
 temporaries − aliased); `peak_bytes` = xla_peak_bytes for ours, max_rss_bytes for torch. A child cannot
-take the machine down: its address space is bounded by the memory available when it starts (RLIMIT_AS)
-and it is the OOM killer's first pick; ours does not run a step whose XLA peak exceeds the available
+take the machine down: it is the OOM killer's first pick, torch's address space is bounded by the memory
+available when it starts (RLIMIT_AS), and ours does not run a step whose XLA peak exceeds the available
 memory. Rows that did not run land in `skipped` with the reason and the RSS reached.
 JSON: {"meta", "gemm_gflops", "results": [{"impl", "method", "batch", "tokens", "step_s", "gflops",
 "peak_bytes", ...}], "skipped": [...]}. `--flops_7b` adds the 7B step's XLA FLOP count per token
@@ -209,13 +209,18 @@ def _status(key, pid='self'):
     return None
 
 
-def _bound_memory():
-  """A child that outgrows the machine fails on its own allocation (RLIMIT_AS: what is mapped now + the
-  memory available now + 2 GB of malloc arenas' reservations) and is the OOM killer's first pick
-  (oom_score_adj 1000), so a batch that does not fit never takes another process with it."""
+def _bound_memory(address_space):
+  """A child that outgrows the machine is the OOM killer's first pick (oom_score_adj 1000), so a batch
+  that does not fit never takes another process with it; with address_space (torch) it fails on its own
+  allocation first (RLIMIT_AS: what is mapped now + the memory available now + 2 GB of malloc arenas'
+  reservations). Not for ours: XLA's compiler leaves freed memory mapped, and the step's one large
+  temporary buffer would then fail on address space that is not memory (ours checks XLA's memory
+  analysis against the available memory instead)."""
   import resource  # pylint: disable=g-import-not-at-top
   with open('/proc/self/oom_score_adj', 'w') as f:
     f.write('1000')
+  if not address_space:
+    return
   limit = _status('VmSize') + _meminfo('MemAvailable') + (2 << 30)
   resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -235,7 +240,7 @@ def run_child(args):
     if args.cache_dir:       # a later child of the same row reuses the first one's executable
       jax.config.update('jax_compilation_cache_dir', args.cache_dir)
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  _bound_memory()
+  _bound_memory(address_space=impl == 'torch')
   cfg = step_config(args.size, method, args)
   b = make_batch(cfg.model, int(batch), args.text_tokens)
   out = {'impl': impl, 'method': method, 'batch': int(batch), 'tokens': int(b['input_ids'].size)}
@@ -252,8 +257,6 @@ def run_child(args):
       out['max_rss_bytes'] = _status('VmHWM')
       print(json.dumps(out), flush=True)
       return
-    if args.child_flops:
-      out['flops'] = runner.flops()
   else:
     import transformers  # pylint: disable=g-import-not-at-top
     out['versions'] = {'torch': torch.__version__, 'transformers': transformers.__version__,
@@ -266,6 +269,8 @@ def run_child(args):
     times.append(time.perf_counter() - t0)
   # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent.
   out.update(losses=losses, step_s=times, max_rss_bytes=_status('VmHWM'))
+  if impl == 'ours' and args.child_flops:
+    out['flops'] = runner.flops()        # after the steps: its tracing is not the step's memory
   print(json.dumps(out), flush=True)
 
 
