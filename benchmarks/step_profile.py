@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def profile(args):
     r.step()
     traced = time.perf_counter() - t0
   pd = jax.profiler.ProfileData.from_file(glob.glob(d + '/**/*.xplane.pb', recursive=True)[0])
+  shutil.rmtree(d, ignore_errors=True)                      # our own temporary trace
   tot, cnt = collections.Counter(), collections.Counter()
   for plane in pd.planes:
     for line in plane.lines:
