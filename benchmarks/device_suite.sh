@@ -19,7 +19,7 @@ exec > >(tee "$OUT/device_suite.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 # Training step: batch 4 x 640 tokens (576 image + 64 text), bf16 params and Adam state, remat per layer.
-timeout 270 $PY benchmarks/train_step.py --size 7b --batches 4 --runs 3 --no_torch --no_memory \
+timeout 270 $PY benchmarks/train_step.py --size 7b --batches 4 --runs 3 --rounds 1 --no_torch \
     --dtype bfloat16 --remat --peak_tflops "$PEAK_TFLOPS" --json "$OUT/train_step_7b.json"
 echo "train_step rc=$?"
 # Prefill and decoding at batch 1 and 8 (ms/token from generate(80) - generate(16)).

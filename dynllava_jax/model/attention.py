@@ -10,6 +10,8 @@ probabilities); 'xla' / 'cudnn' hand the attention to `jax.nn.dot_product_attent
 GPU) wherever the mask allows it: no key_keep (dense, prefill of the gathered tokens) or the 'exact_zero'
 mode (a boolean mask), and no probabilities asked for; everything else stays on the reference path.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -100,17 +102,54 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
   # `maximum(G, I)` has the same value but JAX splits a tie's gradient in halves (0.5 for a dropped key off
   # the diagonal, 0.5 for a kept one on it), which shifts the predictors' gradients.
   i = self_mask.astype(jnp.float32)
-  g = g + (1.0 - g) * i
   if mode == 'masked_softmax_eps':
-    a = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    ag = a * g
-    return (ag + eps / tk) / (jnp.sum(ag, axis=-1, keepdims=True) + eps)
+    return _masked_softmax_eps(s, g, i, eps)
+  g = g + (1.0 - g) * i
   if mode == 'exact_zero':
     s = jnp.where(g > 0, s, NEG_INF)
     a = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * (g > 0) * allowed
     den = jnp.sum(a, axis=-1, keepdims=True)
     return jnp.where(den > 0, a / jnp.where(den > 0, den, 1.0), 0.0)
   raise ValueError(f"attention mode {mode!r} unknown: use 'masked_softmax_eps' or 'exact_zero'")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _masked_softmax_eps(s, g, i, eps):
+  """MaskedSoftmax's 'masked_softmax_eps' probabilities: s (..., Tq, Tk) fp32 with the disallowed keys
+  already NEG_INF, g (B, 1.., 1, Tk) the keep mask G, i (Tq, Tk) (broadcastable) the self mask I.
+  G' = G + (1−G)·I, a = exp(s − max_k s), p = (a·G' + ε/N) / (Σ_k a·G' + ε).
+
+  A custom VJP with the same gradients as differentiating that formula (w.r.t. G: 1 − I times dp/dG', so
+  0 on the diagonal; through the max: split evenly among tied maxima, as jnp.max's): autodiff of the
+  formula materialises G' per (Tq, Tk) and sums its gradient over the heads first, a strided reduction
+  that cost more than every other op of the Dynamic-LLaVA step's attention (docs/benchmarks.md §7)."""
+  return _masked_softmax_eps_fwd(s, g, i, eps)[0]
+
+
+def _masked_softmax_eps_fwd(s, g, i, eps):
+  m = jnp.max(s, axis=-1, keepdims=True)
+  ag = jnp.exp(s - m) * (g + (1.0 - g) * i)
+  z = jnp.sum(ag, axis=-1, keepdims=True) + eps
+  p = (ag + eps / s.shape[-1]) / z
+  return p, (s, m, z, p, g, i)
+
+
+def _masked_softmax_eps_bwd(eps, res, dp):
+  del eps
+  s, m, z, p, g, i = res
+  a = jnp.exp(s - m)
+  da_g = (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) / z       # dL/d(a·G')
+  t = da_g * (g + (1.0 - g) * i) * a                              # dL/ds through exp, before the max
+  hit = (s == m).astype(s.dtype)
+  ds = t - jnp.sum(t, axis=-1, keepdims=True) * hit / jnp.sum(hit, axis=-1, keepdims=True)
+  # dL/dG_k = Σ over every row (heads, queries) of dL/dG'·(1 − I): one reduction of the rows onto the
+  # key axis, (B, rows, Tk) -> (B, Tk), which XLA CPU runs as a streaming column sum.
+  x = (da_g * a * (1.0 - i)).reshape(s.shape[0], -1, s.shape[-1])
+  dg = jnp.sum(x, axis=1).reshape(g.shape)
+  return ds, dg, jnp.zeros_like(i)
+
+
+_masked_softmax_eps.defvjp(_masked_softmax_eps_fwd, _masked_softmax_eps_bwd)
 
 
 def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_softmax_eps',
