@@ -24,7 +24,7 @@ def test_geometry_cells_align_with_patches_and_descriptions_qualify():
   assert (cell // v.patch_size) ** 2 >= 16
   grid = [[None, 7], [3, None]]
   n_tok = len(digits_vqa.describe(grid, d.describe_style).split()) + 1    # + </s>
-  assert n_tok >= c.model.sparse.len_ot == 50
+  assert n_tok >= c.model.sparse.len_ot == 24   # descriptions qualify for output-text sparsification
   from sklearn.datasets import load_digits
   dg = load_digits()
   rng = np.random.default_rng(0)
@@ -75,6 +75,21 @@ def test_named_cells_and_lone_descriptions():
   assert 'describe' in kinds and max(rounds) == 3
   with pytest.raises(ValueError, match='type_probs'):
     digits_vqa.make_config(type_probs=(1, 0, 0, 0))
+
+
+def test_echo_answers_name_the_cell_before_its_value():
+  """The demo's 'echo' answers: the value token directly follows its cell's name (look-ups, row sums,
+  descriptions); questions are the 'named' ones; every word is in the vocabulary."""
+  grid = [[None, 7], [3, 4]]
+  assert digits_vqa.question('digit_at', 2, 1, style='echo') == 'what digit is in cell b1 ?'
+  assert digits_vqa.answer('digit_at', grid, 2, 1, style='echo') == 'b1 3'
+  assert digits_vqa.answer('digit_at', grid, 1, 1, style='echo') == 'a1 empty'
+  assert digits_vqa.answer('row_sum', grid, 1, style='echo') == 'a1 empty a2 7 sum 7'
+  text = digits_vqa.describe(grid, 'echo')
+  assert text.endswith('row a : a1 empty , a2 7 . row b : b1 3 , b2 4 .') and len(text.split()) == 30
+  from dynllava_jax.data.tokenizer import split_words
+  vocab = set(w for t in digits_vqa.vocabulary_texts('echo') for w in split_words(t))
+  assert set(split_words(text)) | set(split_words(digits_vqa.answer('row_sum', grid, 2, style='echo'))) <= vocab
 
 
 def _fake_body(calls):

@@ -16,6 +16,9 @@ canvas_size // grid pixels: with canvas 64, grid 2 and patch 8 each cell is exac
              or 'cells' (the demo's 2x2 grid: 51 tokens with </s>, above the released len_ot = 50):
              "the grid has 2 rows and 2 columns and 3 digits . row 1 : in column 1 the digit is 3 , in
              column 2 the cell is empty . row 2 : ..."
+             or 'echo' (the demo: cells named by one token, each value right after its cell's name; look-ups
+             "b1 7", row sums "a1 3 a2 empty sum 3"): "the grid has 2 rows and 2 columns and 3 digits .
+             row a : a1 3 , a2 empty . row b : ..." (31 tokens with </s>)
   text_add:  "what is a plus b ?"                   → "9"              (text-only, no image)
 Image samples have further rounds (another question about the same image, no image tag), each with
 probability `extra_round_prob` up to `max_rounds` in all (defaults 0.1 and 2: about 10% have a second
@@ -51,11 +54,16 @@ def row_name(r):
   return 'abc'[r - 1]
 
 
+def cell_name(r, c, style='long'):
+  """How questions name cell (r, c) (1-based): 'b1' in the 'named' style, else 'row 2 column 1'."""
+  return f'{row_name(r)}{c}' if style in NAMED_STYLES else f'row {r} column {c}'
+
+
 def question(qtype, r=0, c=0, a=0, b=0, style='long'):
-  if style == 'named':   # one token names the cell (row) the question is about: a one-hop look-up
-    at, row = f'in cell {row_name(r)}{c}', row_name(r)
+  if style in NAMED_STYLES:   # one token names the cell (row) the question is about: a one-hop look-up
+    at, row = f'in cell {cell_name(r, c, style)}', row_name(r)
   else:
-    at, row = f'at row {r} column {c}', r
+    at, row = f'at {cell_name(r, c, style)}', r
   return {
       'digit_at': f'what digit is {at} ?',
       'count': 'how many digits are there ?',
@@ -65,13 +73,28 @@ def question(qtype, r=0, c=0, a=0, b=0, style='long'):
   }[qtype]
 
 
-DESCRIBE_STYLES = ('long', 'short', 'cells', 'named')
+DESCRIBE_STYLES = ('long', 'short', 'cells', 'named', 'echo')
+# One token names a cell ('b1'). 'echo' also puts the cell's name right before its value in every answer
+# (look-ups 'b1 7', row sums 'a1 3 a2 empty sum 3', descriptions '... row a : a1 3 , a2 empty . ...'): the
+# value is predicted at the position whose input is the cell's name, one attention hop from that token to
+# the cell's image tokens. With the answer alone supervised, a from-scratch tiny LLM does not learn the
+# two-hop look-up (carry the name from the question to the answer position, then match it to the image):
+# teacher-forced look-ups stay at ~0.42 (a visible digit, not the asked one); with 'echo' they reach 0.86
+# in 400 steps (docs/demo.md).
+NAMED_STYLES = ('named', 'echo')
 
 
 def describe(grid, style='long'):
   """Long answer for `grid` (g x g list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
   cell = lambda v: 'empty' if v is None else str(v)
+  if style == 'echo':
+    g = len(grid)
+    parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
+    for r, row in enumerate(grid):
+      cells = [f'{cell_name(r + 1, c + 1, style)} {cell(v)}' for c, v in enumerate(row)]
+      parts.append(f'row {row_name(r + 1)} : ' + ' , '.join(cells) + ' .')
+    return ' '.join(parts)
   if style in ('cells', 'named'):
     g, named = len(grid), style == 'named'
     parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
@@ -96,11 +119,16 @@ def describe(grid, style='long'):
 def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
   if qtype == 'digit_at':
     v = grid[r - 1][c - 1]
-    return 'empty' if v is None else str(v)
+    v = 'empty' if v is None else str(v)
+    return f'{cell_name(r, c, style)} {v}' if style == 'echo' else v
   if qtype == 'count':
     return str(sum(v is not None for row in grid for v in row))
   if qtype == 'row_sum':
-    return str(sum(v or 0 for v in grid[r - 1]))
+    total = str(sum(v or 0 for v in grid[r - 1]))
+    if style == 'echo':   # the row's cells first, each value right after its name, then the sum
+      return ' '.join(f'{cell_name(r, j + 1, style)} {"empty" if v is None else v}'
+                      for j, v in enumerate(grid[r - 1])) + f' sum {total}'
+    return total
   if qtype == 'describe':
     return describe(grid, style)
   return str(a + b)
