@@ -59,6 +59,16 @@ def cell_name(r, c, style='long'):
   return f'{row_name(r)}{c}' if style in NAMED_STYLES else f'row {r} column {c}'
 
 
+def value_text(v):
+  """A cell's content as answered: the digit, or 'empty'."""
+  return 'empty' if v is None else str(v)
+
+
+def echoed(r, c, v, style):
+  """'echo' style: cell (r, c)'s name, then its content ('b1 7')."""
+  return f'{cell_name(r, c, style)} {value_text(v)}'
+
+
 def question(qtype, r=0, c=0, a=0, b=0, style='long'):
   if style in NAMED_STYLES:   # one token names the cell (row) the question is about: a one-hop look-up
     at, row = f'in cell {cell_name(r, c, style)}', row_name(r)
@@ -87,12 +97,12 @@ NAMED_STYLES = ('named', 'echo')
 def describe(grid, style='long'):
   """Long answer for `grid` (g x g list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
-  cell = lambda v: 'empty' if v is None else str(v)
+  cell = value_text
   if style == 'echo':
     g = len(grid)
     parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
     for r, row in enumerate(grid):
-      cells = [f'{cell_name(r + 1, c + 1, style)} {cell(v)}' for c, v in enumerate(row)]
+      cells = [echoed(r + 1, c + 1, v, style) for c, v in enumerate(row)]
       parts.append(f'row {row_name(r + 1)} : ' + ' , '.join(cells) + ' .')
     return ' '.join(parts)
   if style in ('cells', 'named'):
@@ -119,15 +129,13 @@ def describe(grid, style='long'):
 def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
   if qtype == 'digit_at':
     v = grid[r - 1][c - 1]
-    v = 'empty' if v is None else str(v)
-    return f'{cell_name(r, c, style)} {v}' if style == 'echo' else v
+    return echoed(r, c, v, style) if style == 'echo' else value_text(v)
   if qtype == 'count':
     return str(sum(v is not None for row in grid for v in row))
   if qtype == 'row_sum':
     total = str(sum(v or 0 for v in grid[r - 1]))
     if style == 'echo':   # the row's cells first, each value right after its name, then the sum
-      return ' '.join(f'{cell_name(r, j + 1, style)} {"empty" if v is None else v}'
-                      for j, v in enumerate(grid[r - 1])) + f' sum {total}'
+      return ' '.join(echoed(r, j + 1, v, style) for j, v in enumerate(grid[r - 1])) + f' sum {total}'
     return total
   if qtype == 'describe':
     return describe(grid, style)
