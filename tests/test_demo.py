@@ -47,6 +47,50 @@ def test_builder_options_name_the_dataset():
   assert digits_vqa.make_config().name == 'c64_n4000-300-300_s0'       # default sets keep their dir
   named = digits_vqa.make_config(grid=2, describe_style='named', describe_alone=True)
   assert named.name.endswith('_da') and 'named' in named.name
+  assert digits_vqa.make_config(tile_fraction=0.5).name.endswith('_tf0.5')
+  assert digits_vqa.make_config(one_round_test=True).name.endswith('_t1')
+  with pytest.raises(ValueError, match='tile_fraction'):
+    digits_vqa.make_config(tile_fraction=1.5)
+
+
+def test_one_round_test_split_and_its_hash():
+  from sklearn.datasets import load_digits
+  dg = load_digits()
+  d = get_config('stage=2').data.digits
+  assert d.one_round_test
+  rounds = {split: [len(digits_vqa.make_sample(split, i, dg.images, dg.target, 64, 0, d.describe_style,
+                                               d.max_rounds, d.extra_round_prob, d.grid, d.type_probs,
+                                               d.describe_alone, d.tile_fraction, True)
+                        ['conversations']['value']) // 2 for i in range(40)]
+            for split in ('train', 'test')}
+  assert set(rounds['test']) == {1} and max(rounds['train']) > 1    # only the test split changes
+  c = get_config('stage=2')
+  c.data.digits.one_round_test = False        # the test split is read by no stage: same hash
+  assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
+
+
+def test_ink_targets_and_cell_scores():
+  from sklearn.datasets import load_digits
+  import jax.numpy as jnp
+  from dynllava_jax.demo import tower
+  dg = load_digits()
+  rng = np.random.default_rng(1)
+  empty, src, g = digits_vqa.draw_grid(rng, dg.target, 'train', 2)
+  canvas, ink = digits_vqa.render_canvas(digits_vqa.tiles_of(dg.images, empty, src), 64, rng, with_ink=True)
+  share = tower.patch_ink(ink, 64, 8).reshape(8, 8)
+  for r in range(2):
+    for col in range(2):
+      block = share[4 * r:4 * r + 4, 4 * col:4 * col + 4]
+      assert (block.max() > 0.4) == (g[r][col] is not None)     # ink only in the digits' own cells
+      if g[r][col] is not None:
+        assert 2 <= (block >= 0.4).sum() < 16                   # a digit shows in some of its 16 tokens
+  # cell scores: a cell is digit d if any of its patches says d; empty only if all of them say empty
+  cells = jnp.asarray([0, 0, 1, 1])
+  logits = np.full((1, 4, 11), -9.0, np.float32)
+  logits[0, :, 10] = 9.0               # every patch says empty ...
+  logits[0, 1, 7] = 12.0               # ... but one patch of cell 0 shows a 7
+  pred = np.asarray(tower.cell_logits((None, jnp.asarray(logits), None), cells, 2, 'ink')).argmax(-1)
+  np.testing.assert_array_equal(pred, [[7, 10]])
 
 
 def test_named_cells_and_lone_descriptions():
@@ -154,6 +198,8 @@ def test_tower_hash_covers_what_the_tower_reads():
   assert stg.stage_hash(c) == base
   changes = {'tower.steps': lambda c: setattr(c.tower, 'steps', 5),
              'data.digits.grid': lambda c: setattr(c.data.digits, 'grid', 3),
+             'data.digits.tile_fraction': lambda c: setattr(c.data.digits, 'tile_fraction', 0.5),
+             'tower.ink_min': lambda c: setattr(c.tower, 'ink_min', 0.2),
              'model.vision.patch_size': lambda c: setattr(c.model.vision, 'patch_size', 16)}
   for name, change in changes.items():                                             # what it reads
     c = get_config('stage=0')

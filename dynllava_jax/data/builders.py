@@ -31,7 +31,9 @@ def get_builder(config):
     cfg = digits_vqa.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed,
                                  g.describe_style, g.max_rounds, g.extra_round_prob,
                                  g.get('grid', digits_vqa.GRID), g.get('type_probs', digits_vqa.TYPE_PROBS),
-                                 g.get('describe_alone', False))
+                                 g.get('describe_alone', False),
+                                 g.get('tile_fraction', digits_vqa.TILE_FRACTION),
+                                 g.get('one_round_test', False))
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'digits_video':      # frames: data.max_frames (>= 2), from min(4, max_frames)
     g, top = d.digits, int(d.get('max_frames', 1))

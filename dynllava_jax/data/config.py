@@ -41,6 +41,10 @@ def digits_defaults(size='tiny'):
   # question-type mix (order digit_at, count, row_sum, describe, text_add); both name the dataset dir.
   c.grid = 3
   c.type_probs = (0.35, 0.15, 0.2, 0.25, 0.05)
+  # A digit's side as a fraction of its cell's (random place inside the cell); != 0.8 names the dataset dir.
+  c.tile_fraction = 0.8
+  # Every test sample one question (no earlier answer in its conversation gives the asked value away).
+  c.one_round_test = False
   return c
 
 

@@ -46,6 +46,8 @@ TYPE_PROBS = (0.35, 0.15, 0.2, 0.25, 0.05)
 EMPTY_PROB = 0.3
 SECOND_ROUND_PROB = 0.1
 GRID = 3
+# A digit's side as a fraction of its cell's side (it sits at a random place inside the cell).
+TILE_FRACTION = 0.8
 PNG_MAX_SIZE = 128   # canvases up to this side are stored as PNG, larger ones as JPEG (q95)
 
 
@@ -159,19 +161,22 @@ def build_tokenizer(path=None, describe_style='long'):
   return tokenizer_lib.build_word_tokenizer(vocabulary_texts(describe_style), path)
 
 
-def render_canvas(tiles, canvas_size, rng):
+def render_canvas(tiles, canvas_size, rng, tile_fraction=TILE_FRACTION, with_ink=False):
   """Draws a g x g grid canvas (g = len(tiles)).
 
   Args:
     tiles: g x g list of (8, 8) float arrays in 0..16, or None for empty cells.
     canvas_size: S, output side in pixels; cell c of a row spans pixels [margin + c·(S//g), +S//g).
+    tile_fraction: a digit's side as a fraction of its cell's (at a random place inside the cell).
+    with_ink: also return where the digits' ink is.
   Returns:
-    (S, S, 3) uint8.
+    (S, S, 3) uint8; with_ink: and (S, S) bool, the pixels a digit's ink covers (>= 1/4 intensity).
   """
   s, g = canvas_size, len(tiles)
   cell = s // g
   margin = (s - g * cell) // 2
-  tile = max(8, int(round(cell * 0.8)))
+  tile = max(8, int(round(cell * tile_fraction)))
+  ink_mask = np.zeros((s, s), bool)
   f = max(1, s // 96)   # noise grain: 1 px for small canvases, f x f blocks for large ones
   base = -(-s // f)
   noise = rng.standard_normal((base, base, 3), dtype=np.float32)
@@ -190,8 +195,10 @@ def render_canvas(tiles, canvas_size, rng):
       x = margin + c * cell + int(rng.integers(0, cell - tile + 1))
       region = canvas[y:y + tile, x:x + tile]
       canvas[y:y + tile, x:x + tile] = np.maximum(region, ink * tint)
+      ink_mask[y:y + tile, x:x + tile] |= ink[..., 0] >= 0.25
   canvas += 0.02 * noise[::-1]   # pixel noise over the ink too (reuses the draw, flipped)
-  return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
+  out = (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
+  return (out, ink_mask) if with_ink else out
 
 
 def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS, allow_describe=True):
@@ -230,13 +237,15 @@ def tiles_of(images, empty, src):
 
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
                 extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
   to max_rounds in all; `question_type` / `answer` describe the last round. describe_alone: a
   description is a sample's only round (no look-up can copy its answer from a description earlier in the
   conversation, and every description is the last answer, which output-text sparsification acts on).
+  one_round_test: every test sample is one question (evaluation answers a sample's last question with the
+  earlier rounds' answers in the prompt: an earlier look-up or row sum would give the asked value away).
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
@@ -244,7 +253,8 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   has_image = qtype != 'text_add'
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
-  more = has_image and not (describe_alone and qtype == 'describe')
+  more = (has_image and not (describe_alone and qtype == 'describe')
+          and not (one_round_test and split == 'test'))
   while more and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
     qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs,
                                    allow_describe=not describe_alone)
@@ -252,7 +262,7 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   image = b''
   if has_image:
     buf = io.BytesIO()
-    img = Image.fromarray(render_canvas(tiles_of(images, empty, src), canvas_size, rng), 'RGB')
+    img = Image.fromarray(render_canvas(tiles_of(images, empty, src), canvas_size, rng, tile_fraction), 'RGB')
     if canvas_size <= PNG_MAX_SIZE:
       img.save(buf, format='PNG')
     else:   # noisy large canvases: PNG is ~5x bigger and ~25x slower to write
@@ -276,11 +286,13 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   grid: int = GRID
   type_probs: tuple = TYPE_PROBS
   describe_alone: bool = False
+  tile_fraction: float = TILE_FRACTION
+  one_round_test: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
                 max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -289,6 +301,10 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
       or abs(sum(type_probs) - 1.0) > 1e-6):
     raise ValueError(f'data.digits.type_probs={type_probs}: {len(QUESTION_TYPES)} probabilities '
                      f'(order {QUESTION_TYPES}) summing to 1')
+  tile_fraction = float(tile_fraction)
+  if not 8 * grid / canvas_size <= tile_fraction <= 1.0:
+    raise ValueError(f'data.digits.tile_fraction={tile_fraction} must be in [8·grid/canvas_size, 1] '
+                     f'(a digit is at least 8 px and fits its cell)')
   if describe_style not in DESCRIBE_STYLES:
     raise ValueError(f'data.digits.describe_style={describe_style!r}: use one of {DESCRIBE_STYLES}')
   if max_rounds < 1 or not 0.0 <= extra_round_prob <= 1.0:
@@ -305,10 +321,15 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += '_t' + '-'.join(f'{p:g}' for p in type_probs)
   if describe_alone:
     name += '_da'
+  if tile_fraction != TILE_FRACTION:
+    name += f'_tf{tile_fraction:g}'
+  if one_round_test:
+    name += '_t1'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
                          extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
-                         describe_alone=bool(describe_alone))
+                         describe_alone=bool(describe_alone), tile_fraction=tile_fraction,
+                         one_round_test=bool(one_round_test))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -337,4 +358,5 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
-                           c.extra_round_prob, c.grid, c.type_probs, c.describe_alone)
+                           c.extra_round_prob, c.grid, c.type_probs, c.describe_alone, c.tile_fraction,
+                           c.one_round_test)

@@ -13,8 +13,9 @@ the layer-pruned models it is the number of decoder layers removed (`prune_bi@1`
                       rule): θ = the (1 − r_OT) quantile of the predictor's keep margins on the validation
                       descriptions (`text_margin_quantile`), so it keeps ~r_OT of the generated tokens
   random@r, uniform@r stage 2, ⌊N·r⌋ image tokens at `sparse_layer` (the same budget as dynamic@r)
-  fastv@r             stage 2, FastV with K = sparse_layer and R = 1 − r (round(N·r) kept from layer K on)
-  pdrop@r             stage 2, PyramidDrop dropping entering every layer from sparse_layer on, the kept
+  fastv@r             stage 2, FastV with K = max(sparse_layer, 1) and R = 1 − r (round(N·r) kept from layer
+                      K on; its score is layer K−1's attention)
+  pdrop@r             stage 2, PyramidDrop dropping entering every layer from max(sparse_layer, 1) on, the kept
                       fractions halving per layer (x, x/2, x/4, ...) with x chosen so their mean equals r:
                       the same image-token·layers in the prefill as the others at r
   visionzip@r,        stage 2, ⌊N·r⌋ visual tokens handed to the LLM by the pre-LLM reducers (VisionZip:
@@ -55,6 +56,7 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
   from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.base import keep_budget  # pylint: disable=g-import-not-at-top
   sl, n_layers = int(model_cfg.sparse.sparse_layer), int(model_cfg.llm.layers)
+  k_attn = max(sl, 1)   # FastV / PyramidDrop score with the attention of the layer before: from layer 1
   n = num_visual_tokens(model_cfg)
   spec = lambda m, b, **kw: {'key': key(m, b), 'method': m, 'sparsifier': m, 'stage': 2, 'ratio': None,
                              'overrides': {}, 'prune': 0, **kw}
@@ -76,9 +78,9 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
       elif m in ('random', 'uniform'):
         out.append(spec(m, r, ratio=r))
       elif m == 'fastv':
-        out.append(spec(m, r, overrides={'k': sl, 'r': 1.0 - r}))
+        out.append(spec(m, r, overrides={'k': k_attn, 'r': 1.0 - r}))
       elif m == 'pdrop':
-        layers, ratios = pdrop_ratios(r, n_layers, sl)
+        layers, ratios = pdrop_ratios(r, n_layers, k_attn)
         out.append(spec(m, r, overrides={'layers': layers, 'ratios': ratios}))
       elif m in ('visionzip', 'divprune'):   # ⌊N·r⌋ projected tokens before the LLM
         out.append(spec(m, r, overrides={'tokens': keep_budget(n, r)}))

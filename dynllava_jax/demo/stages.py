@@ -37,14 +37,16 @@ def stage_dir(workdir, config):
 def stage_inputs(config):
   """The part of the config a stage reads: stage 0 (the tower) only its `tower` section, the vision tower's
   config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
-  it); stages 1-3 everything (`train.init_from` blanked: it is a path inside the workdir)."""
+  it); stages 1-3 everything but `train.init_from` (a path inside the workdir) and
+  `data.digits.one_round_test` (it shapes only the test split, which no stage reads)."""
   d = config.to_dict()
   if config.stage.index == 0:
     g = d['data']['digits']
     return {'stage': d['stage'], 'tower': d['tower'], 'vision': d['model']['vision'], 'seed': d['seed'],
-            'canvas': {k: g.get(k) for k in ('canvas_size', 'grid')}}
+            'canvas': {k: g.get(k) for k in ('canvas_size', 'grid', 'tile_fraction')}}
   if 'train' in d:
     d['train']['init_from'] = ''
+  d.get('data', {}).get('digits', {}).pop('one_round_test', None)   # shapes the test split only
   return d
 
 
