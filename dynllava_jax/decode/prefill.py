@@ -83,6 +83,8 @@ def _take(x, idx):
 
 
 def _run(model, h, positions, valid, start, stop, return_kv):
+  if start == stop:   # before a drop entering layer 0: no layers
+    return h, None
   t = h.shape[1]
   idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), valid.shape)
   allowed = causal_allowed(idx, idx, valid)
@@ -206,7 +208,8 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
         h_prev = h
       h, kv = _run(model, h, positions, valid, start, stop, return_kv)
     count = jnp.sum(valid, -1).astype(jnp.int32)
-    segments.append(Segment(kv, count, positions, orig, valid, image_mask, start, stop))
+    if stop > start:    # (a drop entering layer 0 has no segment, no cache, before it)
+      segments.append(Segment(kv, count, positions, orig, valid, image_mask, start, stop))
     kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], orig].max(valid))
     if stop == n_layers:
       break

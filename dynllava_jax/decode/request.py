@@ -105,7 +105,7 @@ def boundaries(method, model_cfg):
   tl = method.text_layer(model_cfg)
   if tl is not None:
     pts.add(int(tl))
-  return tuple(sorted(p for p in pts if p > 0))
+  return tuple(sorted(pts))
 
 
 def segment_sizes(method, model_cfg, n_real, n_img, t0, bucket, extra=0, n_visual=None) -> Tuple[int, ...]:

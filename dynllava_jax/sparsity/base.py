@@ -123,12 +123,12 @@ class Sparsifier:
   def validate(self, model_cfg, n_image_tokens: int) -> None:
     """Raises ValueError (one actionable line) if this method cannot run on this model."""
     for p in self.drop_points(model_cfg):
-      if not 1 <= p < model_cfg.llm.layers:
-        raise ValueError(f'{self.name}: drop point {p} must be in 1..{model_cfg.llm.layers - 1} (the hidden '
+      if not 0 <= p < model_cfg.llm.layers:
+        raise ValueError(f'{self.name}: drop point {p} must be in 0..{model_cfg.llm.layers - 1} (the hidden '
                          'state entering that decoder layer)')
     t = self.text_layer(model_cfg)
-    if t is not None and not 1 <= t < model_cfg.llm.layers:
-      raise ValueError(f'{self.name}: text_layer {t} must be in 1..{model_cfg.llm.layers - 1}')
+    if t is not None and not 0 <= t < model_cfg.llm.layers:
+      raise ValueError(f'{self.name}: text_layer {t} must be in 0..{model_cfg.llm.layers - 1}')
 
   def text_keep(self, ctx: TextContext):
     return None
