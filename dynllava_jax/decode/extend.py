@@ -165,6 +165,9 @@ def extend(model, cfg, method, caches, input_ids, attention_mask=None, pixel_val
   if ids.ndim != 2:
     raise ValueError(f'input_ids must be (batch, length); got shape {ids.shape}')
   bounds = R.boundaries(method, mc)
+  if bounds and bounds[0] == 0:
+    raise ValueError(f'{method.name} drops tokens entering layer 0: a next turn (extend) is not supported '
+                     'there; use sparse_layer >= 1')
   starts = tuple(c.start for c in caches)
   if starts != (0,) + bounds:
     raise ValueError(f'the caches have segments starting at layers {starts}; method {method.name} needs '

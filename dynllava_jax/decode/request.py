@@ -100,7 +100,8 @@ def check_and_pack(model_cfg, input_ids, pixel_values, attention_mask, *, max_ne
 
 
 def boundaries(method, model_cfg):
-  """Sorted layer indices where a new segment starts: drop points ∪ {text_layer} (0 excluded)."""
+  """Sorted layer indices where a segment starts after a boundary: drop points ∪ {text_layer} (0 = before
+  any layer: the prefill then has no segment before it)."""
   pts = set(int(p) for p in method.drop_points(model_cfg))
   tl = method.text_layer(model_cfg)
   if tl is not None:
