@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS_DEFAULT = ('dense', 'dynamic', 'dynamic_cal', 'fastv', 'pdrop', 'random', 'uniform', 'visionzip',
-                   'divprune', 'prune_bi', 'prune_random')
+METHODS_DEFAULT = ('dense', 'dynamic', 'dynamic_cal', 'dynamic_image', 'fastv', 'pdrop', 'random', 'uniform',
+                   'visionzip', 'divprune', 'prune_bi', 'prune_random')
 KEPT_PATCH_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')   # N image slots in the LLM
 
 

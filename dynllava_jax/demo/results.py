@@ -12,6 +12,7 @@ the layer-pruned models it is the number of decoder layers removed (`prune_bi@1`
   dynamic_cal@0.2     the same with the output-text rule `text_margin=θ` (an option, not the released
                       rule): θ = the (1 − r_OT) quantile of the predictor's keep margins on the validation
                       descriptions (`text_margin_quantile`), so it keeps ~r_OT of the generated tokens
+  dynamic_image@0.2   the same model and image rule without output-text pruning (every generated token kept)
   random@r, uniform@r stage 2, ⌊N·r⌋ image tokens at `sparse_layer` (the same budget as dynamic@r)
   fastv@r             stage 2, FastV with K = max(sparse_layer, 1) and R = 1 − r (round(N·r) kept from layer
                       K on; its score is layer K−1's attention)
@@ -34,8 +35,8 @@ BUDGETS = (0.1, 0.2, 0.35, 0.5)
 PRUNE_LAYERS = (1, 2)   # decoder layers removed by prune_bi / prune_random (of the 4; the region's stays)
 TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform', 'visionzip', 'divprune')
 PRUNE = ('prune_bi', 'prune_random')
-CAL_BUDGET = 0.2        # dynamic_cal runs at the trained r_I only
-METHOD_ORDER = ('dense', 'dynamic', 'dynamic_cal') + TRAINING_FREE + PRUNE
+CAL_BUDGET = 0.2        # dynamic_cal and dynamic_image run at the trained r_I only
+METHOD_ORDER = ('dense', 'dynamic', 'dynamic_cal', 'dynamic_image') + TRAINING_FREE + PRUNE
 
 
 def key(method, budget):
@@ -75,6 +76,9 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
       elif m == 'dynamic_cal':   # the calibrated output-text threshold (evaluate_all sets text_margin)
         if r == CAL_BUDGET:      # at the trained r_I only
           out.append(spec(m, r, sparsifier='dynamic', stage=3, ratio=r))
+      elif m == 'dynamic_image':   # the image rule alone: what the output-text rule costs
+        if r == CAL_BUDGET:
+          out.append(spec(m, r, stage=3, ratio=r))
       elif m in ('random', 'uniform'):
         out.append(spec(m, r, ratio=r))
       elif m == 'fastv':
