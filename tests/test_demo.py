@@ -224,13 +224,15 @@ def test_summary_schema_check():
 def test_budgets_match():
   mc = get_config('stage=2').model
   specs = {sp['key']: sp for sp in res.method_specs(mc)}
-  n_budgeted = len(res.METHOD_ORDER) - 2 - len(res.PRUNE)
-  assert len(specs) == 2 + n_budgeted * len(res.BUDGETS) + len(res.PRUNE) * len(res.PRUNE_LAYERS)
+  n_budgeted = len(res.METHOD_ORDER) - 3 - len(res.PRUNE)     # dense, dynamic_cal, dynamic_image: one each
+  assert len(specs) == 3 + n_budgeted * len(res.BUDGETS) + len(res.PRUNE) * len(res.PRUNE_LAYERS)
   assert specs['dynamic_cal@0.2']['sparsifier'] == 'dynamic' and specs['dynamic_cal@0.2']['stage'] == 3
+  assert specs['dynamic_image@0.2']['sparsifier'] == 'dynamic_image' and specs['dynamic_image@0.2']['stage'] == 3
   assert specs['dense@1.0']['stage'] == 2 and specs['dynamic@0.2']['stage'] == 3
   for r in res.BUDGETS:
     pd = specs[res.key('pdrop', r)]['overrides']
-    assert pd['layers'][0] == mc.sparse.sparse_layer and np.isclose(np.mean(pd['ratios']), r)
+    assert pd['layers'][0] == max(mc.sparse.sparse_layer, 1) and np.isclose(np.mean(pd['ratios']), r)
+    assert specs[res.key('fastv', r)]['overrides']['k'] == max(mc.sparse.sparse_layer, 1)   # attention of k-1
     assert np.isclose(specs[res.key('fastv', r)]['overrides']['r'], 1 - r)
     k = int(np.floor(64 * r + 1e-6))                  # the random / dynamic budget, before the LLM
     for m in ('visionzip', 'divprune'):
