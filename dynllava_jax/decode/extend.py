@@ -43,7 +43,8 @@ import numpy as np
 
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
-from dynllava_jax.decode.prefill import _take, eval_section, pack
+from dynllava_jax.decode.prefill import eval_section
+from dynllava_jax.model import mod as M
 from dynllava_jax.model.attention import NEG_INF
 from dynllava_jax.model.projector import visual_token_count
 from dynllava_jax.sparsity.base import ScoreContext, top_k_mask
@@ -125,8 +126,8 @@ def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_
   for s, cache in enumerate(caches):
     if s > 0 and pixel_values is not None and cache.start in pts:
       keep = _chunk_keep(method, model, h, h_prev, pos_prev, valid, image_mask, n_new, cache.start, rng, n_image)
-      idx, valid, n_new = pack(keep, t)
-      h, off, image_mask = _take(h, idx), _take(off, idx), _take(image_mask, idx) & valid
+      idx, valid, n_new = M.compact(keep, t)
+      h, off, image_mask = M.take(h, idx), M.take(off, idx), M.take(image_mask, idx) & valid
     kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], off].max(valid))
     rank = jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions else off
     pos = cache.next_pos[:, None] + rank
