@@ -188,10 +188,11 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
 
   def at(stop, h, h_prev):      # close the segment's record; at a method boundary, drop by gather
     count = jnp.sum(st.valid, -1).astype(jnp.int32)
-    kv = st.kv[0] if len(st.kv) < 2 or st.kv[0] is None else jax.tree.map(
-        lambda a, c: jnp.concatenate([a, c], 0), *st.kv)
-    seg = st.seg if st.seg is not None else Segment(kv, count, st.positions, st.orig, st.valid, st.image_mask,
-                                                    st.start, stop)
+    seg = st.seg
+    if seg is None:           # K/V of [start, stop), or of [start, stop − 1) and [stop − 1, stop) (h_prev)
+      kv = st.kv[0] if len(st.kv) == 1 or st.kv[0] is None else jax.tree.map(
+          lambda a, c: jnp.concatenate([a, c], 0), *st.kv)
+      seg = Segment(kv, count, st.positions, st.orig, st.valid, st.image_mask, st.start, stop)
     segments.append(seg)
     kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], seg.orig].max(seg.valid))
     st.start, st.kv, st.seg = stop, [], None
