@@ -136,11 +136,6 @@ def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mas
   return h, seg
 
 
-def mod_plan(model, frames):
-  """The MoD layers the engine routes (the plan's `mod` layers when the call has frames, else ())."""
-  return tuple(P.kind_layers(model.language_model.plan, M.KIND)) if frames else ()
-
-
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
                    return_logits=False, intermediates=False, n_image=None, frames=None, mod_size=None):
   """The segmented forward on packed inputs (traceable; sizes static).
@@ -159,7 +154,7 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   tl = method.text_layer(mc)
   method_bounds = bounds = R.boundaries(method, mc)
   b, t0 = valid.shape
-  mods = mod_plan(model, 1 if frames is None else frames)
+  mods = tuple(P.kind_layers(model.language_model.plan, M.KIND))     # each its own segment
   route = None
   if mods:
     if bounds:
