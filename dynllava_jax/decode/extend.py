@@ -34,6 +34,7 @@ caches are grown (`cache.grow`) to hold the chunk and, for segment 0, max_new_to
 `eval.cache_bucket`: one compile per (chunk bucket, capacities).
 """
 import dataclasses
+import types
 from functools import partial
 from typing import Any, Optional, Tuple
 
@@ -47,6 +48,7 @@ from dynllava_jax.decode.prefill import eval_section
 from dynllava_jax.model import mod as M
 from dynllava_jax.model.attention import NEG_INF
 from dynllava_jax.model.projector import visual_token_count
+from dynllava_jax.model.walk import walk
 from dynllava_jax.sparsity.base import ScoreContext, top_k_mask
 
 
@@ -121,26 +123,38 @@ def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_
   off = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))     # each token's index in the chunk
   pts = tuple(int(p) for p in method.drop_points(model.mc))
   n_image = visual_token_count(model.mc, method, count)
+  # the chunk as each segment sees it; the segment being run (index, positions, the new K/V per layer)
+  st = types.SimpleNamespace(valid=valid, n_new=n_new, image_mask=image_mask, off=off, s=0, pos=None, k=[],
+                             v=[])
   out, kept = [], []
-  h_prev = pos_prev = None
-  for s, cache in enumerate(caches):
-    if s > 0 and pixel_values is not None and cache.start in pts:
-      keep = _chunk_keep(method, model, h, h_prev, pos_prev, valid, image_mask, n_new, cache.start, rng, n_image)
-      idx, valid, n_new = M.compact(keep, t)
-      h, off, image_mask = M.take(h, idx), M.take(off, idx), M.take(image_mask, idx) & valid
-    kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], off].max(valid))
-    rank = jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions else off
-    pos = cache.next_pos[:, None] + rank
-    ks, vs = [], []
-    for j, i in enumerate(range(cache.start, cache.stop)):
-      if i == cache.stop - 1 and method.needs_prev_hidden:
-        h_prev = h                            # entering the layer before the next drop point
-      h, (kc, vc) = lm.layer_at(i)(h, pos, chunk_attention(cache.k[j], cache.v[j], cache.length, n_new))
-      ks.append(kc)
-      vs.append(vc)
-    pos_prev = pos
-    out.append(cache.replace(k=tuple(ks), v=tuple(vs), length=cache.length + n_new,
-                             next_pos=cache.next_pos + (n_new if method.renumber_positions else n0)))
+
+  def run(h, start, stop):      # layers [start, stop) of cache segment s, each with its cache's attention
+    cache = caches[st.s]
+    if start == cache.start:
+      kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], st.off].max(st.valid))
+      st.pos = cache.next_pos[:, None] + (jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions
+                                          else st.off)
+    for i in range(start, stop):
+      j = i - cache.start
+      h, (kc, vc) = lm.layer_at(i)(h, st.pos, chunk_attention(cache.k[j], cache.v[j], cache.length, st.n_new))
+      st.k.append(kc)
+      st.v.append(vc)
+    return h
+
+  def at(p, h, h_prev):         # close segment s; at a drop point, the chunk keeps what a prefill would
+    cache = caches[st.s]
+    out.append(cache.replace(k=tuple(st.k), v=tuple(st.v), length=cache.length + st.n_new,
+                             next_pos=cache.next_pos + (st.n_new if method.renumber_positions else n0)))
+    st.s, st.k, st.v = st.s + 1, [], []
+    if p in pts and pixel_values is not None and st.s < len(caches):
+      keep = _chunk_keep(method, model, h, h_prev, st.pos, st.valid, st.image_mask, st.n_new, p, rng, n_image)
+      idx, st.valid, st.n_new = M.compact(keep, t)
+      h, st.off, st.image_mask = M.take(h, idx), M.take(st.off, idx), M.take(st.image_mask, idx) & st.valid
+    return h
+
+  h = walk(h, caches[-1].stop, tuple(c.start for c in caches[1:]), run, at,
+           prev=pts if method.needs_prev_hidden else ())
+  n_new, image_mask = st.n_new, st.image_mask
   h_last = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None

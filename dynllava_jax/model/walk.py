@@ -1,10 +1,11 @@
 """The one walk over the decoder's layers split at a method's boundaries (docs/architecture.md).
 
-The engine's prefill (`decode/prefill.py`), teacher forcing (`eval/teacher.py`) and the training forward
-(`train/forward.py`) all run layers [0, L) as segments between boundaries (drop points, the text layer,
-training hooks' layers, MoD layers) and act at each boundary; they differ only in the strategy:
-'drop by gather' (the engine: a segment runs on the packed kept tokens, a boundary gathers the kept ones)
-or 'mask keys' (`KeyMask`: every token stays, a boundary narrows the keys later layers attend to).
+The engine's prefill (`decode/prefill.py`), teacher forcing (`eval/teacher.py`), the training forward
+(`train/forward.py`) and the next-turn append (`decode/extend.py`) all run layers [0, L) as segments
+between boundaries (drop points, the text layer, training hooks' layers, MoD layers) and act at each
+boundary; they differ only in the strategy: 'drop by gather' (the engine: a segment runs on the packed
+kept tokens, a boundary gathers the kept ones) or 'mask keys' (`KeyMask`: every token stays, a boundary
+narrows the keys later layers attend to).
 """
 
 
