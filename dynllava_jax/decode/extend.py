@@ -99,19 +99,6 @@ def chunk_attention(k_buf, v_buf, length, n_new):
   return attend
 
 
-def _chunk_keep(method, model, h, h_prev, pos, valid, image_mask, n_new, layer, rng, n_image):
-  """The chunk tokens kept at drop point `layer`: every real text token, the method's k best image
-  tokens of the chunk (scored on the chunk's own tokens), the last real token -> (B, T) bool."""
-  pts = tuple(int(p) for p in method.drop_points(model.mc))
-  i = pts.index(layer)
-  key = None if rng is None else jax.random.fold_in(rng, i)
-  ctx = ScoreContext(h=h, h_prev=h_prev, positions=pos, valid=valid, image_mask=image_mask, last_index=n_new - 1,
-                     layer=layer, model=model, rng=key, n_image=n_image)
-  k = tuple(method.keep_counts(n_image))[i]
-  last = jnp.arange(h.shape[1])[None, :] == (n_new - 1)[:, None]
-  return valid & (~image_mask | top_k_mask(method.score(i, ctx), image_mask, k)) | (last & valid)
-
-
 @partial(jax.jit, static_argnames=('method', 'return_logits', 'count'))
 def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_logits, count=None):
   lm = model.language_model
@@ -123,6 +110,7 @@ def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_
   off = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))     # each token's index in the chunk
   pts = tuple(int(p) for p in method.drop_points(model.mc))
   n_image = visual_token_count(model.mc, method, count)
+  counts = tuple(method.keep_counts(n_image))
   # the chunk as each segment sees it; the segment being run (index, positions, the new K/V per layer)
   st = types.SimpleNamespace(valid=valid, n_new=n_new, image_mask=image_mask, off=off, s=0, pos=None, k=[],
                              v=[])
@@ -146,20 +134,22 @@ def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_
     out.append(cache.replace(k=tuple(st.k), v=tuple(st.v), length=cache.length + st.n_new,
                              next_pos=cache.next_pos + (st.n_new if method.renumber_positions else n0)))
     st.s, st.k, st.v = st.s + 1, [], []
-    if p in pts and pixel_values is not None and st.s < len(caches):
-      keep = _chunk_keep(method, model, h, h_prev, st.pos, st.valid, st.image_mask, st.n_new, p, rng, n_image)
+    if p in pts and pixel_values is not None and st.s < len(caches):   # scored on the chunk's own tokens
+      i = pts.index(p)
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=st.pos, valid=st.valid, image_mask=st.image_mask,
+                         last_index=st.n_new - 1, layer=p, model=model, n_image=n_image,
+                         rng=None if rng is None else jax.random.fold_in(rng, i))
+      keep = st.valid & (~st.image_mask | top_k_mask(method.score(i, ctx), st.image_mask, counts[i]))
+      keep = keep | ((jnp.arange(t)[None, :] == (st.n_new - 1)[:, None]) & st.valid)   # the last token
       idx, st.valid, st.n_new = M.compact(keep, t)
       h, st.off, st.image_mask = M.take(h, idx), M.take(st.off, idx), M.take(st.image_mask, idx) & st.valid
     return h
 
   h = walk(h, caches[-1].stop, tuple(c.start for c in caches[1:]), run, at,
            prev=pts if method.needs_prev_hidden else ())
-  n_new, image_mask = st.n_new, st.image_mask
-  h_last = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)
-  logits_last = lm.head(h_last)[:, 0]
+  h_last = jnp.take_along_axis(h, (st.n_new - 1)[:, None, None], axis=1)
   logits = lm.head(h) if return_logits else None
-  n_img_last = jnp.sum(image_mask, axis=1)
-  return tuple(out), logits_last, logits, jnp.stack(kept), n_img_last
+  return tuple(out), lm.head(h_last)[:, 0], logits, jnp.stack(kept), jnp.sum(st.image_mask, axis=1)
 
 
 def extend(model, cfg, method, caches, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens=1,
