@@ -1,4 +1,5 @@
-"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md).
+"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md),
+'drop by gather' on the one walk (`model/walk.py`).
 
 All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
 original order, padding after; slot order is causal order. At each boundary p (a drop point, or the
