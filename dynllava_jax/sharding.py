@@ -73,10 +73,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def named_sharding(mesh: Mesh, names) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(names))
-
-
 def state_shardings(mesh: Mesh, state):
   """NamedShardings for an nnx.State (abstract or concrete) from each Variable's logical names."""
   from flax import nnx

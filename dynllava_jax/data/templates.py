@@ -50,11 +50,6 @@ class Encoded:
   truncated: bool = False
   num_rounds: int = 1   # (question, answer) rounds kept after truncation
 
-  def as_dict(self):
-    d = dataclasses.asdict(self)
-    d['attention_mask'] = np.ones_like(self.input_ids)
-    return d
-
 
 def normalize_turns(conversations, has_image, frames=1):
   """LLaVA `conversations` (list of {from, value}) → list of (question, answer) rounds.

@@ -34,6 +34,7 @@ caches are grown (`cache.grow`) to hold the chunk and, for segment 0, max_new_to
 `eval.cache_bucket`: one compile per (chunk bucket, capacities).
 """
 import dataclasses
+import types
 from functools import partial
 from typing import Any, Optional, Tuple
 
@@ -43,9 +44,11 @@ import numpy as np
 
 from dynllava_jax.decode import cache as C
 from dynllava_jax.decode import request as R
-from dynllava_jax.decode.prefill import _take, eval_section, pack
+from dynllava_jax.decode.prefill import eval_section
+from dynllava_jax.model import mod as M
 from dynllava_jax.model.attention import NEG_INF
 from dynllava_jax.model.projector import visual_token_count
+from dynllava_jax.model.walk import walk
 from dynllava_jax.sparsity.base import ScoreContext, top_k_mask
 
 
@@ -96,19 +99,6 @@ def chunk_attention(k_buf, v_buf, length, n_new):
   return attend
 
 
-def _chunk_keep(method, model, h, h_prev, pos, valid, image_mask, n_new, layer, rng, n_image):
-  """The chunk tokens kept at drop point `layer`: every real text token, the method's k best image
-  tokens of the chunk (scored on the chunk's own tokens), the last real token -> (B, T) bool."""
-  pts = tuple(int(p) for p in method.drop_points(model.mc))
-  i = pts.index(layer)
-  key = None if rng is None else jax.random.fold_in(rng, i)
-  ctx = ScoreContext(h=h, h_prev=h_prev, positions=pos, valid=valid, image_mask=image_mask, last_index=n_new - 1,
-                     layer=layer, model=model, rng=key, n_image=n_image)
-  k = tuple(method.keep_counts(n_image))[i]
-  last = jnp.arange(h.shape[1])[None, :] == (n_new - 1)[:, None]
-  return valid & (~image_mask | top_k_mask(method.score(i, ctx), image_mask, k)) | (last & valid)
-
-
 @partial(jax.jit, static_argnames=('method', 'return_logits', 'count'))
 def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_logits, count=None):
   lm = model.language_model
@@ -120,31 +110,46 @@ def _extend_jit(model, method, caches, ids, n_new, pixel_values, rng, *, return_
   off = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))     # each token's index in the chunk
   pts = tuple(int(p) for p in method.drop_points(model.mc))
   n_image = visual_token_count(model.mc, method, count)
+  counts = tuple(method.keep_counts(n_image))
+  # the chunk as each segment sees it; the segment being run (index, positions, the new K/V per layer)
+  st = types.SimpleNamespace(valid=valid, n_new=n_new, image_mask=image_mask, off=off, s=0, pos=None, k=[],
+                             v=[])
   out, kept = [], []
-  h_prev = pos_prev = None
-  for s, cache in enumerate(caches):
-    if s > 0 and pixel_values is not None and cache.start in pts:
-      keep = _chunk_keep(method, model, h, h_prev, pos_prev, valid, image_mask, n_new, cache.start, rng, n_image)
-      idx, valid, n_new = pack(keep, t)
-      h, off, image_mask = _take(h, idx), _take(off, idx), _take(image_mask, idx) & valid
-    kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], off].max(valid))
-    rank = jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions else off
-    pos = cache.next_pos[:, None] + rank
-    ks, vs = [], []
-    for j, i in enumerate(range(cache.start, cache.stop)):
-      if i == cache.stop - 1 and method.needs_prev_hidden:
-        h_prev = h                            # entering the layer before the next drop point
-      h, (kc, vc) = lm.layer_at(i)(h, pos, chunk_attention(cache.k[j], cache.v[j], cache.length, n_new))
-      ks.append(kc)
-      vs.append(vc)
-    pos_prev = pos
-    out.append(cache.replace(k=tuple(ks), v=tuple(vs), length=cache.length + n_new,
-                             next_pos=cache.next_pos + (n_new if method.renumber_positions else n0)))
-  h_last = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)
-  logits_last = lm.head(h_last)[:, 0]
+
+  def run(h, start, stop):      # layers [start, stop) of cache segment s, each with its cache's attention
+    cache = caches[st.s]
+    if start == cache.start:
+      kept.append(jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], st.off].max(st.valid))
+      st.pos = cache.next_pos[:, None] + (jnp.arange(t, dtype=jnp.int32)[None, :] if method.renumber_positions
+                                          else st.off)
+    for i in range(start, stop):
+      j = i - cache.start
+      h, (kc, vc) = lm.layer_at(i)(h, st.pos, chunk_attention(cache.k[j], cache.v[j], cache.length, st.n_new))
+      st.k.append(kc)
+      st.v.append(vc)
+    return h
+
+  def at(p, h, h_prev):         # close segment s; at a drop point, the chunk keeps what a prefill would
+    cache = caches[st.s]
+    out.append(cache.replace(k=tuple(st.k), v=tuple(st.v), length=cache.length + st.n_new,
+                             next_pos=cache.next_pos + (st.n_new if method.renumber_positions else n0)))
+    st.s, st.k, st.v = st.s + 1, [], []
+    if p in pts and pixel_values is not None and st.s < len(caches):   # scored on the chunk's own tokens
+      i = pts.index(p)
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=st.pos, valid=st.valid, image_mask=st.image_mask,
+                         last_index=st.n_new - 1, layer=p, model=model, n_image=n_image,
+                         rng=None if rng is None else jax.random.fold_in(rng, i))
+      keep = st.valid & (~st.image_mask | top_k_mask(method.score(i, ctx), st.image_mask, counts[i]))
+      keep = keep | ((jnp.arange(t)[None, :] == (st.n_new - 1)[:, None]) & st.valid)   # the last token
+      idx, st.valid, st.n_new = M.compact(keep, t)
+      h, st.off, st.image_mask = M.take(h, idx), M.take(st.off, idx), M.take(st.image_mask, idx) & st.valid
+    return h
+
+  h = walk(h, caches[-1].stop, tuple(c.start for c in caches[1:]), run, at,
+           prev=pts if method.needs_prev_hidden else ())
+  h_last = jnp.take_along_axis(h, (st.n_new - 1)[:, None, None], axis=1)
   logits = lm.head(h) if return_logits else None
-  n_img_last = jnp.sum(image_mask, axis=1)
-  return tuple(out), logits_last, logits, jnp.stack(kept), n_img_last
+  return tuple(out), lm.head(h_last)[:, 0], logits, jnp.stack(kept), jnp.sum(st.image_mask, axis=1)
 
 
 def extend(model, cfg, method, caches, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens=1,

@@ -1,4 +1,5 @@
-"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md).
+"""Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md),
+'drop by gather' on the one walk (`model/walk.py`).
 
 All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
 original order, padding after; slot order is causal order. At each boundary p (a drop point, or the
@@ -15,6 +16,7 @@ sequence. Dropped tokens are gone, so this equals a masked forward with exact-ze
     out.logits_last (B, vocab); out.segments[s].kv = (k, v) each (L_s, B, T_s, Hkv, D)
 """
 import dataclasses
+import types
 from functools import partial
 from typing import Any, Tuple
 
@@ -32,6 +34,7 @@ from dynllava_jax.model import mod as M
 from dynllava_jax.model import plan as P
 from dynllava_jax.model.attention import causal_allowed
 from dynllava_jax.model.llama import full_attention
+from dynllava_jax.model.walk import walk
 from dynllava_jax.sparsity.base import ScoreContext, TextContext, top_k_mask
 
 
@@ -72,16 +75,6 @@ class ForwardOut:
   aux: Any = None
 
 
-def pack(keep, size):
-  """Stable compaction: keep (B, T) bool -> idx (B, size) of kept slots first (original order), valid,
-  count (`mod.compact`)."""
-  return M.compact(keep, size)
-
-
-def _take(x, idx):
-  return M.take(x, idx)
-
-
 def _run(model, h, positions, valid, start, stop, return_kv):
   if start == stop:   # before a drop entering layer 0: no layers
     return h, None
@@ -120,19 +113,19 @@ def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mas
   layer = model.language_model.layer_at(layer_index)
   s = layer.router(h)
   routed = M.route_tokens(s, route, layer_index) & valid
-  idx, rvalid, rcount = pack(routed, size)
-  hr, pr, img_r = _take(h, idx), _take(positions, idx), _take(image_mask, idx) & rvalid
+  idx, rvalid, rcount = M.compact(routed, size)
+  hr, pr, img_r = M.take(h, idx), M.take(positions, idx), M.take(image_mask, idx) & rvalid
   ar = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), rvalid.shape)
-  w, weighted = M.update_weight(_take(s, idx), img_r, route)
+  w, weighted = M.update_weight(M.take(s, idx), img_r, route)
   n_valid = jnp.sum(valid, -1).astype(jnp.int32)
   last = jnp.take_along_axis(positions, (n_valid - 1)[:, None], axis=1)[:, 0]
   if last_only:       # the prompt's last token: the gathered slot rcount − 1 when it is routed
     attend = full_attention(rvalid[:, None, :], mode=model.mc.attention, impl=model.language_model.attention_impl)
     sel = (rcount - 1)[:, None]
     out, (k, v) = layer(hr, pr, attend, select=rcount - 1)
-    hl = M.mix(_take(hr, sel), out, _take(w, sel), _take(weighted, sel), jnp.ones(sel.shape, bool))
-    h_last = _take(h, (n_valid - 1)[:, None])
-    here = _take(routed, (n_valid - 1)[:, None])
+    hl = M.mix(M.take(hr, sel), out, M.take(w, sel), M.take(weighted, sel), jnp.ones(sel.shape, bool))
+    h_last = M.take(h, (n_valid - 1)[:, None])
+    here = M.take(routed, (n_valid - 1)[:, None])
     h = jnp.where(here[..., None], hl, h_last)
   else:
     attend = full_attention(causal_allowed(ar, ar, rvalid), mode=model.mc.attention,
@@ -141,14 +134,9 @@ def _mod_segment(model, layer_index, route, h, positions, orig, valid, image_mas
     hr = M.mix(hr, out, w, weighted, rvalid)
     h = h.at[jnp.arange(h.shape[0])[:, None], idx].set(hr)      # idx is a permutation: skipped slots get h
   kv = (k[None], v[None]) if return_kv else None
-  seg = Segment(kv, rcount, pr, _take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1,
+  seg = Segment(kv, rcount, pr, M.take(orig, idx), rvalid, img_r, layer_index, layer_index + 1, last + 1,
                 routes=True)
   return h, seg
-
-
-def mod_plan(model, frames):
-  """The MoD layers the engine routes (the plan's `mod` layers when the call has frames, else ())."""
-  return tuple(P.kind_layers(model.language_model.plan, M.KIND)) if frames else ()
 
 
 def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes, return_kv=True,
@@ -167,9 +155,9 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
   pts = tuple(int(p) for p in method.drop_points(mc))
   counts = tuple(method.keep_counts(n_img))
   tl = method.text_layer(mc)
-  bounds = R.boundaries(method, mc)
+  method_bounds = bounds = R.boundaries(method, mc)
   b, t0 = valid.shape
-  mods = mod_plan(model, 1 if frames is None else frames)
+  mods = tuple(P.kind_layers(model.language_model.plan, M.KIND))     # each its own segment
   route = None
   if mods:
     if bounds:
@@ -177,73 +165,65 @@ def sparse_forward(model, method, h, valid, image_mask, gen_mask, rng, *, sizes,
                       'layers (model.mod); use the dense method')
     route = M.make_route(mc, image_mask & valid, n_img, 1 if frames is None else frames)
     bounds = tuple(sorted(set(p for i in mods for p in (i, i + 1) if 0 < p < n_layers)))
-  method_bounds = R.boundaries(method, mc)
   positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
-  orig = positions
-  image_mask = image_mask & valid
-  gen = None if gen_mask is None else gen_mask & valid
+  # the current sequence (packed kept tokens), the segment being run (start, its K/V parts, an MoD record)
+  st = types.SimpleNamespace(positions=positions, orig=positions, valid=valid, image_mask=image_mask & valid,
+                             gen=None if gen_mask is None else gen_mask & valid, start=0, kv=[], seg=None)
   segments, kept, aux = [], [], {'scores': []}
-  start = 0
-  for stop in bounds + (n_layers,):
+
+  def run(h, start, stop):
     if start in mods:
-      final = stop == n_layers
-      h, seg = _mod_segment(model, start, route, h, positions, orig, valid, image_mask,
-                            t0 if mod_size is None else int(mod_size), return_kv,
-                            last_only=final and not return_logits)
-      segments.append(seg)
-      kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], seg.orig].max(seg.valid))
-      start = stop
-      continue
-    h_prev = None
-    nxt_drop = stop in pts and stop < n_layers
-    if nxt_drop and method.needs_prev_hidden and stop - 1 > start:
-      h, kv1 = _run(model, h, positions, valid, start, stop - 1, return_kv)
-      h_prev = h
-      h, kv2 = _run(model, h, positions, valid, stop - 1, stop, return_kv)
-      kv = None if kv1 is None else jax.tree.map(lambda a, c: jnp.concatenate([a, c], 0), kv1, kv2)
-    elif stop == n_layers and not return_logits:
-      h, kv = _run_last_query(model, h, positions, valid, start, return_kv)
+      h, st.seg = _mod_segment(model, start, route, h, st.positions, st.orig, st.valid, st.image_mask,
+                               t0 if mod_size is None else int(mod_size), return_kv,
+                               last_only=stop == n_layers and not return_logits)
+      return h
+    if stop == n_layers and not return_logits:
+      h, kv = _run_last_query(model, h, st.positions, st.valid, start, return_kv)
     else:
-      if nxt_drop and method.needs_prev_hidden:
-        h_prev = h
-      h, kv = _run(model, h, positions, valid, start, stop, return_kv)
-    count = jnp.sum(valid, -1).astype(jnp.int32)
-    if stop > start:    # (a drop entering layer 0 has no segment, no cache, before it)
-      segments.append(Segment(kv, count, positions, orig, valid, image_mask, start, stop))
-    kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], orig].max(valid))
-    if stop == n_layers:
-      break
-    if stop not in method_bounds:       # an MoD layer starts: no drop, the sequence stays as it is
-      start = stop
-      continue
-    j = method_bounds.index(stop)
-    last = jnp.arange(h.shape[1])[None, :] == (count - 1)[:, None]
-    keep = valid
+      h, kv = _run(model, h, st.positions, st.valid, start, stop, return_kv)
+    st.kv.append(kv)
+    return h
+
+  def at(stop, h, h_prev):      # close the segment's record; at a method boundary, drop by gather
+    count = jnp.sum(st.valid, -1).astype(jnp.int32)
+    seg = st.seg
+    if seg is None:           # K/V of [start, stop), or of [start, stop − 1) and [stop − 1, stop) (h_prev)
+      kv = st.kv[0] if len(st.kv) == 1 or st.kv[0] is None else jax.tree.map(
+          lambda a, c: jnp.concatenate([a, c], 0), *st.kv)
+      seg = Segment(kv, count, st.positions, st.orig, st.valid, st.image_mask, st.start, stop)
+    if stop > st.start:       # (a drop entering layer 0 has no segment, no cache, before it)
+      segments.append(seg)
+    kept.append(jnp.zeros((b, t0), bool).at[jnp.arange(b)[:, None], seg.orig].max(seg.valid))
+    st.start, st.kv, st.seg = stop, [], None
+    if stop not in method_bounds:       # the end, or an MoD layer starts: the sequence stays as it is
+      return h
+    keep = st.valid
     if stop in pts:
       i = pts.index(stop)
-      key = None if rng is None else jax.random.fold_in(rng, i)
-      ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=valid, image_mask=image_mask,
-                         last_index=count - 1, layer=stop, model=model, rng=key, n_image=n_img)
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=st.positions, valid=st.valid, image_mask=st.image_mask,
+                         last_index=count - 1, layer=stop, model=model, n_image=n_img,
+                         rng=None if rng is None else jax.random.fold_in(rng, i))
       scores = method.score(i, ctx)
       aux['scores'].append(scores)
-      keep = valid & (~image_mask | top_k_mask(scores, image_mask, counts[i]))
-    if gen is not None and tl is not None and stop == tl:
+      keep = st.valid & (~st.image_mask | top_k_mask(scores, st.image_mask, counts[i]))
+    if st.gen is not None and stop == tl:
       tk = method.text_keep(TextContext(h_new=h, layer=stop, model=model))
       if tk is not None:
-        keep = keep & (~gen | tk)
+        keep = keep & (~st.gen | tk)
         aux['text_keep'] = tk
-    keep = keep | (last & valid)
-    idx, valid, _ = pack(keep, sizes[j + 1])
-    h, orig, image_mask = _take(h, idx), _take(orig, idx), _take(image_mask, idx) & valid
-    gen = None if gen is None else _take(gen, idx) & valid
-    if method.renumber_positions:
-      positions = jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=jnp.int32), idx.shape)
-    else:
-      positions = _take(positions, idx)
-    start = stop
-  count = jnp.sum(valid, -1).astype(jnp.int32)
+    keep = keep | ((jnp.arange(h.shape[1])[None, :] == (count - 1)[:, None]) & st.valid)   # the last token
+    idx, st.valid, _ = M.compact(keep, sizes[method_bounds.index(stop) + 1])
+    h, st.orig = M.take(h, idx), M.take(st.orig, idx)
+    st.image_mask = M.take(st.image_mask, idx) & st.valid
+    st.gen = None if st.gen is None else M.take(st.gen, idx) & st.valid
+    st.positions = (jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=jnp.int32), idx.shape)
+                    if method.renumber_positions else M.take(st.positions, idx))
+    return h
+
+  h = walk(h, n_layers, bounds, run, at, prev=pts if method.needs_prev_hidden else ())
+  count = jnp.sum(st.valid, -1).astype(jnp.int32)
   lm = model.language_model
-  h_last = h if not return_logits else _take(h, (count - 1)[:, None])
+  h_last = h if not return_logits else M.take(h, (count - 1)[:, None])
   logits_last = lm.head(h_last)[:, 0]
   logits = lm.head(h) if return_logits else None
   return ForwardOut(logits_last, logits, tuple(segments), jnp.stack(kept), aux if intermediates else None)

@@ -274,27 +274,6 @@ def abstract_model(model_cfg):
   return nnx.split(model)
 
 
-def abstract_prompt(model_cfg, batch, text_tokens, n=None):
-  """Abstract (input_ids, pixel_values, attention_mask) of `batch` prompts with N (or n) image
-  placeholders."""
-  n = num_image_tokens(model_cfg) if n is None else n
-  t = n + text_tokens
-  s = model_cfg.vision.image_size
-  return (jax.ShapeDtypeStruct((batch, t), jnp.int32),
-          jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-          jax.ShapeDtypeStruct((batch, t), jnp.int32))
-
-
-def xla_dense_forward_flops(model_cfg, batch=1, text_tokens=64):
-  """XLA FLOPs of the dense forward `Llava.__call__` (LM head on every position) on abstract shapes."""
-  graphdef, state = abstract_model(model_cfg)
-
-  def fwd(state, ids, pix, mask):
-    return nnx.merge(graphdef, state)(ids, pix, mask)
-
-  return xla_flops(fwd, state, *abstract_prompt(model_cfg, batch, text_tokens))
-
-
 def tflops(x):
   return x / 1e12
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
+from dynllava_jax.model.walk import KeyMask, walk
 from dynllava_jax.sparsity.base import ScoreContext, TextContext, top_k_mask
 
 
@@ -32,55 +33,38 @@ def pruned_forward(model, method, input_ids, pixel_values, attention_mask, last_
   (image tokens kept by the drops, answer tokens kept by text_keep, all other real tokens).
   """
   mc = model.mc
-  lm = model.language_model
-  n_layers = mc.llm.layers
   valid = attention_mask.astype(bool)
   h, image_mask = model.embed(input_ids, pixel_values, None, method)   # a pre-LLM reducer acts in the slot
-  positions = positions_from_mask(attention_mask)
-  allowed = dense_allowed(attention_mask)
-  t = input_ids.shape[1]
-  is_answer = valid & (jnp.arange(t)[None, :] > last_index[:, None])
-
+  is_answer = valid & (jnp.arange(input_ids.shape[1])[None, :] > last_index[:, None])
   points = tuple(method.drop_points(mc))
   counts = tuple(method.keep_counts(model.num_image_tokens))
   text_layer = method.text_layer(mc)
-  bounds = sorted(set(points) | ({text_layer} if text_layer is not None else set()))
-  present_image = image_mask & valid
-  text_keep = jnp.ones_like(valid)
-  route = model.route(image_mask & valid, pixel_values)     # MoD layers (model/mod.py), else None
-  masked = False
-  start = 0
-  for p in bounds + [n_layers]:
-    kw = dict(key_keep=_key_keep(present_image, image_mask, text_keep, valid) if masked else None,
-              mode='exact_zero' if masked else mc.attention, index_params=True, route=route)
-    h_prev = None
-    if method.needs_prev_hidden and p in points:
-      if p < 1:
-        raise ValueError(f'{method.name}: drop point {p} needs the hidden state entering layer {p - 1}')
-      h_prev = lm.run_layers(h, positions, allowed, start=start, stop=p - 1, **kw)
-      h = lm.run_layers(h_prev, positions, allowed, start=max(start, p - 1), stop=p, **kw)
-    else:
-      h = lm.run_layers(h, positions, allowed, start=start, stop=p, **kw)
-    if p >= n_layers:
-      break
+  keys = KeyMask(model.language_model, positions_from_mask(attention_mask), dense_allowed(attention_mask),
+                 mc.attention, 'exact_zero', index_params=True,
+                 route=model.route(image_mask & valid, pixel_values))     # MoD layers (model/mod.py)
+  st = {'image': image_mask & valid, 'text': jnp.ones_like(valid)}      # image tokens / answers present
+
+  def at(p, h, h_prev):
     if p in points:
       i = points.index(p)
-      present = valid & (~image_mask | present_image)
-      ctx = ScoreContext(h=h, h_prev=h_prev, positions=positions, valid=present & ~is_answer,
-                         image_mask=present_image & ~is_answer, last_index=last_index, layer=p,
+      present = valid & (~image_mask | st['image'])
+      ctx = ScoreContext(h=h, h_prev=h_prev, positions=keys.positions, valid=present & ~is_answer,
+                         image_mask=st['image'] & ~is_answer, last_index=last_index, layer=p,
                          model=model, rng=None if rng is None else jax.random.fold_in(rng, i))
-      present_image = top_k_mask(method.score(i, ctx), present_image & ~is_answer, counts[i])
-      masked = True
+      st['image'] = top_k_mask(method.score(i, ctx), st['image'] & ~is_answer, counts[i])
+      keys.keep = _key_keep(st['image'], image_mask, st['text'], valid)
       if method.renumber_positions:
-        present = valid & (~image_mask | present_image)
-        positions = jnp.where(present, jnp.cumsum(present.astype(jnp.int32), axis=1) - 1, 0)
-    if p == text_layer:
-      keep = method.text_keep(TextContext(h_new=h, layer=p, model=model))
-      if keep is not None:
-        text_keep = jnp.where(is_answer, keep.astype(bool), True)
-        masked = True
-    start = p
-  return lm.head(h), _key_keep(present_image, image_mask, text_keep, valid).astype(bool)
+        present = valid & (~image_mask | st['image'])
+        keys.positions = jnp.where(present, jnp.cumsum(present.astype(jnp.int32), axis=1) - 1, 0)
+    keep = method.text_keep(TextContext(h_new=h, layer=p, model=model)) if p == text_layer else None
+    if keep is not None:
+      st['text'] = jnp.where(is_answer, keep.astype(bool), True)
+      keys.keep = _key_keep(st['image'], image_mask, st['text'], valid)
+    return h
+
+  bounds = sorted(set(points) | ({text_layer} if text_layer is not None else set()))
+  h = walk(h, mc.llm.layers, bounds, keys.run, at, prev=points if method.needs_prev_hidden else ())
+  return model.language_model.head(h), _key_keep(st['image'], image_mask, st['text'], valid).astype(bool)
 
 
 def _key_keep(present_image, image_mask, text_keep, valid):

@@ -161,8 +161,3 @@ def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, i
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   return jax.lax.scan(body, carry, (state, xs))
-
-
-def num_stacked(module):
-  """Leading (layer) dimension of a stacked module."""
-  return jax.tree.leaves(nnx.state(module))[0].shape[0]

@@ -197,11 +197,6 @@ def kind_layers(groups, kind):
   return [i for g in groups if g.kind == kind for i in range(g.start, g.stop)]
 
 
-def trainable_layers(groups):
-  """Global indices of the layers with trained parameters (full or LoRA)."""
-  return [i for g in groups if g.trains for i in range(g.start, g.stop)]
-
-
 def skipped_layers(groups):
   return [i for g in groups if g.kind == SKIP for i in range(g.start, g.stop)]
 

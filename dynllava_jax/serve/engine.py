@@ -12,7 +12,6 @@ of the first prompt, dropped from the results) so one compiled program serves an
 Greedy answers do not depend on the other rows of the batch (each sample is exact: tested).
 """
 import dataclasses
-import io
 import threading
 import time
 from typing import List, Optional
@@ -235,10 +234,3 @@ def stats_line(results, method_desc):
           f'text {np.mean([x.kept_text_ratio for x in r]):.3f} | KV {kv / 1024:.1f} KiB/sample | '
           f'prefill {r[0].prefill_s * 1000:.1f} ms | {r[0].decode_ms_per_token:.2f} ms/token | '
           f'{sum(len(x.token_ids) for x in r)} tokens')
-
-
-def image_bytes(img):
-  """PNG bytes of a PIL image (tests, the benchmark)."""
-  buf = io.BytesIO()
-  img.save(buf, format='PNG')
-  return buf.getvalue()

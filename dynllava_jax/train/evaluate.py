@@ -77,15 +77,3 @@ def answer_table(trainer, state, step, samples, batch_size=16, sparse=None):
   for key, (tot, n, correct) in by_type.items():
     table[key] = _summary(tot, correct, n)
   return table
-
-
-def format_table(table, title=''):
-  """Markdown table of `answer_table` output (rows: question types, then 'all')."""
-  cols = ('samples', 'answer_accuracy', 'loss', 'kept_image', 'kept_answer')
-  lines = ([f'**{title}**', ''] if title else []) + [
-      '| question type | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
-  for key in sorted(table, key=lambda k: (k == 'all', k)):
-    row = table[key]
-    cells = [(f'{row[c]:.4f}' if isinstance(row.get(c), float) else str(row.get(c, '-'))) for c in cols]
-    lines.append(f'| {key} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)

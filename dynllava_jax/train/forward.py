@@ -8,9 +8,9 @@ No token is removed; shapes are static.
     sums = loss_sums(out, batch, hooks)                                # additive per-batch sums
     loss, terms = combine(sums, n_tokens, batch_size, hooks)           # CE + each hook's terms
 
-Flow: mask ← every hook's `prepare` → embed → layers, split at the hooks' `layer`s: there `decide` reads
-the hidden state and returns a key-column keep mask G (B, T) (multiplied over hooks) that the later layers
-apply with MaskedSoftmax → head. MoD layers (model/mod.py) route with the forward's `Llava.route`.
+Flow: mask ← every hook's `prepare` → embed → layers (`model/walk.py`, 'mask keys'), split at the hooks'
+`layer`s: there `decide` reads the hidden state and returns a key-column keep mask G (B, T) (multiplied
+over hooks) that the later layers apply with MaskedSoftmax → head. MoD layers (model/mod.py) route with the forward's `Llava.route`.
 
 Batch keys used: input_ids, attention_mask, labels (B, T) int32; pixel_values (B, H, W, 3) (+ the hooks'
 keys, e.g. Dynamic-LLaVA's spans).
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
+from dynllava_jax.model.walk import KeyMask, walk
 from dynllava_jax.sparsity.base import TrainContext
 from dynllava_jax.sparsity.registry import train_hooks
 
@@ -46,23 +47,25 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   out = {}
   for hk in hooks:
     mask = hk.prepare(ctx, mask, out)
-  positions, allowed = positions_from_mask(mask), dense_allowed(mask)
   lm = model.language_model
   h, image_mask = model.embed(ids, batch['pixel_values'])
   # MoD layers (model/mod.py): routed per frame; without masked keys training gathers their routed tokens
   route = model.route(image_mask, batch['pixel_values'],
                       real=None if any(hk.masks_keys for hk in hooks) else mask.astype(bool))
-  run = dict(mode=mc.attention, remat=remat, route=route)
-  start, keep = 0, None
-  for hk in sorted((hk for hk in hooks if hk.layer(mc) is not None), key=lambda hk: hk.layer(mc)):
-    h = lm.run_layers(h, positions, allowed, start=start, stop=hk.layer(mc), key_keep=keep, **run)
-    start, g = hk.layer(mc), hk.decide(ctx, h, out)
-    if g is not None:
-      keep = g if keep is None else keep * g
-  h = lm.run_layers(h, positions, allowed, start=start, key_keep=keep, **run)
+  keys = KeyMask(lm, positions_from_mask(mask), dense_allowed(mask), mc.attention, remat=remat, route=route)
+  layered = [hk for hk in hooks if hk.layer(mc) is not None]
+
+  def at(p, h, _):     # the hooks at layer p (in their order) narrow the keys with their G
+    for hk in (hk for hk in layered if hk.layer(mc) == p):
+      g = hk.decide(ctx, h, out)
+      if g is not None:
+        keys.keep = g if keys.keep is None else keys.keep * g
+    return h
+
+  h = walk(h, mc.llm.layers, sorted({hk.layer(mc) for hk in layered}), keys.run, at)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
-  if keep is not None:
-    out['keep'] = keep
+  if keys.keep is not None:
+    out['keep'] = keys.keep
   return out
 
 
