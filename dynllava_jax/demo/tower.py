@@ -217,10 +217,11 @@ def pretrain_tower(config, out_dir, report=print):
                       int(config.model.vision.patch_size))
   objective = str(t.get('objective', 'cells'))
   model = TowerClassifier(config.model.vision, g * g, objective, rngs=nnx.Rngs(int(config.seed)))
+  ink_min = float(t.get('ink_min', 0.1))
   if objective == 'ink':    # per patch: its cell's digit where ink covers >= ink_min of it, else empty
-    pool_ink = pool_ink >= float(t.get('ink_min', 0.1))
-    report(f'stage 0: {pool_ink.mean():.3f} of the patches show ink ('
-           f'{pool_ink.sum(1)[(pool_y != EMPTY_CLASS).any(1)].mean() / max((pool_y != EMPTY_CLASS).sum(1).mean(), 1):.1f} per digit)')
+    pool_ink = pool_ink >= ink_min
+    per_digit = pool_ink.sum() / max(int((pool_y != EMPTY_CLASS).sum()), 1)
+    report(f'stage 0: {pool_ink.mean():.3f} of the patches show ink ({per_digit:.1f} per digit)')
   sched = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), max(1, int(t.warmup_ratio * t.steps)),
                                              max(int(t.steps), 2))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=float(t.weight_decay)))
@@ -269,7 +270,7 @@ def pretrain_tower(config, out_dir, report=print):
     cells_pred, patch_pred = predict(params, ev_x[j:j + 256])
     correct.append(np.asarray(cells_pred) == ev_y[j:j + 256])
     if objective == 'ink':   # the patches that show ink: does each name its digit?
-      shown = ev_ink[j:j + 256] >= float(t.get('ink_min', 0.1))
+      shown = ev_ink[j:j + 256] >= ink_min
       ink_hits.append((np.asarray(patch_pred) == ev_y[j:j + 256][:, np.asarray(where)])[shown])
   eval_acc = float(np.concatenate(correct).mean()) if correct else float('nan')
   nnx.update(model, params)
