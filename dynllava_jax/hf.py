@@ -5,19 +5,12 @@
     logits = model(input_ids, pixel_values, attention_mask)               # (B, T, vocab) float32
     hf.save_llava(model, config, 'out_dir', layout='hf5')                 # 'hf5' | 'llava15hf' | 'original'
 
-Reads `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json` (or, failing those,
-`pytorch_model.bin[.index.json]`, memory-mapped), any stored dtype. Layouts and key names: `hf_keys`.
-Loading streams tensor by tensor: the model is built abstractly (`nnx.eval_shape`) and each parameter leaf
-is filled on the host (a stacked leaf is allocated once and written slice by slice), then placed on its
-device(s) — with `shardings=` / `mesh=` each device receives only its shard — before the next leaf is read.
-
-Original (liuhaotian / Dynamic-LLaVA) checkpoints have a 32000-token vocabulary and no `<image>` token
-(LLaVA splices images at id −200). Like HF's own llava-1.5-hf conversion, the import appends `<image>` and
-`<pad>` (ids V, V+1) and pads the vocabulary to a multiple of 64; new embedding / LM-head rows are the mean
-of the existing rows (HF adds small noise; we keep it deterministic). `config.source_vocab_size` remembers V
-so `save_llava(..., layout='original')` writes the original V rows back (bit-exact round trip), and
-`config.llm.text_vocab_size = V` keeps the padded ids out of the training loss and of sampling
-(`model/vocab.py`); HF-layout exports carry it as a `text_vocab_size` entry of config.json.
+Reads `config.json` plus (sharded) safetensors, or failing those `pytorch_model.bin[.index.json]`, any stored
+dtype; layouts and key names: `hf_keys`. Loading streams tensor by tensor into abstractly built leaves,
+each placed on its device(s) (only its shard with `shardings=` / `mesh=`) before the next is read.
+Original-layout vocabularies (V, no `<image>`) are padded with mean rows; `config.source_vocab_size` = V
+(a bit-exact 'original' export) and `config.llm.text_vocab_size` = V (padded ids take no part in the loss
+or sampling). How loading works and the vocabulary: docs/checkpoints.md.
 """
 import json
 import os

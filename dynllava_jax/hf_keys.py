@@ -1,19 +1,9 @@
 """Key-name tables between HF / released LLaVA checkpoints and our NNX parameter paths.
 
-Three file layouts, one canonical name space in between:
-
-  layout       language model               LM head                   vision tower                                projector
-  'hf5'        model.language_model.*       lm_head.*                 model.vision_tower.*                        model.multi_modal_projector.linear_{1,2}.*
-  'llava15hf'  language_model.model.*       language_model.lm_head.*  vision_tower.vision_model.*                 multi_modal_projector.linear_{1,2}.*
-  'original'   model.*                      lm_head.*                 model.vision_tower.vision_tower.vision_model.*  model.mm_projector.{0,2}.*
-
-Predictors (Dynamic-LLaVA): `model.{image,output_text,instruct}_score_predictor.*` in 'hf5' and 'original',
-without the `model.` prefix in 'llava15hf'. A separate CLIP directory (`clip_dir`) uses `vision_model.*`.
-
-MQT-LLaVA (`model.projector='mqt'`): the released `Resampler` under the projector prefix ('original':
-`model.mm_projector.`): query (M, w), pos_embed (M, w), attn.in_proj_weight (3w, w) / in_proj_bias (3w,)
-(packed q, k, v), attn.out_proj.{weight, bias}, ln_q / ln_k / ln_v.{weight, bias}, proj (w, H) (a bare
-matrix used as x @ proj: stored as our kernel, no transpose).
+Three file layouts ('hf5', 'llava15hf', 'original'; prefixes per layout: `_PREFIXES`, the table in
+docs/checkpoints.md, "Supported layouts"), one canonical name space in between. A separate CLIP directory
+(`clip_dir`) uses `vision_model.*`. MQT-LLaVA's released `Resampler` keeps its names under the projector
+prefix; its `proj` (w, H) is a bare matrix used as x @ proj: stored as our kernel, no transpose.
 
 Canonical names are the HF 5.x names under short roots: `lm.`, `lm_head.`, `vt.`, `proj.`, `pred_image.`,
 `pred_text.`, `pred_instruct.`. `PARAMS` maps a canonical name (with `{i}` for a stacked layer) to our

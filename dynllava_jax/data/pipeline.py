@@ -5,13 +5,10 @@
     state = it.get_state()                         # JSON-able dict; it.set_state(state) resumes
     gbatch = to_global(batch, NamedSharding(mesh, P(('data', 'fsdp'))))
 
-Order of operations: `tfds.builder_from_directory(ds_dir).as_data_source(split)` (the same
-ArrayRecordDataSource `tfds.data_source` returns) → grain `MapDataset.source` → `shuffle(seed)` (a
-global index shuffle, reshuffled every epoch) → `repeat(num_epochs)` → trimmed to a multiple of
-process_count and sliced `[process_index::process_count]` (so all processes see the same number of
-samples and together cover each epoch) → `map` (PIL decode + LLaVA preprocessing + vicuna_v1
-tokenization, optionally in `num_workers` processes) → drop-and-count bad samples (main process)
-→ batches of batch_size // process_count, right-padded to the smallest bucket ≥ the longest sample.
+Order of operations (docs/data.md, "Reading order and checkpoints"): array_record source → grain
+`MapDataset` → global index shuffle (per epoch) → repeat → `[process_index::process_count]` (trimmed to
+equal counts) → decode + tokenize (`num_workers` processes) → drop-and-count bad samples → batches of
+batch_size // process_count, right-padded to the smallest bucket ≥ the longest sample.
 """
 import logging
 import os

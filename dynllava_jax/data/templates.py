@@ -1,27 +1,17 @@
 """The vicuna_v1 conversation template of LLaVA-1.5, tokenization, labels and per-sample spans.
 
-Text, exactly as LLaVA-1.5's `conv_vicuna_v1.get_prompt()` (sep " ", sep2 "</s>"):
+Text as LLaVA-1.5's `conv_vicuna_v1.get_prompt()` (sep " ", sep2 "</s>", no space before the next
+"USER:"); `<image>` moved to the front of the first question, then expanded to N placeholders
+(docs/data.md, "The template"; tokens are assigned to text parts by character offsets):
 
-    <s>{SYSTEM} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+    <s>{SYSTEM} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
 
-(LLaVA puts no space between "</s>" and the next "USER:"; the `<image>` tag is moved to the front of
-the first human turn followed by "\\n", as LLaVA's `preprocess_multimodal` does.) `<s>` is prepended
-as an id, the rest is tokenized as one string without the tokenizer's own template, and every token
-is assigned to a part of the text by the character its span ends on, so labels are right for
-word-level and sentencepiece-style tokenizers alike. The one `<image>` token is then expanded to N
-copies of image_token_id (one placeholder per image feature, HF transformers 5.x style).
-
-Spans (token positions in the final, expanded sequence; end exclusive):
-  image span:        [image_start, image_start + N) when has_image. Text-only samples have no image
-                     tokens; image_start is then where they would be (right after the first "USER:").
-  instruction span:  [instr_start, instr_end): the first human turn after the image (from its "\\n"
-                     on; text-only: the question) up to and including the first "ASSISTANT:".
-  last answer span:  [answer_start, answer_end): the last assistant turn's tokens incl. its "</s>".
-Labels are the ids on every assistant answer (incl. "</s>"), -100 elsewhere.
-
-Truncation to max_len: whole trailing rounds are dropped until the sequence fits; if the first round
-alone does not fit, its answer is cut (the last-answer span is then the kept part, without "</s>");
-if not even one answer token fits after the first "ASSISTANT:", the sample is `over_long`.
+Spans (docs/data.md; end exclusive) are positions in the expanded sequence; a text-only sample's
+image_start is where its image would stand (after the first "USER:"); the instruction span runs from the
+first question's "\n" on. Labels: the ids of every assistant answer (incl. "</s>"), -100 elsewhere.
+Truncation to max_len drops whole trailing rounds; a first round cut inside its answer keeps the cut
+part as the last-answer span (without "</s>"); no answer token left after the first "ASSISTANT:" is
+`over_long`.
 """
 import dataclasses
 

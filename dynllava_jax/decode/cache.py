@@ -1,22 +1,15 @@
 """KV caches for decoding: one per segment (layers [start, stop)), static shapes, explicit pytrees.
 
-Layout of a segment cache:
+Layout of a segment cache (docs/inference.md, "KV-cache decoding"):
   k, v     tuples of L_s arrays, one per layer, each (B, Hkv, C, D): RoPE already applied to k;
-           C = capacity (a multiple of eval.cache_bucket). One buffer per layer, heads before slots, is
-           what a one-token decode step wants: the attention reads each buffer as is and the new token is
-           written in place (a stacked (L_s, ...) buffer costs a slice copy per layer and step on XLA CPU;
-           docs/benchmarks.md §4).
+           C = capacity (a multiple of eval.cache_bucket); one buffer per layer, heads before slots, is
+           what a one-token decode step reads as is and writes in place (docs/benchmarks.md §4).
   length   (B,) int32           slots [0, length) hold tokens, in causal order; the next write goes to
                                 slot `length` (per sample)
   next_pos (B,) int32           RoPE position of the next token fed to this segment
-Segment 0 (layers before the first boundary) is the *full* cache: every real token. Every later segment is
-*compact*: only the prompt tokens its prefill kept, plus the generated tokens the method keeps. An MoD
-layer (`model/mod.py`) is a segment of its own whose cache holds only the prompt tokens routed through it
-(text, k per frame) and every generated (text) token. A dropped
-token is never written (the scatter index is pushed out of bounds and dropped); nothing is evicted.
-A new token attends over the cache slots [0, length) and itself (`attend`), so it sees itself even when it
-is not written. Capacity grows (outside the jitted loop, `grow`) only when a sample's next write would
-overflow.
+Segment 0 is the *full* cache; every later segment is *compact* (the prompt tokens its prefill kept + the
+generated tokens the method keeps; an MoD segment: the prompt tokens routed through it + every generated
+token). A dropped token is never written (its scatter index is pushed out of bounds); nothing is evicted.
 """
 import jax
 import jax.numpy as jnp

@@ -4,34 +4,19 @@ over), instead of re-running the prefill on the whole conversation.
     ext = extend(model, cfg, method, caches, input_ids, attention_mask, max_new_tokens=32)
     ext.caches (the same segments, grown and appended), ext.logits_last (B, vocab) fp32
 
-`caches` are the SegmentCaches a `generate(..., return_caches=True)` (or an earlier `extend` + decode)
-left: segment 0 holds every token of the conversation so far, the later (compact) segments what the
-method kept — the image tokens its prefill kept and the generated tokens its text rule kept. The chunk
-(B, T) is the next user turn's tokens (for a chat: the previous answer's last token, which the decode
-loop samples but never feeds, then the rest of the template text `</s>USER: … ASSISTANT:`); each
-sample's real tokens are taken in order (left- or right-padding alike), `attention_mask` marks them.
+`caches`: the SegmentCaches a `generate(..., return_caches=True)` (or an earlier `extend` + decode) left.
+The chunk (B, T): the next turn's tokens (a chat: the previous answer's unfed last token, then
+`</s>USER: … ASSISTANT:`), real tokens marked by `attention_mask` (left or right padding alike).
 
-Semantics (what "the same conversation" means after pruning):
-  - earlier turns' pruning stays as decided: no image token the prefill dropped and no generated token the
-    text rule dropped comes back, and no kept one is re-scored;
-  - every text token of the chunk is prompt text, so every segment keeps all of them (a prefill never
-    drops prompt text; the text rule judges generated tokens only);
-  - a chunk that brings an image (its placeholders, `pixel_values`) has it pruned as a prefill would: at
-    each drop point the method scores the chunk's tokens (`ScoreContext` over the chunk alone: a score
-    that looks at other tokens, e.g. FastV's last-query attention, sees the new turn's tokens only) and
-    the chunk keeps its k best image tokens, its text and its last token;
-  - a chunk token's RoPE position in a segment is that segment's `next_pos` + its index in the chunk (as
-    if the decode loop had fed it: the original positions), or, for a method that renumbers after a drop,
-    + its rank among the chunk tokens that segment kept.
-So for the dense method extend ≡ a prefill of the whole conversation, and for a pruning method it ≡ the
-masked forward over the whole conversation whose key set after each boundary is the kept set above
-(tests/test_chat_extend.py); Dynamic-LLaVA's image decisions on a later turn's image equal a prefill's
-of the whole conversation (its image predictor reads the image tokens' hidden states at the sparse
-layer, which see only earlier tokens, all present before that layer).
+Semantics (docs/serving.md, "What a carried-over cache means"; tests/test_chat_extend.py): earlier turns'
+pruning stands; every chunk text token is prompt text, kept by every segment; a chunk image is pruned as
+a prefill would, scored over the chunk alone (`ScoreContext`), keeping its k best image tokens, its text
+and its last token; a chunk token's position continues each segment's `next_pos` (or, for a renumbering
+method, its rank among the chunk tokens the segment kept).
 
-Static shapes: the chunk is padded to a multiple of `eval.prefill_bucket`; before the jitted program the
-caches are grown (`cache.grow`) to hold the chunk and, for segment 0, max_new_tokens more, in multiples of
-`eval.cache_bucket`: one compile per (chunk bucket, capacities).
+Static shapes: the chunk is padded to `eval.prefill_bucket`; the caches are grown (`cache.grow`) to hold
+the chunk (segment 0: + max_new_tokens) in `eval.cache_bucket` steps: one compile per (chunk bucket,
+capacities).
 """
 import dataclasses
 import types

@@ -4,29 +4,13 @@
                    max_new_tokens=32, sampling='greedy', rng=None, use_cache=True)
     out.tokens (B, max_new) int32 (pad after each sample's end), out.lengths (B,) (EOS included)
 
-KV-cache mode: the loop runs in chunks; a chunk exits early when some active sample's next write would
-overflow a segment cache; the host then grows that cache to the next multiple of `eval.cache_bucket`
-(one compile per capacity tuple) and continues. So compact caches hold, and cost, only what was kept.
-Without a cache (`use_cache=False`, `nocache.py`) every step re-runs the sparsified forward.
-
-Multi-turn: `generate(..., past=caches)` continues a conversation whose caches an earlier call returned
-(`return_caches=True`): the new turn's tokens are appended to them (`extend.py`: no prefill of the
-conversation so far; earlier turns' pruning stands), then the same loop decodes.
-
-Streaming: `on_token(step, tokens (B,) int32, active (B,) bool)` is called on the host for every generated
-position as the loop produces it (token 0 after the prefill, then from inside the jitted loop through a
-`jax.debug.callback`); the values are the same as `out.tokens[:, step]`. The callback is not ordered
-(ordered effects refuse a model sharded over several devices) and may repeat a step on a sharded model:
-receivers order and de-duplicate by `step` (`serve.engine` does).
-The callback variant of the loop is a separate compile; without `on_token` the loop has no callback.
-One streaming `generate` at a time per process (the callback target is a module global).
-
-Intermediates on request (`intermediates=True`, KV-cache mode): out.intermediates = {'prefill': the
-prefill's method scores and text decisions (`prefill`'s aux), 'positions' (B, M) int32: RoPE position of
-generated token j when it was fed (-1: never fed), 'text_logits' (B, M, C): the method's text-rule scores
-of token j at its text layer (`Sparsifier.text_logits`, Dynamic-LLaVA's output-text predictor; with a
-method that has them)}; entry j matches out.text_keep[:, j]. Off (the default) the loop state carries no
-such field, so the loop is the same program.
+KV-cache mode: a loop chunk exits when some active sample's next write would overflow a segment cache;
+the host grows that cache in `eval.cache_bucket` steps (one compile per capacity tuple) and continues.
+`use_cache=False` (`nocache.py`) re-runs the sparsified forward every step; `past=caches` continues a
+conversation (`extend.py`). Streaming (`on_token`) and intermediates: docs/inference.md and
+docs/architecture.md. The streaming callback is unordered (ordered effects refuse a model sharded over
+several devices) and may repeat a step on a sharded model; its target is a module global, so one
+streaming `generate` runs at a time per process (a lock), and without `on_token` the loop has none.
 """
 import threading
 import time
@@ -67,20 +51,15 @@ class LoopState:
   aux: Any = None
 
 
-def _first(logits_last, sampling, rng, b, m, pad_id, eos_id, record_logits):
-  """Token 0 from the prefill logits and the loop's start state (without caches)."""
-  tok = sampling.sample(logits_last, jax.random.fold_in(rng, 0))
-  tokens = jnp.full((b, m), pad_id, jnp.int32).at[:, 0].set(tok)
-  v = logits_last.shape[-1]
-  logits = (jnp.zeros((b, m, v), jnp.float32).at[:, 0].set(logits_last) if record_logits
-            else jnp.zeros((b, 1, 1), jnp.float32))
-  return tokens, logits, tok == eos_id
-
-
 def _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record=None):
-  """record: None, or the static shapes of the decode intermediates to record (`_record_shapes`)."""
+  """The loop state with token 0 sampled from logits_last. record: None, or the static shapes of the
+  decode intermediates to record (`_record_shapes`)."""
   b = logits_last.shape[0]
-  tokens, logits, done = _first(logits_last, sampling, rng, b, max_new, pad_id, eos_id, record_logits)
+  tok = sampling.sample(logits_last, jax.random.fold_in(rng, 0))
+  tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+  logits = (jnp.zeros((b, max_new, logits_last.shape[-1]), jnp.float32).at[:, 0].set(logits_last)
+            if record_logits else jnp.zeros((b, 1, 1), jnp.float32))
+  done = tok == eos_id
   aux = None
   if record is not None:
     aux = {'positions': jnp.full((b, max_new), -1, jnp.int32)}
@@ -98,10 +77,8 @@ def _init(out, rng, *, capacities, sampling, max_new, pad_id, eos_id, record_log
   return _start(caches, out.logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record)
 
 
-@partial(jax.jit, static_argnames=('sampling', 'max_new', 'record_logits', 'record'))
-def _init_extended(caches, logits_last, rng, *, sampling, max_new, pad_id, eos_id, record_logits, record=None):
-  """The loop state after an `extend`: its caches, the first token sampled from its last logits."""
-  return _start(caches, logits_last, rng, sampling, max_new, pad_id, eos_id, record_logits, record)
+# The loop state after an `extend`: its caches, the first token sampled from its last logits.
+_init_extended = jax.jit(_start, static_argnames=('sampling', 'max_new', 'record_logits', 'record'))
 
 
 def _record_shapes(model, method):
@@ -210,12 +187,10 @@ def generate(model, cfg, method, input_ids, pixel_values, attention_mask=None, *
   registry name; input_ids / attention_mask (B, T) left- or right-padded; pixel_values (B, H, W, 3) or None
   for text-only batches; sampling: None (eval config), 'greedy', dict(temperature=, top_p=) or Sampling;
   rng: PRNG key (needed only for sampling and random methods; default key 0); eos_token_id: stop token
-  (default model.mc.eos_token_id); visual_tokens: MQT m for this call (prompts with m placeholders per image);
-  on_token: the streaming callback (module docstring; KV-cache mode only); past: the caches of an
-  earlier `generate(..., return_caches=True)` (a conversation so far, same batch and method): then
-  input_ids (and pixel_values, for a turn that brings an image) are the next turn's only, appended by
-  `extend.extend` instead of a prefill (kept_image_ratio: of the turn's image; NaN for a text turn,
-  whose earlier turns' pruning stands); intermediates: record the decode intermediates (module docstring).
+  (default model.mc.eos_token_id); visual_tokens: MQT m for this call; on_token: the streaming callback;
+  past: the caches of an earlier `generate(..., return_caches=True)` (same batch and method): input_ids
+  (and pixel_values) are then the next turn's only, appended by `extend.extend` (kept_image_ratio: of the
+  turn's image, NaN for a text turn); intermediates: record the decode intermediates.
   """
   mc = model.mc
   ev = eval_section(cfg, mc)

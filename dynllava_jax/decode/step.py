@@ -11,13 +11,9 @@ Returns logits (B, vocab) fp32, the updated caches, keep (B,) bool (True when th
 with intermediates=True also aux = {'positions' (B,) int32: the fed token's RoPE position, 'text_logits'
 (B, C): method.text_logits at the text layer (when the method has them)}.
 
-The layers run unrolled, each from its own weight arrays (`unstack_layers`; from batch 4 on each matmul
-kernel is held as column blocks that XLA CPU multiplies concurrently, `BlockedLinear`) and its own cache
-buffers, and
-each layer writes its new K/V into its buffers right after computing them, before its attention reads
-them (read-then-write made XLA copy every buffer each step). A one-token step is bound by
-reading the weights once; a scan over the stacked weights would first copy each layer's slice (XLA CPU
-materialises the dynamic slice feeding a dot). The three designs and their timings: docs/benchmarks.md §4.
+The layers run unrolled, each from its own weights (`unstack_layers`, column blocks from batch 4 on:
+`BlockedLinear`) and cache buffers, writing its new K/V before its attention reads them (read-then-write
+made XLA copy every buffer each step). Why, and the timings: docs/inference.md, docs/benchmarks.md §4.
 """
 from functools import partial
 

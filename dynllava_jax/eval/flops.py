@@ -51,15 +51,11 @@ def image_token_schedule(model_cfg, method=None, n_image=None):
 
 # ---------------------------------------------------------------- Eq. 13
 
-def eq13_layer(n, c, batch=1):
-  """Paper Eq. 13 for one layer: 32·B·N·C² + 4·B·N²·C."""
-  return 32 * batch * n * c * c + 4 * batch * n * n * c
-
-
 def eq13_flops(model_cfg, method=None, batch=1):
-  """Eq. 13 summed over the LLM's layers with the method's image-token schedule (FLOPs, not TFLOPs)."""
+  """Eq. 13 (per layer 32·B·N·C² + 4·B·N²·C) summed over the LLM's layers with the method's image-token
+  schedule (FLOPs, not TFLOPs)."""
   c = model_cfg.llm.hidden
-  return float(sum(eq13_layer(n, c, batch) for n in image_token_schedule(model_cfg, method)))
+  return float(sum(32 * batch * n * c * c + 4 * batch * n * n * c for n in image_token_schedule(model_cfg, method)))
 
 
 # ---------------------------------------------------------------- analytic whole prefill
@@ -74,17 +70,12 @@ def vit_flops(vc, batch=1):
   return batch * (patch + run * layer)
 
 
-def projector_flops(model_cfg, batch=1, visual_tokens=None):
-  """The projector's matmuls at `visual_tokens` (MQT m; None = the model's count)."""
-  return P.projector_flops(model_cfg, visual_tokens, batch)
-
-
 def slot_flops(model_cfg, method=None, visual_tokens=None, batch=1):
   """The visual-token slot of one call: projector at m, plus a pre-LLM reducer's own work
   (`method.reduce_flops`), whose projector runs on the tokens it feeds it."""
   if method is not None and getattr(method, 'reduces_visual', False):
     return method.reduce_flops(model_cfg, visual_tokens, batch)
-  return projector_flops(model_cfg, batch, visual_tokens)
+  return P.projector_flops(model_cfg, visual_tokens, batch)
 
 
 def attention_pairs(t, causal_chunk=0):
@@ -103,12 +94,6 @@ def llm_layer_flops(lc, t_q, t_k=None, batch=1, pairs=None):
   attn = 4 * (t_q * t_k if pairs is None else pairs) * lc.heads * hd
   mlp = 6 * t_q * h * lc.mlp_dim
   return batch * (proj + attn + mlp)
-
-
-def scoring_flops(model_cfg, method, t, n, batch=1):
-  """Extra work a method does at one drop point on a t-token sequence with n image tokens
-  (`method.scoring_flops`)."""
-  return 0 if method is None else method.scoring_flops(model_cfg, t, n, batch)
 
 
 def last_query_layer_flops(lc, t, batch=1):
@@ -146,14 +131,13 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
     raise ValueError(f'seq_lens has {len(lens)} entries; the LLM has {lc.layers} layers')
   groups = PL.resolve(model_cfg)
   kinds = [g.kind for g in groups for _ in range(g.size)]
-  k_mod = M.routed_count(n, M.settings(model_cfg).r)
+  tr = text_tokens + frames * M.routed_count(n, M.settings(model_cfg).r) if mod_len is None else int(mod_len)
   out = {}
   out['vision'] = frames * vit_flops(model_cfg.vision, batch) if include_vision else 0
   out['projector'] = frames * slot_flops(model_cfg, method, visual_tokens, batch) if include_vision else 0
   per_layer = []
   for i, t in enumerate(lens):
     if kinds[i] == M.KIND and frames:
-      tr = text_tokens + frames * k_mod if mod_len is None else int(mod_len)
       per_layer.append(llm_layer_flops(lc, tr, tr, batch) + M.router_flops(lc, t, batch))   # no query chunks
     elif kinds[i] == PL.SKIP:
       per_layer.append(0)
@@ -163,20 +147,14 @@ def prefill_flops(model_cfg, method=None, text_tokens=64, batch=1, lm_head='last
     if lm_head != 'last':
       raise ValueError("last_query=True needs lm_head='last'")
     if kinds[-1] == M.KIND and frames:      # the routed tokens' K/V, one query; the router on every token
-      tr = text_tokens + frames * k_mod if mod_len is None else int(mod_len)
       per_layer[-1] = last_query_layer_flops(lc, tr, batch) + M.router_flops(lc, lens[-1], batch)
     elif kinds[-1] != PL.SKIP:
       per_layer[-1] = last_query_layer_flops(lc, lens[-1], batch)
   out['llm_layers'] = sum(per_layer)
-  per_kind = {}
-  for kind, f in zip(kinds, per_layer):
-    per_kind[kind] = per_kind.get(kind, 0) + f
-  score = 0
-  if method is not None:
-    for p in method.drop_points(model_cfg):
-      score += scoring_flops(model_cfg, method, lens[p - 1] if p > 0 else lens[0], sched[p - 1] if p else n,
-                             batch)
-  out['scoring'] = score
+  per_kind = {kind: sum(f for k, f in zip(kinds, per_layer) if k == kind) for kind in dict.fromkeys(kinds)}
+  out['scoring'] = 0 if method is None else sum(   # the method's work at each drop point
+      method.scoring_flops(model_cfg, lens[p - 1] if p else lens[0], sched[p - 1] if p else n, batch)
+      for p in method.drop_points(model_cfg))
   out['lm_head'] = batch * 2 * lc.hidden * lc.vocab_size * (1 if lm_head == 'last' else lens[-1])
   out['total'] = float(sum(out.values()))
   out['per_kind'] = per_kind

@@ -2,32 +2,8 @@
 
     rows = run_eval(config, workdir, ['dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform'])
 
-Per method (keys of each row, see `report.COLUMNS`):
-  accuracy            greedy generation (`config.eval.max_new_tokens`, KV cache) vs the gold answer: exact
-                      match after normalisation (digits_vqa: `metrics.digits_match`; other sets: VQA-style)
-  ppl                 teacher-forced perplexity of the gold LONG answers (≥ model.sparse.len_ot tokens) with
-                      the method's pruning (`teacher.answer_nll`; Dynamic: output-text pruning as in
-                      KV-cache decoding); nan when the split has no long answer
-  kept_image_ratio    mean over image samples of kept / N image tokens after the last drop
-  kept_text_ratio     mean over samples of the generated tokens kept at the method's text layer
-  prefill_flops_eq13  the paper's Eq. 13 (image tokens only, batch 1)
-  prefill_flops_xla   XLA cost analysis of the engine's compiled prefill (batch 1, the mean eval prompt
-                      length, abstract shapes, padded buckets included); prefill_flops_analytic beside it
-  kv_cache_bytes      K/V bytes holding tokens after generation, per sample (kv_cache_bytes_prefill: after
-                      prefill)
-  accuracy_by_type, token_accuracy_by_type, kv_cache_bytes_by_type, samples_by_type
-                      the same per question type (+ 'all'); token accuracy = the fraction of the gold
-                      answer's tokens (</s> included) that the generation matches position by position
-  prefill_s           warm median prefill seconds of the first eval batch
-  decode_ms_per_token warm generation of max_new_tokens vs of 1 token with EOS ignored (prefill cancels):
-                      median over `timing_runs` interleaved pairs of Δt / (max_new_tokens − 1), first eval
-                      batch; nan when max_new_tokens < 2, and nan with a warning when the median is ≤ 0
-                      (timing noise larger than the decode time: a tiny model on a busy machine)
-Budget sweeps (`keep_ratios`, `sweep_extra`; `eval/budgets.py`): one row per (method, budget), `method`
-the point's label ('fastv r=0.75'), `base_method` and `overrides` beside it.
-Outputs: `<out_dir>/results.md`, `results.json`, `accuracy_vs_flops.png`, `accuracy_vs_kv.png`,
-`kept_patches.png`, and `predictions/<label>.jsonl` (per sample: id, record_id, question_type, prediction,
-answer, correct, token_accuracy, kept ratios, kv_bytes).
+One row per method (or per (method, budget) of a sweep: `eval/budgets.py`); the row keys
+(`report.COLUMNS`), the outputs under `<out_dir>` and how each figure is measured: docs/eval.md.
 """
 import json
 import math

@@ -1,20 +1,10 @@
 """VideoLLM-MoD: mixture-of-depths decoder layers for vision tokens (METHODS.md §3, docs/mod.md).
 
 An MoD layer (`model.layer_plan` kind `mod`, or `model.mod.layers`) keeps every vision token in the
-sequence but, per frame (per image), sends only the top k = ⌈r·N⌉ of that frame's N vision tokens through
-the layer; the others pass on unchanged (the residual). Text tokens always go through. A skipped token is
-neither a query nor a key/value of that layer.
-
-Router (`model.mod.router`), the one form implemented: 'tanh' — p-MoD's released form (MCG-NJU/p-MoD):
-s = wᵀh + b on the hidden state entering the layer (Linear(H→1), zero init), the k best s of each frame
-are routed, and a routed vision token's update is scaled by 1 + α·tanh(s) (α = `model.mod.alpha`, 0.2):
-h' = h + (1 + α·tanh(s))·(f(h) − h), f the dense block. The router gets its gradient through that weight;
-at init every weight is 1 (the layer is the dense block on the routed tokens). No auxiliary loss: routing is
-per frame, and a frame's tokens all arrive together, so top-k over a frame is causal in frames.
-
-Routing (`model.mod.routing`): 'learned' (the router), or the equal-capacity baselines 'random' (a fixed
-random pattern per layer and frame slot, from `model.mod.seed`) and 'uniform' (k tokens at an even
-stride, the centres of k equal strides); both leave the router unused and every weight 1.
+sequence but, per frame, sends only the top k = ⌈r·N⌉ of that frame's N vision tokens through the layer;
+the others pass on unchanged; text tokens always go through. Router ('tanh', p-MoD's form): s = wᵀh + b,
+a routed token gets h + (1 + α·tanh s)·(f(h) − h). Routing 'learned' | 'random' | 'uniform' (baselines:
+router unused, every weight 1). Details and choices: docs/mod.md, "What an MoD layer computes".
 
 Frames: the image placeholders of a sample are F consecutive spans of N (`frame_slots`); a sample may have
 fewer frames than the batch's maximum (the missing ones are masked). Shapes below: B batch, T tokens,

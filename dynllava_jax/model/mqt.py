@@ -5,21 +5,13 @@ Facts: ../shared/METHODS.md §2 (released `Resampler`, MQT-LLaVA `llava/model/mu
     proj = MatryoshkaQueryProjector(mc, dtype=..., param_dtype=..., rngs=...)
     out = proj(feats, count=m)       # feats (B, N, w) CLIP patch features -> (B, m, H), 1 <= m <= M
 
-With w = vision width, M = `mqt.queries` (a square: its grid side g = √M), heads = `mqt.heads`,
-N = s² patches (s = image_size / patch_size; CLS dropped, feature_select='default'):
-
-    pos   (M, w)  the 2-D sine-cosine table on the g×g grid (MAE form, `vision.sincos2d`), initialised
-                  with fp16-rounded values (the release stores it fp16) and frozen unless trained
-    pos_k (N, w)  pos bicubically interpolated to the s×s patch grid (torch F.interpolate(mode='bicubic',
-                  align_corners=False): cubic convolution A = −0.75, half-pixel centres, edge clamp)
-    q = ln_q(query[:m] + pos[:m])   (m, w)          k = ln_k(pos_k)   (N, w)      v = ln_v(feats) (B, N, w)
-    one multi-head attention (packed in-projection `in_proj` with bias, `out_proj` with bias), softmax in
-    fp32; no LayerNorm after it; then `proj` (w -> H, no bias). Every LayerNorm has eps `mqt.ln_eps` (1e-6).
-
-The keys depend on positions only, so the attention weights (heads, m, N) do not depend on the image
-(`attention`), and queries do not attend to each other: the m-token output is exactly the first m rows of
-the M-token output. `count` is static (a Python int): each m is its own program; training pads to M and
-masks (`train/forward.py`).
+w = vision width, M = `mqt.queries` (grid side g = √M), N = s² patches (CLS dropped). q = ln_q(query[:m] +
+pos[:m]), k = ln_k(pos_k) with pos_k the fp16-rounded 2-D sin-cos table (`vision.sincos2d`) bicubically
+interpolated to the s×s grid (`bicubic_matrix`), v = ln_v(feats); one multi-head attention (packed
+`in_proj`, `out_proj`, fp32 softmax), then `proj` (w -> H, no bias); LayerNorm eps `mqt.ln_eps`. The
+facts and choices: docs/methods.md, "MQT-LLaVA". The keys depend on positions only, so the m-token output
+is exactly the first m rows of the M-token output. `count` is static (each m is its own program);
+training pads to M and masks (`train/forward.py`).
 """
 import math
 

@@ -6,13 +6,11 @@
     'dense:frozen,dense*3'               the first layer frozen (no gradient, no optimizer state)
     'dense:frozen,dense:lora8,dense*2:frozen'   LoRA (rank 8) on the seven linear layers of layer 1 only
     'dense*2,skip,dense'                 layer 2 removed (the identity; no weights)
-kind: a registered layer kind (`llama.LAYER_KINDS`: `dense`, `dense_alt`, `mod` — a mixture-of-depths
-layer, `model/mod.py`; `model.mod.layers` turns listed layers into `mod` — and `skip`); train: `full`
-(default), `frozen` or `lora<r>` (rank r > 0; the base weights frozen, adapters trained; `model.lora`
-holds alpha and dropout). The counts must add up to `llm.layers`. Consecutive layers with equal
-(kind, train) form one group: one stacked module, one scan; group g's parameters live under
-`language_model.layers` (the group starting at layer 0) or `language_model.layers_<start>`, so a uniform
-plan keeps today's parameter paths.
+kind: a registered layer kind (`llama.LAYER_KINDS`: `dense`, `dense_alt`, `mod`, `skip`); train: `full`
+(default), `frozen` or `lora<r>` (rank r > 0; `model.lora` holds alpha and dropout). The counts add up to
+`llm.layers`. Consecutive layers with equal (kind, train) form one group (one stacked module, one scan)
+under `language_model.layers` (the group at layer 0) or `language_model.layers_<start>`, so a uniform plan
+keeps today's parameter paths. docs/architecture.md, "Layer plan and trainability".
 
 The visual region (`model.region`, `resolve`): the layers that train, the rest frozen. 'auto' = the
 released even spread (`region_layers`), or a list '1,5,9'; `model.region_train` = 'full' or 'lora<r>'.

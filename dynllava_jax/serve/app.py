@@ -2,19 +2,10 @@
 
     app = make_app(engine, Limits(), model_name='tiny')      # serve.py runs it with uvicorn
 
-Routes:
-  POST /v1/chat/completions   messages (system / user / assistant; content a string or a list of
-                              {"type": "text", "text"} and {"type": "image_url", "image_url": {"url"}}
-                              parts; one image per conversation: a data URL (base64) or, when the server
-                              has --image_root, a path under it), max_tokens | max_completion_tokens,
-                              temperature, top_p, seed, stream (server-sent events), and the extra field
-                              "sparsity": {"method", "keep", "overrides"} (defaults: the server's)
-  GET  /v1/models             the one model
-  GET  /health                {"status": "ok", "queued", "running", "batches"}
-Errors are JSON {"error": {"message", "type", "code"}}: 400 bad request (malformed JSON, bad base64, no
-image where the model needs one... any invalid field), 404 unknown model / route, 413 an image over the
-byte or pixel bound, 429 queue full, 503 shutting down, 500 a failure inside generation.
-The vicuna template has its own system text: system messages are ignored.
+Routes (POST /v1/chat/completions with the extra field "sparsity": {"method", "keep", "overrides"},
+GET /v1/models, GET /health {"status", "queued", "running", "batches"}) and the JSON errors
+{"error": {"message", "type", "code"}} (400, 404, 413, 429, 503; 500 a failure inside generation):
+docs/serving.md. System messages are ignored (the vicuna template has its own system text).
 """
 import asyncio
 import base64

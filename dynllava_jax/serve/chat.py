@@ -7,16 +7,11 @@
     chat = Chat(engine)                                         # no image yet
     chat.ask('Hello?'); chat.ask('What is this?', image=img)    # turn 2 brings the image (pruned on entry)
 
-The conversation is held as token ids: the first prompt (vicuna_v1, the image in the first question),
-then each answer's generated tokens and the next turn's template text (`</s>USER: … ASSISTANT:`). A turn
-after the first appends only the tokens the caches do not hold yet — the previous answer's last token
-(sampled, never fed) unless it was the stop token, then the new turn's text — with `generate(past=)`
-(`decode/extend.py`: earlier turns' pruning stays as decided). With the dense method that is exactly a
-fresh prefill of the whole conversation (tested). When the conversation would outgrow the model's
-positions (`max_position`, the new turn and its max_new_tokens included) the caches are full: the chat
-says so through `report` and starts over with a fresh prefill of the image and this question alone.
-A turn may bring the conversation's one image (LLaVA's `<image>` line before that question): the extend
-prunes it as a prefill would (`decode/extend.py`).
+The conversation is held as token ids (not re-tokenized text); a turn after the first appends only the
+tokens the caches do not hold yet with `generate(past=)` (`decode/extend.py`; earlier pruning stands,
+and a turn may bring the conversation's one image). When the conversation would outgrow `max_position`
+the chat says so through `report` and starts over with a fresh prefill of the image and this question.
+What that means for a pruning method, and the tests: docs/serving.md, `--chat`.
 """
 import numpy as np
 

@@ -4,14 +4,11 @@ Facts: ../shared/METHODS.md, "Training-free reducers before the LLM" (released v
     method = make_sparsifier('divprune', cfg, tokens=56)        # K kept tokens
     method = make_sparsifier('divprune', cfg, ratio=0.098)      # K = round(ratio · N) (the release: 56 of 576)
 
-Per sample, on its N projected image tokens: distance = 1 − cosine similarity (N × N); the first pick is
-the token with the largest nearest-neighbour distance (the second smallest entry of its column, the first
-being itself); then repeatedly the token whose minimum distance to the picked set is largest (ties: the
-lowest index; a picked token, at distance 0 from the set, is never picked again). The K picks go to the
-LLM in raster order. Prompts carry K placeholders (`projector.visual_token_count`), so the kept tokens sit
-among the text with contiguous positions — the same as removing the others from a full prompt's
-attention mask and renumbering (tests/test_reducers.py). Per sample, any image offset (the release takes
-the indices of batch row 0 for every row and a hard-coded offset of 35).
+Per sample, on its N projected image tokens: greedy max–min selection over distance = 1 − cosine
+similarity (first pick: the largest nearest-neighbour distance; ties: the lowest index); the K picks go
+to the LLM in raster order, and prompts carry K placeholders (`projector.visual_token_count`). The rules
+and the choices against the release: docs/methods.md, "Pre-LLM reducers"; tested ≡ removing the others
+from a full prompt's attention mask and renumbering (tests/test_reducers.py).
 """
 import jax
 import jax.numpy as jnp

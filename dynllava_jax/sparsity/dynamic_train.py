@@ -2,25 +2,12 @@
 shapes are static. Inference: sparsity/dynamic.py.
 
 At `sparse_layer` the predictors read the residual stream entering that layer → hard straight-through
-Gumbel decisions → key-column keep mask G (B, T) → MaskedSoftmax (`model/attention.py::masked_softmax`) in
-the layers from there on. Batch keys used: has_image (B,) bool; image_start, instr_start, instr_end,
-answer_start, answer_end (B,) int32.
-
-Decisions (1 = keep), per sample b:
-  image    M_I (B, N): Gumbel decisions over the N image tokens starting at image_start[b]; samples
-           without an image keep everything (M_I = 1) and their predictor output is ignored.
-  answer   M_OT (B, T): on the last answer span [answer_start, answer_end) only, and only when the
-           sample has an image and the span has >= len_ot tokens ("qualifies"); 1 elsewhere.
-  instruct M_INS (B, T): same on [instr_start, instr_end) with instruct_min_len (off by default).
-Text-only samples keep every token (the released code instead skips the predictors for a whole batch that
-has one text-only sample).
-
-Loss terms (the released code; squared), added to the token-mean CE by the step:
-  reg_image  = λ·mean_b q_b·(r_I − mean_i M_I[b, i])²        q_b = has_image[b]
-  reg_answer = λ·mean_b (t_b − mean_{i∈span} M_OT[b, i])²    t_b = r_OT if qualifies else stop_grad(own mean)
-  (reg_instruct: the same for instruct when enabled).
-Text-only samples contribute 0 to the image term but count in the batch mean (B), exactly like short
-answers in the output-text term. An empty answer span has mean 0 / max(len, 1) = 0: no NaN.
+Gumbel decisions (1 = keep) on the image tokens M_I (B, N), the qualifying last answer span M_OT (B, T)
+and optionally the instruction span M_INS → key-column keep mask G (B, T) → MaskedSoftmax in the layers
+from there on. Batch keys used: has_image (B,) bool; image_start, instr_start, instr_end, answer_start,
+answer_end (B,) int32. The decisions, the squared ratio losses (`reg_image`, `reg_answer`,
+`reg_instruct`) and the choices against the release (text-only samples keep every token and count in the
+batch mean): docs/training.md, "The method as trained here".
 """
 import jax
 import jax.numpy as jnp

@@ -5,17 +5,12 @@ Facts: ../shared/METHODS.md, "Training-free reducers before the LLM" (released d
     method = make_sparsifier('visionzip', cfg, dominant=108, contextual=20)
     method = make_sparsifier('visionzip', cfg, ratio=0.1)              # k = round(0.1·N) tokens
 
-It reads the feature layer's hidden states (CLS included), softmaxed attention and keys (the tower's
-intermediates, `model/vision.py`; no second tower) and hands the projector k = D + C tokens:
-  dominant    CLS + the D − 1 patches with the largest CLS attention summed over heads, in original order;
-  contextual  the R = N − (D − 1) other patches in original order, keys averaged over heads and
-              L2-normalised; targets = every ⌊R/C⌋-th of them from index 0, the first C; every other
-              remaining patch joins its most cosine-similar target (ties: the lower target); a contextual
-              token = the target's hidden state + the mean of its members' hidden states (the target
-              alone when it has none).
-Order to the projector: [CLS, dominant by index, contextual in target order]. Prompts carry k placeholders
-(the slot's count, `projector.visual_token_count`), so image tokens get consecutive RoPE positions.
-`tokens=k` splits k as the README's 54:10 (D = round(k·54/64)); 64 → 54 + 10, 128 → 108 + 20, 192 → 162 + 30.
+It reads the feature layer's hidden states, softmaxed attention and keys (the tower's intermediates,
+`model/vision.py`; no second tower) and hands the projector k = D + C tokens: CLS + the D − 1 patches
+with the largest CLS attention (dominant), then C contextual tokens merged from the rest; order
+[CLS, dominant by index, contextual in target order]. Prompts carry k placeholders
+(`projector.visual_token_count`). The rules, ties and budgets (`tokens=k` splits 54:10): docs/methods.md,
+"Pre-LLM reducers".
 """
 import jax
 import jax.numpy as jnp

@@ -4,15 +4,11 @@
         [--n 1000] [--variant all|image_text] [--split validation] [--batch_size 8] [--out DIR] \
         [--prompt "Please describe this image in detail."]
 
-BI_l = 1 − mean over samples of (mean over the sample's tokens of cos(h_in_l, h_out_l)), at prefill, over
-all (non-padding) tokens; the last layer's output is taken after the final norm (what HF's
-`hidden_states[-1]` holds). Tokens whose cosine is undefined (a zero vector) are left out, as in the
-release (`bunny/eval/block_influence_calc.py`). variant 'image_text': per sample, the mean of the
-image-token mean and the text-token mean (the release's unused multimodal variant).
-
-Calibration set: the images of the first N samples (release: 1,000) of the config's dataset split, each
-with its own prompt, or with --prompt one question for all (the release: Flickr30k images with "Please
-describe this image in detail."), in the conversation template, up to "ASSISTANT:".
+BI_l = 1 − mean over samples of (mean over the sample's real tokens of cos(h_in_l, h_out_l)) at prefill,
+the last layer's output after the final norm; zero vectors are left out as in the release
+(`bunny/eval/block_influence_calc.py`); variant 'image_text' averages the image- and text-token means.
+Calibration: the first N samples of the config's split (or one --prompt for all), in the conversation
+template up to "ASSISTANT:". Definitions and the release's choices: docs/training.md, "Block Influence".
 Writes <out>/block_influence.json {bi, ranking (least influential first), region, variant, samples, step}
 and <out>/block_influence.png (default out: <workdir>/block_influence). Bad input: one line, exit 2.
 """

@@ -8,16 +8,11 @@
          their signature and digest under 'frozen': a restore rebuilds them (`frozen_source`, e.g. the seed
          init + train.init_from) and accepts them only when they match
 
-Promises (docs/reliability.md):
-  - atomic: orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete, so a step killed
-    or failing mid-save (kill -9, full disk) never appears; leftover tmp dirs are removed at start-up.
-  - verified: a restored state must match its stored digest exactly (the sums are over uint32 words, so
-    they do not depend on sharding or summation order) and be all-finite; a mismatch is a broken step.
-  - another run's checkpoints are never restored into, trained over or deleted by retention: when the
-    stored signature differs from this config's state, `restore_latest` stops with one line (UserError),
-    or with `start_over` moves them to `checkpoints/old/<time>/` first.
-  - a broken step (truncated, flipped bytes) is reported in one line, moved to `checkpoints/broken/<step>`
-    and the previous step is restored; when no step restores, one line (UserError) unless `start_over`.
+Promises (docs/reliability.md): atomic saves (orbax tmp dir + rename; leftover tmp dirs removed at
+start-up); a restore must match its stored digest (sums over uint32 words: independent of sharding) and be
+finite; another run's checkpoints are never restored into or deleted (one UserError line, or with
+`start_over` moved to `checkpoints/old/<time>/`); a broken step is moved to `checkpoints/broken/<step>`
+and the previous one restored.
 
 The last `keep` (>= 1) checkpoints are kept. `load_params` reads model params written by
 `dynllava_jax.convert` for `train.init_from`.

@@ -1,24 +1,13 @@
 """AdamW with parameter groups, warm-up + cosine schedules and global-norm clipping.
 
-Parameter split (`split_params`): the model's nnx.Param variables are split into
-  frozen:    by rule (`frozen_rules`): the CLIP tower (train.freeze_vision), the projector
-             (train.freeze_projector), the whole LLM (train.freeze_llm, optional: the demo's alignment
-             stage), path patterns (train.frozen), the layer plan's frozen groups, the base weights
-             and norms of its LoRA groups (only the adapters train) and, with a visual region
-             (model.region), the LLM's embeddings, final norm and LM head.
-             No gradients are computed for them and the optimizer holds no state for them.
-  trainable: everything else, in optimizer groups by rules (`group_rules`): regexes over '/'-joined
-             parameter paths -> group, the first match wins: train.param_groups ('regex=group,...'),
-             then every method's own rules (its TrainHook.param_rules: Dynamic-LLaVA's predictors ->
-             'predictor'), then '^projector/' -> 'projector' when train.projector_lr > 0; else 'main'.
-             The groups (`group_settings`) carry their peak lr and weight decay:
-             'main'      = train.lr, train.weight_decay
-             'predictor' = train.predictor_lr, train.predictor_weight_decay
-             'projector' = train.projector_lr (> 0: its own rate, the region recipe's 2e-5 beside the
-                           adapters' 2e-4), train.weight_decay.
-             A config rule that matches no trainable param, or names an unknown group: one UserError line.
-Weight decay applies to matrices (ndim >= 2) only, never to biases or norm scales.
-Gradient accumulation is done inside the jitted step (`step.py`), not by the optimizer.
+Parameter split (`split_params`): frozen by rule (`frozen_rules`: train.freeze_vision / freeze_projector /
+freeze_llm, train.frozen patterns, the layer plan's frozen groups, LoRA groups' base weights, with a
+visual region the LLM's embeddings, final norm and LM head; no gradients, no optimizer state); the rest
+in optimizer groups by rule (`group_rules`, first match wins: train.param_groups, then each method's
+TrainHook.param_rules, then '^projector/' -> 'projector' when train.projector_lr > 0; else 'main'), each
+with its peak lr and weight decay (`group_settings`; docs/training.md). A config rule that matches no
+trainable param, or names an unknown group: one UserError line. Weight decay applies to matrices
+(ndim >= 2) only; gradient accumulation is inside the jitted step (`step.py`).
 """
 import re
 

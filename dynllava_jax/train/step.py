@@ -11,12 +11,10 @@ steps). Sparse steps (`sparse=True`) run every hook; dense steps (the warm-up st
 eval_step(state, batch) -> metrics: decisions as at inference (`image_topk`), loss sums, the hooks'
 per-sample sums and per-sample teacher-forced correctness of the last answer span.
 
-Frozen layers (layer plan, visual region): when nothing upstream of the lowest trainable decoder layer
-trains (`optim.grad_floor`: frozen projector, tower, embeddings and lower layers), the hidden state
-entering it is stop-gradiented, so the backward pass ends there (no activation gradients through the
-frozen layers below). When the projector trains, its gradient must pass through every layer below, so
-the backward runs down to it (frozen layers then cost activation gradients only: no weight gradients).
-LoRA dropout (model.lora.dropout) draws its masks from the step's key.
+Frozen layers: when nothing upstream of the lowest trainable decoder layer trains (`optim.grad_floor`),
+the hidden state entering it is stop-gradiented, so the backward pass ends there; a training projector
+keeps the backward running down to it (docs/architecture.md). LoRA dropout draws its masks from the
+step's key.
 """
 import jax
 import jax.numpy as jnp
