@@ -5,14 +5,9 @@
     python -m dynllava_jax.convert --export --ckpt ckpt/dyn7b --out hf_out --layout original
     python -m dynllava_jax.convert --export --workdir runs/x [--step N] --out export/x [--layout hf|released]
 
-Export from a training workdir reads its config.json (written by train.py) and its newest (or --step)
-checkpoint, and writes beside the weights the run's config (`run_config.json`) and its `tokenizer.json`,
-so eval.py / generate.py / serve.py `--model DIR` on the export behave as on the workdir. Layout names:
-`hf` = `hf5` (transformers 5.x LlavaForConditionalGeneration; predictors kept under their own keys, which
-transformers ignores), `released` = `original` (the liuhaotian / Dynamic-LLaVA release names).
-
-The orbax directory holds the pure dict of `nnx.state(model, nnx.Param)` (StandardCheckpointer; what
-`train.init_from` reads) and `model_config.json` (the model ConfigDict) inside it.
+A workdir export writes beside the weights the run's `run_config.json` and `tokenizer.json`, so
+`--model DIR` on it behaves as the workdir (docs/serving.md). `hf` = `hf5`, `released` = `original`; the
+orbax directory layout (params dict + `model_config.json`): docs/checkpoints.md, "The command".
 """
 import argparse
 import os

@@ -390,17 +390,12 @@ def _np_dtype(dtype):
 
 def load_llava(path, dtype=jnp.float32, *, clip_dir=None, compute_dtype=None, shardings=None, mesh=None,
                layer_plan=''):
-  """Loads a LLaVA-1.5 / Dynamic-LLaVA checkpoint directory -> (nnx Llava, model ConfigDict).
-
-  dtype: parameter dtype (float32 | bfloat16 | float16); compute_dtype defaults to dtype.
-  clip_dir: a local HF CLIP(Vision)Model directory. Its config.json gives the vision sizes when the
-  checkpoint's config.json has none; its weights, if it has any, the tower when the checkpoint has none
-  (weights inside the checkpoint win). Default: an original config's `mm_vision_tower` when that names a
-  local directory (relative to `path` or as given).
-  shardings: pytree of NamedSharding matching `nnx.state(model)` (see `dynllava_jax.sharding.state_shardings`
-  on `abstract_llava(read_config(path))`), or mesh: derive them from the logical names. Each leaf then goes
-  straight to its shards. layer_plan: `model.layer_plan` of the model built (e.g. frozen layer groups; the
-  file layout does not depend on it). Raises ValueError / FileNotFoundError with one line naming the problem.
+  """Loads a LLaVA-1.5 / Dynamic-LLaVA checkpoint directory -> (nnx Llava, model ConfigDict); the arguments:
+  docs/checkpoints.md, "API". clip_dir: a local HF CLIP(Vision)Model directory (its config.json gives the
+  vision sizes when the checkpoint's has none; its weights the tower when the checkpoint has none);
+  default: an original config's `mm_vision_tower` when that names a local directory. layer_plan:
+  `model.layer_plan` of the model built (the file layout does not depend on it). Raises ValueError /
+  FileNotFoundError with one line naming the problem.
   """
   ckpt = Checkpoint(path)
   cfg = _read_json(path)
@@ -588,13 +583,10 @@ def _plan(needed, shapes, layout, npdt, mc, max_shard_bytes):
 
 
 def save_llava(model, config, out_dir, layout='hf5', *, dtype=None, max_shard_bytes=DEFAULT_SHARD_BYTES):
-  """Writes `model` as a HF-loadable checkpoint: config.json + model.safetensors (or shards + index).
-
-  layout: 'hf5' (transformers 5.x names), 'llava15hf' (published llava-1.5-hf names) or 'original'
-  (liuhaotian/Dynamic-LLaVA names; `source_vocab_size` rows when the model came from such a checkpoint).
-  dtype: stored dtype (default: the parameter dtype). A model with LoRA layers is saved merged, one with
-  `skip` layers (pruned) as the smaller model without them (num_hidden_layers = the layers kept).
-  Returns out_dir.
+  """Writes `model` as a HF-loadable checkpoint (docs/checkpoints.md): config.json + model.safetensors (or
+  shards + index) in `layout` ('hf5' | 'llava15hf' | 'original'), stored in `dtype` (default: the parameter
+  dtype). LoRA layers are saved merged; `skip` layers (pruned) left out (num_hidden_layers = the layers
+  kept). Returns out_dir.
   """
   if layout not in K.LAYOUTS:
     raise ValueError(f'layout {layout!r} unknown: use one of {K.LAYOUTS}')

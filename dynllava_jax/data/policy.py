@@ -95,11 +95,8 @@ def _reason_order(r):
 
 
 def check_conversation(conversations):
-  """Checks a LLaVA `conversations` value; returns (reason, detail) or None if it is well-formed.
-
-  Args:
-    conversations: list of `{'from': 'human'|'gpt', 'value': str}` (as in the LLaVA JSON).
-  """
+  """Checks a LLaVA `conversations` value (a list of `{'from': 'human'|'gpt', 'value': str}`); returns
+  (reason, detail) or None if it is well-formed."""
   if not isinstance(conversations, list) or not conversations:
     return MALFORMED, '`conversations` must be a non-empty list'
   for i, turn in enumerate(conversations):
@@ -131,11 +128,8 @@ def check_image_tags(conversations, has_image):
 
 
 def check_record(record):
-  """Structure checks of one LLaVA JSON record; returns (reason, detail) or None.
-
-  Args:
-    record: dict `{id, image?, conversations}`; `image` is a relative path string when present.
-  """
+  """Structure checks of one LLaVA JSON record `{id, image?: relative path, conversations}`; returns
+  (reason, detail) or None."""
   if not isinstance(record, dict):
     return MALFORMED, 'record is not an object'
   if 'conversations' not in record:

@@ -57,14 +57,9 @@ def normalize_turns(conversations, has_image, frames=1):
 
 
 def format_vicuna(rounds, last_answer=True):
-  """The vicuna_v1 text (without `<s>`) and character regions of its parts.
-
-  Args:
-    rounds: list of (question, answer) strings.
-    last_answer: False leaves the last answer out: the text ends with its "ASSISTANT:" (generation).
-  Returns:
-    text, questions [(start, end)], role_ends [end of each "ASSISTANT:"], answers [(start, end)]
-    (answer regions include the "</s>"; the last one is missing when last_answer is False).
+  """The vicuna_v1 text (without `<s>`) of rounds [(question, answer)] and character regions of its parts
+  -> text, questions [(start, end)], role_ends [end of each "ASSISTANT:"], answers [(start, end)] (incl. the
+  "</s>"). last_answer=False leaves the last answer out: the text ends with its "ASSISTANT:" (generation).
   """
   text = SYSTEM + SEP
   questions, role_ends, answers = [], [], []
@@ -112,20 +107,13 @@ def _tokenize(tok, text, image_token_id, num_image_tokens, bos_id, frames=1):
 
 def encode_conversation(tok, conversations, has_image, *, num_image_tokens, image_token_id,
                         bos_id, max_len, frames=1):
-  """Tokenizes one LLaVA conversation for teacher forcing.
+  """Tokenizes one LLaVA conversation for teacher forcing -> Encoded with (L,) int32 arrays, L <= max_len.
 
-  Args:
-    tok: tokenizer.Tokenizer.
-    conversations: list of {from: human|gpt, value} (already checked by policy.check_record).
-    has_image: whether the sample has an image (its first question then holds `<image>`).
-    num_image_tokens: N, image tokens per image.
-    frames: F frames (`data/frames.py`): the conversation holds F `<image>` tags, each expanded to N
-      placeholders where it stands; the image span starts at the first; truncation never cuts a frame
-      (a sample whose frames do not all fit is `over_long`).
-  Returns:
-    Encoded with (L,) int32 arrays, L <= max_len.
-  Raises:
-    policy.SampleProblem: over_long (or an `<image>` tag count that tokenization contradicts).
+  tok: tokenizer.Tokenizer; conversations: [{from: human|gpt, value}] (checked by policy.check_record);
+  has_image: its first question then holds `<image>`; num_image_tokens: N per image; frames: F frames
+  (`data/frames.py`): F `<image>` tags, each expanded to N placeholders where it stands, the image span
+  starting at the first; truncation never cuts a frame (such a sample is `over_long`). Raises
+  policy.SampleProblem: over_long, or an `<image>` tag count that tokenization contradicts.
   """
   rounds = normalize_turns(conversations, has_image, frames)
   text, questions, role_ends, answers = format_vicuna(rounds)
@@ -185,11 +173,8 @@ def encode_conversation(tok, conversations, has_image, *, num_image_tokens, imag
 
 def encode_prompt(tok, conversations, has_image, *, num_image_tokens, image_token_id, bos_id,
                   max_len, frames=1):
-  """Generation prompt: everything up to and including the last "ASSISTANT:".
-
-  Returns:
-    (prompt_ids (P,) int32, gold last answer string). Raises SampleProblem(over_long) if P > max_len.
-  """
+  """Generation prompt: everything up to and including the last "ASSISTANT:" -> (prompt_ids (P,) int32,
+  gold last answer string). Raises SampleProblem(over_long) if P > max_len."""
   rounds = normalize_turns(conversations, has_image, frames)
   text, _, _, _ = format_vicuna(rounds, last_answer=False)
   ids, _, _ = _tokenize(tok, text, image_token_id, num_image_tokens, bos_id, frames)

@@ -108,14 +108,9 @@ def write_slot(cache):
 
 
 def write_layer(buf, new, slot, write_mask):
-  """buf (B, Hkv, C, D) with new (B, Hkv, D) written at [b, :, slot[b]] where write_mask[b].
-
-  Where write_mask is False the slot's own content is written back (a no-op), so every index is in bounds
-  and XLA updates the buffer in place; an out-of-bounds 'drop' scatter instead becomes a select over the
-  whole buffer, i.e. a full copy per layer and step. The scatter indexes (batch, head) pairs rather than
-  batch rows: at batch 1 a row scatter is simplified to a dynamic-update-slice, which XLA then duplicated
-  into the attention's (bitcast) read — a copy of every buffer per step (docs/benchmarks.md §4).
-  """
+  """buf (B, Hkv, C, D) with new (B, Hkv, D) written at [b, :, slot[b]] where write_mask[b]; elsewhere the
+  slot's own content is written back, so every index is in bounds and XLA updates the buffer in place (why
+  this form and the (batch, head) scatter: docs/inference.md, "How a decode step runs")."""
   b, h = buf.shape[:2]
   rows, heads, slots = jnp.arange(b)[:, None], jnp.arange(h)[None, :], slot[:, None]
   old = buf[rows, heads, slots]

@@ -1,12 +1,8 @@
 """Decoding without a KV cache: every step re-runs the sparsified forward on prompt + generated tokens.
 
-The packed buffer (B, T) holds each sample's prompt, then its generated tokens (appended in place, static
-shape). Each step runs `prefill.sparse_forward` with `gen_mask` marking the generated tokens, so at the
-method's text layer the generated tokens it drops (Dynamic-LLaVA: output-text predictor, logit0 > logit1)
-leave the sequence for the later layers; the newest token is always kept; decisions are recomputed every
-step from the current forward (there is no padding to a common kept count and no duplicated token). Image
-tokens are dropped at the drop points as in prefill, recomputed every step as well.
-The whole generation is one jitted `lax.while_loop`.
+The packed buffer (B, T) holds each sample's prompt, then its generated tokens (appended in place);
+each step runs `prefill.sparse_forward` with `gen_mask` marking them, all decisions recomputed (the
+newest token always kept), in one jitted `lax.while_loop` (docs/inference.md, "Decoding without a KV cache").
 """
 from functools import partial
 

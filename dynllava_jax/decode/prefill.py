@@ -1,16 +1,13 @@
 """Sparsified prefill: the decoder run in segments split at the method's drop points (docs/methods.md),
 'drop by gather' on the one walk (`model/walk.py`).
 
-All sequences here are *packed* (see `request.py`): sample b's real tokens sit in slots [0, count_b), in
-original order, padding after; slot order is causal order. At each boundary p (a drop point, or the
-method's text layer) the engine decides, per sample, which tokens stay:
-  - at a drop point i: every real text token, the k_i best present image tokens by `method.score` (or those
-    with score > 0 in threshold mode), and the last real token;
-  - at the text layer, when generated tokens are present (decoding without a KV cache): the generated
-    tokens `method.text_keep` keeps, and always the newest (last) one;
-and gathers the kept tokens, in order, with their RoPE positions (renumbered 0.. if
-`method.renumber_positions`), into the next segment's static length. Layers after p run on the short
-sequence. Dropped tokens are gone, so this equals a masked forward with exact-zero attention to them.
+All sequences here are *packed* (`request.py`): sample b's real tokens in slots [0, count_b), in order,
+padding after. At each boundary (a drop point, or the text layer when generated tokens are present:
+decoding without a KV cache) the kept tokens — every real text token, the k best present image tokens
+(threshold mode: score > 0), the generated tokens `text_keep` keeps, always the last real token — are
+gathered in order, with their RoPE positions (renumbered with `renumber_positions`), into the next
+segment's static length: a masked forward with exact-zero attention to the dropped tokens
+(docs/inference.md, "Prefill").
 
     out = prefill(model, cfg, method, input_ids, pixel_values, attention_mask)
     out.logits_last (B, vocab); out.segments[s].kv = (k, v) each (L_s, B, T_s, Hkv, D)

@@ -3,13 +3,10 @@
     qs = read_questions('llava-bench/questions.jsonl', image_folder='llava-bench/images')
     answer_questions(engine, qs, 'answers.jsonl', method='dynamic', overrides={}, model_id='tiny')
 
-Question file: JSON lines with `question_id`, `text` (the question; a `<image>` tag in it is dropped: the
-image goes first, as in LLaVA) and optionally `image` (a path relative to image_folder; absent = a
-text-only question); other keys (`category`, ...) are kept in the answer's metadata. Answer file: one line
-per question, in question order, with `question_id`, `prompt` (the question text), `text` (the answer),
-`answer_id` (a fresh uuid4 hex), `model_id` and `metadata` — the fields of LLaVA's `model_vqa*.py` output
-that its eval scripts (`eval_gpt_review_bench.py`, `convert_*_for_submission.py`, `eval_textvqa.py`, ...)
-consume. Greedy by default (the config's eval.temperature).
+Question file: JSON lines with `question_id`, `text` (a `<image>` tag in it is dropped: the image goes
+first, as in LLaVA) and optionally `image` (relative to image_folder); other keys are kept in the answer's
+metadata. Answer file: one line per question, in order, with the fields of LLaVA's `model_vqa*.py`
+output (`answer_id`: a fresh uuid4 hex; docs/eval.md). Greedy by default (the config's eval.temperature).
 """
 import json
 import os

@@ -1,20 +1,15 @@
 """Teacher-forced answer NLL with any Sparsifier's pruning applied (the paper's generation metric: PPL of
 the gold answer, teacher-forced through the KV-cache decode semantics).
 
-One forward over the full sequence (prompt + gold answer), with pruning expressed as key-column masks in
-exact-zero attention (`model.attention='exact_zero'` semantics: a masked key gets weight exactly 0), which
-is the same computation as physically removing the tokens:
-  - image tokens: at each drop point p the method scores the present tokens (`method.score`, the last PROMPT
-    token as `last_index`, so answer tokens cannot influence the choice — causal attention makes the
-    prompt's hidden states independent of what follows), the engine's rule keeps the k best present image
-    tokens per sample (ties: the earlier token; k None: score > 0); from p on, dropped tokens are no key
-    for anyone. With `method.renumber_positions` the present tokens get positions 0, 1, 2, … after each drop.
-  - generated text (KV-cache decoding fed the gold tokens): from `method.text_layer` on, an answer token is
-    a key for LATER tokens only if `method.text_keep` keeps it (decided from its hidden state entering that
-    layer); it always attends to itself. Layers before text_layer see every token (their cache is full).
-Logits at position t score token t + 1; the NLL is summed over the answer tokens (positions > last_index
-that are real). Shapes: input_ids / attention_mask (B, T) right-padded, pixel_values (B, H, W, 3),
-last_index (B,) = index of the last prompt token.
+One forward over the full sequence (prompt + gold answer) with pruning as key-column masks in exact-zero
+attention, the same computation as removing the tokens (docs/eval.md, "Perplexity protocol"):
+  - image tokens: at each drop point the method scores the present tokens with the last PROMPT token as
+    `last_index` (the answer cannot influence the choice); the engine's rule (`top_k_mask`) keeps the k
+    best; dropped tokens are no key from there on; `renumber_positions` renumbers the present tokens.
+  - generated text: from `method.text_layer` on, an answer token is a key for LATER tokens only if
+    `method.text_keep` keeps it (from its hidden state entering that layer); it always attends to itself.
+Logits at t score token t + 1; the NLL is summed over the real answer tokens (positions > last_index).
+Shapes: input_ids / attention_mask (B, T) right-padded, pixel_values (B, H, W, 3), last_index (B,).
 """
 import jax
 import jax.numpy as jnp

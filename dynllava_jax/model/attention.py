@@ -190,14 +190,10 @@ def _heads_major(q, k, v):
 
 def _causal_chunked(q, k, v, allowed, chunk):
   """Exact causal attention by query chunks, one sample at a time. q (B, T, Hq, D), k / v (B, T, Hkv, D),
-  allowed (B, T, T) causal -> o (B, T, Hq, D) fp32.
-
-  Inference only, laid out for XLA CPU (measurements: docs/benchmarks.md §5): samples run one after another
-  (a scan over the batch; each sample's heads-major transposes inside it), so a chunk's scores
-  (Hq, chunk, e) stay in cache instead of streaming (B, Hq, chunk, e) through memory; the scale goes on q,
-  and the softmax is normalised after the product with v (one pass over the scores fewer). Scores and
-  exponentials stay separate buffers (`optimization_barrier`), which XLA CPU runs faster than the fused
-  form. A batch sharded over devices would be gathered by the loop: use causal_chunk = 0 there.
+  allowed (B, T, T) causal -> o (B, T, Hq, D) fp32. Laid out for XLA CPU (a scan over the batch so each
+  chunk's scores stay in cache, scale on q, softmax normalised after the product with v, scores and
+  exponentials kept apart by `optimization_barrier`; why: docs/benchmarks.md §5). A batch sharded over
+  devices would be gathered by the loop: use causal_chunk = 0 there.
   """
   b, t, hq, d = q.shape
   q = q * jnp.asarray(d ** -0.5, q.dtype)
@@ -207,10 +203,8 @@ def _causal_chunked(q, k, v, allowed, chunk):
     qh, kh, vh = (x[0] for x in _heads_major(qs[None], ks[None], vs[None]))
     hkv, g = qh.shape[:2]
     outs = []
-    for a in range(0, t, chunk):
+    for a in range(0, t, chunk):    # (G, rows) as one row axis: a G axis, even of 1, is slower on XLA CPU
       e = min(a + chunk, t)
-      # (G, rows) flattened into one row axis, everything 3-D (a G axis, even of 1, is slower on XLA CPU:
-      # docs/benchmarks.md §5)
       rows = g * (e - a)
       s = jnp.einsum('hqd,hkd->hqk', qh[:, :, a:e].reshape(hkv, rows, d), kh[:, :e],
                      preferred_element_type=jnp.float32)

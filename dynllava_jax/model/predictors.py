@@ -3,8 +3,7 @@
 ImagePredictor: image hidden states (B, N, H) + previous keep mask (B, N) -> logits (B, N, 2).
 TextPredictor (output-text and instruct): hidden states (B, T, H) -> logits (B, T, 2), no token mixing.
 All LayerNorm eps 1e-5, all GELU exact, Linear init N(0, 0.02) with zero bias. Released key names map
-one-to-one (see `dynllava_jax.hf_keys`): down_mlp.{0,1} -> down_ln/down, transformer.{i} -> blocks,
-output_mlp.{0,2,4} -> head_1..3 (image) / output_mlp.{0,1,3,5,7} -> ln, fc_1..4 (text).
+one-to-one (`dynllava_jax.hf_keys`; the table in docs/checkpoints.md).
 """
 import jax
 import jax.numpy as jnp

@@ -7,14 +7,10 @@ tokens a sample carries.
                                                      # on a projector without an elastic count)
     feats = proj(vision_features, count=None)        # (B, N_vision, width) -> (B, n, hidden)
 
-A projector class declares `num_tokens(mc, count=None)`: the tokens it emits for CLIP's selected features
-(`mqt` emits `count` = m tokens chosen per call, default M = `mqt.queries`; `mlp2x_gelu` maps each patch to
-one token and takes no count). Prompts and placeholder checks (`data.pipeline`, `decode.request`), FLOP and
-KV-byte accounting (`eval.flops`) and the methods' budgets all ask `num_visual_tokens`.
-
-Pre-LLM reducers (VisionZip, DivPrune: `sparsity/visionzip.py`, `sparsity/divprune.py`) act in this slot
-too: a method with `reduces_visual = True` turns the slot's n tokens into k (`method.visual_tokens(n)`),
-and prompts carry k placeholders (docs/architecture.md, "The visual-token slot").
+A projector class declares `num_tokens(mc, count=None)` (`mqt`: m chosen per call, default M; `mlp2x_gelu`:
+one token per patch, no count). Prompts, placeholder checks, FLOP / KV-byte accounting and the methods'
+budgets all ask `num_visual_tokens`; a pre-LLM reducer (`reduces_visual`) turns the slot's n tokens into
+its k (docs/architecture.md, "The visual-token slot").
 """
 from flax import nnx
 

@@ -1,11 +1,9 @@
 """Vocabulary rows a model carries beyond its tokenizer, kept out of the loss and of sampling.
 
-An original-layout checkpoint (liuhaotian LLaVA-1.5 / released Dynamic-LLaVA) has the tokenizer's V rows
-(32000 for Vicuna); `hf.load_llava` appends `<image>` and `<pad>` and pads to a multiple of 64 (32064) with
-mean rows, and sets `model.llm.text_vocab_size = V`. The released training softmax and sampling run over
-those V ids only, so ours mask ids >= V: `mask_padded(logits, n)` gives them NEG_INF before the
-cross-entropy (`train/forward.py`, `eval/teacher.py`) and before greedy / sampled choice
-(`decode/sampling.py`). The model's own logits (`Llava.__call__`) stay unmasked (HF parity).
+An original-layout checkpoint's vocabulary is padded on import (`hf.load_llava`, docs/checkpoints.md)
+and `model.llm.text_vocab_size = V` (its tokenizer's size): ids >= V get NEG_INF before the cross-entropy
+(`train/forward.py`, `eval/teacher.py`) and before greedy / sampled choice (`decode/sampling.py`), as the
+released code's softmax covers V ids only. The model's own logits (`Llava.__call__`) stay unmasked.
 
     n = text_vocab_size(model.mc)              # 0: every id is a text id (nothing masked)
     logits = mask_padded(logits, n)            # (..., V_model) -> same, ids >= n at NEG_INF

@@ -5,12 +5,9 @@
     job.wait() -> Result                              # or job.on_done(callback) from asyncio
     b.close()                                         # queued jobs fail with Closed; the running batch ends
 
-Jobs with equal `params` (method, overrides, max_new_tokens, temperature, top_p, seed) share a batch. The
-worker takes the oldest job, waits up to `wait_s` for more with the same params (up to `slots`) and runs
-them padded to exactly `slots` rows (`Engine.run(..., slots=)`), always with the streaming loop: one
-compiled program per prompt bucket for any number of requests, streamed or not, and a request's greedy
-answer is the one it gets alone (each row is exact). Batches run one
-after another (no refilling of finished rows while others decode).
+Jobs with equal `params` (method, overrides, max_new_tokens, temperature, top_p, seed) share a batch: the
+oldest job waits up to `wait_s` for company (up to `slots`), and the batch runs padded to exactly `slots`
+rows with the streaming loop (one compiled program per prompt bucket; docs/serving.md, "Batching").
 """
 import collections
 import dataclasses

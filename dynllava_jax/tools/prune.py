@@ -4,12 +4,9 @@
     python -m dynllava_jax.tools.prune --ckpt ckpt/llava7b --out pruned7b --remove 2,3,29 [--force] [--hf --layout hf5]
 
 A pruned model is the layer plan with those layers `skip` (`skip_config`); `prune_model` builds the
-smaller model without them (llm.layers = L − k, layer j = the j-th kept layer), which generates,
-evaluates and exports like any model (`--hf`: a smaller HF checkpoint that transformers loads;
-otherwise a `dynllava_jax.convert` orbax dir). Layers are chosen from a Block Influence JSON (`choose`:
-the k lowest-BI layers outside the region; `tools/block_influence.py`) or listed by hand (`--remove`).
-Removing a region layer is refused unless --force. Layer-numbered settings of a method
-(model.sparse.sparse_layer, FastV's K, ...) keep their numbers, which then count the kept layers.
+smaller model without them (llm.layers = L − k), written as a `dynllava_jax.convert` orbax dir or, with
+`--hf`, an HF checkpoint. Layers come from a Block Influence JSON (`choose`: the k lowest-BI layers
+outside the region) or `--remove`; a region layer is refused unless --force. docs/training.md, "Pruning".
 """
 import argparse
 import copy

@@ -9,6 +9,8 @@ Fields (see docs/training.md):
   projector_lr: > 0 gives the projector its own AdamW group at this peak rate (the visual-region recipe:
     2e-5 beside the adapters' 2e-4); 0 = the projector trains at lr.
   warmup_ratio: linear warm-up as a fraction of `steps`, then cosine to `min_lr_ratio`·peak.
+  restart_schedule, sparse_lr_scale: with a dense stage, warm-up + cosine restart when the sparse stage
+    starts, the peaks scaled by sparse_lr_scale (the released run is a fresh fine-tuning at a lower lr).
   weight_decay, predictor_weight_decay: decoupled AdamW decay per group (matrices only, not biases/norms).
   param_groups: more optimizer-group rules, 'regex=group,...' over '/'-joined param paths, checked before
     the methods' own rules (groups: main | predictor | projector; train/optim.py::group_rules).
@@ -46,21 +48,15 @@ from dynllava_jax.errors import UserError, suggest
 def train_defaults(size='tiny'):
   c = ml_collections.ConfigDict()
   tiny = size == 'tiny'
-  # tiny = the CPU demo (scripts/demo.py, batch 8): a dense stage from scratch (1600 steps: the from-scratch
-  # model needs ~1000 steps before its answers start to depend on the image, see docs/training.md), then
-  # 400 Dynamic-LLaVA sparsification steps.
+  # tiny = the CPU demo (scripts/demo.py): a from-scratch dense stage, then 400 Dynamic-LLaVA steps whose
+  # schedule restarts (restart_schedule) at 0.1x the peaks; other sizes: the released recipe (lr 5e-6 /
+  # 2e-4, no dense stage). The runs behind these values: docs/training.md, "The demo".
   c.steps = 2000 if tiny else 10000
   c.dense_warmup_steps = 1600 if tiny else 0
-  # The released recipe fine-tunes LLaVA-1.5: lr 5e-6 / 2e-4. The tiny model learns from scratch (3e-3
-  # made it unstable: grad-norm spikes, answers never grounded in 2400 steps).
   c.lr = 1e-3 if tiny else 5e-6
   c.predictor_lr = 3e-3 if tiny else 2e-4
   c.projector_lr = 0.0
   c.warmup_ratio = 0.03
-  # With a dense stage (dense_warmup_steps > 0, sparse model): restart warm-up + cosine when the sparse
-  # stage starts, with the peaks scaled by sparse_lr_scale (the released Dynamic-LLaVA run is a fresh
-  # fine-tuning run, at a lower lr, from a trained LLaVA). tiny: on, x0.1 (at x1 the image predictor
-  # overshot and saturated at keep-everything, docs/training.md). Other sizes have no dense stage.
   c.restart_schedule = tiny
   c.sparse_lr_scale = 0.1 if tiny else 1.0
   c.min_lr_ratio = 0.0

@@ -2,15 +2,9 @@
 
 On resume, lines of metrics.jsonl after the restored step move to metrics.dropped.jsonl (each step once).
 
-Scalars per logged step: loss, ce, reg_image, reg_answer, reg_instruct (λ-weighted), kept_image,
-kept_answer, kept_instruct (mean kept ratio over samples with an image / qualifying answers), tau, lr,
-predictor_lr, grad_norm, param_norm, update_norm, step_time_s, tokens_per_s, tflops_per_s.
-
-TFLOP/s is an analytic estimate (`flops_per_step`), not a measurement:
-  6 · P_train · T_real                       trainable matmul params (embedding table excluded; the LM head
-                                             included) × real tokens, forward + backward
-  + 12 · L · H · T_pad · T_pad · B           attention scores and mixing (QKᵀ and PV, fwd + bwd, full T²)
-  + 2 · P_vision · B · (N + 1)               the frozen CLIP tower, forward only
+Scalars per logged step: the loss and its terms, the hooks' kept ratios, tau, the groups' lr, grad /
+param / update norms, step_time_s, tokens_per_s, tflops_per_s (docs/training.md, "Checkpoints,
+preemption, telemetry").
 """
 import json
 import math
@@ -25,6 +19,9 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def flops_per_step(config, n_train_matmul, n_vision, batch_size, seq_len, real_tokens):
+  """The analytic TFLOP/s numerator, not a measurement: 6·P_train·T_real (trainable matmul params, the
+  embedding table excluded, the LM head included; fwd + bwd) + 12·L·H·T_pad²·B (QKᵀ and PV, fwd + bwd) +
+  2·P_vision·B·(N + 1) (the frozen tower, forward only)."""
   lc = config.model.llm
   n_img = (config.model.vision.image_size // config.model.vision.patch_size) ** 2
   dense = 6.0 * n_train_matmul * real_tokens
