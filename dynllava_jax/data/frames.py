@@ -6,13 +6,9 @@ container: the magic `FRAMES_MAGIC`, then per frame a 4-byte big-endian length a
 record layout (tfds features) is unchanged; a reader that meets a container without frames support fails
 on decoding it rather than misreading it.
 
-LLaVA JSON (llava_instruct): `"video": [paths]` or `"image": [paths]` (a list) gives F frames; the
-conversation then holds exactly one `<image>` tag per frame, in frame order, anywhere in the human turns
-(frame, frame, …, question; or streaming: frame, narration, frame, narration). A single `"image": path`
-keeps LLaVA's single-image rules. Bad input, per frame: a tag count other than the frame count
-(`image_without_tag` / `tag_without_image`, detail naming the counts), a missing or undecodable frame file
-(`missing_image` / `corrupt_image`, detail naming the frame); a record with more frames than
-`data.max_frames` stops the reader with one line (a config / data mismatch, not a bad sample).
+LLaVA JSON: `"video": [paths]` or `"image": [paths]` gives F frames, with exactly one `<image>` tag per
+frame, in frame order, anywhere in the human turns; a single `"image": path` keeps the single-image rules.
+The per-frame checks and `data.max_frames`: docs/mod.md, "Frames".
 """
 import struct
 
@@ -54,12 +50,10 @@ def record_frames(record):
   """The frame paths of a LLaVA JSON record: `video` (a list) or `image` as a list -> [paths]; a single
   `image` string -> [path]; none -> []."""
   v = record.get('video')
-  if v is not None:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-  im = record.get('image')
-  if im is None:
+  v = record.get('image') if v is None else v
+  if v is None:
     return []
-  return list(im) if isinstance(im, (list, tuple)) else [im]
+  return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def check_frame_tags(conversations, n_frames):

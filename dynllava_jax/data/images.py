@@ -32,11 +32,9 @@ def decode_image(data):
 def to_rgb(img):
   """PIL image of any mode -> RGB. 16/32-bit greyscale (modes I;16*, I: 16-bit PNGs) is scaled from
   0..65535 to 0..255 (PIL's own convert would clip everything above 255 to white); float (F) from 0..1."""
-  if img.mode.startswith('I;16') or img.mode == 'I':
-    a = np.asarray(img, np.float64) / 257.0
-    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
-  elif img.mode == 'F':
-    a = np.asarray(img, np.float64) * 255.0
+  if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
+    a = np.asarray(img, np.float64)
+    a = a * 255.0 if img.mode == 'F' else a / 257.0
     img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
   return img.convert('RGB')
 

@@ -133,7 +133,6 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     bad = policy.check_record(record)
     if bad:
       raise policy.SampleProblem(*bad)
-    conv = record['conversations']
     data = b''
     if record.get('image') is not None:
       data = images.check_image_file(os.path.join(c.image_folder, record['image']),
@@ -162,7 +161,6 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     bad = policy.check_unicode(record)
     if bad:
       raise policy.SampleProblem(*bad)
-    return {'index': index, 'id': str(record.get('id', index)), 'image': data,
-            'has_image': has_image,
+    return {'index': index, 'id': str(record.get('id', index)), 'image': data, 'has_image': has_image,
             'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
             'question_type': '', 'answer': conv[-1]['value']}

@@ -33,8 +33,6 @@ log = logging.getLogger('dynllava_jax.data')
 SPAN_KEYS = ('image_start', 'instr_start', 'instr_end', 'answer_start', 'answer_end')
 
 
-
-
 def buckets(config):
   """Sorted padded lengths; the last is max_len."""
   m = config.data.max_len
@@ -147,12 +145,9 @@ class SkipFilter:
 
 
 def pad_batch(samples, bucket_lens, pad_id):
-  """List of samples → batch dict, right-padded to the smallest bucket ≥ the longest sample.
-
-  Returns:
-    input_ids, attention_mask, labels (B, T) int32; pixel_values (B, H, W, 3) float32;
-    has_image (B,) bool; id and the span keys (B,) int32.
-  """
+  """List of samples → batch dict, right-padded to the smallest bucket ≥ the longest sample: input_ids,
+  attention_mask, labels (B, T) int32; pixel_values (B, H, W, 3) float32; has_image (B,) bool; id and the
+  span keys (B,) int32."""
   longest = max(len(s['input_ids']) for s in samples)
   t = next(b for b in bucket_lens if b >= longest)
   n = len(samples)
@@ -245,10 +240,10 @@ def unk_fraction(tok, recs):
 def _source(config, split):
   ds_dir = builders.build(config)
   report = builders.read_report(ds_dir)
+  built = policy.SkipCounter('records')
+  built.load_state(report)
   if report['skipped']:
-    c = policy.SkipCounter('records')
-    c.load_state(report)
-    c.log_summary(f'{config.data.name} build: ')
+    built.log_summary(f'{config.data.name} build: ')
   tok_path = builders.tokenizer_path(config)
   tok = tokenizer_lib.load_tokenizer(tok_path)
   check_tokenizer(config, tok)
@@ -258,9 +253,7 @@ def _source(config, split):
     raise UserError(f'{ds_dir} has no split {split!r} ({one_line(e, 120)}); llava_instruct has a '
                     'validation split only with data.val_permille > 0') from None
   if len(src) == 0:
-    c = policy.SkipCounter('records')
-    c.load_state(report)
-    raise UserError(f'{config.data.name}/{split} has no records: the build {c.summary()} '
+    raise UserError(f'{config.data.name}/{split} has no records: the build {built.summary()} '
                     f'(details in {os.path.join(ds_dir, builders.REPORT)})')
   recs = []
   for i in range(min(len(src), UNK_SAMPLE_RECORDS)):
@@ -277,14 +270,9 @@ def _source(config, split):
 
 def make_iterator(config, split, *, shuffle=True, num_epochs=None, process_index=None,
                   process_count=None, drop_remainder=True):
-  """This process's batches of `split` (see the module docstring).
-
-  Yields dicts of numpy arrays with B = config.data.batch_size // process_count and T one of
-  `buckets(config)`: input_ids (B, T) int32 (right-padded with pad_token_id), attention_mask (B, T)
-  int32, labels (B, T) int32 (-100 = ignored), pixel_values (B, H, W, 3) float32 (zeros for
-  text-only), has_image (B,) bool, image_start, instr_start, instr_end, answer_start, answer_end
-  (B,) int32 (spans as in templates.py), id (B,) int32 (record index).
-  num_epochs=None repeats forever. Returns a DataIterator (get_state / set_state).
+  """This process's batches of `split` (see the module docstring): dicts of numpy arrays, B =
+  batch_size // process_count, T one of `buckets(config)`, keys and shapes as `pad_batch` (the batch table
+  of docs/data.md). num_epochs=None repeats forever. Returns a DataIterator (get_state / set_state).
   """
   d = config.data
   pi = jax.process_index() if process_index is None else int(process_index)
@@ -346,11 +334,8 @@ def make_eval_samples(config, split, limit=None):
 
 
 def left_pad_batch(prompts, pad_id, length=None):
-  """LEFT-pads 1-D id arrays for batched generation.
-
-  Returns:
-    (ids (B, T) int32, attention_mask (B, T) int32), T = `length` or the longest prompt.
-  """
+  """LEFT-pads 1-D id arrays for batched generation -> (ids (B, T) int32, attention_mask (B, T) int32),
+  T = `length` or the longest prompt."""
   t = max(len(p) for p in prompts) if length is None else int(length)
   ids = np.full((len(prompts), t), pad_id, np.int32)
   mask = np.zeros((len(prompts), t), np.int32)
@@ -388,14 +373,10 @@ def agree_length(batch, pad_id):
 
 
 def to_global(batch, sharding, pad_id=0):
-  """Per-process numpy batch → global jax arrays (`jax.make_array_from_process_local_data`).
-
-  Args:
-    batch: dict of numpy arrays, leading axis = this process's part of the global batch.
-    sharding: a jax Sharding for every array (leading axis sharded over the data axes), or a dict
-      key → Sharding.
-    pad_id: token id for the extra columns when processes picked different buckets (`agree_length`).
-  """
+  """Per-process numpy batch (dict of arrays, leading axis = this process's part) → global jax arrays
+  (`jax.make_array_from_process_local_data`). sharding: one Sharding for every array (leading axis over
+  the data axes) or a dict key → Sharding; pad_id fills the extra columns when processes picked different
+  buckets (`agree_length`)."""
   batch = agree_length(batch, pad_id)
 
   def one(k, x):

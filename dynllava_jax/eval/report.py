@@ -79,7 +79,7 @@ def plot_accuracy_vs_flops(rows, path, flops_key='prefill_flops_xla', cost_key=N
   ax.grid(alpha=0.3)
   if by:
     ax.legend(fontsize=8, loc='best')
-  return _save(fig, path, dpi=120)
+  return save_figure(fig, path, dpi=120)
 
 
 def unnormalize(pixels):
@@ -116,7 +116,7 @@ def plot_kept_patches(images, keeps, titles, path):
       ax.set_yticks([])
       if j == 0:
         ax.set_ylabel(t, fontsize=8)
-  return _save(fig, path, dpi=100)
+  return save_figure(fig, path, dpi=100)
 
 
 def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
@@ -150,10 +150,10 @@ def plot_tradeoff(methods, path, title='accuracy–cost trade-off'):
   axes[0].set_ylabel('exact match (all test questions)', fontsize=9)
   axes[1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.02, 0.5))
   fig.suptitle(title, fontsize=10)
-  return _save(fig, path, dpi=90)
+  return save_figure(fig, path, dpi=90)
 
 
-def _save(fig, path, dpi):
+def save_figure(fig, path, dpi):
   """Writes `fig` to `path` (png; parent dirs made), closes it, returns `path`."""
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -172,6 +172,19 @@ def write_jsonl(path, rows):
       f.write(json.dumps(r, ensure_ascii=False, default=_json_item) + '\n')
   os.replace(tmp, path)
   return path
+
+
+def write_results(out_dir, stem, title, rows, columns=COLUMNS, json_path=None):
+  """<out_dir>/<stem>.md (`# title` and the table) and <stem>.json (+ json_path) -> the table."""
+  table = markdown_table(rows, columns)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, stem + '.md'), 'w') as f:
+    f.write(f'# {title}\n\n{table}\n')
+  for path in [os.path.join(out_dir, stem + '.json')] + ([json_path] if json_path else []):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(rows, f, indent=1, default=_json_item)
+  return table
 
 
 def _json_item(x):

@@ -5,7 +5,6 @@
 One row per method (or per (method, budget) of a sweep: `eval/budgets.py`); the row keys
 (`report.COLUMNS`), the outputs under `<out_dir>` and how each figure is measured: docs/eval.md.
 """
-import json
 import math
 import os
 import statistics
@@ -317,9 +316,7 @@ def per_sample_kv_bytes(caches):
 
 def by_type(values, types):
   """{question type: mean, ..., 'all': mean} of per-sample values."""
-  out = {}
-  for t in sorted(set(types)):
-    out[t] = float(np.mean([v for v, u in zip(values, types) if u == t]))
+  out = {t: float(np.mean([v for v, u in zip(values, types) if u == t])) for t in sorted(set(types))}
   out['all'] = float(np.mean(values)) if values else float('nan')
   return out
 
@@ -459,25 +456,16 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
     rows.append(row)
     report_fn(f'  {label}: accuracy {row["accuracy"]:.4f}  ppl {row["ppl"]:.4g}  kept image '
               f'{row["kept_image_ratio"]:.3f} text {row["kept_text_ratio"]:.3f}')
-  table = report.markdown_table(rows)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(f'# eval: {config.data.name}/{split}, {len(samples)} samples, '
-            f'{"random init" if step is None else f"step {step}"}\n\n{table}\n')
-  for path in [os.path.join(out_dir, 'results.json')] + ([json_path] if json_path else []):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(rows, f, indent=1, default=_json_default)
+  table = report.write_results(out_dir, 'results', f'eval: {config.data.name}/{split}, {len(samples)} samples, '
+                               f'{"random init" if step is None else f"step {step}"}', rows, json_path=json_path)
   if plots:
     report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_flops.png'))
     report.plot_accuracy_vs_flops(rows, os.path.join(out_dir, 'accuracy_vs_kv.png'), cost_key='kv_cache_bytes')
     imgs = [s for s in samples if s['has_image']][:4]
     if imgs:
       ids, mask, pix = _prompt_batch(config, imgs)
-      keeps = {}
-      for name in methods:
-        keeps[name] = list(image_keep_grids(model, config, make_sparsifier(name, config), ids, mask, pix,
-                                            jax.random.key(config.seed)))
+      keeps = {name: list(image_keep_grids(model, config, make_sparsifier(name, config), ids, mask, pix,
+                                           jax.random.key(config.seed))) for name in methods}
       report.plot_kept_patches(list(pix), keeps, methods, os.path.join(out_dir, 'kept_patches.png'))
   report_fn(table)
   return rows
@@ -485,11 +473,3 @@ def run_eval(config, workdir, methods=DEFAULT_METHODS, *, allow_random_init=Fals
 
 def _file_name(label):
   return ''.join(c if c.isalnum() or c in '._=-' else '_' for c in label)
-
-
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, float) and math.isnan(x):
-    return None
-  return str(x)

@@ -8,9 +8,6 @@ cache, no token pruning). Row keys (`report.markdown_table`): method `mqt@<m>`, 
 type), kept_image_ratio m / M, prefill_flops_analytic and prefill_flops_xla (the engine's prefill at m,
 batch 1, the mean prompt length), num_samples. Written to <workdir>/eval/mqt_sweep.{md,json}.
 """
-import json
-import os
-
 import jax
 import numpy as np
 
@@ -86,14 +83,8 @@ def run_mqt_sweep(config, counts_text, *, model, step=None, out_dir, split='vali
   rows = mqt_rows(model, config, samples, tok, counts, batch_size=batch_size)
   for r in rows:
     r['checkpoint_step'] = step
-  os.makedirs(out_dir, exist_ok=True)
-  table = report.markdown_table(rows, COLUMNS)
-  with open(os.path.join(out_dir, 'mqt_sweep.md'), 'w') as f:
-    f.write(f'# MQT sweep: {config.data.name}/{split}, {len(samples)} samples, '
-            f'{"random init" if step is None else f"step {step}"}\n\n{table}\n')
-  for path in [os.path.join(out_dir, 'mqt_sweep.json')] + ([json_path] if json_path else []):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(rows, f, indent=1, default=run._json_default)   # pylint: disable=protected-access
+  table = report.write_results(out_dir, 'mqt_sweep', f'MQT sweep: {config.data.name}/{split}, {len(samples)} '
+                               f'samples, {"random init" if step is None else f"step {step}"}', rows, COLUMNS,
+                               json_path)
   report_fn(table)
   return rows

@@ -199,10 +199,8 @@ class Llama(nnx.Module):
     self.dtype = dtype
     self.attention_impl = attention_impl
     self.plan = plan if isinstance(plan, tuple) else P.parse_plan(plan, lc.layers, LAYER_KINDS)
-    alpha = float(lora.get('alpha', 16.0)) if lora is not None else 16.0
-    dropout = float(lora.get('dropout', 0.0)) if lora is not None else 0.0
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f'model.lora.dropout={dropout} must be in [0, 1)')
+    lora = {} if lora is None else lora         # dropout checked by `check_model_config`
+    alpha, dropout = float(lora.get('alpha', 16.0)), float(lora.get('dropout', 0.0))
     self.embed_tokens = nnx.Embed(
         lc.vocab_size, lc.hidden, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(L.INIT_STD), ('vocab', 'embed')),

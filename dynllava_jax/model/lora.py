@@ -12,6 +12,7 @@ has them, and keep their fresh init (B = 0: the layer unchanged) where only the 
 Host memory: the weights are copied once (the old model is not changed).
 """
 import copy
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,6 @@ from flax import nnx
 
 from dynllava_jax.errors import UserError
 from dynllava_jax.model import plan as P
-
 
 
 def _layer_trees(lm_params, groups):
@@ -161,14 +161,8 @@ def compacted_config(mc):
   with mc2.unlocked():
     mc2.llm.layers = len(kept)
     region = P.parse_region(mc.get('region', ''), mc.llm.layers)
-    runs = []
-    for g in entries:
-      key = (g.kind, None if region else g.train)
-      if runs and runs[-1][0] == key:
-        runs[-1][1] += 1
-      else:
-        runs.append([key, 1])
-    mc2.layer_plan = ','.join(f'{k}*{n}' + (f':{t}' if t else '') for (k, t), n in runs)
+    runs = itertools.groupby((g.kind, None if region else g.train) for g in entries)
+    mc2.layer_plan = ','.join(f'{k}*{len(list(r))}' + (f':{t}' if t else '') for (k, t), r in runs)
     if region:
       mc2.region = ','.join(str(kept.index(i)) for i in region)
   return mc2, kept

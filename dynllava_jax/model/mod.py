@@ -73,15 +73,9 @@ def frame_slots(image_mask, n, frames):
   """Where each frame's tokens sit: image_mask (B, T) bool, N tokens per frame, F frames at most ->
   slots (B, F, N) int32 (sequence index of frame f's j-th token; clipped for absent frames) and
   valid (B, F) bool (the sample has frame f). The frames of a sample are its placeholders in order, N each."""
-  b, t = image_mask.shape
-  order = jnp.argsort(~image_mask, axis=-1, stable=True).astype(jnp.int32)    # image slots first, in order
-  m = frames * n
-  if m > t:
-    order = jnp.concatenate([order, jnp.full((b, m - t), t - 1, jnp.int32)], axis=1)
-  slots = order[:, :m].reshape(b, frames, n)
-  count = jnp.sum(image_mask, axis=-1)
+  idx, _, count = compact(image_mask, frames * n)                  # image slots first, in order
   valid = jnp.arange(frames)[None, :] * n < count[:, None]
-  return slots, valid
+  return idx.reshape(image_mask.shape[0], frames, n), valid
 
 
 def frames_of(pixel_values):

@@ -16,6 +16,7 @@ The visual region (`model.region`, `resolve`): the layers that train, the rest f
 released even spread (`region_layers`), or a list '1,5,9'; `model.region_train` = 'full' or 'lora<r>'.
 """
 import dataclasses
+import itertools
 import math
 import re
 from typing import Tuple
@@ -204,13 +205,7 @@ def to_spec(groups, train=True):
   kinds only (every layer `full`): consecutive groups of one kind fuse into one scan (inference)."""
   if train:
     return ','.join(f'{g.kind}*{g.size}:{g.train}' for g in groups)
-  runs = []
-  for g in groups:
-    if runs and runs[-1][0] == g.kind:
-      runs[-1][1] += g.size
-    else:
-      runs.append([g.kind, g.size])
-  return ','.join(f'{k}*{n}' for k, n in runs)
+  return ','.join(f'{k}*{sum(g.size for g in run)}' for k, run in itertools.groupby(groups, lambda g: g.kind))
 
 
 def spans(groups, start, stop):

@@ -115,20 +115,16 @@ class Engine:
 
   # ------------------------------------------------------------ generation
 
-  def run(self, prompts, *, method=None, overrides=None, max_new_tokens=None, temperature=None, top_p=None,
-          seed=0, slots=None, on_text=None, on_token=None):
-    """Generates for a batch of Prompts -> [Result] in order.
-
-    slots: pad the batch to this many rows (fixed shapes; None = len(prompts)). on_text(i, new_text):
-    streamed text of prompt i as it is generated; on_token(step, tokens (B,), active (B,)) the raw stream.
-    """
-    return self.run_with_caches(prompts, method=method, overrides=overrides, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed, slots=slots, on_text=on_text,
-                                on_token=on_token)[0]
+  def run(self, prompts, **kw):
+    """Generates for a batch of Prompts -> [Result] in order; keywords (method, overrides, max_new_tokens,
+    temperature, top_p, seed, slots, on_text, on_token): `run_with_caches`."""
+    return self.run_with_caches(prompts, **kw)[0]
 
   def run_with_caches(self, prompts, *, method=None, overrides=None, max_new_tokens=None, temperature=None,
                       top_p=None, seed=0, slots=None, on_text=None, on_token=None, past=None):
     """`run` -> ([Result], GenerateOutput) (its `caches`: the segment caches at the end, for a next turn).
+    slots: pad the batch to this many rows (fixed shapes; None = len(prompts)). on_text(i, new_text):
+    streamed text of prompt i as it is generated; on_token(step, tokens (B,), active (B,)) the raw stream.
     past: caches of an earlier call with the same rows and method: the prompts are then the next turn's
     text tokens, appended to them (`decode/extend.py`) instead of a prefill."""
     from dynllava_jax.data.pipeline import left_pad_batch  # pylint: disable=g-import-not-at-top
@@ -219,11 +215,8 @@ def open_image(data_or_path):
       return images.decode_image(bytes(data_or_path))
     return images.decode_image(images.check_image_file(str(data_or_path), decode=False))
   except policy.SampleProblem as e:
-    raise UserError(f'image {_name(data_or_path)}: {e}') from None
-
-
-def _name(x):
-  return f'({len(x)} bytes)' if isinstance(x, (bytes, bytearray)) else str(x)
+    name = f'({len(data_or_path)} bytes)' if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    raise UserError(f'image {name}: {e}') from None
 
 
 def stats_line(results, method_desc):

@@ -13,35 +13,13 @@ from dynllava_jax.sparsity.pyramid_drop import PyramidDrop
 from dynllava_jax.sparsity.random_keep import RandomKeep
 from dynllava_jax.sparsity.uniform import UniformKeep
 
-NAMES = ('fastv', 'pdrop', 'random', 'uniform')
+
+def _budget(mc, overrides):
+  """Dynamic-LLaVA's budget (`model.sparse.sparse_layer`, image_keep_ratio) under the overrides."""
+  return dict({'sparse_layer': mc.sparse.sparse_layer, 'keep_ratio': mc.sparse.image_keep_ratio}, **overrides)
 
 
-def _model_cfg(cfg):
-  return cfg.model if 'model' in cfg else cfg
-
-
-def _budget(cfg, overrides):
-  sc = _model_cfg(cfg).sparse
-  out = {'sparse_layer': sc.sparse_layer, 'keep_ratio': sc.image_keep_ratio}
-  out.update(overrides)
-  return out
-
-
-def make_fastv(cfg, **overrides):
-  return FastV(**overrides)
-
-
-def make_pdrop(cfg, **overrides):
-  return PyramidDrop(**overrides)
-
-
-def make_random(cfg, **overrides):
-  return RandomKeep(**_budget(cfg, overrides))
-
-
-def make_uniform(cfg, **overrides):
-  return UniformKeep(**_budget(cfg, overrides))
-
-
-for _name, _factory in zip(NAMES, (make_fastv, make_pdrop, make_random, make_uniform)):
-  registry.register(_name, _factory)
+registry.register('fastv', lambda mc, **kw: FastV(**kw))
+registry.register('pdrop', lambda mc, **kw: PyramidDrop(**kw))
+registry.register('random', lambda mc, **kw: RandomKeep(**_budget(mc, kw)))
+registry.register('uniform', lambda mc, **kw: UniformKeep(**_budget(mc, kw)))

@@ -88,9 +88,7 @@ def ranking(bi):
 
 def plot(bi, region, path, title='Block Influence'):
   """Bar chart of BI per layer, region layers in another colour -> path (png)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.report import plt, save_figure  # pylint: disable=g-import-not-at-top  (Agg)
   n = len(bi)
   fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * n + 2), 3.2))
   colors = ['tab:orange' if i in set(region) else 'tab:blue' for i in range(n)]
@@ -103,11 +101,7 @@ def plot(bi, region, path, title='Block Influence'):
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
   ax.legend(handles=[Patch(color='tab:orange', label='visual region'), Patch(color='tab:blue', label='other')],
             fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, dpi=120)
 
 
 def region_of(mc):
@@ -134,7 +128,7 @@ def run(config, workdir, *, n=1000, variant='all', split='validation', batch_siz
   """The command: BI over the first n samples of `split` (their prompts, or `prompt` for every image)
   -> the JSON dict (also written to out)."""
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.eval.run import load_model  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import _batches, _prompt_batch, load_model  # pylint: disable=g-import-not-at-top
   if n < 1 or batch_size < 1:
     raise UserError(f'--n={n} and --batch_size={batch_size} must be >= 1')
   if variant not in VARIANTS:
@@ -148,14 +142,8 @@ def run(config, workdir, *, n=1000, variant='all', split='validation', batch_siz
     samples = [dict(s, prompt_ids=fixed) for s in samples if s['has_image']]
   if not samples:
     raise UserError(f'{config.data.name}/{split} gave no calibration samples')
-
-  def batches():
-    for i in range(0, len(samples), batch_size):
-      chunk = samples[i:i + batch_size]
-      ids, mask = pipeline.left_pad_batch([s['prompt_ids'] for s in chunk], config.model.pad_token_id)
-      yield ids, np.stack([s['pixel_values'] for s in chunk]).astype(np.float32), mask
-
-  bi, count = block_influence(model, batches(), variant)
+  batches = ((ids, pix, mask) for ids, mask, pix in (_prompt_batch(config, c) for c in _batches(samples, batch_size)))
+  bi, count = block_influence(model, batches, variant)
   region = region_of(config.model)
   res = {'bi': [float(x) for x in bi], 'ranking': ranking(bi), 'region': list(region),
          'region_from': 'model.region' if config.model.get('region', '') else 'released spread (auto)',

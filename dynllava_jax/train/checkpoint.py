@@ -361,13 +361,12 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
                     'write one with python -m dynllava_jax.convert') from None
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
-  flat_meta = {tuple(str(getattr(k, 'key', k)) for k in p): m
-               for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat_meta = _flat(tree)
 
   sliced = {}   # wanted key -> (checkpoint key, first layer): a layer-plan group cut from a uniform stack
 
   def target(p, x):
-    key = tuple(str(getattr(k, 'key', k)) for k in p)
+    key = _path_key(p)
     m = flat_meta.get(key)
     src = (_uniform_layers(key, x, flat_meta, n_layers)
            if n_layers and (m is None or tuple(m.shape) != tuple(x.shape)) else None)
@@ -385,9 +384,7 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
   if require_any and jax.tree.leaves(abstract_params) and not jax.tree.leaves(wanted):
     raise UserError(f'init_from {path} holds none of the params of this model (its top level: '
                     f'{sorted({k[0] for k in flat_meta})[:6]}); give a python -m dynllava_jax.convert output')
-  restore_tree = _nest({k: None for k in flat_meta})
-  flat_wanted = {tuple(str(getattr(k, 'key', k)) for k in p): x
-                 for p, x in jax.tree_util.tree_flatten_with_path(wanted)[0]}
+  restore_tree, flat_wanted = {}, _flat(wanted)
   for k in flat_meta:
     _set(restore_tree, k, flat_wanted.get(k) or jax.ShapeDtypeStruct(flat_meta[k].shape,
                                                                    flat_meta[k].dtype))
@@ -395,13 +392,12 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
     sh = getattr(flat_wanted[k], 'sharding', None)
     _set(restore_tree, src, jax.ShapeDtypeStruct(flat_meta[src].shape, flat_wanted[k].dtype, sharding=sh))
   restored = ckptr.restore(path, restore_tree)
-  flat_restored = {tuple(str(getattr(k, 'key', k)) for k in p): v
-                   for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  flat_restored = _flat(restored)
   stacks = {src: flat_restored[src] for src, _ in sliced.values()}
   for k, (src, start) in sliced.items():
     flat_restored[k] = stacks[src][start:start + flat_wanted[k].shape[0]]
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: flat_restored.get(tuple(str(getattr(k, 'key', k)) for k in p)) if x is not None else None,
+      lambda p, x: flat_restored.get(_path_key(p)) if x is not None else None,
       wanted, is_leaf=lambda x: x is None)
 
 
@@ -428,11 +424,13 @@ def _uniform_layers(key, x, flat_meta, n_layers):
   return src, start
 
 
-def _nest(flat):
-  out = {}
-  for k in flat:
-    _set(out, k, None)
-  return out
+def _path_key(p):
+  return tuple(str(getattr(k, 'key', k)) for k in p)
+
+
+def _flat(tree):
+  """{path tuple of str: leaf} (None leaves are dropped, as tree_flatten drops them)."""
+  return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _set(tree, key, value):

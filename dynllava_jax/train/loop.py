@@ -32,13 +32,9 @@ def maybe_initialize_distributed(train_cfg):
   global _DISTRIBUTED
   if not train_cfg.distributed or _DISTRIBUTED:
     return
-  kw = {}
+  kw = {k: int(train_cfg[k]) for k in ('num_processes', 'process_id') if train_cfg[k] >= 0}
   if train_cfg.coordinator_address:
     kw['coordinator_address'] = train_cfg.coordinator_address
-  if train_cfg.num_processes >= 0:
-    kw['num_processes'] = int(train_cfg.num_processes)
-  if train_cfg.process_id >= 0:
-    kw['process_id'] = int(train_cfg.process_id)
   jax.distributed.initialize(**kw)
   _DISTRIBUTED = True
 
@@ -92,12 +88,8 @@ class Trainer:
     self.tx = optim.make_optimizer(config.train, optim.restart_step(config))
     self.graphdef, self.abstract, self.shardings = st.state_shardings(self.mesh, config, self.tx)
     self.batch_sharding = batch_sharding(self.mesh)
-    sparse = config.model.sparse.enabled
-    self._steps = {}
-    self.sparse = sparse
-    t = config.train
-    self.n_train_matmul = None
-    self.stage_switch = t.dense_warmup_steps if sparse else t.steps
+    self.sparse, self._steps, self.n_train_matmul = config.model.sparse.enabled, {}, None
+    self.stage_switch = config.train.dense_warmup_steps if self.sparse else config.train.steps
 
   def init_state(self):
     _, state, _ = st.create_state(self.mesh, self.config, self.tx)
