@@ -1,17 +1,14 @@
 """Prefill FLOPs three ways: the paper's Eq. 13, an analytic whole-prefill count, and XLA's cost analysis.
 
-1. `eq13_flops(model_cfg, method)`: Dynamic-LLaVA Eq. 13, image tokens only, per LLM layer
-   `32·B·N·C² + 4·B·N²·C` (N image tokens present in that layer, C hidden size), summed over layers with
-   the method's drop schedule. Reproduces the paper's 7B 10.07 → 2.49 TFLOPs, 13B 19.6 → 4.66, 3.2 at K=3, R=0.75 (tests).
-2. `prefill_flops(model_cfg, method, text_tokens)`: every matmul of one prefill, counted as 2·M·N·K:
-   ViT (patch embedding + the layers LLaVA runs, 1 + N tokens), projector, every LLM layer on the tokens
-   present there (q/k/v/o, full (non-causal-halved) T_q·T_k score and value products, SwiGLU MLP), the
-   method's scoring work at each drop point (the method's own `scoring_flops`) and the LM head on the LAST position only (`lm_head='last'`, what prefill returns) or on
-   every position (`lm_head='all'`). Element-wise work (norms, softmax, RoPE, GELU) is left out: it is a
-   small fraction at 7B but a few % on toy configs.
-3. `xla_flops(fn, *abstract_args)`: `jax.jit(fn).lower(...).compile().cost_analysis()['flops']` on
-   abstract shapes. XLA's cost analysis counts a while-loop body ONCE, so the layer scans are unrolled
-   while tracing (`unrolled_scans`), which makes the count cover every layer.
+1. `eq13_flops(model_cfg, method)`: Dynamic-LLaVA Eq. 13, image tokens only: per LLM layer `32·B·N·C² +
+   4·B·N²·C` (N image tokens there, C hidden) with the method's drop schedule; reproduces the paper's 7B
+   10.07 → 2.49 TFLOPs, 13B 19.6 → 4.66, 3.2 at K=3, R=0.75 (tests).
+2. `prefill_flops(model_cfg, method, text_tokens)`: every matmul of one prefill as 2·M·N·K: ViT (patch
+   embedding + the layers LLaVA runs), projector, each LLM layer on the tokens present there (q/k/v/o, full
+   T_q·T_k attention products, SwiGLU), the method's scoring, the LM head at the last position
+   (`lm_head='last'`, what prefill returns) or all ('all'). Element-wise work is left out (a few % on toys).
+3. `xla_flops(fn, *abstract_args)`: XLA's cost analysis on abstract shapes; it counts a while-loop body
+   once, so the layer scans are unrolled while tracing (`unrolled_scans`).
 """
 import contextlib
 import functools

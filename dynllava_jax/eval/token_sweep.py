@@ -2,11 +2,10 @@
 
     rows = run_mqt_sweep(config, '2,4,8,16', model=model, out_dir='runs/mqt/eval', split='validation')
 
-Each eval prompt carries M placeholders (the model's default count); for a row at m the placeholders past
-the first m are removed (`eval/visual_prompts.py`) and the engine runs with `visual_tokens=m` (greedy, KV
-cache, no token pruning). Row keys (`report.markdown_table`): method `mqt@<m>`, accuracy (+ by question
-type), kept_image_ratio m / M, prefill_flops_analytic and prefill_flops_xla (the engine's prefill at m,
-batch 1, the mean prompt length), num_samples. Written to <workdir>/eval/mqt_sweep.{md,json}.
+Each eval prompt's placeholders past the first m are removed (`eval/visual_prompts.py`) and the engine
+runs with `visual_tokens=m` (greedy, KV cache, no token pruning). Rows (`report.markdown_table`): method
+`mqt@<m>`, accuracy (+ by question type), kept_image_ratio m / M, prefill_flops_analytic / _xla (batch 1,
+the mean prompt length), num_samples -> <out_dir>/mqt_sweep.{md,json} (docs/eval.md).
 """
 import jax
 import numpy as np

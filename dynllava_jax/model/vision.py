@@ -3,11 +3,9 @@
 pixel_values (B, H, W, 3) float32, CLIP-normalised -> hidden states (B, 1 + N, width), N = (H/p)·(W/p).
 Patch embedding is a matmul over flattened (p, p, 3) patches, identical to a stride-p conv without bias.
 
-Intermediates by request: `tower(pix, intermediates=True) -> (hidden, {'attn', 'keys'})` adds the last
-layer LLaVA runs (the feature layer's, e.g. HF `attentions[-2]` for feature_layer −2): its softmaxed
-attention (B, heads, 1 + N, 1 + N) fp32 and its keys (B, 1 + N, heads, head_dim) (k_proj output, before
-the split into heads is undone; VisionZip averages them over heads). Off (the default) the program is the
-plain one.
+Intermediates by request (`tower(pix, intermediates=True) -> (hidden, {'attn', 'keys'})`, for VisionZip):
+the last layer LLaVA runs (e.g. HF `attentions[-2]` for feature_layer −2): its softmaxed attention
+(B, heads, 1 + N, 1 + N) fp32 and its keys (B, 1 + N, heads, head_dim). Off, the program is the plain one.
 """
 import jax
 import jax.numpy as jnp

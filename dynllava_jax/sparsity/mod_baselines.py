@@ -5,10 +5,8 @@ the LLM's vision-token work equal to MoD's.
     drop_equal_flops   DropEqualFlops   overrides: r, layers, sparse_layer   (defaults: model.mod.r,
                                         model.mod.layers or 'interleave', the first MoD layer)
 
-Equal capacity: MoD processes N vision tokens in the L − M dense layers and k = ⌈r·N⌉ in its M MoD layers;
-the drop processes N in layers [0, p) and k' in [p, L): k' = round((N·(L − M) + k·M − N·p) / (L − p)),
-clipped to [1, N]. The kept tokens are the stride centres (`uniform.stride_table`), as `uniform` keeps.
-This runs on a model without MoD layers (the engine refuses drops on one with them).
+Equal capacity (docs/mod.md): k' = round((N·(L − M) + k·M − N·p) / (L − p)) clipped to [1, N], kept at the
+stride centres (`uniform.stride_table`); on a model without MoD layers (the engine refuses drops on one).
 """
 from dynllava_jax.model import mod as M
 from dynllava_jax.sparsity import registry
