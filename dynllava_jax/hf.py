@@ -53,7 +53,8 @@ SPARSE_FIELDS = {'sparse_layer': 'sparse_layer', 'd_model': 'd_model', 'nhead': 
                  'dim_feedforward': 'dim_feedforward', 'num_layers': 'num_layers',
                  'vision_keep_rate': 'image_keep_ratio', 'output_text_keep_rate': 'text_keep_ratio',
                  'instruct_keep_rate': 'instruct_keep_ratio', 'output_text_len_for_training': 'len_ot',
-                 'instruct_len_for_training': 'instruct_min_len', 'mask_loss_weight': 'lambda_ratio'}
+                 'instruct_len_for_training': 'instruct_min_len', 'mask_loss_weight': 'lambda_ratio',
+                 'text_layer': 'text_layer'}   # ours (-1 = sparse_layer); the released code has no such field
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -142,6 +142,10 @@ def sparse_config():
   c = ml_collections.ConfigDict()
   c.enabled = False            # predictors exist / are used
   c.sparse_layer = 2
+  # The output-text decisions' layer: -1 = sparse_layer (the released code: both predictors there). A
+  # later layer keeps generated tokens in the layers before it, as the released layers < sparse_layer do
+  # (the demo drops image tokens entering layer 0 and decides on text entering layer 1).
+  c.text_layer = -1
   c.d_model, c.nhead, c.dim_feedforward, c.num_layers = 512, 8, 2048, 2
   c.image_keep_ratio = 0.2     # r_I
   c.text_keep_ratio = 0.5      # r_OT

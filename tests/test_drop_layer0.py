@@ -38,3 +38,26 @@ def test_cache_equals_no_cache_and_text_is_pruned(setup):
   fed = ref.lengths - 1
   decided = ref.text_keep[np.arange(4)[None] < fed[:, None]]
   assert decided.any() and not decided.all()        # layer 0's text predictor dropped some, kept some
+
+
+def test_text_decided_one_layer_later(setup):
+  """sparse.text_layer = 1 (the demo's): image tokens drop entering layer 0, generated tokens are decided
+  entering layer 1 and stay in layer 0's cache; gathered ≡ masked, cache ≡ no cache, and the decisions
+  differ from those taken entering layer 0."""
+  cfg0, model0, batch = setup
+  cfg = cfg0.copy_and_resolve_references()
+  cfg.model.sparse.text_layer = 1
+  model = make_model(cfg)             # the same weights (the layer is no parameter), read from model.mc
+  method = registry.make_sparsifier('dynamic', cfg)
+  assert method.text_layer(cfg.model) == 1 and method.drop_points(cfg.model) == (0,)
+  po, _ = check_equivalence(model, cfg, method, *batch)
+  assert [(s.start, s.stop) for s in po.out.segments] == [(0, 1), (1, cfg.model.llm.layers)]
+  kw = dict(max_new_tokens=4, sampling='greedy', return_logits=True)
+  ref = generate(model, cfg, 'dynamic', *batch, **kw)
+  nc = generate(model, cfg, 'dynamic', *batch, use_cache=False, **kw)
+  np.testing.assert_array_equal(ref.tokens, nc.tokens)
+  np.testing.assert_allclose(ref.logits, nc.logits, atol=2e-4, rtol=1e-4)
+  at0 = generate(model0, cfg0, 'dynamic', *batch, **kw)
+  fed = ref.lengths - 1
+  n = np.arange(4)[None] < fed[:, None]
+  assert ref.text_keep[n].any() and not np.array_equal(ref.text_keep[n], at0.text_keep[n])

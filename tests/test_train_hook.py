@@ -12,6 +12,7 @@ from flax import nnx
 from dynllava_jax.errors import UserError
 from dynllava_jax.model.llava import Llava
 from dynllava_jax.sparsity.base import TrainHook
+from dynllava_jax.sparsity.dynamic_train import DynamicTrain
 from dynllava_jax.sparsity.registry import train_hooks
 from dynllava_jax.train import forward as F
 from dynllava_jax.train import optim
@@ -23,10 +24,10 @@ class Probe(TrainHook):
   a loss term 0.5 · Σ h[..., 0] / B."""
   name, masks_keys = 'probe', True
 
-  def layer(self, model_cfg):
-    return 2
+  def layers(self, model_cfg):
+    return (2,)
 
-  def decide(self, ctx, h, out):
+  def decide(self, ctx, h, out, layer):
     out['h2'] = h
     return jnp.ones(h.shape[:2], jnp.float32)
 
@@ -104,3 +105,25 @@ def test_optimizer_groups_by_rules(setup):
   cfg.train.param_groups = '^vision_tower/=main'
   with pytest.raises(UserError, match='matches no trainable parameter'):
     optim.make_optimizer(cfg.train).init(params)
+
+
+def test_output_text_decided_at_its_own_layer(setup):
+  """sparse.text_layer = 2 (sparse_layer 1): the image decisions read h entering layer 1, the output-text
+  predictor h entering layer 2 (after layer 1 ran with the image keys masked); -1 is sparse_layer."""
+  cfg, model, batch = setup
+  base = F.train_forward(model, batch)                         # text_layer -1: both at sparse_layer 1
+  same = cfg.model.copy_and_resolve_references()
+  same.sparse.text_layer = 1
+  np.testing.assert_array_equal(np.asarray(F.train_forward(model, batch, hooks=(DynamicTrain(same),))['logits']),
+                                np.asarray(base['logits']))
+  mc = cfg.model.copy_and_resolve_references()
+  mc.sparse.text_layer = 2
+  probe = Probe()
+  out = F.train_forward(model, batch, hooks=(probe, DynamicTrain(mc)))
+  np.testing.assert_allclose(np.asarray(out['image_logits']), np.asarray(base['image_logits']), atol=1e-6)
+  ot = np.asarray(model.output_text_score_predictor(out['h2']))
+  np.testing.assert_allclose(np.asarray(out['ot_logits']), ot, rtol=1e-4, atol=1e-10)
+  assert not np.allclose(ot, np.asarray(base['ot_logits']), rtol=1e-2, atol=0)   # another hidden state
+  span = np.asarray(out['ot_span']) & np.asarray(out['ot_qual'])[:, None]
+  assert span.any()
+  np.testing.assert_array_equal(np.asarray(out['keep'])[span], np.asarray(out['m_ot'])[span])

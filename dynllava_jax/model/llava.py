@@ -44,6 +44,9 @@ def check_model_config(mc):
   if sc.enabled:
     if not 0 <= sc.sparse_layer < lc.layers:
       raise ValueError(f'sparse.sparse_layer={sc.sparse_layer} must be in [0, llm.layers={lc.layers})')
+    if not -1 <= int(sc.get('text_layer', -1)) < lc.layers:
+      raise ValueError(f'sparse.text_layer={sc.text_layer} must be -1 (= sparse_layer) or in '
+                       f'[0, llm.layers={lc.layers})')
     for name in ('image_keep_ratio', 'text_keep_ratio', 'instruct_keep_ratio'):
       r = sc[name]
       if not 0.0 < r <= 1.0:

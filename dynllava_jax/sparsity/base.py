@@ -174,7 +174,7 @@ class TrainHook:
   The generic forward and step (`train/forward.py`, `train/step.py`) call, in order, for every hook:
 
     mask = hook.prepare(ctx, mask, out)       # input side: may take tokens out of the attention mask (B, T)
-    keep = hook.decide(ctx, h, out)           # at layer hook.layer(mc): h (B, T, H) entering it -> key-column
+    keep = hook.decide(ctx, h, out, p)        # at each p in hook.layers(mc): h (B, T, H) entering p -> key-column
                                               # keep G (B, T) float (1 = kept; MaskedSoftmax in the layers
                                               # from there on), or None; writes its outputs into `out`
     sums = hook.sums(out, batch)              # additive per-batch sums (dict of scalars; micro-batches add)
@@ -190,13 +190,13 @@ class TrainHook:
   sparse_stage = False
   masks_keys = False
 
-  def layer(self, model_cfg) -> Optional[int]:
-    return None
+  def layers(self, model_cfg) -> tuple:
+    return ()
 
   def prepare(self, ctx: TrainContext, mask, out):
     return mask
 
-  def decide(self, ctx: TrainContext, h, out):
+  def decide(self, ctx: TrainContext, h, out, layer):
     return None
 
   def sums(self, out, batch) -> dict:

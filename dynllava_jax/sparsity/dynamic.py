@@ -5,7 +5,8 @@ log-probability log_softmax(logits)[..., 0] and the engine keeps the top k = ⌊
 "TopkArgmax", `topk=True`), or, with `topk=False` (the main text's plain argmax), the engine's threshold mode
 keeps every image token with logit0 > logit1 (the score is then the margin logit0 − logit1).
 Generated text: the output-text predictor on a token's hidden state entering `sparse_layer` keeps it iff
-logit0 > logit1 (no rate control), for every layer from `sparse_layer` on. `text_margin=θ` (an option, not
+logit0 > logit1 (no rate control), for every layer from `sparse_layer` on (`model.sparse.text_layer` >= 0:
+entering that layer instead, and from it on; -1 = sparse_layer, the released code). `text_margin=θ` (an option, not
 the released rule; default 0 = the released rule exactly) keeps it iff logit0 − logit1 > θ instead: a
 threshold calibrated on held-out answers so that the kept fraction matches the trained rate r_OT when the
 predictor's margins are not bimodal (scripts/demo.py's `dynamic_cal` rows).
@@ -54,7 +55,11 @@ class DynamicSparsifier(Sparsifier):
     return (keep_budget(n_image_tokens, self.keep_ratio) if self.topk else None,)
 
   def text_layer(self, model_cfg):
-    return self._layer(model_cfg) if self.text else None
+    """model.sparse.text_layer, or the image drop point when it is -1 (the released rule)."""
+    if not self.text:
+      return None
+    t = int(model_cfg.sparse.get('text_layer', -1))
+    return self._layer(model_cfg) if t < 0 else t
 
   def validate(self, model_cfg, n_image_tokens):
     super().validate(model_cfg, n_image_tokens)

@@ -3,7 +3,8 @@ shapes are static. Inference: sparsity/dynamic.py.
 
 At `sparse_layer` the predictors read the residual stream entering that layer → hard straight-through
 Gumbel decisions (1 = keep) on the image tokens M_I (B, N), the qualifying last answer span M_OT (B, T)
-and optionally the instruction span M_INS → key-column keep mask G (B, T) → MaskedSoftmax in the layers
+and optionally the instruction span M_INS (M_OT entering `sparse.text_layer` instead when that is
+set) → key-column keep mask G (B, T) → MaskedSoftmax in the layers
 from there on. Batch keys used: has_image (B,) bool; image_start, instr_start, instr_end, answer_start,
 answer_end (B,) int32. The decisions, the squared ratio losses (`reg_image`, `reg_answer`,
 `reg_instruct`) and the choices against the release (text-only samples keep every token and count in the
@@ -17,6 +18,13 @@ from dynllava_jax.sparsity.base import TrainHook, keep_budget, top_k_mask
 
 PREDICTORS = ('image_score_predictor', 'output_text_score_predictor', 'instruct_score_predictor')
 _NAMES = ('image', 'answer', 'instruct')
+
+
+def text_layer_of(sc):
+  """The layer the output-text decisions are taken entering: `sc.text_layer`, or sparse_layer when it is
+  -1 (the released code)."""
+  t = int(sc.get('text_layer', -1))
+  return int(sc.sparse_layer) if t < 0 else t
 
 
 def tau_at(step, total, tau0=1.0, tau1=0.1):
@@ -127,8 +135,9 @@ class DynamicTrain(TrainHook):
   def __init__(self, mc):
     self.sc = mc.sparse
 
-  def layer(self, model_cfg):
-    return int(self.sc.sparse_layer)
+  def layers(self, model_cfg):
+    """sparse_layer (image and instruct decisions) and the output-text layer (`text_layer_of`)."""
+    return tuple(sorted({int(self.sc.sparse_layer), text_layer_of(self.sc)}))
 
   def prepare(self, ctx, mask, out):
     if ctx.batch['pixel_values'].ndim == 5:
@@ -136,15 +145,17 @@ class DynamicTrain(TrainHook):
                       'predictor scores N tokens from image_start; frames (data.max_frames > 1) need dense=1')
     return mask
 
-  def decide(self, ctx, h, out):
-    """The decisions on h (B, T, H) entering sparse_layer -> G (B, T); out gets m_img (B, N), m_ot / ot_span
-    (B, T), ot_qual (B,), [m_ins / ins_span / ins_qual] and the predictor logits (image_logits (B, N, 2),
-    ot_logits, ins_logits (B, T, 2)). Deterministic: image by per-sample top-k, k = ⌊N·r_I⌋ (no gradient)."""
+  def decide(self, ctx, h, out, layer):
+    """The decisions on h (B, T, H) entering `layer` -> G (B, T): at sparse_layer image and instruct, at
+    `text_layer_of(sc)` the output text. out gets m_img (B, N), m_ot / ot_span (B, T), ot_qual (B,),
+    [m_ins / ins_span / ins_qual] and the predictor logits (image_logits (B, N, 2), ot_logits, ins_logits
+    (B, T, 2)). Deterministic: image by per-sample top-k, k = ⌊N·r_I⌋ (no gradient)."""
     sc, batch, model = self.sc, ctx.batch, ctx.model
     b, t = h.shape[:2]
     has_image = batch['has_image'].astype(bool)
     keep = jnp.ones((b, t), jnp.float32)
-    if sc.use_image:
+    at_sparse, at_text = layer == int(sc.sparse_layer), layer == text_layer_of(sc)
+    if sc.use_image and at_sparse:
       n = model.num_image_tokens
       logits = model.image_score_predictor(gather_tokens(h, batch['image_start'], n))
       if ctx.deterministic:
@@ -155,10 +166,10 @@ class DynamicTrain(TrainHook):
       out['image_logits'] = logits
       keep = keep * image_keep_columns(out['m_img'], batch['image_start'], has_image, t)
     for key, name, on, pred, lo, hi, min_len in (
-        ('ot', 'answer', sc.use_output_text, 'output_text_score_predictor', 'answer_start', 'answer_end',
-         sc.len_ot),
-        ('ins', 'instruct', sc.use_instruct, 'instruct_score_predictor', 'instr_start', 'instr_end',
-         sc.instruct_min_len)):
+        ('ot', 'answer', sc.use_output_text and at_text, 'output_text_score_predictor', 'answer_start',
+         'answer_end', sc.len_ot),
+        ('ins', 'instruct', sc.use_instruct and at_sparse, 'instruct_score_predictor', 'instr_start',
+         'instr_end', sc.instruct_min_len)):
       if on:
         m, span, qual, out[f'{key}_logits'] = text_decisions(
             getattr(model, pred), h, batch[lo], batch[hi], has_image, min_len, ctx.tau,

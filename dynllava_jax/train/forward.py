@@ -9,7 +9,7 @@ No token is removed; shapes are static.
     loss, terms = combine(sums, n_tokens, batch_size, hooks)           # CE + each hook's terms
 
 Flow: mask ← every hook's `prepare` → embed → layers (`model/walk.py`, 'mask keys'), split at the hooks'
-`layer`s: there `decide` reads the hidden state and returns a key-column keep mask G (B, T) (multiplied
+`layers`: there `decide` reads the hidden state and returns a key-column keep mask G (B, T) (multiplied
 over hooks) that the later layers apply with MaskedSoftmax → head. MoD layers (model/mod.py) route with the forward's `Llava.route`.
 
 Batch keys used: input_ids, attention_mask, labels (B, T) int32; pixel_values (B, H, W, 3) (+ the hooks'
@@ -53,16 +53,16 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   route = model.route(image_mask, batch['pixel_values'],
                       real=None if any(hk.masks_keys for hk in hooks) else mask.astype(bool))
   keys = KeyMask(lm, positions_from_mask(mask), dense_allowed(mask), mc.attention, remat=remat, route=route)
-  layered = [hk for hk in hooks if hk.layer(mc) is not None]
+  at_layer = [(hk, tuple(hk.layers(mc))) for hk in hooks]
 
-  def at(p, h, _):     # the hooks at layer p (in their order) narrow the keys with their G
-    for hk in (hk for hk in layered if hk.layer(mc) == p):
-      g = hk.decide(ctx, h, out)
+  def at(p, h, _):     # the hooks acting at layer p (in their order) narrow the keys with their G
+    for hk in (hk for hk, ps in at_layer if p in ps):
+      g = hk.decide(ctx, h, out, p)
       if g is not None:
         keys.keep = g if keys.keep is None else keys.keep * g
     return h
 
-  h = walk(h, mc.llm.layers, sorted({hk.layer(mc) for hk in layered}), keys.run, at)
+  h = walk(h, mc.llm.layers, sorted({p for _, ps in at_layer for p in ps}), keys.run, at)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   if keys.keep is not None:
     out['keep'] = keys.keep
