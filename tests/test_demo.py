@@ -191,6 +191,22 @@ def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
   assert calls == [3]
 
 
+def test_stale_linked_stage_is_unlinked_not_deleted(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(stg, '_train_llava_stage', _fake_body(calls))
+  c = get_config('stage=1,smoke=True')
+  other = tmp_path / 'other_run' / 'stage1_align'      # another workdir's stage of a different config
+  os.makedirs(other / 'params')
+  with open(other / stg.STATE, 'w') as f:
+    json.dump({'hash': 'not-this-one', 'done': True}, f)
+  path = stg.stage_dir(str(tmp_path / 'run'), c)
+  os.makedirs(os.path.dirname(path))
+  os.symlink(other, path)
+  info = stg.run_stage(c, path, {'hash': 'x', 'dir': str(tmp_path / 'up')}, report=lambda m: None)
+  assert calls == [1] and not info['skipped'] and not os.path.islink(path)
+  assert (other / 'params').is_dir() and stg.read_state(str(other))['hash'] == 'not-this-one'
+
+
 def test_tower_hash_covers_what_the_tower_reads():
   base = stg.stage_hash(get_config('stage=0'))
   c = get_config('stage=0')

@@ -114,7 +114,10 @@ def run_stage(config, path, upstream=None, report=print):
     return {**old, 'dir': path, 'skipped': True}
   if os.path.isdir(path) and (old is None or old.get('hash') != h or (old.get('done') and not complete)):
     report(f'{name}: config changed (hash {old.get("hash") if old else None} -> {h}); rerunning from scratch')
-    shutil.rmtree(path)
+    if os.path.islink(path):   # a stage linked in from another workdir: drop the link, keep its target
+      os.unlink(path)
+    else:
+      shutil.rmtree(path)
   state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
            'upstream_hash': up_hash, 'done': False}
   _write_state(path, state)
