@@ -297,3 +297,16 @@ def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):
   with pytest.raises(stg.StageInterrupted):
     stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
   assert stg.read_state(stg.stage_dir(str(tmp_path), c))['done'] is False
+
+
+def test_markdown_table_leaves_unasked_types_blank():
+  from dynllava_jax.demo import results as res
+  row = {'accuracy_by_type': {'count': 1.0, 'all': 1.0}, 'token_accuracy_by_type': {},
+         'kv_cache_bytes_by_type': {}, 'kept_image_ratio': 1.0, 'kept_text_ratio': 1.0,
+         'prefill_flops_analytic': 1e9, 'kv_cache_bytes': 2048}
+  video = dict(row, accuracy_by_type={'narrate': 0.5, 'all': 0.5})
+  t = res.markdown_table({'dense@1.0': row, 'mod@0.2': video}, {'count': 0.2, 'narrate': 0.1, 'all': 0.15},
+                         ['count', 'narrate'])
+  assert 'nan' not in t
+  assert '| dense@1.0 | 1.000 |  | 1.000 |' in t and '| mod@0.2 |  | 0.500 | 0.500 |' in t
+  assert '| majority | 0.200 | 0.100 | 0.150 |' in t

@@ -243,17 +243,20 @@ def check_summary(summary):
 def markdown_table(rows, majority_acc, types):
   """One line per key: exact match per question type, overall, description token accuracy, kept
   image / text ratios, prefill GFLOPs (analytic, batch 1, mean prompt), KV KiB at the end of the answer
-  (all samples; describe samples)."""
+  (all samples; describe samples). A cell a row has no value for (a question type it was not asked) is
+  left blank."""
+  def cell(d, key, scale=1.0, fmt='.3f'):
+    return f'{d[key] / scale:{fmt}}' if key in d else ''
   cols = ['key'] + types + ['all', 'describe tok', 'image kept', 'text kept', 'prefill GFLOPs',
                             'KV KiB (all)', 'KV KiB (describe)']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for k, r in rows.items():
     acc, ta, kv = r['accuracy_by_type'], r['token_accuracy_by_type'], r['kv_cache_bytes_by_type']
-    cells = [k] + [f'{acc.get(t, float("nan")):.3f}' for t in types] + [
-        f'{acc["all"]:.3f}', f'{ta.get("describe", float("nan")):.3f}', f'{r["kept_image_ratio"]:.3f}',
+    cells = [k] + [cell(acc, t) for t in types] + [
+        f'{acc["all"]:.3f}', cell(ta, 'describe'), f'{r["kept_image_ratio"]:.3f}',
         f'{r["kept_text_ratio"]:.3f}', f'{r["prefill_flops_analytic"] / 1e9:.4f}',
-        f'{r["kv_cache_bytes"] / 1024:.1f}', f'{kv.get("describe", float("nan")) / 1024:.1f}']
+        f'{r["kv_cache_bytes"] / 1024:.1f}', cell(kv, 'describe', 1024, '.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines.append('| majority | ' + ' | '.join(f'{majority_acc.get(t, float("nan")):.3f}' for t in types) +
-               f' | {majority_acc.get("all", float("nan")):.3f} |' + ' |' * 7)
+  lines.append('| majority | ' + ' | '.join(cell(majority_acc, t) for t in types) +
+               f' | {cell(majority_acc, "all")} |' + ' |' * 7)
   return '\n'.join(lines)

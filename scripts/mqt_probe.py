@@ -1,0 +1,48 @@
+"""How local the Matryoshka query projector's attention is, for a trained `make demo-more` MQT stage.
+
+    python scripts/mqt_probe.py W/stage5_mqt_instruct [--counts 4,16,64]
+
+The MQT attention is a function of the parameters only (keys come from positions, not from the image:
+`model/mqt.py`), so each visual token is a fixed mix of the patch tokens. Per m it prints the mean entropy
+of the (head, query) attention rows against the uniform one (log N), the median of their largest
+probability, and the median of their largest mass on one cell of the demo's 2x2 grid (0.25 = spread
+evenly over the cells; a query that reads one cell gives 1). A near-uniform attention makes every visual
+token a global average of the image: the cells cannot be told apart.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('stage_dir')
+  ap.add_argument('--counts', default='4,16,64')
+  args = ap.parse_args()
+  from configs.demo_more import get_config  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
+
+  c = get_config('stage=mqt_instruct')
+  tr = loop.Trainer(c, args.stage_dir)
+  step, state, _ = checkpoint.Checkpointer(args.stage_dir, keep=1).restore_latest(
+      st.abstract_with_shardings(tr.abstract, tr.shardings))
+  proj = st.merge_model(tr.graphdef, state).projector
+  side, grid = proj.side_k, int(c.data.digits.grid)
+  idx = np.arange(side * side)
+  cell = (idx // side) * grid // side * grid + (idx % side) * grid // side
+  for m in (int(x) for x in args.counts.split(',')):
+    p = np.asarray(proj.attention(m))                        # (heads, m, N)
+    entropy = -(p * np.log(p + 1e-12)).sum(-1)
+    mass = np.stack([p[..., cell == k].sum(-1) for k in range(grid * grid)], -1)
+    print(f'step {step} m={m}: attention entropy {entropy.mean():.3f} (uniform {np.log(p.shape[-1]):.3f}), '
+          f'largest probability (median) {np.median(p.max(-1)):.3f}, largest cell mass (median) '
+          f'{np.median(mass.max(-1)):.3f} (even {1 / grid ** 2:.2f})')
+
+
+if __name__ == '__main__':
+  main()
