@@ -23,15 +23,21 @@ def main():
   ap.add_argument('stage_dir')
   ap.add_argument('--counts', default='4,16,64')
   args = ap.parse_args()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from configs.demo_more import get_config  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.demo import stages  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.mqt import MatryoshkaQueryProjector  # pylint: disable=g-import-not-at-top
 
+  # the stage's exported params (`<stage dir>/params`), whatever optimizer settings trained them
   c = get_config('stage=mqt_instruct')
-  tr = loop.Trainer(c, args.stage_dir)
-  step, state, _ = checkpoint.Checkpointer(args.stage_dir, keep=1).restore_latest(
-      st.abstract_with_shardings(tr.abstract, tr.shardings))
-  proj = st.merge_model(tr.graphdef, state).projector
+  proj = MatryoshkaQueryProjector(c.model, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(args.stage_dir, 'params')))
+  state = nnx.state(proj, nnx.Param)
+  nnx.replace_by_pure_dict(state, tree['projector'])
+  nnx.update(proj, state)
+  step = (stages.read_state(args.stage_dir) or {}).get('result', {}).get('step')
   side, grid = proj.side_k, int(c.data.digits.grid)
   idx = np.arange(side * side)
   cell = (idx // side) * grid // side * grid + (idx % side) * grid // side
