@@ -7,7 +7,10 @@ Prints, per question type of the validation split, the teacher-forced answer acc
 last answer right, `train.evaluate.answer_table`: sparse models with inference-style decisions, top-k image
 tokens and output-text keep iff logit0 > logit1) and the kept ratios; for stage 3 also the percentiles of
 the output-text predictor's keep margin logit0 − logit1 on the answer tokens of 16 validation descriptions
-(the training forward without Gumbel noise) — what decides the keep rate at inference.
+(the training forward without Gumbel noise) — what decides the keep rate at inference — and the train /
+inference mask gap: the image predictor's keep probabilities by rank (median over validation images), and
+the teacher-forced exact match of every labelled answer token per question type with the image and text
+decisions drawn as in training (Gumbel samples, two draws) against those of inference (top-k, argmax).
 """
 import argparse
 import os
@@ -51,6 +54,42 @@ def main():
     m = (lg[..., 0] - lg[..., 1])[np.asarray(out['ot_span'])]
     print('describe answer tokens: keep margin logit0-logit1 percentiles 5/25/50/75/95',
           np.percentile(m, [5, 25, 50, 75, 95]).round(3), 'kept (margin > 0)', (m > 0).mean().round(3))
+    mask_gap(st.merge_model(tr.graphdef, state), c, samples)
+
+
+def mask_gap(model, c, samples, batch_size=64):
+  """Prints the keep probabilities by rank and the teacher-forced exact match under training-style
+  (Gumbel-sampled) and inference-style (top-k / argmax) decisions."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train.forward import train_forward  # pylint: disable=g-import-not-at-top
+  hits = collections.defaultdict(lambda: collections.defaultdict(list))
+  probs = []
+  modes = {'sampled (draw 1)': 1, 'sampled (draw 2)': 2, 'top-k (inference)': None}
+  for i in range(0, len(samples), batch_size):
+    chunk = samples[i:i + batch_size]
+    batch = pipeline.pad_batch([s['full'] for s in chunk], pipeline.buckets(c), c.model.pad_token_id)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    tgt = np.asarray(batch['labels'])[:, 1:]
+    for name, seed in modes.items():
+      out = train_forward(model, jb, tau=0.1, rng=None if seed is None else jax.random.key(1000 * seed + i),
+                          image_topk=seed is None)
+      pred = np.asarray(jnp.argmax(out['logits'][:, :-1], -1))
+      for b, s in enumerate(chunk):
+        v = tgt[b] != -100
+        hits[name][s['question_type']].append(float(np.all(pred[b][v] == tgt[b][v])))
+      if seed is None:
+        p = np.asarray(jax.nn.softmax(out['image_logits'], -1)[..., 0])[np.asarray(batch['has_image'], bool)]
+        probs.append(-np.sort(-p, axis=1))
+  ranks = [0, 3, 7, 11, 15, 23, 31, 47, 63]
+  ranked = np.median(np.concatenate(probs), axis=0)
+  print('image keep probability by rank (median over images):',
+        ' '.join(f'#{r + 1} {ranked[r]:.3f}' for r in ranks if r < ranked.size))
+  print('teacher-forced exact match (every labelled answer token) by decision style:')
+  for name, per in hits.items():
+    print(f'  {name:18s} ' + ' '.join(f'{t} {np.mean(v):.3f}' for t, v in sorted(per.items())))
 
 
 def lookup_errors(stage_dir, stage, limit):
