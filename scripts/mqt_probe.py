@@ -28,6 +28,7 @@ def main():
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from configs.demo_more import get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.demo.tower import patch_cells  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.mqt import MatryoshkaQueryProjector  # pylint: disable=g-import-not-at-top
 
   # the stage's exported params (`<stage dir>/params`), whatever optimizer settings trained them
@@ -38,9 +39,8 @@ def main():
   nnx.replace_by_pure_dict(state, tree['projector'])
   nnx.update(proj, state)
   step = (stages.read_state(args.stage_dir) or {}).get('result', {}).get('step')
-  side, grid = proj.side_k, int(c.data.digits.grid)
-  idx = np.arange(side * side)
-  cell = (idx // side) * grid // side * grid + (idx % side) * grid // side
+  grid, vc = int(c.data.digits.grid), c.model.vision
+  cell = patch_cells(int(c.data.digits.canvas_size), grid, int(vc.image_size), int(vc.patch_size))
   for m in (int(x) for x in args.counts.split(',')):
     p = np.asarray(proj.attention(m))                        # (heads, m, N)
     entropy = -(p * np.log(p + 1e-12)).sum(-1)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from dynllava_jax.model.mod import compact
 from dynllava_jax.sparsity.base import ScoreContext, Sparsifier, TextContext, image_count, keep_budget
+from dynllava_jax.sparsity.dynamic_train import text_layer_of
 
 
 def gather_image_tokens(h, image_mask, n):
@@ -56,10 +57,7 @@ class DynamicSparsifier(Sparsifier):
 
   def text_layer(self, model_cfg):
     """model.sparse.text_layer, or the image drop point when it is -1 (the released rule)."""
-    if not self.text:
-      return None
-    t = int(model_cfg.sparse.get('text_layer', -1))
-    return self._layer(model_cfg) if t < 0 else t
+    return text_layer_of(model_cfg.sparse, self._layer(model_cfg)) if self.text else None
 
   def validate(self, model_cfg, n_image_tokens):
     super().validate(model_cfg, n_image_tokens)

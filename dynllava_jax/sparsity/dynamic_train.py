@@ -20,11 +20,13 @@ PREDICTORS = ('image_score_predictor', 'output_text_score_predictor', 'instruct_
 _NAMES = ('image', 'answer', 'instruct')
 
 
-def text_layer_of(sc):
-  """The layer the output-text decisions are taken entering: `sc.text_layer`, or sparse_layer when it is
-  -1 (the released code)."""
+def text_layer_of(sc, sparse_layer=None):
+  """The layer the output-text decisions are taken entering: `sc.text_layer`, or the image drop point
+  (`sparse_layer`, default sc.sparse_layer) when it is -1 (the released code)."""
   t = int(sc.get('text_layer', -1))
-  return int(sc.sparse_layer) if t < 0 else t
+  if t >= 0:
+    return t
+  return int(sc.sparse_layer if sparse_layer is None else sparse_layer)
 
 
 def tau_at(step, total, tau0=1.0, tau1=0.1):
