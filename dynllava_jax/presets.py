@@ -157,6 +157,12 @@ def sparse_config():
   c.use_instruct = False
   c.lambda_ratio = 100.0
   c.tau0, c.tau1 = 1.0, 0.1
+  # From this optimizer step on, training keeps the image tokens as inference does (per-sample top-k, no
+  # Gumbel noise; the image predictor gets no gradient, it is trained before), so the LLM's last steps see
+  # the image masks it meets at inference. A straight-through gradient through the top k moved the ranking
+  # under the LLM and its loss rose 3x; output text stays sampled (argmax decisions flip a whole answer
+  # together and the ratio loss diverged): docs/demo.md. -1 = never (the released code).
+  c.hard_from_step = -1
   c.topk = True                # prefill: top-k (TopkArgmax) vs plain argmax
   return c
 

@@ -67,6 +67,11 @@ def test_one_round_test_split_and_its_hash():
   c = get_config('stage=2')
   c.data.digits.one_round_test = False        # the test split is read by no stage: same hash
   assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
+  c.model.sparse.hard_from_step = 5           # a dense stage has no predictors: its sparse knobs are unread
+  assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
+  s3 = get_config('stage=3')
+  s3.model.sparse.hard_from_step = 5
+  assert stg.stage_hash(s3) != stg.stage_hash(get_config('stage=3'))
 
 
 def test_ink_targets_and_cell_scores():

@@ -57,7 +57,9 @@ def _decoder_scan_lengths(model, ids, pix, mask):
   return lengths
 
 
-def test_mixed_plan_scans_once_per_group_and_equals_the_uniform_model():
+def test_mixed_plan_scans_once_per_group_and_equals_the_uniform_model(recorded):
+  """The mixed plan against the recorded uniform model (`test_uniform_plan_equals_the_recorded_model`
+  ties the recording to today's uniform model), same tolerance."""
   cfg = fixture.config()
   ref = fixture.model_of(cfg)
   mcfg, mixed = _with_plan('dense*2, dense_alt, dense', ref)
@@ -69,11 +71,8 @@ def test_mixed_plan_scans_once_per_group_and_equals_the_uniform_model():
   assert _decoder_scan_lengths(mixed, ids, pix, mask) == [2, 1, 1]
   got = fixture.compute(mixed, mcfg, methods=('dense', 'dynamic', 'fastv'), teacher_methods=('fastv',),
                         generated=('dynamic',), nocache=False)
-  want = fixture.compute(ref, cfg, methods=('dense', 'dynamic', 'fastv'), teacher_methods=('fastv',),
-                         generated=('dynamic',), nocache=False)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
-  np.testing.assert_array_equal(got['tokens/dynamic'], want['tokens/dynamic'])
+  assert {'teacher_logits/fastv', 'tokens/dynamic', 'train_keep/gumbel'} <= set(got)
+  assert fixture.differs(got, {k: recorded[k] for k in got}) == []
 
 
 def test_plan_errors_are_one_line():

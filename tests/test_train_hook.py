@@ -127,3 +127,43 @@ def test_output_text_decided_at_its_own_layer(setup):
   span = np.asarray(out['ot_span']) & np.asarray(out['ot_qual'])[:, None]
   assert span.any()
   np.testing.assert_array_equal(np.asarray(out['keep'])[span], np.asarray(out['m_ot'])[span])
+
+
+def test_hard_phase_takes_the_inference_image_decisions(setup):
+  """sparse.hard_from_step = 3: at steps < 3 a Gumbel sample (rng) keeps the image tokens and the image
+  predictor gets a gradient; from step 3 on the forward keeps the evaluation's per-sample top-k whatever
+  the rng and the image predictor gets none (output text stays sampled)."""
+  cfg, model, batch = setup
+  mc = cfg.model.copy_and_resolve_references()
+  mc.sparse.hard_from_step = 3
+  mc.sparse.use_output_text = False
+  hook = DynamicTrain(mc)
+  key = jax.random.key(7)
+  det = F.train_forward(model, batch, hooks=(hook,), image_topk=True)
+  sampled = F.train_forward(model, batch, hooks=(hook,), rng=key, step=jnp.int32(2))
+  plain_mc = mc.copy_and_resolve_references()
+  plain_mc.sparse.hard_from_step = -1
+  plain = F.train_forward(model, batch, hooks=(DynamicTrain(plain_mc),), rng=key, step=jnp.int32(2))
+  np.testing.assert_array_equal(np.asarray(sampled['keep']), np.asarray(plain['keep']))
+  hard = F.train_forward(model, batch, hooks=(hook,), rng=key, step=jnp.int32(3))
+  assert not np.array_equal(np.asarray(sampled['m_img']), np.asarray(det['m_img']))
+  np.testing.assert_array_equal(np.asarray(hard['m_img']), np.asarray(det['m_img']))
+  np.testing.assert_array_equal(np.asarray(hard['keep']), np.asarray(det['keep']))
+  np.testing.assert_allclose(np.asarray(hard['logits']), np.asarray(det['logits']), atol=1e-5)
+  with_text = DynamicTrain(cfg.model.copy_and_resolve_references())
+  with_text.sc.hard_from_step = 3
+  txt = F.train_forward(model, batch, hooks=(with_text,), rng=key, step=jnp.int32(3))
+  plain_txt = F.train_forward(model, batch, hooks=(DynamicTrain(cfg.model),), rng=key, step=jnp.int32(3))
+  np.testing.assert_array_equal(np.asarray(txt['m_ot']), np.asarray(plain_txt['m_ot']))   # text: sampled
+
+  graphdef, state = nnx.split(model)
+
+  def image_grad_norm(step):
+    def loss(st):
+      out = F.train_forward(nnx.merge(graphdef, st), batch, hooks=(hook,), rng=key, step=jnp.int32(step),
+                            tau=0.5)
+      return F.ce_sums(out['logits'], batch['labels'])[0]
+    grads = jax.grad(loss)(state)
+    return sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads['image_score_predictor']))
+
+  assert image_grad_norm(2) > 0 and image_grad_norm(3) == 0

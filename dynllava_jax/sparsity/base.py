@@ -160,6 +160,7 @@ class TrainContext:
   tau        Gumbel temperature (traced scalar); rng: the forward's PRNG key or None (deterministic)
   noise      explicit noise arrays by name (tests) or None
   deterministic  evaluation: decisions as at inference (e.g. per-sample top-k), no noise
+  step       the optimizer step (traced int32 scalar) or None outside the train step (schedules by step)
   """
   model: Any
   batch: Any
@@ -167,6 +168,7 @@ class TrainContext:
   rng: Any = None
   noise: Optional[dict] = None
   deterministic: bool = False
+  step: Any = None
 
 
 class TrainHook:

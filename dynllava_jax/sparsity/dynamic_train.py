@@ -84,7 +84,8 @@ def text_decisions(predictor, h, start, end, eligible, min_len, tau, noise):
 
 
 def topk_keep(logits, k):
-  """Inference-style image decisions: per sample the k tokens with the highest keep log-prob -> (B, N)."""
+  """Inference-style image decisions: per sample the k tokens with the highest keep log-prob -> (B, N)
+  float32 in {0, 1}, no gradient (top_k_mask is a comparison)."""
   score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
   return top_k_mask(score, jnp.ones(score.shape, bool), k).astype(jnp.float32)
 
@@ -147,12 +148,21 @@ class DynamicTrain(TrainHook):
                       'predictor scores N tokens from image_start; frames (data.max_frames > 1) need dense=1')
     return mask
 
+  def _hard(self, ctx):
+    """Traced bool: this step takes the inference image decisions (`sparse.hard_from_step`), or None."""
+    start = int(self.sc.get('hard_from_step', -1))
+    if start < 0 or ctx.step is None or ctx.deterministic:
+      return None
+    return jnp.asarray(ctx.step) >= start
+
   def decide(self, ctx, h, out, layer):
     """The decisions on h (B, T, H) entering `layer` -> G (B, T): at sparse_layer image and instruct, at
     `text_layer_of(sc)` the output text. out gets m_img (B, N), m_ot / ot_span (B, T), ot_qual (B,),
     [m_ins / ins_span / ins_qual] and the predictor logits (image_logits (B, N, 2), ot_logits, ins_logits
-    (B, T, 2)). Deterministic: image by per-sample top-k, k = ⌊N·r_I⌋ (no gradient)."""
+    (B, T, 2)). Deterministic: image by per-sample top-k, k = ⌊N·r_I⌋ (no gradient). From
+    `sparse.hard_from_step` on, training keeps the image top-k too (no gradient to the image predictor)."""
     sc, batch, model = self.sc, ctx.batch, ctx.model
+    hard = self._hard(ctx)
     b, t = h.shape[:2]
     has_image = batch['has_image'].astype(bool)
     keep = jnp.ones((b, t), jnp.float32)
@@ -164,6 +174,8 @@ class DynamicTrain(TrainHook):
         m_img = topk_keep(logits, keep_budget(n, sc.image_keep_ratio))
       else:
         m_img = gumbel_keep(logits, ctx.tau, _noise(ctx, 'image', (b, n, 2)))
+        if hard is not None:
+          m_img = jnp.where(hard, topk_keep(logits, keep_budget(n, sc.image_keep_ratio)), m_img)
       out['m_img'] = jnp.where(has_image[:, None], m_img, 1.0)
       out['image_logits'] = logits
       keep = keep * image_keep_columns(out['m_img'], batch['image_start'], has_image, t)

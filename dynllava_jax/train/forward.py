@@ -28,7 +28,7 @@ IGNORE = -100
 
 
 def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, remat=None,
-                  image_topk=False, hooks=None):
+                  image_topk=False, hooks=None, step=None):
   """Training forward. Returns a dict: logits (B, T, V) fp32 (ids >= model.llm.text_vocab_size at NEG_INF,
   `model/vocab.py`), keep (B, T) G when a hook masked keys, and the hooks' outputs (Dynamic-LLaVA: m_img,
   m_ot, …; MQT: mqt_m).
@@ -37,12 +37,13 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   noise (deterministic argmax decisions). sparse None = config.model.sparse.enabled; False runs no
   `sparse_stage` hook (the dense stage). hooks: None = `train_hooks(model.mc)`.
   image_topk: decisions as at inference (evaluation: Dynamic-LLaVA's per-sample top-k image tokens).
+  step: the optimizer step (traced), for hooks whose decisions follow a schedule.
   """
   mc = model.mc
   sparse = mc.sparse.enabled if sparse is None else sparse
   remat = mc.remat if remat is None else remat
   hooks = [h for h in (train_hooks(mc) if hooks is None else hooks) if sparse or not h.sparse_stage]
-  ctx = TrainContext(model, batch, tau, rng, noise, image_topk)
+  ctx = TrainContext(model, batch, tau, rng, noise, image_topk, step)
   ids, mask = batch['input_ids'], batch['attention_mask']
   out = {}
   for hk in hooks:

@@ -48,12 +48,12 @@ def make_train_step(config, graphdef, tx, *, sparse):
   lora = config.model.get('lora')
   dropout = float(lora.get('dropout', 0.0)) if lora is not None else 0.0
 
-  def loss_fn(params, frozen, mb, key, tau, n_tok, bsz):
+  def loss_fn(params, frozen, mb, key, tau, n_tok, bsz, step):
     model = merge_model(graphdef, {'params': params, 'frozen': frozen})
     model.language_model.grad_floor = optim.grad_floor(model, params)
     has_lora = dropout > 0 and any(g.lora_rank for g in model.language_model.plan)
     with L.lora_dropout(jax.random.fold_in(key, 1 << 20) if has_lora else None):
-      out = F.train_forward(model, mb, tau=tau, rng=key, sparse=sparse, hooks=hooks)
+      out = F.train_forward(model, mb, tau=tau, rng=key, sparse=sparse, hooks=hooks, step=step)
     sums = F.loss_sums(out, mb, hooks)
     loss, _ = F.combine(sums, n_tok, bsz, hooks, cew)
     return loss, sums
@@ -70,19 +70,19 @@ def make_train_step(config, graphdef, tx, *, sparse):
     bsz = jnp.asarray(labels.shape[0], jnp.float32)
 
     if accum == 1:
-      (_, sums), grads = grad_fn(params, frozen, batch, key, tau, n_tok, bsz)
+      (_, sums), grads = grad_fn(params, frozen, batch, key, tau, n_tok, bsz, step)
     else:
       micro = _split_micro(batch, accum)
 
       def body(carry, xs):
         i, mb = xs
-        (_, s), g = grad_fn(params, frozen, mb, jax.random.fold_in(key, i), tau, n_tok, bsz)
+        (_, s), g = grad_fn(params, frozen, mb, jax.random.fold_in(key, i), tau, n_tok, bsz, step)
         gacc, sacc = carry
         return (jax.tree.map(jnp.add, gacc, g), jax.tree.map(jnp.add, sacc, s)), None
 
       zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       s0 = jax.eval_shape(lambda: grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro), key,
-                                          tau, n_tok, bsz)[0][1])
+                                          tau, n_tok, bsz, step)[0][1])
       zeros_s = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s0)
       (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
