@@ -126,6 +126,10 @@ def mqt_config(size='tiny'):
   c.queries, c.heads = {'tiny': (16, 4), 'bench': (576, 6), '7b': (256, 16), '13b': (256, 16)}[size]
   c.ln_eps = 1e-6
   c.sample_m = False
+  # > 0: a local start for training from scratch (MatryoshkaQueryProjector._local_init): the q / k
+  # in-projections tied so each query attends around its grid position with logit scale local_init.
+  # 0 = the release's init (near-uniform attention at the start).
+  c.local_init = 0.0
   return c
 
 

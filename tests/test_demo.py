@@ -68,6 +68,7 @@ def test_one_round_test_split_and_its_hash():
   c.data.digits.one_round_test = False        # the test split is read by no stage: same hash
   assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
   c.model.sparse.hard_from_step = 5           # a dense stage has no predictors: its sparse knobs are unread
+  c.model.mqt.local_init = 3.0                # nor MQT's, with the MLP projector
   assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
   s3 = get_config('stage=3')
   s3.model.sparse.hard_from_step = 5

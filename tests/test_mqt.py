@@ -256,3 +256,27 @@ def test_stage_configs_train_what_the_release_trains():
     assert set(trainable) == ({'projector'} if stage == 1 else {'projector', 'language_model'})
     assert ('pos_embed' in trainable['projector']) == (stage == 1)
     assert c.model.mqt.sample_m == (stage == 2)
+
+
+def test_local_init_attends_around_each_query_position():
+  """model.mqt.local_init = 32 (M = 64 queries on the 8x8 patch grid): every query's head-mean attention
+  peaks within 2 patches of its own position and keeps most of it in its own 4x4 block; 0 (the release's init)
+  starts near even."""
+  from dynllava_jax.model.mqt import MatryoshkaQueryProjector  # pylint: disable=g-import-not-at-top
+  from configs.demo_more import get_config as demo_more_config  # pylint: disable=g-import-not-at-top
+  mc = demo_more_config('stage=mqt_align').model
+
+  def attention(beta):
+    mc.mqt.local_init = beta
+    proj = MatryoshkaQueryProjector(mc, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    p = np.asarray(proj.attention())
+    return p, float(-(p * np.log(p + 1e-12)).sum(-1).mean())
+
+  p, ent = attention(32.0)
+  assert p.shape == (mc.mqt.heads, 64, 64)
+  peak, own = p.mean(0).argmax(-1), np.arange(64)
+  assert max(np.abs(peak // 8 - own // 8).max(), np.abs(peak % 8 - own % 8).max()) <= 2
+  block = (own // 8 // 4) * 2 + own % 8 // 4
+  assert np.median(np.stack([p.mean(0)[i, block == block[i]].sum() for i in own])) > 0.6
+  _, ent0 = attention(0.0)
+  assert ent < 2.5 < np.log(64) - 0.1 < ent0

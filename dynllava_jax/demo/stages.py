@@ -9,7 +9,8 @@ Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
   checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
 The stage's hash is sha256 over what it reads of its resolved config (`stage_inputs`: stage 0 its tower
 section, the vision config, canvas geometry and seed; later stages the whole config with `train.init_from`
-blanked, a path inside the workdir, and a disabled `model.sparse` reduced to its switch; as JSON, keys sorted) and the upstream stage's hash, so a change to
+blanked, a path inside the workdir, and the sections the model does not read (a disabled `model.sparse`,
+`model.mqt` of another projector) left out; as JSON, keys sorted) and the upstream stage's hash, so a change to
 any earlier stage's config invalidates every later stage too. A stage whose stage.json has the same hash
 and `done` (and whose params/ and checkpoints/ are still there) is skipped; one with another hash (or a
 directory without stage.json) is deleted and rerun, so no stale checkpoint is ever resumed. A stage
@@ -38,8 +39,9 @@ def stage_inputs(config):
   """The part of the config a stage reads: stage 0 (the tower) only its `tower` section, the vision tower's
   config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
   it); stages 1-3 everything but `train.init_from` (a path inside the workdir),
-  `data.digits.one_round_test` (it shapes only the test split, which no stage reads) and, while
-  `model.sparse.enabled` is False, the rest of `model.sparse` (a model without predictors never reads it)."""
+  `data.digits.one_round_test` (it shapes only the test split, which no stage reads), the rest of
+  `model.sparse` while `model.sparse.enabled` is False (a model without predictors never reads it) and
+  `model.mqt` unless the projector is MQT's."""
   d = config.to_dict()
   if config.stage.index == 0:
     g = d['data']['digits']
@@ -48,9 +50,11 @@ def stage_inputs(config):
   if 'train' in d:
     d['train']['init_from'] = ''
   d.get('data', {}).get('digits', {}).pop('one_round_test', None)   # shapes the test split only
-  sparse = d.get('model', {}).get('sparse')
-  if sparse is not None and not sparse.get('enabled'):
-    d['model']['sparse'] = {'enabled': False}
+  model = d.get('model', {})
+  if 'sparse' in model and not model['sparse'].get('enabled'):
+    model['sparse'] = {'enabled': False}
+  if 'mqt' in model and model.get('projector') != 'mqt':
+    model.pop('mqt')
   return d
 
 

@@ -108,10 +108,26 @@ class MatryoshkaQueryProjector(nnx.Module):
     self.ln_v = L.LayerNorm(w, eps, param_dtype=param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=True)
     self.in_proj = L.dense(w, 3 * w, ('embed', 'heads'), **kw)
+    beta = float(qc.get('local_init', 0.0))
+    if beta > 0:
+      self._local_init(beta, rngs)
     self.out_proj = L.dense(w, w, ('heads', 'embed'), **kw)
     h = mc.llm.hidden
     self.proj = L.dense(w, h, ('patch', 'embed'), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                         std=h ** -0.5)
+
+  def _local_init(self, beta, rngs):
+    """q and k in-projections = one c·Q (Q a random orthogonal w×w, c² = beta / sqrt(head_dim)): a
+    query's logit on a key is then ≈ beta · cos(ln_q(query + pos_q), ln_k(pos_k)) per head, so with the
+    sin-cos tables each query starts attending around its own grid position (beta 32 on the 8×8 grid:
+    ~0.9 of a query's attention in its 4×4 block) instead of the release's near-uniform start. Not the
+    release's init (loading released weights replaces it); model.mqt.local_init."""
+    w = self.width
+    q = nnx.initializers.orthogonal()(rngs.params(), (w, w), jnp.float32) * math.sqrt(
+        beta / math.sqrt(w // self.heads))
+    kernel = self.in_proj.kernel[...]
+    kernel = kernel.at[:, :w].set(q.astype(kernel.dtype)).at[:, w:2 * w].set(q.astype(kernel.dtype))
+    self.in_proj.kernel[...] = kernel
 
   @staticmethod
   def num_tokens(mc, count=None):
