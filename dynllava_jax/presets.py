@@ -126,6 +126,9 @@ def mqt_config(size='tiny'):
   c.queries, c.heads = {'tiny': (16, 4), 'bench': (576, 6), '7b': (256, 16), '13b': (256, 16)}[size]
   c.ln_eps = 1e-6
   c.sample_m = False
+  # With sample_m: steps before this one train at m = M (0 = draw from the first step, the release, whose
+  # LLM already reads the M tokens after stage 1; a toy LLM trained from scratch learns to read them first).
+  c.sample_from_step = 0
   # > 0: a local start for training from scratch (MatryoshkaQueryProjector._local_init): the q / k
   # in-projections tied so each query attends around its grid position with logit scale local_init.
   # 0 = the release's init (near-uniform attention at the start).

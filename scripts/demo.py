@@ -72,7 +72,9 @@ def main():
   ap.add_argument('--methods', default=','.join(METHODS_DEFAULT))
   ap.add_argument('--eval_batch', type=int, default=100,
                   help='generation batch (300 test samples = 3 x 100: one compiled shape per run)')
-  ap.add_argument('--prune_layers', default='1,2', help='prune_bi / prune_random: decoder layers removed')
+  ap.add_argument('--prune_layers', default='1', help='prune_bi / prune_random: decoder layers removed')
+  ap.add_argument('--reducer_budgets', default='0.2',
+                  help="VisionZip's and DivPrune's budgets ('' = --budgets; their sweep: make demo-more)")
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
                   help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
@@ -100,6 +102,12 @@ def main():
   except ValueError:
     raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, '
                      'e.g. 1,2') from None
+  try:
+    reducer_budgets = tuple(sorted({float(b) for b in args.reducer_budgets.split(',') if b.strip()})) or None
+  except ValueError:
+    raise SystemExit(f'--reducer_budgets {args.reducer_budgets!r}: give comma-separated fractions') from None
+  if reducer_budgets and any(not 0.0 < b <= 1.0 for b in reducer_budgets):
+    raise SystemExit('--reducer_budgets must be in (0, 1]')
 
   configs, infos, up = {}, {}, None
   for k in STAGES:
@@ -133,7 +141,7 @@ def main():
   print(f'evaluating {len(samples)} test samples: {methods} at budgets {budgets}', flush=True)
   calib = pipeline.make_eval_samples(configs[2], 'validation', limit=64)   # prune_bi's Block Influence
   rows = res.evaluate_all(models, ordered, tok, budgets=budgets, methods=methods, batch_size=args.eval_batch,
-                          calib_samples=calib, prune_layers=prune_layers)
+                          calib_samples=calib, prune_layers=prune_layers, reducer_budgets=reducer_budgets)
   train_samples = pipeline.make_eval_samples(configs[2], 'train', limit=2000)
   majority = res.majority(train_samples, samples)
   types = sorted({s['question_type'] for s in samples})

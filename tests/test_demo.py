@@ -245,9 +245,12 @@ def test_summary_schema_check():
 
 def test_budgets_match():
   mc = get_config('stage=2').model
-  specs = {sp['key']: sp for sp in res.method_specs(mc)}
+  specs = {sp['key']: sp for sp in res.method_specs(mc, prune_layers=(1, 2))}
   n_budgeted = len(res.METHOD_ORDER) - 3 - len(res.PRUNE)     # dense, dynamic_cal, dynamic_image: one each
-  assert len(specs) == 3 + n_budgeted * len(res.BUDGETS) + len(res.PRUNE) * len(res.PRUNE_LAYERS)
+  assert len(specs) == 3 + n_budgeted * len(res.BUDGETS) + len(res.PRUNE) * 2
+  demo = {sp['key'] for sp in res.method_specs(mc, reducer_budgets=res.REDUCER_BUDGETS)}   # `make demo`
+  assert len(demo) == len(specs) - 2 * (len(res.BUDGETS) - 1) - 2
+  assert {'visionzip@0.2', 'divprune@0.2', 'prune_bi@1', 'fastv@0.1'} <= demo and 'visionzip@0.1' not in demo
   assert specs['dynamic_cal@0.2']['sparsifier'] == 'dynamic' and specs['dynamic_cal@0.2']['stage'] == 3
   assert specs['dynamic_image@0.2']['sparsifier'] == 'dynamic_image' and specs['dynamic_image@0.2']['stage'] == 3
   assert specs['dense@1.0']['stage'] == 2 and specs['dynamic@0.2']['stage'] == 3

@@ -244,6 +244,12 @@ def test_stage2_m_sampling_is_masked_m_token_forward(mqt_tiny):
   ref = _forward6(model, jnp.asarray(ids6), batch['pixel_values'], jnp.asarray(mask6))
   np.testing.assert_allclose(np.asarray(out['logits'][:, -5:]), np.asarray(ref[:, -5:]), atol=2e-4)
   assert int(train_count(mc, None)) == mc.mqt.queries             # no key (evaluation): m = M
+  late = mc.copy_and_resolve_references()
+  late.mqt.sample_from_step = 100                                  # steps < 100 at m = M, then the draw
+  got = np.asarray(jax.vmap(lambda s: train_count(late, jax.random.fold_in(jax.random.fold_in(base, s), 0),
+                                                  s))(steps))
+  assert (got[:100] == mc.mqt.queries).all()
+  np.testing.assert_array_equal(got[100:], ms[100:])
 
 
 def test_stage_configs_train_what_the_release_trains():

@@ -32,7 +32,10 @@ import collections
 import numpy as np
 
 BUDGETS = (0.1, 0.2, 0.35, 0.5)
-PRUNE_LAYERS = (1, 2)   # decoder layers removed by prune_bi / prune_random (of the 4; the region's stays)
+PRUNE_LAYERS = (1,)     # decoder layers removed by prune_bi / prune_random (of the 4; the region's stays)
+# VisionZip and DivPrune in `make demo`: at 20 % only (issue 12's comparison point, beside Dynamic-LLaVA);
+# their sweep over token counts is `make demo-more`'s matched rows (m / 64). Keeps `make demo` in 15 min.
+REDUCER_BUDGETS = (0.2,)
 TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform', 'visionzip', 'divprune')
 PRUNE = ('prune_bi', 'prune_random')
 CAL_BUDGET = 0.2        # dynamic_cal and dynamic_image run at the trained r_I only
@@ -50,10 +53,12 @@ def pdrop_ratios(budget, layers, sparse_layer):
   return tuple(range(sparse_layer, layers)), tuple(x * 0.5 ** i for i in range(m))
 
 
-def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=PRUNE_LAYERS):
+def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=PRUNE_LAYERS,
+                 reducer_budgets=None):
   """One dict per key: {key, method (the key's name), sparsifier (the registry name run), stage (2 | 3),
   ratio (model.sparse.image_keep_ratio for the config, or None), overrides (sparsifier keywords),
-  prune (k decoder layers to remove, 0 = none)}."""
+  prune (k decoder layers to remove, 0 = none)}. reducer_budgets: VisionZip's and DivPrune's budgets
+  (None = `budgets`)."""
   from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.base import keep_budget  # pylint: disable=g-import-not-at-top
   sl, n_layers = int(model_cfg.sparse.sparse_layer), int(model_cfg.llm.layers)
@@ -70,7 +75,7 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
     if m in PRUNE:
       out += [spec(m, k, sparsifier='dense', prune=k) for k in prune_layers]
       continue
-    for r in budgets:
+    for r in (budgets if m not in ('visionzip', 'divprune') or reducer_budgets is None else reducer_budgets):
       if m == 'dynamic':
         out.append(spec(m, r, stage=3, ratio=r))
       elif m == 'dynamic_cal':   # the calibrated output-text threshold (evaluate_all sets text_margin)
@@ -156,9 +161,9 @@ def majority(train_samples, test_samples):
 
 
 def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_ORDER, batch_size=100,
-                 calib_samples=None, prune_layers=PRUNE_LAYERS, report=print):
+                 calib_samples=None, prune_layers=PRUNE_LAYERS, reducer_budgets=None, report=print):
   """stage_models: {2: (model, config), 3: (model, config)}; calib_samples: the prompts Block Influence
-  is measured on (prune_bi; the validation split). Returns {key: row} (`evaluate_method` rows plus 'key',
+  is measured on (prune_bi; the validation split); reducer_budgets: `method_specs`'. Returns {key: row} (`evaluate_method` rows plus 'key',
   'budget', 'stage', 'removed_layers' for the pruned models)."""
   from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import engine_prefill_flops, evaluate_method  # pylint: disable=g-import-not-at-top
@@ -169,7 +174,7 @@ def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_
   mean_prompt = int(round(np.mean([len(s['prompt_ids']) for s in samples])))
   text_tokens = max(1, mean_prompt - num_image_tokens(mc))
   bi = theta = None
-  for sp in method_specs(mc, budgets, methods, prune_layers):
+  for sp in method_specs(mc, budgets, methods, prune_layers, reducer_budgets):
     model, config = stage_models[sp['stage']]
     cfg, removed = config, ()
     if sp['method'] == 'dynamic_cal':

@@ -205,15 +205,20 @@ def sample_counts(rng, big_m, shape=()):
 MQT_STREAM = 3   # fold_in index of the m draw in a training forward's key (Gumbel streams use 0..2)
 
 
-def train_count(mc, rng):
-  """The m of one training forward (a traced int32 scalar): M in stage 1 (`mqt.sample_m` False) or
-  without a key (evaluation); else a draw from {2, 4, …, M} on fold_in(rng, MQT_STREAM). The key is the
-  micro-batch's (train/step.py: fold_in(fold_in(state rng, step), micro index)), so the draw is part of
-  the checkpointed RNG stream: a resumed run draws the same m at the same step."""
+def train_count(mc, rng, step=None):
+  """The m of one training forward (a traced int32 scalar): M in stage 1 (`mqt.sample_m` False), without
+  a key (evaluation) or before optimizer step `mqt.sample_from_step` (`step`: traced int, None = past it);
+  else a draw from {2, 4, …, M} on fold_in(rng, MQT_STREAM). The key is the micro-batch's (train/step.py:
+  fold_in(fold_in(state rng, step), micro index)), so the draw is part of the checkpointed RNG stream: a
+  resumed run draws the same m at the same step."""
   big_m = int(mc.mqt.queries)
   if not mc.mqt.get('sample_m', False) or rng is None:
     return jnp.int32(big_m)
-  return sample_counts(jax.random.fold_in(rng, MQT_STREAM), big_m)
+  m = sample_counts(jax.random.fold_in(rng, MQT_STREAM), big_m)
+  start = int(mc.mqt.get('sample_from_step', 0))
+  if start > 0 and step is not None:
+    m = jnp.where(jnp.asarray(step) >= start, m, jnp.int32(big_m))
+  return m
 
 
 def padding_slots(image_mask, m):
@@ -238,5 +243,5 @@ class MQTTrain(TrainHook):
     self.mc = mc
 
   def prepare(self, ctx, mask, out):
-    out['mqt_m'] = m = train_count(self.mc, ctx.rng)
+    out['mqt_m'] = m = train_count(self.mc, ctx.rng, ctx.step)
     return mask * ~padding_slots(ctx.batch['input_ids'] == self.mc.image_token_id, m)
