@@ -53,6 +53,13 @@ def get_config(arg=None):
     t.freeze_projector = False
     # stage 1 trains the sin-cos position table too; stage 2 keeps it frozen (the release)
     t.frozen = '^projector/pos_embed$' if arg.stage == 'mqt_instruct' else ''
+    # Not the release's recipe (its LLM is pretrained and reads the M tokens after stage 1; ours is random):
+    # each query starts attending around its grid position (the release's init starts near-uniform and
+    # stayed there: every m answered 0.153), and the first 400 of stage 2's 800 steps train at m = M before
+    # the draw starts. 0.153 -> 0.307 at m = 64, 0.190 at m = 16 (docs/demo.md, "make demo-more").
+    m.mqt.local_init = 32.0
+    if arg.stage == 'mqt_instruct':
+      m.mqt.sample_from_step = 400
   if arg.stage.startswith('mod'):
     m.mod.layers = 'interleave'     # layers 1, 3 of 4
     m.mod.r = 0.2

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # what each stage may change of the configs/demo.py stage it derives from (besides stage / upstream)
 ALLOWED = {
-    'mqt': {'model.projector', 'model.mqt.queries', 'model.mqt.sample_m', 'train.frozen',
+    'mqt': {'model.projector', 'model.mqt.queries', 'model.mqt.sample_m', 'model.mqt.local_init',
+            'model.mqt.sample_from_step', 'train.frozen',
             'train.freeze_projector'},
     'mod': {'model.mod.layers', 'model.mod.r', 'model.mod.routing'},
     'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket'},
