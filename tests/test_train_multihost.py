@@ -39,13 +39,11 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   extra = {'train.steps': STEPS, 'train.save_every': 100, 'train.dense_warmup_steps': STEPS}
   cache = tmp_path / 'xla_cache'
   one = tmp_path / 'one'
-  p = subprocess.run([sys.executable, 'train.py', '--workdir', str(one)] + flags(extra), cwd=ROOT,
-                     env=_env(2, cache), capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-
   two = tmp_path / 'two'
   port = _free_port()
-  procs = []
+  # The one-process run and the two processes run side by side (most of each is start-up and compiling).
+  procs = [subprocess.Popen([sys.executable, 'train.py', '--workdir', str(one)] + flags(extra), cwd=ROOT,
+                            env=_env(2, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   for pid in range(2):
     dist = {'train.distributed': True, 'train.coordinator_address': f'127.0.0.1:{port}',
             'train.num_processes': 2, 'train.process_id': pid}
