@@ -64,6 +64,17 @@ def _json_default(x):
   return str(x)
 
 
+def _fractions(flag, text):
+  """'0.1,0.2' -> (0.1, 0.2) sorted, each in (0, 1]; SystemExit with one line otherwise."""
+  try:
+    out = tuple(sorted({float(b) for b in text.split(',') if b.strip()}))
+  except ValueError:
+    raise SystemExit(f'{flag} {text!r}: give comma-separated fractions, e.g. 0.1,0.2') from None
+  if any(not 0.0 < b <= 1.0 for b in out):
+    raise SystemExit(f'{flag} must be in (0, 1]')
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
@@ -90,24 +101,16 @@ def main():
   for m in ('dense', 'dynamic'):
     if m not in methods:
       methods.insert(0, m)
-  try:
-    budgets = sorted({float(b) for b in args.budgets.split(',') if b.strip()} | {0.2})
-  except ValueError:
-    raise SystemExit(f'--budgets {args.budgets!r}: give comma-separated fractions, e.g. 0.1,0.2') from None
-  if any(not 0.0 < b <= 1.0 for b in budgets) or any(m not in res.METHOD_ORDER for m in methods):
-    raise SystemExit(f'--budgets must be in (0, 1] and --methods among {res.METHOD_ORDER}')
+  budgets = sorted(set(_fractions('--budgets', args.budgets)) | {0.2})
+  if any(m not in res.METHOD_ORDER for m in methods):
+    raise SystemExit(f'--methods must be among {res.METHOD_ORDER}')
 
   try:
     prune_layers = tuple(int(k) for k in args.prune_layers.split(',') if k.strip())
   except ValueError:
     raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, '
                      'e.g. 1,2') from None
-  try:
-    reducer_budgets = tuple(sorted({float(b) for b in args.reducer_budgets.split(',') if b.strip()})) or None
-  except ValueError:
-    raise SystemExit(f'--reducer_budgets {args.reducer_budgets!r}: give comma-separated fractions') from None
-  if reducer_budgets and any(not 0.0 < b <= 1.0 for b in reducer_budgets):
-    raise SystemExit('--reducer_budgets must be in (0, 1]')
+  reducer_budgets = _fractions('--reducer_budgets', args.reducer_budgets) or None
 
   configs, infos, up = {}, {}, None
   for k in STAGES:

@@ -36,7 +36,8 @@ PRUNE_LAYERS = (1,)     # decoder layers removed by prune_bi / prune_random (of 
 # VisionZip and DivPrune in `make demo`: at 20 % only (issue 12's comparison point, beside Dynamic-LLaVA);
 # their sweep over token counts is `make demo-more`'s matched rows (m / 64). Keeps `make demo` in 15 min.
 REDUCER_BUDGETS = (0.2,)
-TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform', 'visionzip', 'divprune')
+REDUCERS = ('visionzip', 'divprune')     # pre-LLM reducers: ⌊N·r⌋ projected tokens handed to the LLM
+TRAINING_FREE = ('fastv', 'pdrop', 'random', 'uniform') + REDUCERS
 PRUNE = ('prune_bi', 'prune_random')
 CAL_BUDGET = 0.2        # dynamic_cal and dynamic_image run at the trained r_I only
 METHOD_ORDER = ('dense', 'dynamic', 'dynamic_cal', 'dynamic_image') + TRAINING_FREE + PRUNE
@@ -75,7 +76,7 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
     if m in PRUNE:
       out += [spec(m, k, sparsifier='dense', prune=k) for k in prune_layers]
       continue
-    for r in (budgets if m not in ('visionzip', 'divprune') or reducer_budgets is None else reducer_budgets):
+    for r in (reducer_budgets if m in REDUCERS and reducer_budgets is not None else budgets):
       if m == 'dynamic':
         out.append(spec(m, r, stage=3, ratio=r))
       elif m == 'dynamic_cal':   # the calibrated output-text threshold (evaluate_all sets text_margin)
@@ -91,7 +92,7 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
       elif m == 'pdrop':
         layers, ratios = pdrop_ratios(r, n_layers, k_attn)
         out.append(spec(m, r, overrides={'layers': layers, 'ratios': ratios}))
-      elif m in ('visionzip', 'divprune'):   # ⌊N·r⌋ projected tokens before the LLM
+      elif m in REDUCERS:
         out.append(spec(m, r, overrides={'tokens': keep_budget(n, r)}))
       else:
         raise ValueError(f'demo: method {m!r} unknown; use {METHOD_ORDER}')
@@ -163,8 +164,9 @@ def majority(train_samples, test_samples):
 def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_ORDER, batch_size=100,
                  calib_samples=None, prune_layers=PRUNE_LAYERS, reducer_budgets=None, report=print):
   """stage_models: {2: (model, config), 3: (model, config)}; calib_samples: the prompts Block Influence
-  is measured on (prune_bi; the validation split); reducer_budgets: `method_specs`'. Returns {key: row} (`evaluate_method` rows plus 'key',
-  'budget', 'stage', 'removed_layers' for the pruned models)."""
+  is measured on (prune_bi; the validation split); reducer_budgets: as in `method_specs`. Returns
+  {key: row} (`evaluate_method` rows plus 'key', 'budget', 'stage', 'removed_layers' for the pruned
+  models)."""
   from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import engine_prefill_flops, evaluate_method  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
