@@ -133,6 +133,10 @@ def mqt_config(size='tiny'):
   # in-projections tied so each query attends around its grid position with logit scale local_init.
   # 0 = the release's init (near-uniform attention at the start).
   c.local_init = 0.0
+  # With local_init: which grid point query i starts at. 'raster': patch i (the top rows come first);
+  # 'coarse': the quadrants' centres, then their quarters', ... (mqt.coarse_targets), so every first-m
+  # prefix covers the whole image.
+  c.local_order = 'raster'
   return c
 
 

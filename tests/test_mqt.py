@@ -286,3 +286,29 @@ def test_local_init_attends_around_each_query_position():
   assert np.median(np.stack([p.mean(0)[i, block == block[i]].sum() for i in own])) > 0.6
   _, ent0 = attention(0.0)
   assert ent < 2.5 < np.log(64) - 0.1 < ent0
+
+
+def test_coarse_local_order_covers_the_image_at_every_prefix():
+  """model.mqt.local_order='coarse': targets are quadrant centres, then their quarters, then patches, each
+  level ordered so every prefix is spread (queries 0..3: one per quadrant; 0..15: four per quadrant), and
+  ln_q(query_i + pos_i) is the sin-cos embedding of target i, so the first four queries' attention each
+  peaks in its own quadrant; a grid with fewer quadtree centres than queries is a one-line error."""
+  from dynllava_jax.model.mqt import MatryoshkaQueryProjector, coarse_targets  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model.vision import sincos_points  # pylint: disable=g-import-not-at-top
+  from configs.demo_more import get_config as demo_more_config  # pylint: disable=g-import-not-at-top
+  y, x = coarse_targets(64, 8)
+  np.testing.assert_array_equal(y[:4], [1.5, 1.5, 5.5, 5.5])
+  np.testing.assert_array_equal(x[:4], [1.5, 5.5, 1.5, 5.5])
+  quadrant = (y // 4) * 2 + x // 4
+  for m in (4, 8, 16, 20):
+    assert np.bincount(quadrant[:m].astype(int), minlength=4).tolist() == [m // 4] * 4
+  assert len({(a, b) for a, b in zip(y, x)}) == 64
+  with pytest.raises(ValueError, match='fewer than mqt.queries'):
+    coarse_targets(100, 8)
+  mc = demo_more_config('stage=mqt_align').model
+  mc.mqt.local_order = 'coarse'
+  proj = MatryoshkaQueryProjector(mc, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  got = proj.query[...] + proj.pos_embed[...]
+  np.testing.assert_allclose(got, sincos_points(y, x, mc.vision.width), atol=1e-5)
+  cell = np.asarray(proj.attention(4)).mean(0).reshape(4, 2, 4, 2, 4).sum((2, 4)).reshape(4, 4)
+  assert cell.argmax(-1).tolist() == [0, 1, 2, 3] and cell.max(-1).min() > 0.5

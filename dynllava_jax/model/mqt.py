@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dynllava_jax.model import layers as L
-from dynllava_jax.model.vision import sincos2d
+from dynllava_jax.model.vision import sincos2d, sincos_points
 from dynllava_jax.sparsity.base import TrainHook
 
 BICUBIC_A = -0.75   # torch's cubic-convolution coefficient
@@ -79,6 +79,8 @@ def check_mqt_config(mc):
     raise ValueError(f'mqt.heads={qc.heads} must divide the vision width {vc.width}')
   if vc.feature_select != 'default':
     raise ValueError("model.projector='mqt' reads the patch grid: use vision.feature_select='default' (no CLS)")
+  if qc.get('local_order', 'raster') not in ('raster', 'coarse'):
+    raise ValueError(f"mqt.local_order={qc.local_order!r}: use 'raster' or 'coarse'")
   if vc.width % 4:
     raise ValueError(f'model.projector=mqt: the sine-cosine table needs a vision width divisible by 4, got '
                      f'{vc.width}')
@@ -111,6 +113,8 @@ class MatryoshkaQueryProjector(nnx.Module):
     beta = float(qc.get('local_init', 0.0))
     if beta > 0:
       self._local_init(beta, rngs)
+      if qc.get('local_order', 'raster') == 'coarse':
+        self.query[...] = self._coarse_queries().astype(param_dtype)
     self.out_proj = L.dense(w, w, ('heads', 'embed'), **kw)
     h = mc.llm.hidden
     self.proj = L.dense(w, h, ('patch', 'embed'), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -128,6 +132,17 @@ class MatryoshkaQueryProjector(nnx.Module):
     kernel = self.in_proj.kernel[...]
     kernel = kernel.at[:, :w].set(q.astype(kernel.dtype)).at[:, w:2 * w].set(q.astype(kernel.dtype))
     self.in_proj.kernel[...] = kernel
+
+  def _coarse_queries(self):
+    """query (M, w) such that ln_q(query_i + pos_i) = ln_q(sin-cos of target i), the targets in
+    coarse-to-fine order (`coarse_targets`): with the local init the first m queries then cover the whole
+    image at every m (query 0..3 the four quadrants, then their quarters, ...), where the raster order
+    gives the first m queries the top rows only. model.mqt.local_order='coarse'; not the release's."""
+    ty, tx = coarse_targets(self.num_queries, self.side_k)
+    g, s = self.side_q, self.side_k
+    to_q = lambda t: (t + 0.5) * g / s - 0.5          # key-grid coordinates -> the query table's grid
+    want = sincos_points(to_q(ty), to_q(tx), self.width)
+    return want - self.pos_embed[...].astype(jnp.float32)
 
   @staticmethod
   def num_tokens(mc, count=None):
@@ -168,6 +183,31 @@ class MatryoshkaQueryProjector(nnx.Module):
     v = self._in(self.ln_v(x), 2).reshape(b, n, self.heads, hd)
     o = jnp.einsum('hmn,bnhd->bmhd', p.astype(v.dtype), v).reshape(b, p.shape[1], w)
     return self.proj(self.out_proj(o))
+
+
+def coarse_targets(m, side):
+  """(y, x) float arrays (m,): centres of the quadtree blocks of a side×side patch grid, level by level
+  (2×2 blocks, then 4×4, 8×8, ... while a block spans ≥ 1 patch), each level ordered by its reversed
+  quadtree path so that every prefix is spread over the image (level 2 on 8×8: the top-left quarter of
+  each quadrant, then the top-right quarter of each, ...); the first m of them. ValueError if the levels
+  hold fewer than m points."""
+  ys, xs = [], []
+  level = 1
+  while (1 << level) <= side and len(ys) < m:
+    n = 1 << level
+    def key(b):
+      by, bx = divmod(b, n)
+      path = [2 * ((by >> k) & 1) + ((bx >> k) & 1) for k in range(level)]   # finest digit first
+      return path
+    for b in sorted(range(n * n), key=key):
+      by, bx = divmod(b, n)
+      ys.append((by + 0.5) * side / n - 0.5)
+      xs.append((bx + 0.5) * side / n - 0.5)
+    level += 1
+  if len(ys) < m:
+    raise ValueError(f"mqt.local_order='coarse': a {side}×{side} patch grid has {len(ys)} quadtree "
+                     f'centres, fewer than mqt.queries={m}')
+  return np.asarray(ys[:m], np.float32), np.asarray(xs[:m], np.float32)
 
 
 def check_count(mc, count):

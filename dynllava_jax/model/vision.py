@@ -46,16 +46,23 @@ class VisionLayer(nnx.Module):
     return (x, (probs, k)) if return_attn else x
 
 
-def sincos2d(side, width, temperature=10000.0):
-  """Fixed 2-D sine-cosine position table (side·side, width), row-major patches: for each patch (y, x),
+def sincos_points(y, x, width, temperature=10000.0):
+  """Sine-cosine embeddings (P, width) of P grid points (y, x) (P,), fractional coordinates allowed:
   [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with ω_i = temperature^(−i / (width/4)), i < width/4."""
   if width % 4:
     raise ValueError(f'vision.pos_init=sincos2d needs width divisible by 4, got {width}')
   q = width // 4
   omega = 1.0 / temperature ** (jnp.arange(q, dtype=jnp.float32) / q)
-  y, x = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32), indexing='ij')
-  fx, fy = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+  fx = jnp.asarray(x, jnp.float32).reshape(-1, 1) * omega
+  fy = jnp.asarray(y, jnp.float32).reshape(-1, 1) * omega
   return jnp.concatenate([jnp.sin(fx), jnp.cos(fx), jnp.sin(fy), jnp.cos(fy)], axis=1)
+
+
+def sincos2d(side, width, temperature=10000.0):
+  """Fixed 2-D sine-cosine position table (side·side, width), row-major patches (`sincos_points` of the
+  integer grid)."""
+  y, x = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32), indexing='ij')
+  return sincos_points(y.reshape(-1), x.reshape(-1), width, temperature)
 
 
 class VisionTower(nnx.Module):
