@@ -198,6 +198,7 @@ def main():
       raise SystemExit(f'ab_compare: {side} is not a checkout (no dynllava_jax/ in it)')
   t_start = time.time()
   load_start = list(os.getloadavg())
+  commits = {'before_commit': git_head(args.before), 'after_commit': git_head(args.after)}   # what runs
   workers = {'before': Worker(os.path.abspath(args.before), args.size),
              'after': Worker(os.path.abspath(args.after), args.size)}
   cells = [(b, name, m) for b in batches for name in methods for m in lens]
@@ -234,7 +235,7 @@ def main():
           f"{s['change']:.3f} ({s['change_ci95'][0]:.3f}–{s['change_ci95'][1]:.3f}) |")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    meta = {'args': vars(args), 'before_commit': git_head(args.before), 'after_commit': git_head(args.after),
+    meta = {'args': vars(args), **commits,
             'workers': {s: w.info for s, w in workers.items()}, 'cpu_count': os.cpu_count(),
             'loadavg_start': load_start, 'loadavg_end': list(os.getloadavg()), 'wall_s': time.time() - t_start}
     raw_json = {side: {f'b{b}_{name}': reps for (b, name), reps in d.items()} for side, d in raw.items()}
