@@ -119,3 +119,30 @@ def test_canvas_336():
   assert canvas.shape == (336, 336, 3) and canvas.dtype == np.uint8
   cell = 336 // 3
   assert canvas[:cell, :cell].mean() > canvas[:cell, cell:2 * cell].mean() + 10   # digit vs empty
+
+
+def test_add_echo_answers_text_additions_like_a_row_sum():
+  """data.digits.add_echo: a text-only addition is answered 'a plus b sum c' (operands 3 and 1 tokens before
+  the sum, as in an echoed row sum), names its own dataset dir (_ae), and changes nothing else."""
+  assert digits_vqa.answer('text_add', None, a=4, b=9, style='echo', add_echo=True) == '4 plus 9 sum 13'
+  assert digits_vqa.answer('text_add', None, a=4, b=9, style='echo') == '13'
+  grid = [[3, None], [7, 9]]
+  assert digits_vqa.answer('row_sum', grid, r=1, style='echo', add_echo=True) == 'a1 3 a2 empty sum 3'
+  base = digits_vqa.make_config(describe_style='echo', grid=2)
+  ae = digits_vqa.make_config(describe_style='echo', grid=2, add_echo=True)
+  assert ae.name == base.name + '_ae' and ae.add_echo and not base.add_echo
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  dd = load_digits()
+  images, labels = dd.images.astype(np.float32), dd.target
+  seen = 0
+  for i in range(200):
+    kw = dict(describe_style='echo', max_rounds=3, grid_size=2, type_probs=(0.2, 0.2, 0.2, 0.2, 0.2))
+    a = digits_vqa.make_sample('train', i, images, labels, 64, 0, **kw)
+    b = digits_vqa.make_sample('train', i, images, labels, 64, 0, add_echo=True, **kw)
+    if a['question_type'] == 'text_add':
+      seen += 1
+      q = a['conversations']['value'][0].split()          # what is A plus B ?
+      assert b['answer'] == f'{q[2]} plus {q[4]} sum {a["answer"]}'
+    else:
+      assert a == b
+  assert seen > 10

@@ -45,6 +45,9 @@ def digits_defaults(size='tiny'):
   c.tile_fraction = 0.8
   # Every test sample one question (no earlier answer in its conversation gives the asked value away).
   c.one_round_test = False
+  # Text-only additions answered 'a plus b sum c' (the operands echoed before the sum, as an echoed row
+  # sum's 'a1 3 a2 9 sum 12') instead of 'c'; names the dataset dir (_ae).
+  c.add_echo = False
   return c
 
 

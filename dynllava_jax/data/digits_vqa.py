@@ -128,7 +128,7 @@ def describe(grid, style='long'):
   return ' '.join(parts)
 
 
-def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
+def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long', add_echo=False):
   if qtype == 'digit_at':
     v = grid[r - 1][c - 1]
     return echoed(r, c, v, style) if style == 'echo' else value_text(v)
@@ -141,6 +141,8 @@ def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long'):
     return total
   if qtype == 'describe':
     return describe(grid, style)
+  if add_echo:   # the operands, then the sum: a row sum's adder ('a1 3 a2 9 sum 12') on text alone
+    return f'{a} plus {b} sum {a + b}'
   return str(a + b)
 
 
@@ -201,7 +203,8 @@ def render_canvas(tiles, canvas_size, rng, tile_fraction=TILE_FRACTION, with_ink
   return (out, ink_mask) if with_ink else out
 
 
-def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS, allow_describe=True):
+def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_PROBS, allow_describe=True,
+                     add_echo=False):
   p = np.asarray(type_probs, np.float64)
   if not allow_describe and p.sum() > p[3]:
     p = np.where(np.arange(len(p)) == 3, 0.0, p)
@@ -215,7 +218,7 @@ def _random_question(rng, grid, allow_text=True, style='long', type_probs=TYPE_P
     filled = [(i + 1, j + 1) for i in range(g) for j in range(g) if grid[i][j] is not None]
     r, c = filled[int(rng.integers(len(filled)))]
   a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-  return qtype, question(qtype, r, c, a, b, style), answer(qtype, grid, r, c, a, b, style)
+  return qtype, question(qtype, r, c, a, b, style), answer(qtype, grid, r, c, a, b, style, add_echo)
 
 
 def draw_grid(rng, labels, split, g=GRID):
@@ -237,7 +240,7 @@ def tiles_of(images, empty, src):
 
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
                 extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
@@ -246,10 +249,12 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   conversation, and every description is the last answer, which output-text sparsification acts on).
   one_round_test: every test sample is one question (evaluation answers a sample's last question with the
   earlier rounds' answers in the prompt: an earlier look-up or row sum would give the asked value away).
+  add_echo: a text-only addition is answered 'a plus b sum c' (operands 3 and 1 tokens before the sum, as
+  in an echoed row sum) instead of 'c'.
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
-  qtype, q, a = _random_question(rng, grid, style=describe_style, type_probs=type_probs)
+  qtype, q, a = _random_question(rng, grid, style=describe_style, type_probs=type_probs, add_echo=add_echo)
   has_image = qtype != 'text_add'
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
@@ -288,11 +293,12 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   describe_alone: bool = False
   tile_fraction: float = TILE_FRACTION
   one_round_test: bool = False
+  add_echo: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
                 max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -325,11 +331,13 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += f'_tf{tile_fraction:g}'
   if one_round_test:
     name += '_t1'
+  if add_echo:
+    name += '_ae'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
                          extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
                          describe_alone=bool(describe_alone), tile_fraction=tile_fraction,
-                         one_round_test=bool(one_round_test))
+                         one_round_test=bool(one_round_test), add_echo=bool(add_echo))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -359,4 +367,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
                            c.extra_round_prob, c.grid, c.type_probs, c.describe_alone, c.tile_fraction,
-                           c.one_round_test)
+                           c.one_round_test, c.add_echo)
