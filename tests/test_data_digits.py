@@ -146,3 +146,30 @@ def test_add_echo_answers_text_additions_like_a_row_sum():
     else:
       assert a == b
   assert seen > 10
+
+
+def test_text_rounds_chain_additions_in_text_only_samples():
+  """data.digits.text_rounds: a text-only sample gets further addition rounds (image samples unchanged;
+  the one-question test split stays one question); each answer is its own question's sum."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  dd = load_digits()
+  images, labels = dd.images.astype(np.float32), dd.target
+  kw = dict(describe_style='echo', max_rounds=4, extra_round_prob=0.8, grid_size=2, add_echo=True,
+            type_probs=(0.2, 0.2, 0.2, 0.2, 0.2))
+  rounds = []
+  for i in range(150):
+    a = digits_vqa.make_sample('train', i, images, labels, 64, 0, **kw)
+    b = digits_vqa.make_sample('train', i, images, labels, 64, 0, text_rounds=True, **kw)
+    if b['has_image']:
+      assert a == b
+      continue
+    v = b['conversations']['value']
+    rounds.append(len(v) // 2)
+    for q, ans in zip(v[0::2], v[1::2]):
+      x, y = int(q.split()[2]), int(q.split()[4])
+      assert ans == f'{x} plus {y} sum {x + y}'
+    assert b['answer'] == v[-1] and b['question_type'] == 'text_add'
+    t = digits_vqa.make_sample('test', i, images, labels, 64, 0, text_rounds=True, one_round_test=True, **kw)
+    assert t['has_image'] or len(t['conversations']['value']) == 2
+  assert len(rounds) > 10 and max(rounds) == 4 and np.mean(rounds) > 2
+  assert digits_vqa.make_config(text_rounds=True).name.endswith('_tr')

@@ -48,6 +48,9 @@ def digits_defaults(size='tiny'):
   # Text-only additions answered 'a plus b sum c' (the operands echoed before the sum, as an echoed row
   # sum's 'a1 3 a2 9 sum 12') instead of 'c'; names the dataset dir (_ae).
   c.add_echo = False
+  # Text-only samples get further addition rounds (max_rounds / extra_round_prob, as image samples get
+  # further questions): more additions per forward pass; names the dataset dir (_tr).
+  c.text_rounds = False
   return c
 
 

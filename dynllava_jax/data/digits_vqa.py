@@ -240,7 +240,8 @@ def tiles_of(images, empty, src):
 
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
                 extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
+                text_rounds=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
@@ -250,7 +251,8 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   one_round_test: every test sample is one question (evaluation answers a sample's last question with the
   earlier rounds' answers in the prompt: an earlier look-up or row sum would give the asked value away).
   add_echo: a text-only addition is answered 'a plus b sum c' (operands 3 and 1 tokens before the sum, as
-  in an echoed row sum) instead of 'c'.
+  in an echoed row sum) instead of 'c'. text_rounds: a text-only sample gets further addition rounds as
+  an image sample gets further questions (same draw; each answer follows from its own question).
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
@@ -264,6 +266,12 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
     qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs,
                                    allow_describe=not describe_alone)
     conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
+  more = text_rounds and not has_image and not (one_round_test and split == 'test')
+  while more and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
+    x, y = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+    a = answer('text_add', grid, a=x, b=y, style=describe_style, add_echo=add_echo)
+    conv += [{'from': 'human', 'value': question('text_add', a=x, b=y, style=describe_style)},
+             {'from': 'gpt', 'value': a}]
   image = b''
   if has_image:
     buf = io.BytesIO()
@@ -294,11 +302,13 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   tile_fraction: float = TILE_FRACTION
   one_round_test: bool = False
   add_echo: bool = False
+  text_rounds: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
                 max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
-                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False):
+                describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
+                text_rounds=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -333,11 +343,14 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += '_t1'
   if add_echo:
     name += '_ae'
+  if text_rounds:
+    name += '_tr'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
                          extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
                          describe_alone=bool(describe_alone), tile_fraction=tile_fraction,
-                         one_round_test=bool(one_round_test), add_echo=bool(add_echo))
+                         one_round_test=bool(one_round_test), add_echo=bool(add_echo),
+                         text_rounds=bool(text_rounds))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -367,4 +380,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
                            c.extra_round_prob, c.grid, c.type_probs, c.describe_alone, c.tile_fraction,
-                           c.one_round_test, c.add_echo)
+                           c.one_round_test, c.add_echo, c.text_rounds)
