@@ -25,8 +25,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS_DEFAULT = ('dense', 'dynamic', 'dynamic_cal', 'dynamic_image', 'fastv', 'pdrop', 'random', 'uniform',
-                   'visionzip', 'divprune', 'prune_bi', 'prune_random')
 KEPT_PATCH_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')   # N image slots in the LLM
 
 
@@ -76,15 +74,17 @@ def _fractions(flag, text):
 
 
 def main():
+  from dynllava_jax.demo import results as res  # pylint: disable=g-import-not-at-top  (numpy only at import)
+  joined = lambda xs: ','.join(f'{x:g}' for x in xs)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--test_limit', type=int, default=300, help='test samples answered per method')
-  ap.add_argument('--budgets', default='0.1,0.2,0.35,0.5', help='image-token budgets (0.2 always added)')
-  ap.add_argument('--methods', default=','.join(METHODS_DEFAULT))
+  ap.add_argument('--budgets', default=joined(res.BUDGETS), help='image-token budgets (0.2 always added)')
+  ap.add_argument('--methods', default=','.join(res.METHOD_ORDER))
   ap.add_argument('--eval_batch', type=int, default=100,
                   help='generation batch (300 test samples = 3 x 100: one compiled shape per run)')
-  ap.add_argument('--prune_layers', default='1', help='prune_bi / prune_random: decoder layers removed')
-  ap.add_argument('--reducer_budgets', default='0.2',
+  ap.add_argument('--prune_layers', default=joined(res.PRUNE_LAYERS), help='prune_bi / prune_random: decoder layers removed')
+  ap.add_argument('--reducer_budgets', default=joined(res.REDUCER_BUDGETS),
                   help="VisionZip's and DivPrune's budgets ('' = --budgets; their sweep: make demo-more)")
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
@@ -94,7 +94,6 @@ def main():
   t0 = time.time()
 
   from configs.demo import STAGES, get_config  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.demo import results as res  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
 
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]

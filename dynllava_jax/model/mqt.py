@@ -195,14 +195,11 @@ def coarse_targets(m, side):
   level = 1
   while (1 << level) <= side and len(ys) < m:
     n = 1 << level
-    def key(b):
-      by, bx = divmod(b, n)
-      path = [2 * ((by >> k) & 1) + ((bx >> k) & 1) for k in range(level)]   # finest digit first
-      return path
-    for b in sorted(range(n * n), key=key):
-      by, bx = divmod(b, n)
-      ys.append((by + 0.5) * side / n - 0.5)
-      xs.append((bx + 0.5) * side / n - 0.5)
+    blocks = [divmod(b, n) for b in range(n * n)]                  # (row, column) of each block
+    # the block's quadtree path, finest digit first
+    blocks.sort(key=lambda yx: [2 * ((yx[0] >> k) & 1) + ((yx[1] >> k) & 1) for k in range(level)])
+    ys += [(by + 0.5) * side / n - 0.5 for by, _ in blocks]
+    xs += [(bx + 0.5) * side / n - 0.5 for _, bx in blocks]
     level += 1
   if len(ys) < m:
     raise ValueError(f"mqt.local_order='coarse': a {side}×{side} patch grid has {len(ys)} quadtree "
