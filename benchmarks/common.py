@@ -27,11 +27,14 @@ def bench_config(size='bench', ignore_eos=True):
 
 
 def add_numerics_flags(ap):
-  """--dtype / --param_dtype / --attention_impl / --remat, applied to a root config by `apply_numerics`."""
+  """--dtype / --param_dtype / --attention_impl / --remat / --scan_unroll, applied to a root config by
+  `apply_numerics`."""
   ap.add_argument('--dtype', default='float32', help='compute dtype: float32 | bfloat16')
   ap.add_argument('--param_dtype', default=None, help='default: --dtype')
   ap.add_argument('--attention_impl', default='auto', help='auto | reference | xla | cudnn')
   ap.add_argument('--remat', action='store_true', help='jax.checkpoint per layer (training)')
+  ap.add_argument('--scan_unroll', type=int, default=1,
+                  help='model.scan_unroll: decoder layers per scan iteration (>= the layers: no loop)')
 
 
 def apply_numerics(cfg, args):
@@ -39,6 +42,7 @@ def apply_numerics(cfg, args):
   mc.dtype, mc.param_dtype = args.dtype, args.param_dtype or args.dtype
   mc.attention_impl = args.attention_impl
   mc.remat = bool(args.remat)
+  mc.scan_unroll = int(getattr(args, 'scan_unroll', 1))
   return cfg
 
 

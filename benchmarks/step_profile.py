@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py profile --method dense --batch 1 [--size bench] [--top 30]
     python benchmarks/step_profile.py compare --method dynamic --batch 1 --variants vjp,autodiff,vjp+unroll
+    python benchmarks/step_profile.py compare --method dense,dynamic --batch 1 --variants unroll
 
 `profile`: one jitted step (`benchmarks/train_step.py::Ours`, the bench config, fp32) under
 `jax.profiler.trace`; the XLA CPU thunks' events summed per HLO instruction, each tagged with its shape,
@@ -10,11 +11,12 @@ buffers, the optimizer's per-parameter work, the rest); prints the categories' s
 instructions. `compare`: each variant compiled in this one process, then `--runs` rounds of one step of
 each in turn (the same machine load for all): wall and CPU seconds, the per-round ratios to the first
 variant. Variants (words joined by '+'): `vjp` (the code as it is) | `autodiff` (MaskedSoftmax's formula
-left to autodiff instead of its custom VJP) | `unroll` (the layer scans unrolled while tracing).
+left to autodiff instead of its custom VJP) | `unroll` (model.scan_unroll = the layer count: the decoder's
+scans unrolled) | `fullhead` (the LM head at every position, train.head_positions = 0, instead of the
+labelled ones). `--method dense,dynamic` compiles every variant of each method, side by side.
 """
 import argparse
 import collections
-import contextlib
 import glob
 import json
 import os
@@ -33,22 +35,24 @@ from benchmarks import train_step as TS  # pylint: disable=wrong-import-position
 def runner(size, method, batch, text_tokens, variant='vjp'):
   """A compiled `TS.Ours` for `variant` -> (runner, compile seconds)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.eval.flops import unrolled_scans  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model import attention as A  # pylint: disable=g-import-not-at-top
+  words = variant.split('+')
   cfg = TS.step_config(size, method)
+  if 'fullhead' in words:
+    cfg.train.head_positions = 0
+  if 'unroll' in words:
+    cfg.model.scan_unroll = cfg.model.llm.layers
   r = TS.Ours(cfg, TS.make_batch(cfg.model, batch, text_tokens), method)
 
   def formula(s, g, i, eps):
     ag = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * (g + (1.0 - g) * i)
     return (ag + eps / s.shape[-1]) / (jnp.sum(ag, axis=-1, keepdims=True) + eps)
 
-  words = variant.split('+')
   orig = A._masked_softmax_eps  # pylint: disable=protected-access
   t0 = time.perf_counter()
   try:
     A._masked_softmax_eps = formula if 'autodiff' in words else orig  # pylint: disable=protected-access
-    with unrolled_scans() if 'unroll' in words else contextlib.nullcontext():
-      r.compile()                       # traced (and so patched) here, once
+    r.compile()                         # traced (and so patched) here, once
   finally:
     A._masked_softmax_eps = orig  # pylint: disable=protected-access
   return r, time.perf_counter() - t0
@@ -70,7 +74,7 @@ def _category(name, shape, body, op):
 
 def profile(args):
   import jax  # pylint: disable=g-import-not-at-top
-  r, comp = runner(args.size, args.method, args.batch, args.text_tokens)
+  r, comp = runner(args.size, args.method, args.batch, args.text_tokens, args.variants.split(',')[0])
   hlo = r.compiled.as_text()
   r.step()
   t0 = time.perf_counter()
@@ -119,27 +123,29 @@ def profile(args):
 
 
 def compare(args):
-  variants = args.variants.split(',')
+  """Every (method, variant) pair compiled in this process, then `--runs` rounds of one step of each in
+  turn; ratios to the first pair (`--method dense,dynamic` puts two methods side by side)."""
+  pairs = [(m, v) for m in args.method.split(',') for v in args.variants.split(',')]
   rs = {}
-  for v in variants:
-    r, comp = runner(args.size, args.method, args.batch, args.text_tokens, v)
-    rs[v] = (r, {'compile_s': round(comp, 1), 'xla_peak_bytes': r.xla_peak_bytes(), 'first_loss': r.step()})
-  res = {v: {'wall': [], 'cpu': []} for v in variants}
+  for m, v in pairs:
+    r, comp = runner(args.size, m, args.batch, args.text_tokens, v)
+    rs[(m, v)] = (r, {'compile_s': round(comp, 1), 'xla_peak_bytes': r.xla_peak_bytes(), 'first_loss': r.step()})
+  res = {p: {'wall': [], 'cpu': []} for p in pairs}
   for _ in range(args.runs):
-    for v, (r, _) in rs.items():
+    for p, (r, _) in rs.items():
       w0, c0 = time.perf_counter(), time.process_time()
       r.step()
-      res[v]['wall'].append(time.perf_counter() - w0)
-      res[v]['cpu'].append(time.process_time() - c0)
-  base = res[variants[0]]
-  for v in variants:
-    ratios = [a / b for a, b in zip(res[v]['wall'], base['wall'])]
-    print(json.dumps({'variant': v, 'method': args.method, 'batch': args.batch, **rs[v][1],
-                      'wall_s': [round(x, 3) for x in res[v]['wall']],
-                      'cpu_s': [round(x, 3) for x in res[v]['cpu']],
+      res[p]['wall'].append(time.perf_counter() - w0)
+      res[p]['cpu'].append(time.process_time() - c0)
+  base = res[pairs[0]]
+  for p in pairs:
+    ratios = [a / b for a, b in zip(res[p]['wall'], base['wall'])]
+    print(json.dumps({'variant': p[1], 'method': p[0], 'batch': args.batch, **rs[p][1],
+                      'wall_s': [round(x, 3) for x in res[p]['wall']],
+                      'cpu_s': [round(x, 3) for x in res[p]['cpu']],
                       'wall_ratio_per_round': [round(x, 3) for x in ratios],
                       'wall_ratio_median': round(statistics.median(ratios), 3),
-                      'cpu_ratio_of_medians': round(statistics.median(res[v]['cpu'])
+                      'cpu_ratio_of_medians': round(statistics.median(res[p]['cpu'])
                                                     / statistics.median(base['cpu']), 3)}))
   print('load', os.getloadavg())
 

@@ -25,8 +25,10 @@ dynamic, ...: the same machine load for all; the later children of a row reuse t
 executable from a temporary persistent compilation cache); a child compiles, runs one warm-up step (its loss is the
 first loss), then `--runs` timed steps; `step_s` = the median of all timed steps of all the row's children.
 `gflops` = the step's FLOPs / `step_s`, with the FLOPs from XLA's cost analysis of our step (scans
-unrolled, remat off: the model's FLOPs; `eval.flops.xla_flops`), the same count for the torch row (the
-same math); `mfu` = gflops / --peak_tflops. `gemm_gflops` = the machine's fp32 GEMM rate measured by the
+unrolled, remat off: the model's FLOPs; `eval.flops.xla_flops`); the torch row gets the count of our step
+with the LM head at every position (`step_flops` of that row: the same math as HF's step, whose head runs
+at all 640 positions, while ours by default runs it at the labelled ones, `--head_positions`);
+`mfu` = gflops / --peak_tflops. `gemm_gflops` = the machine's fp32 GEMM rate measured by the
 parent in the same run (a 2048³ jnp.dot, median). `speedup_vs_torch` = torch's step_s / the row's.
 Memory: `max_rss_bytes` = the child's peak RSS (VmHWM, polled by the parent too, so a killed child has
 one); `xla_peak_bytes` (ours) = XLA's memory analysis of the compiled step (arguments + outputs +
@@ -64,6 +66,8 @@ def step_config(size, method, numerics=None):
   cfg = get_config(f'size={size},dense={method == "dense"}')
   if numerics is not None:
     common.apply_numerics(cfg, numerics)
+    if getattr(numerics, 'head_positions', None) is not None:
+      cfg.train.head_positions = numerics.head_positions
   t = cfg.train
   t.freeze_vision, t.lr, t.predictor_lr, t.weight_decay, t.predictor_weight_decay = True, LR, LR, 0.0, 0.0
   t.grad_clip, t.warmup_ratio, t.grad_accum, t.dense_warmup_steps = CLIP, 0.0, 1, 0
@@ -100,6 +104,9 @@ class Ours:
     self.graphdef, self.state, _ = S.create_state(mesh, cfg, tx)
     self.cfg, self.tx, self.sparse = cfg, tx, method != 'dense'
     self.jitted = jax.jit(make_train_step(cfg, self.graphdef, tx, sparse=self.sparse), donate_argnums=0)
+    if cfg.train.head_positions:       # what train.py's loop adds (train/batch.py::to_device)
+      from dynllava_jax.train.forward import head_index  # pylint: disable=g-import-not-at-top
+      batch = {**batch, 'head_index': head_index(batch['labels'], cfg.train.head_positions)}
     self.batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
     self.compiled = None
 
@@ -125,15 +132,17 @@ class Ours:
     return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
                - ma.alias_size_in_bytes)
 
-  def flops(self):
-    """XLA's count of the step without remat (the model's FLOPs: MFU does not credit recomputation)."""
+  def flops(self, full_head=False):
+    """XLA's count of the step without remat (the model's FLOPs: MFU does not credit recomputation).
+    full_head: the same step with the LM head at every position (what HF's step computes)."""
     from dynllava_jax.eval.flops import xla_flops  # pylint: disable=g-import-not-at-top
     from dynllava_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
     cfg = self.cfg.copy_and_resolve_references()
     cfg.model.remat = False
     fn = make_train_step(cfg, nnx_graphdef(cfg), self.tx, sparse=self.sparse)
     shape = lambda t: self.jax.tree.map(lambda x: self.jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    return xla_flops(fn, shape(self.state), shape(self.batch), compile=False)
+    batch = {k: v for k, v in self.batch.items() if not (full_head and k == 'head_index')}
+    return xla_flops(fn, shape(self.state), shape(batch), compile=False)
 
 
 class Torch:
@@ -271,6 +280,7 @@ def run_child(args):
   out.update(losses=losses, step_s=times, max_rss_bytes=_status('VmHWM'))
   if impl == 'ours' and args.child_flops:
     out['flops'] = runner.flops()        # after the steps: its tracing is not the step's memory
+    out['flops_full_head'] = runner.flops(full_head=True) if 'head_index' in runner.batch else out['flops']
   print(json.dumps(out), flush=True)
 
 
@@ -281,6 +291,7 @@ def spawn(args, spec, flops=False):
          '--text_tokens', str(args.text_tokens), '--hf_dir', str(args.hf_dir), '--dtype', args.dtype,
          '--attention_impl', args.attention_impl, '--runs', str(args.runs), '--cache_dir', args.cache_dir]
   cmd += ['--remat'] * bool(args.remat) + ['--child_flops'] * flops
+  cmd += ['--head_positions', str(args.head_positions), '--scan_unroll', str(args.scan_unroll)]
   if args.param_dtype:
     cmd += ['--param_dtype', args.param_dtype]
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
@@ -345,7 +356,7 @@ def _rows(args, b, results, flops, gemm):
       continue
     ts = [t for r in ok for t in r['step_s']]
     med = statistics.median(ts)
-    fl = flops.get(method)
+    fl = flops.get(method + ':full' if impl == 'torch' else method)   # torch's head runs at every position
     rss = max(max(r.get('max_rss_bytes') or 0, r.get('rss_polled_bytes', 0)) for r in ok)
     row = {**base, 'tokens': ok[0]['tokens'], 'step_s': med, 'step_s_runs': ts,
            'step_s_per_child': [r['step_s'] for r in ok], 'children': len(ok),
@@ -402,6 +413,9 @@ def main():
   ap.add_argument('--child_flops', action='store_true', help=argparse.SUPPRESS)
   ap.add_argument('--hf_dir', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--cache_dir', default='', help=argparse.SUPPRESS)
+  ap.add_argument('--head_positions', type=int, default=-1,
+                  help="ours: train.head_positions (-1 = the LM head at the labelled positions' bucket, "
+                       '0 = at every position as HF computes it)')
   ap.add_argument('--torch_batches', default=None, help='the batches with a torch row (default: --batches)')
   args = ap.parse_args()
   if args.child:
@@ -435,7 +449,7 @@ def main():
           res = spawn(args, f'{impl}:{method}:{b}', flops=want_flops)
           results[(impl, method)].append(res)
           if 'flops' in res:
-            flops[method] = res['flops']
+            flops[method], flops[method + ':full'] = res['flops'], res['flops_full_head']
           meta.update(res.get('versions', {}))
           print(f'batch {b} round {rnd} {impl} {method}:',
                 res.get('error') or [round(t, 3) for t in res['step_s']], flush=True)

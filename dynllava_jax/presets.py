@@ -83,6 +83,7 @@ def model_config(size='tiny'):
   c.dtype = 'float32'          # compute dtype: float32 | bfloat16
   c.param_dtype = 'float32'
   c.remat = False              # jax.checkpoint per decoder / ViT layer
+  c.scan_unroll = 1            # decoder layers per scan iteration (>= llm.layers: no loop; CPU steps faster)
   c.attention = 'masked_softmax_eps'   # 'masked_softmax_eps' (released) | 'exact_zero'
   # 'auto' (reference on CPU, jax.nn.dot_product_attention elsewhere) | 'reference' | 'xla' | 'cudnn':
   # the fused path serves dense attention and 'exact_zero' key masks (dynllava_jax/model/attention.py)

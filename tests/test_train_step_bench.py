@@ -39,10 +39,11 @@ def test_rows_from_children():
                                   child([9.0], 10.0005, max_rss_bytes=25)],
              ('ours', 'dynamic'): [{'error': 'does not fit', 'max_rss_bytes': 3, 'rss_polled_bytes': 4,
                                     'xla_peak_bytes': 99}]}
-  rows, skipped = TS._rows(args, 1, results, {'dense': 12e9}, gemm=8.0)
+  rows, skipped = TS._rows(args, 1, results, {'dense': 12e9, 'dense:full': 18e9}, gemm=8.0)
   ours, torch = rows
   assert (ours['step_s'], ours['children'], ours['compile_s']) == (3.0, 2, 6.0)
   assert ours['gflops'] == 4.0 and ours['gemm_fraction'] == 0.5
+  assert torch['gflops'] == 3.0 and torch['step_flops'] == 18e9     # torch's head runs at every position
   assert (ours['peak_bytes'], ours['max_rss_bytes'], torch['peak_bytes']) == (7, 9, 30)
   assert torch['step_s'] == 6.0 and ours['speedup_vs_torch'] == 2.0 and torch['vs_ours_dense'] == 2.0
   assert skipped == [{'impl': 'ours', 'method': 'dynamic', 'batch': 1, 'error': 'does not fit',

@@ -123,7 +123,7 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, index_params=False):
+def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, index_params=False, unroll=1):
   """Runs `fn(layer, carry, x) -> (carry, y)` over layers [start, stop) of a stacked (nnx.vmap-made) module.
 
   Functional NNX: the stacked module is split into (graphdef, state); each scan step merges one layer's
@@ -135,6 +135,7 @@ def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, i
   (cheap next to a training step, but it dominates a one-token decode step). With index_params=True the
   full stacked params are closed over and each step reads its layer with a dynamic index: no copy. Keep it
   off under differentiation (the transpose of a closed-over dynamic index accumulates full-size buffers).
+  unroll: layers per loop iteration (`jax.lax.scan`'s unroll; >= the layer count: no loop at all).
   """
   graphdef, state = nnx.split(module)
   n_total = jax.tree.leaves(state)[0].shape[0]
@@ -149,7 +150,7 @@ def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, i
 
     if remat:
       body_idx = jax.checkpoint(body_idx, prevent_cse=False)
-    return jax.lax.scan(body_idx, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs))
+    return jax.lax.scan(body_idx, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs), unroll=unroll)
 
   if not full:
     state = jax.tree.map(lambda a: a[start:stop], state)
@@ -160,4 +161,4 @@ def split_scan(module, fn, carry, *, start=0, stop=None, remat=False, xs=None, i
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  return jax.lax.scan(body, carry, (state, xs))
+  return jax.lax.scan(body, carry, (state, xs), unroll=unroll)

@@ -187,6 +187,9 @@ class Llama(nnx.Module):
   the plan's `lora<r>` groups.
 
   attention_impl: `attention.resolve_impl`'s answer for `model.attention_impl`.
+  scan_unroll: decoder layers per scan iteration (`model.scan_unroll`; 1 = a loop over layers, compile time
+  flat in depth; >= the layer count = straight-line code, no stacked loop buffers: ~8 % off a CPU training
+  step at `bench`, docs/benchmarks.md §7).
 
   grad_floor (a plain attribute, set by the train step on the module it merges): run_layers stops the
   gradient of the hidden state entering that layer (0 = none stopped)."""
@@ -194,10 +197,11 @@ class Llama(nnx.Module):
   grad_floor = 0
 
   def __init__(self, lc, *, plan='', lora=None, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl='reference', rngs):
+               attention_impl='reference', scan_unroll=1, rngs):
     self.lc = lc
     self.dtype = dtype
     self.attention_impl = attention_impl
+    self.scan_unroll = int(scan_unroll)
     self.plan = plan if isinstance(plan, tuple) else P.parse_plan(plan, lc.layers, LAYER_KINDS)
     lora = {} if lora is None else lora         # dropout checked by `check_model_config`
     alpha, dropout = float(lora.get('alpha', 16.0)), float(lora.get('dropout', 0.0))
@@ -264,7 +268,7 @@ class Llama(nnx.Module):
       per_layer = drop_key is not None or (route is not None and g.kind == M.KIND)
       xs = jnp.arange(g.start + lo, g.start + hi, dtype=jnp.int32) if per_layer else None
       h, y = L.split_scan(getattr(self, g.attr), step, h, start=lo, stop=hi, remat=remat,
-                          index_params=index_params, xs=xs)
+                          index_params=index_params, xs=xs, unroll=self.scan_unroll)
       ys.append(y)
     if not ys:
       kv, h_in = None, None

@@ -36,6 +36,8 @@ def check_model_config(mc):
   if vc.image_size % vc.patch_size or vc.width % vc.heads:
     raise ValueError(f'vision: image_size={vc.image_size} must be a multiple of patch_size='
                      f'{vc.patch_size} and heads={vc.heads} must divide width={vc.width}')
+  if int(mc.get('scan_unroll', 1)) < 1:
+    raise ValueError(f'scan_unroll={mc.scan_unroll} must be >= 1 (decoder layers per scan iteration)')
   if not 0 < mc.image_token_id < lc.vocab_size:
     raise ValueError(f'image_token_id={mc.image_token_id} is outside the vocabulary ({lc.vocab_size})')
   if not 0 <= int(lc.get('text_vocab_size', 0) or 0) <= lc.vocab_size:
@@ -130,7 +132,8 @@ class Llava(nnx.Module):
     self.vision_tower = VisionTower(mc.vision, **kw)
     self.projector = make_projector(mc, **kw)
     self.language_model = Llama(mc.llm, plan=P.resolve(mc, LAYER_KINDS), lora=mc.get('lora'),
-                                attention_impl=resolve_impl(mc.get('attention_impl', 'auto')), **kw)
+                                attention_impl=resolve_impl(mc.get('attention_impl', 'auto')),
+                                scan_unroll=mc.get('scan_unroll', 1), **kw)
     sc = mc.sparse
     if sc.enabled:
       self.image_score_predictor = ImagePredictor(mc.llm.hidden, sc, **kw)

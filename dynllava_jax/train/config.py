@@ -20,6 +20,10 @@ Fields (see docs/training.md):
   freeze_vision: the CLIP tower gets no gradients and no optimizer state (the released recipe).
   freeze_projector: also freeze the projector (the paper's text; the released code trains it).
   remat: jax.checkpoint per layer (overrides model.remat when not None).
+  head_positions: where the LM head runs in training: 0 = every position; K > 0 = the K positions per
+    sample whose next token is labelled (a longer answer is one error); -1 = the batch's labelled count
+    rounded up to a power of two (a few shapes, so a few compiles). The loss is the same; the head's
+    (T x vocab) matmuls and softmax shrink to the answers' length (train/forward.py::head_index).
   compute_dtype: '' keeps model.dtype, else float32 | bfloat16 (params stay model.param_dtype).
   log_every, eval_every, save_every: in optimizer steps (0 = never; a final save always happens).
   eval_batches: validation batches per evaluation.
@@ -73,6 +77,7 @@ def train_defaults(size='tiny'):
   c.frozen = ''                # more frozen params: comma-separated regexes over 'a/b/c' param paths
   c.remat = ml_collections.FieldReference(None, field_type=bool)
   c.compute_dtype = ''
+  c.head_positions = -1
   c.log_every = 10 if tiny else 50
   c.eval_every = 0
   c.eval_batches = 4
@@ -133,6 +138,9 @@ def check_config(config, num_devices):
     raise UserError(f'train.warmup_ratio={t.warmup_ratio} must be in [0, 1)')
   if t.grad_accum < 1:
     raise UserError(f'train.grad_accum={t.grad_accum} must be >= 1')
+  if not t.get('head_positions', 0) >= -1:
+    raise UserError(f'train.head_positions={t.head_positions}: use 0 (every position), -1 (per-batch '
+                     'buckets) or K > 0 (a fixed width)')
   if t.compute_dtype not in ('', 'float32', 'bfloat16'):
     raise UserError(f"train.compute_dtype={t.compute_dtype!r}: use '', 'float32' or 'bfloat16'")
   sizes = [int(m[a]) for a in ('data', 'fsdp', 'tensor')]

@@ -13,11 +13,14 @@ Flow: mask ← every hook's `prepare` → embed → layers (`model/walk.py`, 'ma
 over hooks) that the later layers apply with MaskedSoftmax → head. MoD layers (model/mod.py) route with the forward's `Llava.route`.
 
 Batch keys used: input_ids, attention_mask, labels (B, T) int32; pixel_values (B, H, W, 3) (+ the hooks'
-keys, e.g. Dynamic-LLaVA's spans).
+keys, e.g. Dynamic-LLaVA's spans); optional head_index (B, K) int32: the LM head runs at these positions
+only (`head_index`, train.head_positions), and the loss reads the logits there.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from dynllava_jax.errors import UserError
 from dynllava_jax.model.llava import dense_allowed, positions_from_mask
 from dynllava_jax.model.vocab import mask_padded, text_vocab_size
 from dynllava_jax.model.walk import KeyMask, walk
@@ -25,11 +28,33 @@ from dynllava_jax.sparsity.base import TrainContext
 from dynllava_jax.sparsity.registry import train_hooks
 
 IGNORE = -100
+MIN_HEAD_BUCKET = 16
+
+
+def head_index(labels, k, n_max=None):
+  """The positions the LM head must run at for the loss (numpy, host side): per sample the positions p
+  whose next token p + 1 is labelled, in order, padded with unlabelled positions to K columns.
+
+  labels (B, T) int; k: train.head_positions — K > 0 a fixed width (a sample with more labelled targets is
+  one UserError), -1 the batch's largest count rounded up to a power of two (>= 16, <= T - 1: a few buckets,
+  so a few compiles). n_max: the largest count over every process's part (multi-host), else this batch's.
+  Returns (B, K) int32. The loss over these positions equals the loss over all positions.
+  """
+  valid = np.asarray(labels)[:, 1:] != IGNORE                      # (B, T-1): p predicts p + 1
+  n = int(valid.sum(axis=1).max(initial=0)) if n_max is None else int(n_max)
+  t = valid.shape[1]
+  if k < 0:
+    k = min(t, max(MIN_HEAD_BUCKET, 1 << max(n - 1, 0).bit_length()))
+  elif n > k:
+    raise UserError(f'train.head_positions={k}: a sample of this batch has {n} labelled tokens; set it '
+                    '>= the longest answer, -1 (per-batch buckets) or 0 (the head at every position)')
+  k = min(k, t)
+  return np.argsort(~valid, axis=1, kind='stable')[:, :k].astype(np.int32)
 
 
 def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, remat=None,
                   image_topk=False, hooks=None, step=None):
-  """Training forward. Returns a dict: logits (B, T, V) fp32 (ids >= model.llm.text_vocab_size at NEG_INF,
+  """Training forward. Returns a dict: logits (B, T, V) fp32 (B, K, V at batch['head_index']) (ids >= model.llm.text_vocab_size at NEG_INF,
   `model/vocab.py`), keep (B, T) G when a hook masked keys, and the hooks' outputs (Dynamic-LLaVA: m_img,
   m_ot, …; MQT: mqt_m).
 
@@ -64,16 +89,22 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
     return h
 
   h = walk(h, mc.llm.layers, sorted({p for _, ps in at_layer for p in ps}), keys.run, at)
+  if 'head_index' in batch:                  # the loss's positions only: (B, K, D)
+    h = jnp.take_along_axis(h, batch['head_index'][..., None], axis=1)
   out['logits'] = mask_padded(lm.head(h), text_vocab_size(mc))
   if keys.keep is not None:
     out['keep'] = keys.keep
   return out
 
 
-def ce_sums(logits, labels):
+def ce_sums(logits, labels, index=None):
   """Shifted CE: (sum of -log p over labelled targets, number of labelled targets, per-token loss (B, T-1),
-  target mask (B, T-1))."""
-  lg, tgt = logits[:, :-1], labels[:, 1:]
+  target mask (B, T-1)). index (B, K): the logits (B, K, V) are those of these positions (`head_index`);
+  then the per-token arrays are (B, K)."""
+  if index is None:
+    lg, tgt = logits[:, :-1], labels[:, 1:]
+  else:
+    lg, tgt = logits, jnp.take_along_axis(labels[:, 1:], index, axis=1)
   valid = tgt != IGNORE
   logp = jax.nn.log_softmax(lg, axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
@@ -83,7 +114,7 @@ def ce_sums(logits, labels):
 
 def loss_sums(out, batch, hooks=()):
   """All additive per-batch sums: each hook's `sums`, then ce_sum, n_tokens, ce_sample_sum."""
-  ce, n, nll, valid = ce_sums(out['logits'], batch['labels'])
+  ce, n, nll, valid = ce_sums(out['logits'], batch['labels'], batch.get('head_index'))
   s = {}
   for hk in hooks:
     s.update(hk.sums(out, batch))

@@ -175,7 +175,8 @@ def train(config, workdir, devices=None):
       while step < t.steps:
         batch = next(it)
         fn = trainer.step_fn(step)
-        state, m = fn(state, to_device(batch, trainer.batch_sharding, config.model.pad_token_id))
+        state, m = fn(state, to_device(batch, trainer.batch_sharding, config.model.pad_token_id,
+                                       head_positions=t.get('head_positions', 0)))
         step += 1
         n_since += 1
         tokens += float(np.sum(batch['attention_mask']))
