@@ -188,8 +188,8 @@ class Llama(nnx.Module):
 
   attention_impl: `attention.resolve_impl`'s answer for `model.attention_impl`.
   scan_unroll: decoder layers per scan iteration (`model.scan_unroll`; 1 = a loop over layers, compile time
-  flat in depth; >= the layer count = straight-line code, no stacked loop buffers: ~8 % off a CPU training
-  step at `bench`, docs/benchmarks.md §7).
+  flat in depth; >= the layer count = straight-line code, no stacked loop buffers; measured on CPU in
+  docs/training.md: faster for the dense step, slower for Dynamic-LLaVA's).
 
   grad_floor (a plain attribute, set by the train step on the module it merges): run_layers stops the
   gradient of the hidden state entering that layer (0 = none stopped)."""
