@@ -106,3 +106,17 @@ def test_digits_video_answers_and_pipeline(tmp_path):
   assert batch['pixel_values'].shape == (3, 4, s, s, 3)
   assert ((batch['input_ids'] == c.model.image_token_id).sum(-1) == 4 * n).all()     # 4..4 frames
   assert (batch['pixel_values'].reshape(3, 4, -1).std(-1) > 0.05).all()
+
+
+def test_digits_video_frame_labels_name_each_frame():
+  """frame_labels: each frame's <image> tag follows its name, the dataset dir says so, the rest is equal."""
+  from sklearn.datasets import load_digits
+  from dynllava_jax.data import digits_video as V
+  d = load_digits()
+  args = ('train', 5, d.images.astype(np.float32), d.target, 64, 0, 4, 4, 2)
+  plain, labelled = V.make_sample(*args), V.make_sample(*args, frame_labels=True)
+  q = plain['conversations']['value'][0].split('\n')[-1]
+  assert plain['conversations']['value'][0] == '<image>\n' * 4 + q
+  assert labelled['conversations']['value'][0] == ''.join(f'frame {j} <image>\n' for j in (1, 2, 3, 4)) + q
+  assert labelled['answer'] == plain['answer'] and labelled['image'] == plain['image']
+  assert V.make_config(frame_labels=True).name == V.make_config().name + '_fl'

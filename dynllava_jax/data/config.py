@@ -51,6 +51,8 @@ def digits_defaults(size='tiny'):
   # Text-only samples get further addition rounds (max_rounds / extra_round_prob, as image samples get
   # further questions): more additions per forward pass; names the dataset dir (_tr).
   c.text_rounds = False
+  # digits_video: each frame's <image> tag follows its name ('frame 2 <image>'); names the dataset dir (_fl).
+  c.frame_labels = False
   return c
 
 

@@ -10,7 +10,9 @@ jitter, tint and noise), so "unchanged" means the same digits, not the same pixe
   changed:      "what changed between frame i and frame i+1 ?"      → "row 2 column 1 : 3 became empty" |
                 "row 1 column 3 : empty became 7" | "row 3 column 3 : 2 became 5" | "nothing"
   narrate:      "count the digits frame by frame ."                 → "frame 1 : 5 . frame 2 : 6 . ..."
-The conversation is `<image>` × F (one tag per frame, `data/frames.py`) then the question; the record's
+The conversation is `<image>` × F (one tag per frame, `data/frames.py`) then the question — with
+`frame_labels`, each tag follows its frame's name (`frame 2 <image>`), so a frame's tokens can read which frame
+they are from the text before them (otherwise only positions tell the frames apart); the record's
 image bytes are a frame container (PNG frames up to 128 px, JPEG above). Deterministic by `seed`.
 Read it with `data.max_frames` ≥ the config's max_frames.
 """
@@ -111,7 +113,7 @@ def _encode(img_array, canvas_size):
 
 
 def make_sample(split, i, images, labels, canvas_size, seed, min_frames=4, max_frames=8, grid_size=D.GRID,
-                type_probs=TYPE_PROBS):
+                type_probs=TYPE_PROBS, frame_labels=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i)."""
   rng = np.random.default_rng([seed, 100 + list(D.SOURCE_SPLITS).index(split), i])
   f = int(rng.integers(min_frames, max_frames + 1))
@@ -128,7 +130,8 @@ def make_sample(split, i, images, labels, canvas_size, seed, min_frames=4, max_f
     d = seen[int(rng.integers(len(seen)))]
   frames = [_encode(D.render_canvas(D.tiles_of(images, e, s), canvas_size, rng), canvas_size)
             for e, s in cells]
-  conv = [{'from': 'human', 'value': '<image>\n' * f + question(qtype, d, k)},
+  tags = ''.join(f'frame {j + 1} <image>\n' for j in range(f)) if frame_labels else '<image>\n' * f
+  conv = [{'from': 'human', 'value': tags + question(qtype, d, k)},
           {'from': 'gpt', 'value': answer(qtype, grids, d, k)}]
   return {'index': i, 'id': f'{split}-{i}', 'image': frames_lib.pack_frames(frames), 'has_image': True,
           'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
@@ -145,18 +148,21 @@ class DigitsVideoConfig(tfds.core.BuilderConfig):
   min_frames: int = 4
   max_frames: int = 8
   grid: int = D.GRID
+  frame_labels: bool = False
 
 
 def make_config(canvas_size=64, num_train=2000, num_val=200, num_test=200, seed=0, min_frames=4,
-                max_frames=8, grid=D.GRID):
+                max_frames=8, grid=D.GRID, frame_labels=False):
   """The builder config; every option that changes the data is in its name."""
   if not 2 <= min_frames <= max_frames:
     raise ValueError(f'digits_video: frames {min_frames}..{max_frames}: need 2 <= min_frames <= max_frames')
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
     raise ValueError(f'digits_video: grid={grid} must be in 1..3 with canvas_size={canvas_size} >= 8·grid')
   name = f'c{canvas_size}_n{num_train}-{num_val}-{num_test}_s{seed}_f{min_frames}-{max_frames}_g{grid}'
+  name += '_fl' if frame_labels else ''
   return DigitsVideoConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
-                           num_test=num_test, seed=seed, min_frames=min_frames, max_frames=max_frames, grid=grid)
+                           num_test=num_test, seed=seed, min_frames=min_frames, max_frames=max_frames, grid=grid,
+                           frame_labels=frame_labels)
 
 
 class DigitsVideo(tfds.core.GeneratorBasedBuilder):
@@ -181,5 +187,6 @@ class DigitsVideo(tfds.core.GeneratorBasedBuilder):
     images, labels = d.images.astype(np.float32), d.target
     c = self.builder_config
     for i in range(num):
-      yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.min_frames, c.max_frames, c.grid)
+      yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.min_frames, c.max_frames, c.grid,
+                           frame_labels=c.frame_labels)
 
