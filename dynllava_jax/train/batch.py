@@ -25,9 +25,10 @@ def to_device(batch, sharding, pad_id=0, head_positions=0):
   from dynllava_jax.train.forward import IGNORE, head_index  # pylint: disable=g-import-not-at-top
   batch = pipeline.agree_length({k: batch[k] for k in STEP_KEYS}, pad_id)
   if head_positions:
-    n = int((np.asarray(batch['labels'])[:, 1:] != IGNORE).sum(axis=1).max(initial=0))
-    if jax.process_count() > 1:
+    n = None                           # one process: head_index counts this batch's labelled targets
+    if jax.process_count() > 1:        # several: the largest count over every process's part
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      n = int((np.asarray(batch['labels'])[:, 1:] != IGNORE).sum(axis=1).max(initial=0))
       n = int(np.max(multihost_utils.process_allgather(np.int32(n))))
     batch['head_index'] = head_index(batch['labels'], head_positions, n_max=n)
   return pipeline.to_global(batch, sharding, pad_id)
