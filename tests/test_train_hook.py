@@ -38,6 +38,12 @@ class Probe(TrainHook):
     return {'probe': 0.5 * sums['probe'] / batch_size}
 
 
+def _jit_forward(model, batch, **kw):
+  """F.train_forward(model, batch, **kw) under one jit (eager dispatch of every op is far slower)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda st: F.train_forward(nnx.merge(graphdef, st), batch, **kw))(state)
+
+
 @pytest.fixture(scope='module')
 def setup():
   cfg = fixture.config()
@@ -53,11 +59,13 @@ def test_hooks_from_the_config_and_a_hook_sees_its_layer(setup):
   other.model.sparse.enabled = False
   assert [h.name for h in train_hooks(other.model)] == ['mqt']
   hook = Probe()
-  out = F.train_forward(model, batch, hooks=(hook,))
-  _, aux = model(batch['input_ids'], batch['pixel_values'], batch['attention_mask'], intermediates=True)
+  out = _jit_forward(model, batch, hooks=(hook,))
+  graphdef, state = nnx.split(model)
+  _, aux = jax.jit(lambda st: nnx.merge(graphdef, st)(batch['input_ids'], batch['pixel_values'],
+                                                     batch['attention_mask'], intermediates=True))(state)
   real = np.asarray(batch['attention_mask'], bool)
   np.testing.assert_allclose(np.asarray(out['h2'])[real], np.asarray(aux['hidden_in'][2])[real], atol=1e-5)
-  dense_out = F.train_forward(model, batch, sparse=False)          # the dense stage: Dynamic-LLaVA skipped
+  dense_out = _jit_forward(model, batch, sparse=False)             # the dense stage: Dynamic-LLaVA skipped
   assert 'keep' not in dense_out and 'm_img' not in dense_out
   np.testing.assert_allclose(np.asarray(out['logits'])[real], np.asarray(dense_out['logits'])[real], atol=2e-5)
   sums = F.loss_sums(out, batch, (hook,))
@@ -111,15 +119,15 @@ def test_output_text_decided_at_its_own_layer(setup):
   """sparse.text_layer = 2 (sparse_layer 1): the image decisions read h entering layer 1, the output-text
   predictor h entering layer 2 (after layer 1 ran with the image keys masked); -1 is sparse_layer."""
   cfg, model, batch = setup
-  base = F.train_forward(model, batch)                         # text_layer -1: both at sparse_layer 1
+  base = _jit_forward(model, batch)                            # text_layer -1: both at sparse_layer 1
   same = cfg.model.copy_and_resolve_references()
   same.sparse.text_layer = 1
-  np.testing.assert_array_equal(np.asarray(F.train_forward(model, batch, hooks=(DynamicTrain(same),))['logits']),
+  np.testing.assert_array_equal(np.asarray(_jit_forward(model, batch, hooks=(DynamicTrain(same),))['logits']),
                                 np.asarray(base['logits']))
   mc = cfg.model.copy_and_resolve_references()
   mc.sparse.text_layer = 2
   probe = Probe()
-  out = F.train_forward(model, batch, hooks=(probe, DynamicTrain(mc)))
+  out = _jit_forward(model, batch, hooks=(probe, DynamicTrain(mc)))
   np.testing.assert_allclose(np.asarray(out['image_logits']), np.asarray(base['image_logits']), atol=1e-6)
   ot = np.asarray(model.output_text_score_predictor(out['h2']))
   np.testing.assert_allclose(np.asarray(out['ot_logits']), ot, rtol=1e-4, atol=1e-10)
