@@ -99,6 +99,20 @@ def test_ink_targets_and_cell_scores():
   np.testing.assert_array_equal(pred, [[7, 10]])
 
 
+
+def test_ink_hits_script_counts_named_tokens_and_hits():
+  """scripts/demo_ink_hits.py: a higher ink_min names fewer tokens per digit, so a uniform stride hits
+  fewer digits; every share is a fraction."""
+  cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo_ink_hits.py'), '--canvases', '20', '--keep', '12',
+         '--ink_min', '0.4,0.6']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.stdout.splitlines()
+          if line.startswith('| 0.8')]
+  assert [r[1] for r in rows] == ['0.4', '0.6']
+  (_, _, n4, _, _, u4, r4), (_, _, n6, _, _, u6, r6) = [[float(c) for c in r] for r in rows]
+  assert n6 < n4 and u6 <= u4 and all(0 <= x <= 1 for x in (u4, r4, u6, r6))
+
 def test_named_cells_and_lone_descriptions():
   """The demo's text: one token names the cell (row) a question is about, the description names cells
   the same way at the 'cells' length, and a description is always a sample's only round."""
