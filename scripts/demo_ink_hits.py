@@ -35,8 +35,8 @@ def main():
   from dynllava_jax.demo import tower  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.uniform import stride_table  # pylint: disable=g-import-not-at-top
 
-  print('| tile_fraction | ink_min | tokens per digit | digits with none | k | uniform hits | random hits |')
-  print('|---|---|---|---|---|---|---|')
+  table = ['| tile_fraction | ink_min | tokens per digit | digits with none | k | uniform hits | random hits |',
+           '|---|---|---|---|---|---|---|']
   for tf in args.tile_fraction:
     cfg = demo.get_config('0')
     cfg.data.digits.tile_fraction = tf
@@ -47,6 +47,7 @@ def main():
     rows, cols = np.divmod(np.arange(side * side), side)
     cell_of = (rows // per_cell) * g + cols // per_cell          # (N,) the cell each patch lies in
     digits = [(i, q) for i in range(args.canvases) for q in range(g * g) if labels[i, q] != tower.EMPTY_CLASS]
+    print(f'tile_fraction {tf:g}: {args.canvases} validation canvases, {len(digits)} digits')
     for t in args.ink_min:
       shows = [(cell_of == q) & (ink[i] >= t) for i, q in digits]   # per digit: (N,) its named tokens
       counts = np.array([m.sum() for m in shows])
@@ -61,8 +62,9 @@ def main():
             if j == i:
               hit_u.append((m & uniform).any())
               hit_r.append((m & drawn).any())
-        print(f'| {tf:g} | {t:g} | {counts.mean():.2f} | {(counts == 0).mean():.3f} | {k} | '
+        table.append(f'| {tf:g} | {t:g} | {counts.mean():.2f} | {(counts == 0).mean():.3f} | {k} | '
               f'{np.mean(hit_u):.3f} | {np.mean(hit_r):.3f} |')
+  print('\n'.join(table))
 
 
 if __name__ == '__main__':
