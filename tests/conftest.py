@@ -27,3 +27,16 @@ def mqt_tiny():
   config.model.llm.layers = 2
   model = nnx.jit(lambda: Llava(config.model, rngs=nnx.Rngs(0)))()
   return config, model
+
+
+# The longest tests (one to three minutes each on 2 cores) go first. pytest-xdist hands tests out in
+# collection order, so one of them collected last keeps a worker busy after the other has run out.
+SLOW_FIRST = ('test_demo.py::test_demo_smoke', 'test_train_resume.py::', 'test_train_multihost.py::',
+              'test_train_sharding.py::', 'test_layer_plan.py::test_uniform_plan',
+              'test_layer_plan.py::test_mixed_plan', 'test_checkpoint_frozen.py::test_region_lora')
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  def rank(item):
+    return next((i for i, s in enumerate(SLOW_FIRST) if s in item.nodeid), len(SLOW_FIRST))
+  items.sort(key=rank)   # stable: the rest keep their order
