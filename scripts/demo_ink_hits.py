@@ -19,14 +19,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def floats(text):
-  return [float(x) for x in text.split(',') if x]
-
-
 def main():
+  from dynllava_jax.eval.budgets import parse_list  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--ink_min', type=floats, default=[0.4, 0.6])
-  ap.add_argument('--tile_fraction', type=floats, default=[0.8])
+  ap.add_argument('--ink_min', type=lambda t: parse_list(t, '--ink_min'), default=[0.4, 0.6])
+  ap.add_argument('--tile_fraction', type=lambda t: parse_list(t, '--tile_fraction'), default=[0.8])
   ap.add_argument('--keep', type=lambda t: [int(x) for x in t.split(',')], default=[12, 6])
   ap.add_argument('--canvases', type=int, default=300)
   args = ap.parse_args()
@@ -53,17 +50,14 @@ def main():
       counts = np.array([m.sum() for m in shows])
       for k in args.keep:
         rng = np.random.default_rng(0)
-        uniform = stride_table(side * side, k)
-        hit_u, hit_r = [], []
+        drawn = np.zeros((args.canvases, side * side), bool)     # one random keep set per canvas
         for i in range(args.canvases):
-          drawn = np.zeros(side * side, bool)
-          drawn[rng.choice(side * side, k, replace=False)] = True
-          for (j, _), m in zip(digits, shows):
-            if j == i:
-              hit_u.append((m & uniform).any())
-              hit_r.append((m & drawn).any())
+          drawn[i, rng.choice(side * side, k, replace=False)] = True
+        uniform = stride_table(side * side, k)
+        hit_u = [(m & uniform).any() for m in shows]
+        hit_r = [(m & drawn[i]).any() for (i, _), m in zip(digits, shows)]
         table.append(f'| {tf:g} | {t:g} | {counts.mean():.2f} | {(counts == 0).mean():.3f} | {k} | '
-              f'{np.mean(hit_u):.3f} | {np.mean(hit_r):.3f} |')
+                     f'{np.mean(hit_u):.3f} | {np.mean(hit_r):.3f} |')
   print('\n'.join(table))
 
 

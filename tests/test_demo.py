@@ -99,7 +99,6 @@ def test_ink_targets_and_cell_scores():
   np.testing.assert_array_equal(pred, [[7, 10]])
 
 
-
 def test_ink_hits_script_counts_named_tokens_and_hits():
   """scripts/demo_ink_hits.py: a higher ink_min names fewer tokens per digit, so a uniform stride hits
   fewer digits; every share is a fraction."""
@@ -112,6 +111,7 @@ def test_ink_hits_script_counts_named_tokens_and_hits():
   assert [r[1] for r in rows] == ['0.4', '0.6']
   (_, _, n4, _, _, u4, r4), (_, _, n6, _, _, u6, r6) = [[float(c) for c in r] for r in rows]
   assert n6 < n4 and u6 <= u4 and all(0 <= x <= 1 for x in (u4, r4, u6, r6))
+
 
 def test_named_cells_and_lone_descriptions():
   """The demo's text: one token names the cell (row) a question is about, the description names cells

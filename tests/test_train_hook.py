@@ -38,10 +38,14 @@ class Probe(TrainHook):
     return {'probe': 0.5 * sums['probe'] / batch_size}
 
 
-def _jit_forward(model, batch, **kw):
-  """F.train_forward(model, batch, **kw) under one jit (eager dispatch of every op is far slower)."""
+def _jitted(model, fn):
+  """fn(model) under one jit (eager dispatch of every op is far slower)."""
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda st: F.train_forward(nnx.merge(graphdef, st), batch, **kw))(state)
+  return jax.jit(lambda st: fn(nnx.merge(graphdef, st)))(state)
+
+
+def _jit_forward(model, batch, **kw):
+  return _jitted(model, lambda m: F.train_forward(m, batch, **kw))
 
 
 @pytest.fixture(scope='module')
@@ -60,9 +64,8 @@ def test_hooks_from_the_config_and_a_hook_sees_its_layer(setup):
   assert [h.name for h in train_hooks(other.model)] == ['mqt']
   hook = Probe()
   out = _jit_forward(model, batch, hooks=(hook,))
-  graphdef, state = nnx.split(model)
-  _, aux = jax.jit(lambda st: nnx.merge(graphdef, st)(batch['input_ids'], batch['pixel_values'],
-                                                     batch['attention_mask'], intermediates=True))(state)
+  _, aux = _jitted(model, lambda m: m(batch['input_ids'], batch['pixel_values'], batch['attention_mask'],
+                                      intermediates=True))
   real = np.asarray(batch['attention_mask'], bool)
   np.testing.assert_allclose(np.asarray(out['h2'])[real], np.asarray(aux['hidden_in'][2])[real], atol=1e-5)
   dense_out = _jit_forward(model, batch, sparse=False)             # the dense stage: Dynamic-LLaVA skipped
