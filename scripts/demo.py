@@ -95,6 +95,7 @@ def main():
 
   from configs.demo import STAGES, get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
 
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for m in ('dense', 'dynamic'):
@@ -119,7 +120,8 @@ def main():
     apply_sets(c, k, args.set)
     configs[k] = c
     try:
-      up = infos[k] = stg.run_stage(c, stg.stage_dir(args.workdir, c), up)
+      # a workdir in use, a checkpoint of another run, a full disk: one line, exit 2
+      up = infos[k] = errors.guard('demo.py', lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
     except stg.StageInterrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(130)

@@ -74,6 +74,9 @@ def main():
     target, sep, _ = item.partition(':')
     if sep and '=' not in target and target not in names and not target.startswith('stage'):
       _fail(f'--set {item}: stage {target!r} unknown; use stageK or one of {tuple(more_cfg.STAGES)}')
+  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
+  # a workdir in use, a checkpoint of another run, a full disk: one line, exit 2
+  guard = lambda fn: errors.guard('demo_more.py', fn)
   configs, infos = {}, {}
   try:
     up = None
@@ -81,12 +84,12 @@ def main():
       c = demo_cfg.get_config(f'stage={k},smoke={args.smoke}')
       apply_sets(c, k, _sets_for(args.set, f'stage{k}', k))
       configs[f'stage{k}'] = c
-      up = infos[f'stage{k}'] = stg.run_stage(c, stg.stage_dir(args.workdir, c), up)
+      up = infos[f'stage{k}'] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
     for name in [s for f in families for s in more.FAMILIES[f]]:
       c = more_cfg.get_config(f'stage={name},smoke={args.smoke}')
       apply_sets(c, c.stage.index, _sets_for(args.set, name, c.stage.index))
       configs[name] = c
-      infos[name] = stg.run_stage(c, stg.stage_dir(args.workdir, c), infos[c.upstream])
+      infos[name] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), infos[c.upstream]))
   except stg.StageInterrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(130)
@@ -164,7 +167,8 @@ def main():
     dense_video = load('video_instruct')
     part = lambda mc, sp, ss, tk, **kw: more.evaluate_part(*mc, sp, ss, tk, batch_size=bs,
                                                              text_tokens=text_tokens, **kw)
-    drop = {'r': more.MOD_R, 'layers': 'interleave'}
+    mod = configs['mod_instruct'].model.mod      # drop at the MoD stage's first MoD layer, to its capacity
+    drop = {'r': mod.r, 'layers': mod.layers}
     for name, routing in more.MOD_ROUTINGS.items():
       parts = {'image': part(load('mod_instruct', routing=routing), 'dense', ordered, tok),
                'video': part(load('mod_video', routing=routing), 'dense', video, vtok)}

@@ -69,7 +69,12 @@ def test_one_round_test_split_and_its_hash():
   assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
   c.model.sparse.hard_from_step = 5           # a dense stage has no predictors: its sparse knobs are unread
   c.model.mqt.local_init = 3.0                # nor MQT's, with the MLP projector
+  c.data.digits.video_style = 'echo'          # nor digits_vqa digits_video's answer style
   assert stg.stage_hash(c) == stg.stage_hash(get_config('stage=2'))
+  c.data.name = 'digits_video'                # digits_video reads it
+  v = get_config('stage=2')
+  v.data.name = 'digits_video'
+  assert stg.stage_hash(c) != stg.stage_hash(v)
   s3 = get_config('stage=3')
   s3.model.sparse.hard_from_step = 5
   assert stg.stage_hash(s3) != stg.stage_hash(get_config('stage=3'))

@@ -26,8 +26,9 @@ ALLOWED = {
     'mqt': {'model.projector', 'model.mqt.queries', 'model.mqt.sample_m', 'model.mqt.local_init',
             'model.mqt.sample_from_step', 'train.frozen',
             'train.freeze_projector'},
-    'mod': {'model.mod.layers', 'model.mod.r', 'model.mod.routing'},
-    'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket'},
+    'mod': {'model.mod.layers', 'model.mod.r', 'model.mod.routing', 'model.mod.alpha'},
+    'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket', 'data.digits.video_style',
+              'eval.max_new_tokens'},
     'region': {'model.region', 'model.region_train', 'model.lora.alpha'},
 }
 
@@ -122,7 +123,8 @@ def test_mod_video_stage_trains_two_steps(tmp_path):
   c.data.data_dir = str(tmp_path / 'tfds')
   c.data.digits.num_train, c.data.digits.num_val, c.data.digits.num_test = 16, 4, 4
   c.train.eval_every = 0
-  c.model.llm.layers, c.model.vision.depth = 2, 1          # a cheaper compile: one MoD layer (1)
+  c.model.llm.layers, c.model.vision.depth = 2, 1          # a cheaper compile: one MoD layer (0)
+  c.model.mod.layers = '0'
   path = str(tmp_path / 'mod_video')
   out = stg._train_llava_stage(c, path, report=lambda m: None)   # pylint: disable=protected-access
   assert out['step'] == 2 and np.isfinite(out['last']['loss'])

@@ -120,3 +120,29 @@ def test_digits_video_frame_labels_name_each_frame():
   assert labelled['conversations']['value'][0] == ''.join(f'frame {j} <image>\n' for j in (1, 2, 3, 4)) + q
   assert labelled['answer'] == plain['answer'] and labelled['image'] == plain['image']
   assert V.make_config(frame_labels=True).name == V.make_config().name + '_fl'
+
+
+def test_digits_video_echo_answers_read_the_cells_first():
+  """style='echo': each answer reads the cells it needs, each value after its one-token frame-cell name, then
+  the answer; the words are in the tokenizer's vocabulary; the dataset dir says so; bad style -> error."""
+  from dynllava_jax.data import digits_video as V
+  a = [[1, None], [3, 4]]
+  b = [[1, 7], [3, 4]]
+  c = [[1, 7], [3, None]]
+  grids = [a, b, b, c]
+  f1 = 'f1a1 1 f1a2 empty f1b1 3 f1b2 4'
+  f2, f3 = f1.replace('f1', 'f2').replace('empty', '7'), f1.replace('f1', 'f3').replace('empty', '7')
+  f4 = 'f4a1 1 f4a2 7 f4b1 3 f4b2 empty'
+  echo = lambda q, **kw: V.answer(q, grids, style='echo', **kw)
+  assert echo('first_frame', d=7) == f1 + ' f2a1 1 f2a2 7 frame 2'     # stops at the first cell holding 7
+  assert echo('first_frame', d=3) == 'f1a1 1 f1a2 empty f1b1 3 frame 1'
+  assert echo('first_frame', d=9) == ' '.join([f1, f2, f3, f4, 'never'])
+  assert echo('count_frames', d=4) == ' '.join([f1, f2, f3, f4, ': 3'])
+  assert echo('changed', i=1) == 'f1a1 1 f2a1 1 f1a2 empty f2a2 7 f1b1 3 f2b1 3 f1b2 4 f2b2 4 : a2 empty became 7'
+  assert echo('changed', i=2).endswith('f2b2 4 f3b2 4 : nothing')
+  assert echo('narrate') == ' . '.join([f1 + ' : 3', f2 + ' : 4', f3 + ' : 4', f4 + ' : 3'])
+  words = set(' '.join(V.vocabulary_texts()).split())
+  assert {'f4b2', 'f8c3', 'a2', ':'} <= words
+  assert V.make_config(style='echo').name == V.make_config().name + '_echo'
+  with pytest.raises(ValueError, match='style'):
+    V.make_config(style='long')

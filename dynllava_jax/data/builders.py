@@ -39,7 +39,8 @@ def get_builder(config):
   if d.name == 'digits_video':      # frames: data.max_frames (>= 2), from min(4, max_frames)
     g, top = d.digits, int(d.get('max_frames', 1))
     cfg = digits_video.make_config(g.canvas_size, g.num_train, g.num_val, g.num_test, g.seed, min(4, top), top,
-                                   g.get('grid', digits_vqa.GRID), g.get('frame_labels', False))
+                                   g.get('grid', digits_vqa.GRID), g.get('frame_labels', False),
+                                   g.get('video_style', 'short'))
     return digits_video.DigitsVideo(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'llava_instruct':
     if not d.manual_dir:

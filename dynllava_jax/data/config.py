@@ -53,6 +53,9 @@ def digits_defaults(size='tiny'):
   c.text_rounds = False
   # digits_video: each frame's <image> tag follows its name ('frame 2 <image>'); names the dataset dir (_fl).
   c.frame_labels = False
+  # digits_video answers: 'short' ('frame 2') or 'echo' (the cells read first, each value after its one-token
+  # frame-cell name 'f2b1', then the answer; digits_video's docstring); 'echo' names the dataset dir (_echo).
+  c.video_style = 'short'
   return c
 
 

@@ -10,6 +10,15 @@ jitter, tint and noise), so "unchanged" means the same digits, not the same pixe
   changed:      "what changed between frame i and frame i+1 ?"      → "row 2 column 1 : 3 became empty" |
                 "row 1 column 3 : empty became 7" | "row 3 column 3 : 2 became 5" | "nothing"
   narrate:      "count the digits frame by frame ."                 → "frame 1 : 5 . frame 2 : 6 . ..."
+With `style='echo'` (the demo's) every answer first reads the cells it needs, each value right after the one
+token that names the frame and the cell ('f2b1 7': frame 2, cell b1, as `digits_vqa`'s echo names a cell),
+so each value is one attention hop from its name; then the answer proper:
+  first_frame:  "f1a1 3 f1a2 empty f1b1 5 f1b2 empty f2a1 3 f2a2 7 frame 2"   (frame by frame, up to the
+                first cell holding d; all cells then "never" when d does not appear)
+  count_frames: "f1a1 3 … f4b2 5 : 2"                                 (every cell, then the count)
+  changed:      "f2a1 3 f3a1 3 f2a2 empty f3a2 7 … : a2 empty became 7" (frames i and i+1 cell by cell,
+                side by side; then the change or ': nothing')
+  narrate:      "f1a1 3 … f1b2 5 : 2 . f2a1 …"                     (each frame's cells, then its count)
 The conversation is `<image>` × F (one tag per frame, `data/frames.py`) then the question — with
 `frame_labels`, each tag follows its frame's name (`frame 2 <image>`), so a frame's tokens can read which frame
 they are from the text before them (otherwise only positions tell the frames apart); the record's
@@ -30,6 +39,7 @@ from dynllava_jax.data import records
 from dynllava_jax.data import tokenizer as tokenizer_lib
 
 QUESTION_TYPES = ('first_frame', 'count_frames', 'changed', 'narrate')
+STYLES = ('short', 'echo')
 TYPE_PROBS = (0.3, 0.25, 0.3, 0.15)
 STILL_PROB = 0.2
 
@@ -59,7 +69,46 @@ def change_text(a, b):
   return 'nothing'
 
 
-def answer(qtype, grids, d=0, i=1):
+def frame_cell(f, r, c):
+  """'echo' style: the one token naming frame f's cell (r, c) (1-based): 'f2b1'."""
+  return f'f{f}{D.cell_name(r, c, "echo")}'
+
+
+def _echoed_cells(grid, f):
+  """Frame f's (1-based) cells in reading order, each 'f2b1 7'."""
+  return [f'{frame_cell(f, r + 1, c + 1)} {D.value_text(v)}' for r, row in enumerate(grid) for c, v in enumerate(row)]
+
+
+def _echo_answer(qtype, grids, d, i):
+  if qtype == 'first_frame':      # frame by frame, stopping at the first cell that holds d
+    parts = []
+    for f, g in enumerate(grids):
+      for r, row in enumerate(g):
+        for c, v in enumerate(row):
+          parts.append(f'{frame_cell(f + 1, r + 1, c + 1)} {D.value_text(v)}')
+          if v == d:
+            return ' '.join(parts + [f'frame {f + 1}'])
+    return ' '.join(parts + ['never'])
+  if qtype == 'count_frames':
+    cells = [p for f, g in enumerate(grids) for p in _echoed_cells(g, f + 1)]
+    return ' '.join(cells + [f': {sum(_has(g, d) for g in grids)}'])
+  if qtype == 'changed':          # the two frames side by side, cell by cell, then the change
+    a, b = grids[i - 1], grids[i]
+    pairs = [p for x, y in zip(_echoed_cells(a, i), _echoed_cells(b, i + 1)) for p in (x, y)]
+    change = 'nothing'
+    for r, (ra, rb) in enumerate(zip(a, b)):
+      for c, (x, y) in enumerate(zip(ra, rb)):
+        if x != y and change == 'nothing':
+          change = f'{D.cell_name(r + 1, c + 1, "echo")} {D.value_text(x)} became {D.value_text(y)}'
+    return ' '.join(pairs + [f': {change}'])
+  return ' . '.join(' '.join(_echoed_cells(g, f + 1) + [f': {_count(g)}']) for f, g in enumerate(grids))
+
+
+def answer(qtype, grids, d=0, i=1, style='short'):
+  if style == 'echo':
+    return _echo_answer(qtype, grids, d, i)
+  if style != 'short':
+    raise ValueError(f'digits_video style={style!r}: use one of {STYLES}')
   if qtype == 'first_frame':
     first = next((f for f, g in enumerate(grids) if _has(g, d)), None)
     return 'never' if first is None else f'frame {first + 1}'
@@ -75,6 +124,8 @@ def vocabulary_texts():
   texts = D.vocabulary_texts('short')
   texts += [question(t, 0, 1) for t in QUESTION_TYPES]
   texts += ['frame never nothing row column empty became']
+  texts += [' '.join(frame_cell(f, r, c) for f in range(1, 9) for r in range(1, 4) for c in range(1, 4))]
+  texts += [' '.join(D.cell_name(r, c, 'echo') for r in range(1, 4) for c in range(1, 4))]
   return texts
 
 
@@ -113,7 +164,7 @@ def _encode(img_array, canvas_size):
 
 
 def make_sample(split, i, images, labels, canvas_size, seed, min_frames=4, max_frames=8, grid_size=D.GRID,
-                type_probs=TYPE_PROBS, frame_labels=False):
+                type_probs=TYPE_PROBS, frame_labels=False, style='short'):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i)."""
   rng = np.random.default_rng([seed, 100 + list(D.SOURCE_SPLITS).index(split), i])
   f = int(rng.integers(min_frames, max_frames + 1))
@@ -132,7 +183,7 @@ def make_sample(split, i, images, labels, canvas_size, seed, min_frames=4, max_f
             for e, s in cells]
   tags = ''.join(f'frame {j + 1} <image>\n' for j in range(f)) if frame_labels else '<image>\n' * f
   conv = [{'from': 'human', 'value': tags + question(qtype, d, k)},
-          {'from': 'gpt', 'value': answer(qtype, grids, d, k)}]
+          {'from': 'gpt', 'value': answer(qtype, grids, d, k, style)}]
   return {'index': i, 'id': f'{split}-{i}', 'image': frames_lib.pack_frames(frames), 'has_image': True,
           'conversations': {'from': [t['from'] for t in conv], 'value': [t['value'] for t in conv]},
           'question_type': qtype, 'answer': conv[1]['value']}
@@ -149,20 +200,24 @@ class DigitsVideoConfig(tfds.core.BuilderConfig):
   max_frames: int = 8
   grid: int = D.GRID
   frame_labels: bool = False
+  style: str = 'short'
 
 
 def make_config(canvas_size=64, num_train=2000, num_val=200, num_test=200, seed=0, min_frames=4,
-                max_frames=8, grid=D.GRID, frame_labels=False):
+                max_frames=8, grid=D.GRID, frame_labels=False, style='short'):
   """The builder config; every option that changes the data is in its name."""
   if not 2 <= min_frames <= max_frames:
     raise ValueError(f'digits_video: frames {min_frames}..{max_frames}: need 2 <= min_frames <= max_frames')
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
     raise ValueError(f'digits_video: grid={grid} must be in 1..3 with canvas_size={canvas_size} >= 8·grid')
   name = f'c{canvas_size}_n{num_train}-{num_val}-{num_test}_s{seed}_f{min_frames}-{max_frames}_g{grid}'
+  if style not in STYLES:
+    raise ValueError(f'digits_video: style={style!r}: use one of {STYLES}')
   name += '_fl' if frame_labels else ''
+  name += '_echo' if style == 'echo' else ''
   return DigitsVideoConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                            num_test=num_test, seed=seed, min_frames=min_frames, max_frames=max_frames, grid=grid,
-                           frame_labels=frame_labels)
+                           frame_labels=frame_labels, style=style)
 
 
 class DigitsVideo(tfds.core.GeneratorBasedBuilder):
@@ -188,5 +243,5 @@ class DigitsVideo(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.min_frames, c.max_frames, c.grid,
-                           frame_labels=c.frame_labels)
+                           frame_labels=c.frame_labels, style=c.style)
 

@@ -11,9 +11,10 @@ Keys (docs/demo.md's key table):
   mod@0.2, mod_random@0.2, mod_uniform@0.2
                           the MoD models (mod_instruct on the images, mod_video on the video) with the learned
                           router, a fixed random pattern, the uniform stride centres (`model.mod.routing` at
-                          eval; equal capacity: k = ⌈0.2·64⌉ = 13 routed per frame in layers 1 and 3)
+                          eval; equal capacity: k = ⌈0.2·64⌉ = 13 routed per frame in layers 0 and 2)
   drop_equal_flops@0.2    the dense models (stage 2 on the images, video_instruct on the video) dropping image
-                          tokens once at layer 1 to the same vision-token work (`sparsity/mod_baselines.py`)
+                          tokens once at the MoD stage's first MoD layer (0) to the same vision-token work
+                          (`sparsity/mod_baselines.py`: 38 of 64 kept)
   dense_mod@1.0           the dense comparator of the four rows above, on the same tasks (stage 2 on the
                           images, video_instruct on the video)
   region_full, region_lora  the visual-region models (layer 3 of 4 trained, fully or by LoRA) on the images

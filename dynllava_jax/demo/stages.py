@@ -39,7 +39,8 @@ def stage_inputs(config):
   """The part of the config a stage reads: stage 0 (the tower) only its `tower` section, the vision tower's
   config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
   it); stages 1-3 everything but `train.init_from` (a path inside the workdir),
-  `data.digits.one_round_test` (it shapes only the test split, which no stage reads), the rest of
+  `data.digits.one_round_test` (it shapes only the test split, which no stage reads),
+  `data.digits.video_style` unless the data is digits_video (no other builder reads it), the rest of
   `model.sparse` while `model.sparse.enabled` is False (a model without predictors never reads it) and
   `model.mqt` unless the projector is MQT's."""
   d = config.to_dict()
@@ -49,7 +50,10 @@ def stage_inputs(config):
             'canvas': {k: g.get(k) for k in ('canvas_size', 'grid', 'tile_fraction')}}
   if 'train' in d:
     d['train']['init_from'] = ''
-  d.get('data', {}).get('digits', {}).pop('one_round_test', None)   # shapes the test split only
+  digits = d.get('data', {}).get('digits', {})
+  digits.pop('one_round_test', None)   # shapes the test split only
+  if d.get('data', {}).get('name') != 'digits_video':
+    digits.pop('video_style', None)
   model = d.get('model', {})
   if 'sparse' in model and not model['sparse'].get('enabled'):
     model['sparse'] = {'enabled': False}
