@@ -81,14 +81,11 @@ def _echoed_cells(grid, f):
 
 def _echo_answer(qtype, grids, d, i):
   if qtype == 'first_frame':      # frame by frame, stopping at the first cell that holds d
-    parts = []
-    for f, g in enumerate(grids):
-      for r, row in enumerate(g):
-        for c, v in enumerate(row):
-          parts.append(f'{frame_cell(f + 1, r + 1, c + 1)} {D.value_text(v)}')
-          if v == d:
-            return ' '.join(parts + [f'frame {f + 1}'])
-    return ' '.join(parts + ['never'])
+    cells = [(p, v, f) for f, g in enumerate(grids) for p, v in zip(_echoed_cells(g, f + 1), sum(g, []))]
+    hit = next((i for i, (_, v, _) in enumerate(cells) if v == d), None)
+    if hit is None:
+      return ' '.join([p for p, _, _ in cells] + ['never'])
+    return ' '.join([p for p, _, _ in cells[:hit + 1]] + [f'frame {cells[hit][2] + 1}'])
   if qtype == 'count_frames':
     cells = [p for f, g in enumerate(grids) for p in _echoed_cells(g, f + 1)]
     return ' '.join(cells + [f': {sum(_has(g, d) for g in grids)}'])
