@@ -8,10 +8,12 @@ Stages: `make demo`'s 0-3 (configs/demo.py; cached, so after `make demo` they ar
 family the stages of configs/demo_more.py, each cached in <workdir>/stage<i>_<name>/ like the others:
   mqt     mqt_align (projector only, m = M, from stage 0), mqt_instruct (+ LLM, m ~ U{2, ..., M})
   mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video
-  region  region_full, region_lora (layer 3 of 4 trained, fully / by LoRA)
+  region  lm_pretrain (the LLM alone on the conversations' text: the toy's pretrained LLM), lm_align (stage 1
+          on it), lm_instruct (full tuning), region_full, region_lora (layer 3 of 4 trained, fully / by
+          LoRA; both from lm_align)
 all from stage 1 with stage 2's recipe unless said. Then the rows (dynllava_jax/demo/more.py): mqt@<m>, the
 image-token methods at the MQT counts (`<method>@<m/64>`, unless --no_matched), mod@0.2, mod_random@0.2,
-mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, region_full, region_lora. They are merged into
+mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, dense_lm@1.0, region_full, region_lora. They are merged into
 <workdir>/summary.json, results.json, results.md and tradeoff.png beside `make demo`'s rows (kept when
 they answered as many test samples with the same stages 0-3; else dense@1.0 and dynamic@0.2 are evaluated
 here and the old rows are left out).
@@ -184,12 +186,13 @@ def main():
       print(f'  {k:20s} all {a["all"]:.3f}  ' + '  '.join(f'{t} {v:.3f}' for t, v in a.items() if t != 'all'),
             flush=True)
   if 'region' in families:
-    for name in more.REGION_KEYS:
+    base_key, base_stage = more.REGION_BASE
+    for key, name in [(base_key, base_stage)] + [(k, k) for k in more.REGION_KEYS]:
       model, c = load(name)
       r = more.evaluate_part(model, c, 'dense', ordered, tok, batch_size=bs, text_tokens=text_tokens)
-      r.update(method=name, key=name, stage=name)
-      rows[name] = r
-      print(f'  {name:20s} all {r["accuracy_by_type"]["all"]:.3f}', flush=True)
+      r.update(method=key.split('@')[0], key=key, stage=name)
+      rows[key] = r
+      print(f'  {key:20s} all {r["accuracy_by_type"]["all"]:.3f}', flush=True)
 
   wall = time.time() - t0
   all_rows = {**old_rows, **rows}

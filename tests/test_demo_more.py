@@ -30,6 +30,7 @@ ALLOWED = {
     'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket', 'data.digits.video_style',
               'eval.max_new_tokens'},
     'region': {'model.region', 'model.region_train', 'model.lora.alpha'},
+    'lm_pretrain': {'data.digits.text_only'},
 }
 
 
@@ -66,6 +67,39 @@ def test_stage_is_the_demo_stage_plus_its_method(name):
   if name.startswith('region'):
     from dynllava_jax.tools.prune import region_of
     assert tuple(region_of(c.model)) == (3,)                                   # a quarter of the 4 layers
+  if name.startswith('region') or name == 'lm_instruct':                       # same LLM, same stage 1
+    assert c.upstream == 'lm_align' and demo_more.STAGES['lm_align'][2] == 'lm_pretrain'
+
+
+def test_region_family_runs_its_language_stages_first():
+  order = more.FAMILIES['region']
+  assert order.index('lm_pretrain') < order.index('lm_align') < min(order.index(s) for s in (
+      'lm_instruct', 'region_full', 'region_lora'))
+  assert more.REGION_BASE == ('dense_lm@1.0', 'lm_instruct')
+
+
+def test_text_only_corpus_is_the_same_conversations_without_images():
+  """lm_pretrain's data: the conversations of the image dataset minus every image, read with the same
+  words (so the pretrained LLM's embedding rows mean the same words in the later stages), and the option
+  leaves every other stage's hash alone."""
+  from sklearn.datasets import load_digits
+  from dynllava_jax.data import digits_vqa
+  d = load_digits()
+  images, labels = d.images.astype(np.float32), d.target
+  kw = dict(describe_style='echo', max_rounds=6, extra_round_prob=0.8, grid_size=2,
+            type_probs=(0.4, 0.1, 0.25, 0.15, 0.1), describe_alone=True, add_echo=True)
+  for i in range(20):
+    a = digits_vqa.make_sample('train', i, images, labels, 64, 0, **kw)
+    b = digits_vqa.make_sample('train', i, images, labels, 64, 0, text_only=True, **kw)
+    assert not b['has_image'] and b['image'] == b'' and b['answer'] == a['answer']
+    va, vb = a['conversations']['value'], b['conversations']['value']
+    assert [v.replace('<image>\n', '') for v in va] == vb and not any('<image>' in v for v in vb)
+  assert digits_vqa.make_config(text_only=True).name.endswith('_to')
+  c2 = demo.get_config('stage=2')
+  lm = demo_more.get_config('stage=lm_pretrain')
+  assert lm.data.digits.text_only and not c2.data.digits.text_only
+  assert 'text_only' not in stg.stage_inputs(c2)['data']['digits']          # older stages' hashes kept
+  assert stg.stage_inputs(lm)['data']['digits']['text_only'] is True
 
 
 def test_demo_recipe_changes_reach_the_stages(monkeypatch):
@@ -108,7 +142,8 @@ def test_merged_rows_and_the_new_summary_keys():
           'mqt@16': {**img, 'method': 'mqt'}, 'visionzip@0.03125': {**img, 'method': 'visionzip'},
           'mod@0.2': row, 'dense_mod@1.0': more.merged_row('dense_mod', 1.0, {'image': img, 'video': vid}),
           'drop_equal_flops@0.2': more.merged_row('drop_equal_flops', 0.2, {'image': img}),
-          'region_full': {**img, 'method': 'region_full'}, 'region_lora': {**img, 'method': 'region_lora'}}
+          'region_full': {**img, 'method': 'region_full'}, 'region_lora': {**img, 'method': 'region_lora'},
+          'dense_lm@1.0': {**img, 'method': 'dense_lm'}}
   summary = res.check_summary(res.make_summary(rows, {'count': 0.3, 'changed': 0.1}, 40, 1.0))
   assert summary['methods']['mod@0.2']['accuracy']['changed'] == 0.0
   plot = more.plot_entries(summary['methods'], rows)

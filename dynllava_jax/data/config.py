@@ -51,6 +51,9 @@ def digits_defaults(size='tiny'):
   # Text-only samples get further addition rounds (max_rounds / extra_round_prob, as image samples get
   # further questions): more additions per forward pass; names the dataset dir (_tr).
   c.text_rounds = False
+  # The same conversations with no image at all: a text corpus for pretraining the LLM alone (make
+  # demo-more's language stage, the toy's stand-in for a pretrained LLM); names the dataset dir (_to).
+  c.text_only = False
   # digits_video: each frame's <image> tag follows its name ('frame 2 <image>'); names the dataset dir (_fl).
   c.frame_labels = False
   # digits_video answers: 'short' ('frame 2') or 'echo' (the cells read first, each value after its one-token

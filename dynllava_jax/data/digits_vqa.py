@@ -241,7 +241,7 @@ def tiles_of(images, empty, src):
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
                 extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
                 describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
-                text_rounds=False):
+                text_rounds=False, text_only=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
@@ -253,20 +253,24 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   add_echo: a text-only addition is answered 'a plus b sum c' (operands 3 and 1 tokens before the sum, as
   in an echoed row sum) instead of 'c'. text_rounds: a text-only sample gets further addition rounds as
   an image sample gets further questions (same draw; each answer follows from its own question).
+  text_only: the same conversations with no image (no `<image>` tag, no canvas): a language corpus of the
+  answers' grammar, counts, descriptions and sums for pretraining the LLM alone (the toy's stand-in for a
+  pretrained LLM; the visual answers follow from nothing it sees, only their form and the sums do).
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
   qtype, q, a = _random_question(rng, grid, style=describe_style, type_probs=type_probs, add_echo=add_echo)
-  has_image = qtype != 'text_add'
+  grounded = qtype != 'text_add'           # a question about the grid (its image is left out if text_only)
+  has_image = grounded and not text_only
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
-  more = (has_image and not (describe_alone and qtype == 'describe')
+  more = (grounded and not (describe_alone and qtype == 'describe')
           and not (one_round_test and split == 'test'))
   while more and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
     qtype, q, a = _random_question(rng, grid, allow_text=False, style=describe_style, type_probs=type_probs,
                                    allow_describe=not describe_alone)
     conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
-  more = text_rounds and not has_image and not (one_round_test and split == 'test')
+  more = text_rounds and not grounded and not (one_round_test and split == 'test')
   while more and len(conv) < 2 * max_rounds and rng.random() < extra_round_prob:
     x, y = int(rng.integers(0, 10)), int(rng.integers(0, 10))
     a = answer('text_add', grid, a=x, b=y, style=describe_style, add_echo=add_echo)
@@ -303,12 +307,13 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   one_round_test: bool = False
   add_echo: bool = False
   text_rounds: bool = False
+  text_only: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
                 max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
                 describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
-                text_rounds=False):
+                text_rounds=False, text_only=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -345,12 +350,14 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += '_ae'
   if text_rounds:
     name += '_tr'
+  if text_only:
+    name += '_to'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
                          extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
                          describe_alone=bool(describe_alone), tile_fraction=tile_fraction,
                          one_round_test=bool(one_round_test), add_echo=bool(add_echo),
-                         text_rounds=bool(text_rounds))
+                         text_rounds=bool(text_rounds), text_only=bool(text_only))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -380,4 +387,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
                            c.extra_round_prob, c.grid, c.type_probs, c.describe_alone, c.tile_fraction,
-                           c.one_round_test, c.add_echo, c.text_rounds)
+                           c.one_round_test, c.add_echo, c.text_rounds, c.text_only)

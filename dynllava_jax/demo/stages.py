@@ -40,7 +40,8 @@ def stage_inputs(config):
   config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
   it); stages 1-3 everything but `train.init_from` (a path inside the workdir),
   `data.digits.one_round_test` (it shapes only the test split, which no stage reads),
-  `data.digits.video_style` unless the data is digits_video (no other builder reads it), the rest of
+  `data.digits.video_style` unless the data is digits_video (no other builder reads it),
+  `data.digits.text_only` while False (the stages before it existed keep their hashes), the rest of
   `model.sparse` while `model.sparse.enabled` is False (a model without predictors never reads it) and
   `model.mqt` unless the projector is MQT's."""
   d = config.to_dict()
@@ -54,6 +55,8 @@ def stage_inputs(config):
   digits.pop('one_round_test', None)   # shapes the test split only
   if d.get('data', {}).get('name') != 'digits_video':
     digits.pop('video_style', None)
+  if not digits.get('text_only', True):
+    digits.pop('text_only')
   model = d.get('model', {})
   if 'sparse' in model and not model['sparse'].get('enabled'):
     model['sparse'] = {'enabled': False}
