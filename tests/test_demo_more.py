@@ -79,9 +79,9 @@ def test_region_family_runs_its_language_stages_first():
 
 
 def test_text_only_corpus_is_the_same_conversations_without_images():
-  """lm_pretrain's data: the conversations of the image dataset minus every image, read with the same
-  words (so the pretrained LLM's embedding rows mean the same words in the later stages), and the option
-  leaves every other stage's hash alone."""
+  """lm_pretrain's data: the conversations of the image dataset minus every image (its word tokenizer
+  depends on describe_style only, so the pretrained LLM's embedding rows mean the same words later), and
+  the option leaves every other stage's hash alone."""
   from sklearn.datasets import load_digits
   from dynllava_jax.data import digits_vqa
   d = load_digits()
