@@ -50,8 +50,13 @@ def apply_sets(config, stage, items):
       v = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       v = value
-    with config.unlocked():
-      node[field] = v
+    if isinstance(node[field], str) and not isinstance(v, str):
+      v = value                     # a string field keeps the text as written ('model.region=1')
+    try:
+      with config.unlocked():
+        node[field] = v
+    except TypeError as e:
+      raise SystemExit(f'--set {item}: {e}') from None
 
 
 def _json_default(x):

@@ -184,3 +184,16 @@ def test_demo_more_smoke_end_to_end(tmp_path):
   assert want <= set(m)
   assert {'changed', 'count', 'digit_at'} <= set(m['mod@0.2']['accuracy'])
   assert m['mqt@2']['prefill_flops'] < m['mqt@64']['prefill_flops']
+
+
+def test_set_keeps_a_string_field_a_string():
+  """`--set region_full:model.region=1`: a string field takes the text as written; a wrong type is one
+  line (SystemExit), not a traceback."""
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  from demo import apply_sets  # pylint: disable=g-import-not-at-top  (scripts/demo.py)
+  c = demo_more.get_config('stage=region_full')
+  k = c.stage.index
+  apply_sets(c, k, [f'stage{k}:model.region=1', f'stage{k}:train.steps=7'])
+  assert c.model.region == '1' and c.train.steps == 7
+  with pytest.raises(SystemExit, match='train.steps'):
+    apply_sets(c, k, [f'stage{k}:train.steps=[1]'])
