@@ -94,11 +94,24 @@ def test_text_only_corpus_is_the_same_conversations_without_images():
     assert not b['has_image'] and b['image'] == b'' and b['answer'] == a['answer']
     va, vb = a['conversations']['value'], b['conversations']['value']
     assert [v.replace('<image>\n', '') for v in va] == vb and not any('<image>' in v for v in vb)
+    # text_grid: the grid in words where the image was (the description's text), so the answers follow
+    g = digits_vqa.make_sample('train', i, images, labels, 64, 0, text_only=True, text_grid=True, **kw)
+    vg = g['conversations']['value']
+    if a['has_image']:
+      words = vg[0].split('\n')[0]
+      assert vg[0] == words + '\n' + vb[0] and vg[1:] == vb[1:] and not g['has_image']
+      if a['question_type'] == 'describe':
+        assert words == a['answer']                  # the description is the grid in words
+    else:
+      assert vg == vb                                # a text-only addition has no grid to write
   assert digits_vqa.make_config(text_only=True).name.endswith('_to')
+  assert digits_vqa.make_config(text_only=True, text_grid=True).name.endswith('_to_tg')
+  with pytest.raises(ValueError, match='text_only'):
+    digits_vqa.make_config(text_grid=True)
   c2 = demo.get_config('stage=2')
   lm = demo_more.get_config('stage=lm_pretrain')
   assert lm.data.digits.text_only and not c2.data.digits.text_only
-  assert 'text_only' not in stg.stage_inputs(c2)['data']['digits']          # older stages' hashes kept
+  assert not {'text_only', 'text_grid'} & set(stg.stage_inputs(c2)['data']['digits'])   # hashes kept
   assert stg.stage_inputs(lm)['data']['digits']['text_only'] is True
 
 

@@ -34,7 +34,8 @@ def get_builder(config):
                                  g.get('describe_alone', False),
                                  g.get('tile_fraction', digits_vqa.TILE_FRACTION),
                                  g.get('one_round_test', False), g.get('add_echo', False),
-                                 g.get('text_rounds', False), g.get('text_only', False))
+                                 g.get('text_rounds', False), g.get('text_only', False),
+                                 g.get('text_grid', False))
     return digits_vqa.DigitsVqa(config=cfg, data_dir=d.data_dir, file_format='array_record')
   if d.name == 'digits_video':      # frames: data.max_frames (>= 2), from min(4, max_frames)
     g, top = d.digits, int(d.get('max_frames', 1))

@@ -54,6 +54,9 @@ def digits_defaults(size='tiny'):
   # The same conversations with no image at all: a text corpus for pretraining the LLM alone (make
   # demo-more's language stage, the toy's stand-in for a pretrained LLM); names the dataset dir (_to).
   c.text_only = False
+  # With text_only: the grid written in words stands where the image was (the visual answers follow from
+  # the context: the toy LLM learns to read a grid from its context); names the dataset dir (_tg).
+  c.text_grid = False
   # digits_video: each frame's <image> tag follows its name ('frame 2 <image>'); names the dataset dir (_fl).
   c.frame_labels = False
   # digits_video answers: 'short' ('frame 2') or 'echo' (the cells read first, each value after its one-token

@@ -241,7 +241,7 @@ def tiles_of(images, empty, src):
 def make_sample(split, i, images, labels, canvas_size, seed, describe_style='long', max_rounds=2,
                 extra_round_prob=SECOND_ROUND_PROB, grid_size=GRID, type_probs=TYPE_PROBS,
                 describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
-                text_rounds=False, text_only=False):
+                text_rounds=False, text_only=False, text_grid=False):
   """One record (records.features layout) of `split`, deterministic in (seed, split, i).
 
   Image samples get further rounds (questions about the same image) while a draw < extra_round_prob, up
@@ -256,12 +256,17 @@ def make_sample(split, i, images, labels, canvas_size, seed, describe_style='lon
   text_only: the same conversations with no image (no `<image>` tag, no canvas): a language corpus of the
   answers' grammar, counts, descriptions and sums for pretraining the LLM alone (the toy's stand-in for a
   pretrained LLM; the visual answers follow from nothing it sees, only their form and the sums do).
+  text_grid (with text_only): the grid written in words (the description's text) stands where the image
+  was, so the visual answers follow from the context: the LLM learns to read a grid from what precedes the
+  question, as a pretrained LLM reads its context.
   """
   rng = np.random.default_rng([seed, list(SOURCE_SPLITS).index(split), i])
   empty, src, grid = draw_grid(rng, labels, split, grid_size)
   qtype, q, a = _random_question(rng, grid, style=describe_style, type_probs=type_probs, add_echo=add_echo)
   grounded = qtype != 'text_add'           # a question about the grid (its image is left out if text_only)
   has_image = grounded and not text_only
+  if text_only and text_grid and grounded:
+    q = describe(grid, describe_style) + '\n' + q
   conv = [{'from': 'human', 'value': ('<image>\n' + q) if has_image else q},
           {'from': 'gpt', 'value': a}]
   more = (grounded and not (describe_alone and qtype == 'describe')
@@ -308,12 +313,13 @@ class DigitsVqaConfig(tfds.core.BuilderConfig):
   add_echo: bool = False
   text_rounds: bool = False
   text_only: bool = False
+  text_grid: bool = False
 
 
 def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=0, describe_style='long',
                 max_rounds=2, extra_round_prob=SECOND_ROUND_PROB, grid=GRID, type_probs=TYPE_PROBS,
                 describe_alone=False, tile_fraction=TILE_FRACTION, one_round_test=False, add_echo=False,
-                text_rounds=False, text_only=False):
+                text_rounds=False, text_only=False, text_grid=False):
   """The builder config; every option that changes the data is in its name (a different dataset dir)."""
   type_probs = tuple(float(p) for p in type_probs)
   if not 1 <= grid <= 3 or canvas_size < 8 * grid:
@@ -326,6 +332,8 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
   if not 8 * grid / canvas_size <= tile_fraction <= 1.0:
     raise ValueError(f'data.digits.tile_fraction={tile_fraction} must be in [8·grid/canvas_size, 1] '
                      f'(a digit is at least 8 px and fits its cell)')
+  if text_grid and not text_only:
+    raise ValueError('data.digits.text_grid writes the grid in place of the image: it needs text_only=True')
   if describe_style not in DESCRIBE_STYLES:
     raise ValueError(f'data.digits.describe_style={describe_style!r}: use one of {DESCRIBE_STYLES}')
   if max_rounds < 1 or not 0.0 <= extra_round_prob <= 1.0:
@@ -352,12 +360,15 @@ def make_config(canvas_size=64, num_train=4000, num_val=300, num_test=300, seed=
     name += '_tr'
   if text_only:
     name += '_to'
+  if text_grid:
+    name += '_tg'
   return DigitsVqaConfig(name=name, canvas_size=canvas_size, num_train=num_train, num_val=num_val,
                          num_test=num_test, seed=seed, describe_style=describe_style, max_rounds=max_rounds,
                          extra_round_prob=extra_round_prob, grid=grid, type_probs=type_probs,
                          describe_alone=bool(describe_alone), tile_fraction=tile_fraction,
                          one_round_test=bool(one_round_test), add_echo=bool(add_echo),
-                         text_rounds=bool(text_rounds), text_only=bool(text_only))
+                         text_rounds=bool(text_rounds), text_only=bool(text_only),
+                         text_grid=bool(text_grid))
 
 
 class DigitsVqa(tfds.core.GeneratorBasedBuilder):
@@ -387,4 +398,4 @@ class DigitsVqa(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       yield i, make_sample(split, i, images, labels, c.canvas_size, c.seed, c.describe_style, c.max_rounds,
                            c.extra_round_prob, c.grid, c.type_probs, c.describe_alone, c.tile_fraction,
-                           c.one_round_test, c.add_echo, c.text_rounds, c.text_only)
+                           c.one_round_test, c.add_echo, c.text_rounds, c.text_only, c.text_grid)

@@ -41,7 +41,7 @@ def stage_inputs(config):
   it); stages 1-3 everything but `train.init_from` (a path inside the workdir),
   `data.digits.one_round_test` (it shapes only the test split, which no stage reads),
   `data.digits.video_style` unless the data is digits_video (no other builder reads it),
-  `data.digits.text_only` while False (the stages before it existed keep their hashes), the rest of
+  `data.digits.text_only` / `text_grid` while False (the stages before it existed keep their hashes), the rest of
   `model.sparse` while `model.sparse.enabled` is False (a model without predictors never reads it) and
   `model.mqt` unless the projector is MQT's."""
   d = config.to_dict()
@@ -55,8 +55,9 @@ def stage_inputs(config):
   digits.pop('one_round_test', None)   # shapes the test split only
   if d.get('data', {}).get('name') != 'digits_video':
     digits.pop('video_style', None)
-  if not digits.get('text_only', True):
-    digits.pop('text_only')
+  for key in ('text_only', 'text_grid'):
+    if not digits.get(key, True):
+      digits.pop(key)
   model = d.get('model', {})
   if 'sparse' in model and not model['sparse'].get('enabled'):
     model['sparse'] = {'enabled': False}
