@@ -1,16 +1,13 @@
 """The sibling methods' demo stages (`make demo-more`, scripts/demo_more.py): one config per stage.
 
-    configs/demo_more.py:stage=mqt_align        MQT projector (M = 64 queries) only, m = M, from stage 0
+    configs/demo_more.py:stage=mqt_align        MQT projector (M = 64 queries) only, m = M, from the demo's lm
+                                                stage (the pretrained tower and LLM)
     configs/demo_more.py:stage=mqt_instruct     MQT: projector + LLM, m ~ U{2, 4, ..., M}, from mqt_align
     configs/demo_more.py:stage=mod_instruct     VideoLLM-MoD (r = 0.2, layers 0, 2) on the images, from stage 1
-    configs/demo_more.py:stage=video_instruct   dense LLaVA on digits_video (4 frames), from stage 1
-    configs/demo_more.py:stage=mod_video        VideoLLM-MoD on digits_video, from stage 1
-    configs/demo_more.py:stage=lm_pretrain      the LLM alone on the text of the conversations (no images),
-                                                from stage 0: the toy's pretrained LLM
-    configs/demo_more.py:stage=lm_align         stage 1 (projector only, captions) on that LLM
-    configs/demo_more.py:stage=lm_instruct      stage 2 (LLM + projector, full tuning) from lm_align
-    configs/demo_more.py:stage=region_full      visual region (layer 3 of 4) fully tuned, from lm_align
-    configs/demo_more.py:stage=region_lora      visual region with LoRA r 16 (alpha 32), from lm_align
+    configs/demo_more.py:stage=video_instruct   dense LLaVA on digits_video (4 frames), from stage 0 (tower)
+    configs/demo_more.py:stage=mod_video        VideoLLM-MoD on digits_video, from stage 0 (tower)
+    configs/demo_more.py:stage=region_full      visual region (layer 3 of 4) fully tuned, from stage 1
+    configs/demo_more.py:stage=region_lora      visual region with LoRA r 16 (alpha 32), from stage 1
     configs/demo_more.py:stage=<name>,smoke=True   2 steps, small data (the tests)
 
 Every stage is derived from `configs/demo.py`'s stage 1 (the align stages) or stage 2 (the instruct stages):
@@ -20,7 +17,8 @@ own setting. The video stages read `digits_video` (the demo's canvas and 2x2 gri
 its own tokenizer: the data pipeline reads one dataset per run and the two datasets' word tokenizers number
 their words differently, so one model cannot train on both in one stage here (docs/demo.md, "make
 demo-more"); MoD's image rows come from `mod_instruct`, its video rows from `mod_video`, the dense video
-comparator from `video_instruct`.
+comparator from `video_instruct`. The video stages start from the tower (stage 0), not from stage 1: the
+LLM of the demo's lm stage learned digits_vqa's word ids, which name other words in digits_video's.
 """
 import ml_collections
 
@@ -28,18 +26,15 @@ from configs import common
 from configs import demo
 
 # name -> (index: the stage dir is <workdir>/stage<index>_<name>, configs/demo.py stage it derives from,
-#          the upstream stage whose params are train.init_from: an int = configs/demo.py's, a str = ours)
+#          the upstream stage whose params are train.init_from: a configs/demo.py stage (0-3, 'lm') or ours)
 STAGES = {
-    'mqt_align': (4, 1, 0),
+    'mqt_align': (4, 1, 'lm'),
     'mqt_instruct': (5, 2, 'mqt_align'),
     'mod_instruct': (6, 2, 1),
-    'video_instruct': (7, 2, 1),
-    'mod_video': (8, 2, 1),
-    'region_full': (9, 2, 'lm_align'),
-    'region_lora': (10, 2, 'lm_align'),
-    'lm_pretrain': (11, 2, 0),
-    'lm_align': (12, 1, 'lm_pretrain'),
-    'lm_instruct': (13, 2, 'lm_align'),
+    'video_instruct': (7, 2, 0),
+    'mod_video': (8, 2, 0),
+    'region_full': (9, 2, 1),
+    'region_lora': (10, 2, 1),
 }
 MQT_QUERIES = 64      # M: one query per patch of the 8x8 grid (the dense model's N), so m = M is dense's count
 VIDEO_FRAMES = 4      # digits_video frames per sample (data.max_frames; the builder draws min(4, F)..F)
@@ -60,10 +55,10 @@ def get_config(arg=None):
     t.freeze_projector = False
     # stage 1 trains the sin-cos position table too; stage 2 keeps it frozen (the release)
     t.frozen = '^projector/pos_embed$' if arg.stage == 'mqt_instruct' else ''
-    # Not the release's recipe (its LLM is pretrained and reads the M tokens after stage 1; ours is random):
-    # each query starts attending around its grid position (the release's init starts near-uniform and
-    # stayed there: every m answered 0.153), and the first 400 of stage 2's 800 steps train at m = M before
-    # the draw starts. 0.153 -> 0.307 at m = 64, 0.190 at m = 16 (docs/demo.md, "make demo-more").
+    # Not the release's recipe (its LLM is a 7B pretrained on text and images' captions at scale; ours is
+    # the demo's lm stage): each query starts attending around its grid position (the release's init starts
+    # near-uniform and, from a random LLM, stayed there: every m answered 0.153), and the first 400 of stage
+    # 2's 600 steps train at m = M before the draw starts (docs/demo.md, "make demo-more").
     m.mqt.local_init = 32.0
     if arg.stage == 'mqt_instruct':
       m.mqt.sample_from_step = 400
@@ -94,19 +89,10 @@ def get_config(arg=None):
     c.eval.prefill_bucket = 384
     if arg.smoke:
       d.max_len = 320
-  if arg.stage == 'lm_pretrain':
-    # The visual region is a finding about a *pretrained* LLM: tune a quarter of its layers for vision and
-    # it keeps its language. The toy LLM has no pretraining (stage 1 starts it random, and a random LLM
-    # with 3 of 4 layers frozen could not learn the sums: region_full 0.630 against dense's 0.827, every
-    # text addition wrong; docs/demo.md). This stage
-    # gives it one: the same conversations, text only (the grammar, the counts of a description, the
-    # sums of echoed values), the demo's stage-2 recipe. The region stages and their full-tuning
-    # comparator (lm_instruct) then start from it through a stage 1 (lm_align), as LLaVA's recipe does.
-    c.data.digits.text_only = True
   if arg.stage.startswith('region'):
     m.region = 'auto'               # ceil(4 / 4) = 1 layer: layer 3
     m.region_train = 'full' if arg.stage == 'region_full' else f'lora{LORA_RANK}'
     m.lora.alpha = 2.0 * LORA_RANK
   c.stage = ml_collections.ConfigDict({'index': index, 'name': arg.stage})
-  c.upstream = upstream if isinstance(upstream, str) else f'stage{upstream}'
+  c.upstream = upstream if upstream in STAGES else demo.stage_key(upstream)
   return c

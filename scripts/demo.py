@@ -5,6 +5,7 @@
 Stages (configs/demo.py:stage=K; each cached in <workdir>/stage<K>_<name>/, skipped on a re-run while its
 config and every upstream config are unchanged — dynllava_jax/demo/stages.py):
   0 tower     pretrain the tiny ViT (each patch token: its cell's digit and which cell), then freeze it
+  lm          pretrain the LLM on the conversations' text, the grid in words where the image goes (dir stage0_lm)
   1 align     projector only, on captions
   2 instruct  LLM + projector on the digits questions: the dense LLaVA
   3 dynamic   Dynamic-LLaVA fine-tune from stage 2
@@ -29,11 +30,12 @@ KEPT_PATCH_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')
 
 
 def apply_sets(config, stage, items):
-  """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); without stageK: every stage that
-  has the field. Raises SystemExit(2) with one line on a field no stage has."""
+  """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); stageK: stage2, lm, or the stage's
+  name (instruct); without it: every stage that has the field. Raises SystemExit(2) with one line on a field
+  no stage has."""
   for item in items:
     target, _, rest = item.partition(':') if item.split('=', 1)[0].count(':') else ('', '', item)
-    if target and target != f'stage{stage}':
+    if target and target not in (f'stage{stage}', config.stage.name):
       continue
     key, sep, value = rest.partition('=')
     if not sep:
@@ -94,7 +96,8 @@ def main():
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
                   help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
-  ap.add_argument('--stop_after', type=int, default=3, help='last stage to run (no evaluation if < 3)')
+  ap.add_argument('--stop_after', type=int, default=3, choices=(0, 1, 2, 3),
+                  help='last stage to run (0: the tower and lm; no evaluation if < 3)')
   args = ap.parse_args()
   t0 = time.time()
 
@@ -119,7 +122,7 @@ def main():
 
   configs, infos, up = {}, {}, None
   for k in STAGES:
-    if k > args.stop_after:
+    if k != 'lm' and k > args.stop_after:
       break
     c = get_config(f'stage={k},smoke={args.smoke}')
     apply_sets(c, k, args.set)

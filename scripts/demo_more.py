@@ -6,14 +6,13 @@ the same workdir as `make demo`.
 
 Stages: `make demo`'s 0-3 (configs/demo.py; cached, so after `make demo` they are skipped), then per method
 family the stages of configs/demo_more.py, each cached in <workdir>/stage<i>_<name>/ like the others:
-  mqt     mqt_align (projector only, m = M, from stage 0), mqt_instruct (+ LLM, m ~ U{2, ..., M})
-  mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video
-  region  lm_pretrain (the LLM alone on the conversations' text: the toy's pretrained LLM), lm_align (stage 1
-          on it), lm_instruct (full tuning), region_full, region_lora (layer 3 of 4 trained, fully / by
-          LoRA; both from lm_align)
+  mqt     mqt_align (projector only, m = M, from the lm stage), mqt_instruct (+ LLM, m ~ U{2, ..., M})
+  mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video (both
+          from stage 0: the video's own word ids)
+  region  region_full, region_lora (layer 3 of 4 trained, fully / by LoRA)
 all from stage 1 with stage 2's recipe unless said. Then the rows (dynllava_jax/demo/more.py): mqt@<m>, the
 image-token methods at the MQT counts (`<method>@<m/64>`, unless --no_matched), mod@0.2, mod_random@0.2,
-mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, dense_lm@1.0, region_full, region_lora. They are merged into
+mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, region_full, region_lora. They are merged into
 <workdir>/summary.json, results.json, results.md and tradeoff.png beside `make demo`'s rows (kept when
 they answered as many test samples with the same stages 0-3; else dense@1.0 and dynamic@0.2 are evaluated
 here and the old rows are left out).
@@ -71,7 +70,7 @@ def main():
   families = [m.strip() for m in args.methods.split(',') if m.strip()]
   if not families or any(f not in more.FAMILIES for f in families):
     _fail(f'--methods {args.methods!r}: use a comma-separated subset of {tuple(more.FAMILIES)}')
-  names = {f'stage{k}' for k in demo_cfg.STAGES} | set(more_cfg.STAGES)
+  names = {demo_cfg.stage_key(k) for k in demo_cfg.STAGES} | set(more_cfg.STAGES)
   for item in args.set:
     target, sep, _ = item.partition(':')
     if sep and '=' not in target and target not in names and not target.startswith('stage'):
@@ -84,9 +83,9 @@ def main():
     up = None
     for k in demo_cfg.STAGES:
       c = demo_cfg.get_config(f'stage={k},smoke={args.smoke}')
-      apply_sets(c, k, _sets_for(args.set, f'stage{k}', k))
-      configs[f'stage{k}'] = c
-      up = infos[f'stage{k}'] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
+      apply_sets(c, k, _sets_for(args.set, demo_cfg.stage_key(k), k))
+      configs[demo_cfg.stage_key(k)] = c
+      up = infos[demo_cfg.stage_key(k)] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
     for name in [s for f in families for s in more.FAMILIES[f]]:
       c = more_cfg.get_config(f'stage={name},smoke={args.smoke}')
       apply_sets(c, c.stage.index, _sets_for(args.set, name, c.stage.index))
@@ -134,7 +133,7 @@ def main():
       old_json = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
     pass
-  base_stages = {str(k): infos[f'stage{k}'] for k in demo_cfg.STAGES}
+  base_stages = {str(k): infos[demo_cfg.stage_key(k)] for k in demo_cfg.STAGES}
   same_models = ({k: v.get('hash') for k, v in (old_json.get('stages') or {}).items()} ==
                  {k: v['hash'] for k, v in base_stages.items()})
   if old_summary and old_summary.get('test_samples') == len(samples) and old_json.get('rows') and same_models:
@@ -186,11 +185,10 @@ def main():
       print(f'  {k:20s} all {a["all"]:.3f}  ' + '  '.join(f'{t} {v:.3f}' for t, v in a.items() if t != 'all'),
             flush=True)
   if 'region' in families:
-    base_key, base_stage = more.REGION_BASE
-    for key, name in [(base_key, base_stage)] + [(k, k) for k in more.REGION_KEYS]:
-      model, c = load(name)
+    for key in more.REGION_KEYS:
+      model, c = load(key)
       r = more.evaluate_part(model, c, 'dense', ordered, tok, batch_size=bs, text_tokens=text_tokens)
-      r.update(method=key.split('@')[0], key=key, stage=name)
+      r.update(method=key, key=key, stage=key)
       rows[key] = r
       print(f'  {key:20s} all {r["accuracy_by_type"]["all"]:.3f}', flush=True)
 
@@ -207,7 +205,7 @@ def main():
     json.dump(summary, f, indent=1)
   from demo import _json_default  # pylint: disable=g-import-not-at-top
   out = {**(old_json if old_rows else {}), 'rows': all_rows, 'majority': majority, 'stages': base_stages}
-  out['more'] = {'stages': {k: infos[k] for k in infos if not k.startswith('stage')}, 'wall_s': wall,
+  out['more'] = {'stages': {k: infos[k] for k in infos if k in more_cfg.STAGES}, 'wall_s': wall,
                  'eval_wall_s': wall - t_train, 'families': families}
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
     json.dump(out, f, indent=1, default=_json_default)

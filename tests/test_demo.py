@@ -163,7 +163,7 @@ def test_echo_answers_name_the_cell_before_its_value():
 
 def _fake_body(calls):
   def body(config, path, report):
-    calls.append(config.stage.index)
+    calls.append(config.stage.name)
     os.makedirs(os.path.join(path, 'params'), exist_ok=True)
     os.makedirs(os.path.join(path, 'checkpoints'), exist_ok=True)
     return {'steps': 2}
@@ -177,43 +177,43 @@ def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
   monkeypatch.setattr(tower, 'pretrain_tower', lambda c, p, report: _fake_body(calls)(c, p, report))
 
   def run_all(sets=None):
-    up, infos = None, []
+    up, infos = None, {}
     for k in STAGES:
       c = get_config(f'stage={k},smoke=True')
       for (stage, section, field), value in (sets or {}).items():
         if stage == k:
           c[section][field] = value
-      up = stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
-      infos.append(up)
+      up = infos[c.stage.name] = stg.run_stage(c, stg.stage_dir(str(tmp_path), c), up, report=lambda m: None)
     return infos
 
   first = run_all()
-  assert calls == [0, 1, 2, 3] and not any(i['skipped'] for i in first)
+  assert calls == ['tower', 'lm', 'align', 'instruct', 'dynamic'] and not any(i['skipped'] for i in first.values())
+  assert os.path.basename(first['lm']['dir']) == 'stage0_lm'
   calls.clear()
-  assert all(i['skipped'] for i in run_all()) and calls == []               # a re-run skips every stage
-  marker = os.path.join(first[3]['dir'], 'stale.txt')
+  assert all(i['skipped'] for i in run_all().values()) and calls == []       # a re-run skips every stage
+  marker = os.path.join(first['dynamic']['dir'], 'stale.txt')
   open(marker, 'w').close()
   calls.clear()
   third = run_all({(3, 'train', 'lr'): 5e-5})                                 # stage 3's config changed
-  assert calls == [3] and [i['skipped'] for i in third] == [True, True, True, False]
+  assert calls == ['dynamic'] and [i['skipped'] for i in third.values()] == [True, True, True, True, False]
   assert not os.path.exists(marker)                                           # its old dir was wiped
-  assert third[3]['hash'] != first[3]['hash']
+  assert third['dynamic']['hash'] != first['dynamic']['hash']
   calls.clear()
-  fourth = run_all({(1, 'train', 'steps'): 3})                                # upstream change
-  assert calls == [1, 2, 3] and fourth[0]['skipped']
+  fourth = run_all({('lm', 'train', 'steps'): 3})                             # upstream change
+  assert calls == ['lm', 'align', 'instruct', 'dynamic'] and fourth['tower']['skipped']
   # an interrupted stage (stage.json without done) with the same hash reruns
-  st = stg.read_state(fourth[2]['dir'])
+  st = stg.read_state(fourth['instruct']['dir'])
   st['done'] = False
-  with open(os.path.join(fourth[2]['dir'], stg.STATE), 'w') as f:
+  with open(os.path.join(fourth['instruct']['dir'], stg.STATE), 'w') as f:
     json.dump(st, f)
   calls.clear()
-  run_all({(1, 'train', 'steps'): 3})
-  assert calls == [2]        # same hash: stage 3 (deterministic training gives the same stage 2) is kept
+  run_all({('lm', 'train', 'steps'): 3})
+  assert calls == ['instruct']   # same hash: stage 3 (deterministic training gives the same stage 2) is kept
   import shutil
-  shutil.rmtree(os.path.join(fourth[3]['dir'], 'checkpoints'))               # outputs gone: rerun
+  shutil.rmtree(os.path.join(fourth['dynamic']['dir'], 'checkpoints'))       # outputs gone: rerun
   calls.clear()
-  run_all({(1, 'train', 'steps'): 3})
-  assert calls == [3]
+  run_all({('lm', 'train', 'steps'): 3})
+  assert calls == ['dynamic']
 
 
 def test_stale_linked_stage_is_unlinked_not_deleted(tmp_path, monkeypatch):
@@ -228,7 +228,7 @@ def test_stale_linked_stage_is_unlinked_not_deleted(tmp_path, monkeypatch):
   os.makedirs(os.path.dirname(path))
   os.symlink(other, path)
   info = stg.run_stage(c, path, {'hash': 'x', 'dir': str(tmp_path / 'up')}, report=lambda m: None)
-  assert calls == [1] and not info['skipped'] and not os.path.islink(path)
+  assert calls == ['align'] and not info['skipped'] and not os.path.islink(path)
   assert (other / 'params').is_dir() and stg.read_state(str(other))['hash'] == 'not-this-one'
 
 

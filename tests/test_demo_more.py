@@ -30,7 +30,6 @@ ALLOWED = {
     'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket', 'data.digits.video_style',
               'eval.max_new_tokens'},
     'region': {'model.region', 'model.region_train', 'model.lora.alpha'},
-    'lm_pretrain': {'data.digits.text_only'},
 }
 
 
@@ -60,26 +59,23 @@ def test_stage_is_the_demo_stage_plus_its_method(name):
   assert c.train.steps == b['train.steps'] and c.train.lr == b['train.lr']     # the base stage's recipe
   check_config(c, 1)                                                           # train.py would accept it
   assert c.stage.index == index and stg.stage_dir('/w', c) == f'/w/stage{index}_{name}'
-  assert c.upstream == (upstream if isinstance(upstream, str) else f'stage{upstream}')
+  assert c.upstream == (upstream if upstream in demo_more.STAGES else demo.stage_key(upstream))
   if name.startswith('mqt'):
     from dynllava_jax.model.projector import num_visual_tokens
     assert num_visual_tokens(c.model) == 64 == c.model.mqt.queries            # M = the dense model's N
   if name.startswith('region'):
     from dynllava_jax.tools.prune import region_of
     assert tuple(region_of(c.model)) == (3,)                                   # a quarter of the 4 layers
-  if name.startswith('region') or name == 'lm_instruct':                       # same LLM, same stage 1
-    assert c.upstream == 'lm_align' and demo_more.STAGES['lm_align'][2] == 'lm_pretrain'
-
-
-def test_region_family_runs_its_language_stages_first():
-  order = more.FAMILIES['region']
-  assert order.index('lm_pretrain') < order.index('lm_align') < min(order.index(s) for s in (
-      'lm_instruct', 'region_full', 'region_lora'))
-  assert more.REGION_BASE == ('dense_lm@1.0', 'lm_instruct')
+  if name.startswith('region'):                                              # dense@1.0's start
+    assert c.upstream == 'stage1'
+  if name in ('video_instruct', 'mod_video'):       # not the lm stage's LLM: digits_video's own word ids
+    assert c.upstream == 'stage0'
+  if name == 'mqt_align':
+    assert c.upstream == 'lm'
 
 
 def test_text_only_corpus_is_the_same_conversations_without_images():
-  """lm_pretrain's data: the conversations of the image dataset minus every image (its word tokenizer
+  """The demo's lm stage's data: the conversations of the image dataset minus every image (its word tokenizer
   depends on describe_style only, so the pretrained LLM's embedding rows mean the same words later), and
   the option leaves every other stage's hash alone."""
   from sklearn.datasets import load_digits
@@ -109,10 +105,15 @@ def test_text_only_corpus_is_the_same_conversations_without_images():
   with pytest.raises(ValueError, match='text_only'):
     digits_vqa.make_config(text_grid=True)
   c2 = demo.get_config('stage=2')
-  lm = demo_more.get_config('stage=lm_pretrain')
-  assert lm.data.digits.text_only and not c2.data.digits.text_only
+  lm = demo.get_config('stage=lm')
+  assert lm.data.digits.text_only and lm.data.digits.text_grid and not c2.data.digits.text_only
   assert not {'text_only', 'text_grid'} & set(stg.stage_inputs(c2)['data']['digits'])   # hashes kept
   assert stg.stage_inputs(lm)['data']['digits']['text_only'] is True
+  # the lm stage is stage 2's recipe on that corpus, for demo.LM_STEPS steps
+  f2, fl = _flat(c2.to_dict()), _flat(lm.to_dict())
+  changed = {k for k in set(f2) | set(fl) if f2.get(k, '<absent>') != fl.get(k, '<absent>')}
+  assert changed == {'data.digits.text_only', 'data.digits.text_grid', 'train.steps', 'stage.index', 'stage.name'}
+  assert lm.train.steps == demo.LM_STEPS and stg.stage_dir('/w', lm) == '/w/stage0_lm'
 
 
 def test_demo_recipe_changes_reach_the_stages(monkeypatch):
@@ -155,8 +156,7 @@ def test_merged_rows_and_the_new_summary_keys():
           'mqt@16': {**img, 'method': 'mqt'}, 'visionzip@0.03125': {**img, 'method': 'visionzip'},
           'mod@0.2': row, 'dense_mod@1.0': more.merged_row('dense_mod', 1.0, {'image': img, 'video': vid}),
           'drop_equal_flops@0.2': more.merged_row('drop_equal_flops', 0.2, {'image': img}),
-          'region_full': {**img, 'method': 'region_full'}, 'region_lora': {**img, 'method': 'region_lora'},
-          'dense_lm@1.0': {**img, 'method': 'dense_lm'}}
+          'region_full': {**img, 'method': 'region_full'}, 'region_lora': {**img, 'method': 'region_lora'}}
   summary = res.check_summary(res.make_summary(rows, {'count': 0.3, 'changed': 0.1}, 40, 1.0))
   assert summary['methods']['mod@0.2']['accuracy']['changed'] == 0.0
   plot = more.plot_entries(summary['methods'], rows)

@@ -18,8 +18,7 @@ Keys (docs/demo.md's key table):
   dense_mod@1.0           the dense comparator of the four rows above, on the same tasks (stage 2 on the
                           images, video_instruct on the video)
   region_full, region_lora  the visual-region models (layer 3 of 4 trained, fully or by LoRA) on the images,
-                          from the language-pretrained LLM (stages lm_pretrain, lm_align)
-  dense_lm@1.0            their comparator: full tuning (stage lm_instruct) from the same LLM and stage 1
+                          from stage 1; their comparator is dense@1.0 (stage 2: full tuning from stage 1)
 The MoD rows and their comparator are the sample-weighted merge of an image part and a video part
 (`merged_row`): accuracy per question type (image and video types side by side), 'all' over both test sets,
 and every cost field the sample-weighted mean; results.json keeps each part.
@@ -31,11 +30,10 @@ MATCHED_METHODS = ('dynamic', 'fastv', 'pdrop', 'random', 'uniform', 'visionzip'
 MOD_R = 0.2
 MOD_ROUTINGS = {'mod': 'learned', 'mod_random': 'random', 'mod_uniform': 'uniform'}
 REGION_KEYS = ('region_full', 'region_lora')
-REGION_BASE = ('dense_lm@1.0', 'lm_instruct')     # the full-tuning comparator: key, stage
 FAMILIES = {   # --methods name -> the demo_more stages it needs
     'mqt': ('mqt_align', 'mqt_instruct'),
     'mod': ('mod_instruct', 'video_instruct', 'mod_video'),
-    'region': ('lm_pretrain', 'lm_align', 'lm_instruct', 'region_full', 'region_lora'),
+    'region': ('region_full', 'region_lora'),
 }
 
 

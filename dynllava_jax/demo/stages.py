@@ -5,10 +5,10 @@
 Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
   stage.json   {stage, name, hash, upstream_hash, done, wall_s, cpu_s (process CPU time), result}
   params/      the stage's model params (orbax, `dynllava_jax.convert` layout) for the next stage's
-               `train.init_from` (stage 0: the vision tower only)
-  checkpoints/ the training bundle (stages 1-3; what `eval.run.load_model` restores)
+               `train.init_from` (the tower stage: the vision tower only)
+  checkpoints/ the training bundle (every stage but the tower's; what `eval.run.load_model` restores)
 The stage's hash is sha256 over what it reads of its resolved config (`stage_inputs`: stage 0 its tower
-section, the vision config, canvas geometry and seed; later stages the whole config with `train.init_from`
+section, the vision config, canvas geometry and seed; the others the whole config with `train.init_from`
 blanked, a path inside the workdir, and the sections the model does not read (a disabled `model.sparse`,
 `model.mqt` of another projector) left out; as JSON, keys sorted) and the upstream stage's hash, so a change to
 any earlier stage's config invalidates every later stage too. A stage whose stage.json has the same hash
@@ -35,17 +35,22 @@ def stage_dir(workdir, config):
   return os.path.join(workdir, f'stage{config.stage.index}_{config.stage.name}')
 
 
+def is_tower(config):
+  """The tower's pretraining (dynllava_jax/demo/tower.py), not a LLaVA training run."""
+  return config.stage.name == 'tower'
+
+
 def stage_inputs(config):
-  """The part of the config a stage reads: stage 0 (the tower) only its `tower` section, the vision tower's
+  """The part of the config a stage reads: the tower stage (stage 0's `tower`) only its `tower` section, the vision tower's
   config, the canvas geometry and the seed (a change to the question mix or the LLM does not retrain
-  it); stages 1-3 everything but `train.init_from` (a path inside the workdir),
+  it); the others everything but `train.init_from` (a path inside the workdir),
   `data.digits.one_round_test` (it shapes only the test split, which no stage reads),
   `data.digits.video_style` unless the data is digits_video (no other builder reads it),
   `data.digits.text_only` / `text_grid` while False (the stages before it existed keep their hashes), the rest of
   `model.sparse` while `model.sparse.enabled` is False (a model without predictors never reads it) and
   `model.mqt` unless the projector is MQT's."""
   d = config.to_dict()
-  if config.stage.index == 0:
+  if is_tower(config):
     g = d['data']['digits']
     return {'stage': d['stage'], 'tower': d['tower'], 'vision': d['model']['vision'], 'seed': d['seed'],
             'canvas': {k: g.get(k) for k in ('canvas_size', 'grid', 'tile_fraction')}}
@@ -99,7 +104,7 @@ def save_model_params(model, path):
 
 
 def _train_llava_stage(config, path, report):
-  """Stages 1-3: build the data, `loop.train` into `path`, export the params."""
+  """Every stage but the tower's: build the data, `loop.train` into `path`, export the params."""
   from dynllava_jax.data import builders  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import loop  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train import state as st  # pylint: disable=g-import-not-at-top
@@ -123,7 +128,7 @@ def run_stage(config, path, upstream=None, report=print):
   h = stage_hash(config, up_hash)
   name = f'stage {config.stage.index} ({config.stage.name})'
   old = read_state(path)
-  outputs = ['params'] + (['checkpoints'] if config.stage.index else [])
+  outputs = ['params'] + ([] if is_tower(config) else ['checkpoints'])
   complete = all(os.path.isdir(os.path.join(path, o)) for o in outputs)
   if old and old.get('hash') == h and old.get('done') and complete:
     report(f'{name}: cached in {path} (hash {h}), skipped')
@@ -138,7 +143,7 @@ def run_stage(config, path, upstream=None, report=print):
            'upstream_hash': up_hash, 'done': False}
   _write_state(path, state)
   t0, c0 = time.time(), time.process_time()
-  if config.stage.index == 0:
+  if is_tower(config):
     from dynllava_jax.demo.tower import pretrain_tower  # pylint: disable=g-import-not-at-top
     result = pretrain_tower(config, path, report=report)
   else:
