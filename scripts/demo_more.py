@@ -9,7 +9,7 @@ family the stages of configs/demo_more.py, each cached in <workdir>/stage<i>_<na
   mqt     mqt_align (projector only, m = M, from the lm stage), mqt_instruct (+ LLM, m ~ U{2, ..., M})
   mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video (both
           from stage 0: the video's own word ids)
-  region  region_full, region_lora (layer 3 of 4 trained, fully / by LoRA)
+  region  region_full, region_lora (layer 0 of 4 trained, fully / by LoRA)
 all from stage 1 with stage 2's recipe unless said. Then the rows (dynllava_jax/demo/more.py): mqt@<m>, the
 image-token methods at the MQT counts (`<method>@<m/64>`, unless --no_matched), mod@0.2, mod_random@0.2,
 mod_uniform@0.2, drop_equal_flops@0.2, dense_mod@1.0, region_full, region_lora. They are merged into

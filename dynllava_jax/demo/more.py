@@ -17,7 +17,7 @@ Keys (docs/demo.md's key table):
                           (`sparsity/mod_baselines.py`: 38 of 64 kept)
   dense_mod@1.0           the dense comparator of the four rows above, on the same tasks (stage 2 on the
                           images, video_instruct on the video)
-  region_full, region_lora  the visual-region models (layer 3 of 4 trained, fully or by LoRA) on the images,
+  region_full, region_lora  the visual-region models (layer 0 of 4 trained, fully or by LoRA) on the images,
                           from stage 1; their comparator is dense@1.0 (stage 2: full tuning from stage 1)
 The MoD rows and their comparator are the sample-weighted merge of an image part and a video part
 (`merged_row`): accuracy per question type (image and video types side by side), 'all' over both test sets,
