@@ -68,7 +68,7 @@ def test_stage_is_the_demo_stage_plus_its_method(name):
     assert tuple(region_of(c.model)) == (0,)                         # a quarter of the 4 layers: the reading one
   if name.startswith('region'):                                              # dense@1.0's start
     assert c.upstream == 'stage1'
-  if name in ('video_instruct', 'mod_video'):       # not the lm stage's LLM: digits_video's own word ids
+  if name in ('video_instruct', 'mod_video', 'mod_instruct'):    # MoD's family starts from a random LLM
     assert c.upstream == 'stage0'
   if name == 'mqt_align':
     assert c.upstream == 'lm'
