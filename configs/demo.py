@@ -120,7 +120,8 @@ def get_config(arg=None):
     t.lr = 2e-3
   elif recipe == 2:
     # 600 steps from the lm stage's LLM (LM_STEPS 400): dense 0.857, row_sum 0.850; 400 + 800: 0.873, 0.863;
-    # 800 + 800: 0.877, 0.900, but ~3 min over make demo's 15 (docs/demo.md, "The lm stage").
+    # 800 + 800: 0.877, 0.900, but there Dynamic-LLaVA@0.2 fell to 0.650 (stage 3 lr 1e-4: 0.840, -3.7;
+    # docs/demo.md, "The lm stage").
     t.steps = 600
     t.lr = 1e-3
     # Each sample's own token-mean CE: the one-token look-up answers weigh as much as a 51-token
