@@ -61,7 +61,7 @@ def get_config(arg=None):
     # Not the release's recipe (its LLM is a 7B pretrained on text and images' captions at scale; ours is
     # the demo's lm stage): each query starts attending around its grid position (the release's init starts
     # near-uniform and, from a random LLM, stayed there: every m answered 0.153), and the first 400 of stage
-    # 2's 600 steps train at m = M before the draw starts (docs/demo.md, "make demo-more").
+    # 2's 800 steps train at m = M before the draw starts (docs/demo.md, "make demo-more").
     m.mqt.local_init = 32.0
     if arg.stage == 'mqt_instruct':
       m.mqt.sample_from_step = 400
