@@ -24,7 +24,6 @@ from configs import dynllava
 # pretrained parts LLaVA starts from: a vision tower and an LLM), so its dir is stage0_lm.
 STAGES = (0, 'lm', 1, 2, 3)
 STAGE_NAMES = {0: 'tower', 'lm': 'lm', 1: 'align', 2: 'instruct', 3: 'dynamic'}
-STAGE_INDEX = {0: 0, 'lm': 0, 1: 1, 2: 2, 3: 3}
 LM_STEPS = 800
 
 
@@ -159,7 +158,8 @@ def get_config(arg=None):
     c.data.digits.text_only = True
     c.data.digits.text_grid = True
     t.steps = LM_STEPS
-  c.stage = ml_collections.ConfigDict({'index': STAGE_INDEX[arg.stage], 'name': STAGE_NAMES[arg.stage]})
+  c.stage = ml_collections.ConfigDict({'index': 0 if arg.stage == 'lm' else arg.stage,
+                                      'name': STAGE_NAMES[arg.stage]})
   if arg.smoke:
     d = c.data.digits
     d.num_train, d.num_val, d.num_test = 48, 16, 16
