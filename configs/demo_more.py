@@ -93,11 +93,8 @@ def get_config(arg=None):
     if arg.smoke:
       d.max_len = 320
   if arg.stage.startswith('region'):
-    # A quarter of 4 layers is one; 'auto' (the release's spread) would pick layer 3. In the toy LLM the
-    # lm stage taught layer 0 to do the reading (Block Influence), and a region that leaves it frozen
-    # could not learn to read the image: layer 3 answered 0.430, layer 0 0.767 (full tuning 0.857;
-    # docs/demo.md, "make demo-more").
-    m.region = '0'
+    # layer 0, not 'auto' (the release's spread: layer 3): configs/demo.py, VISUAL_REGION
+    m.region = demo.VISUAL_REGION
     m.region_train = 'full' if arg.stage == 'region_full' else f'lora{LORA_RANK}'
     m.lora.alpha = 2.0 * LORA_RANK
   c.stage = ml_collections.ConfigDict({'index': index, 'name': arg.stage})

@@ -101,7 +101,7 @@ def main():
   args = ap.parse_args()
   t0 = time.time()
 
-  from configs.demo import STAGES, get_config  # pylint: disable=g-import-not-at-top
+  from configs.demo import STAGES, VISUAL_REGION, get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
   from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
 
@@ -153,7 +153,8 @@ def main():
   print(f'evaluating {len(samples)} test samples: {methods} at budgets {budgets}', flush=True)
   calib = pipeline.make_eval_samples(configs[2], 'validation', limit=64)   # prune_bi's Block Influence
   rows = res.evaluate_all(models, ordered, tok, budgets=budgets, methods=methods, batch_size=args.eval_batch,
-                          calib_samples=calib, prune_layers=prune_layers, reducer_budgets=reducer_budgets)
+                          calib_samples=calib, prune_layers=prune_layers, prune_region=VISUAL_REGION,
+                          reducer_budgets=reducer_budgets)
   train_samples = pipeline.make_eval_samples(configs[2], 'train', limit=2000)
   majority = res.majority(train_samples, samples)
   types = sorted({s['question_type'] for s in samples})

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs.demo import STAGES, get_config
+from configs.demo import STAGES, VISUAL_REGION, get_config
 from dynllava_jax.data import digits_vqa
 from dynllava_jax.demo import results as res
 from dynllava_jax.demo import stages as stg
@@ -286,6 +286,10 @@ def test_budgets_match():
   assert res.prune_choice('prune_bi', 1, bi, mc) == (1,) and res.prune_choice('prune_bi', 2, bi, mc) == (1, 2)
   rand = res.prune_choice('prune_random', 2, bi, mc)
   assert len(rand) == 2 and 3 not in rand and rand == res.prune_choice('prune_random', 2, bi, mc)
+  # make demo's rows keep the demo's region (layer 0, configs/demo.py:VISUAL_REGION) instead of the config's
+  assert res.prune_choice('prune_bi', 1, bi, mc, region=VISUAL_REGION) == (3,)
+  assert res.prune_choice('prune_random', 3, bi, mc, region=VISUAL_REGION) == (1, 2, 3)
+  assert mc.region == ''                              # the stage's config is left as it was
 
 
 def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):

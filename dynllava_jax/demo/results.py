@@ -24,7 +24,8 @@ the layer-pruned models it is the number of decoder layers removed (`prune_bi@1`
                       diverse subset of the projected tokens); prompts carry that many image slots
   prune_bi@k,         stage 2 with k decoder layers removed (`tools/prune.prune_model`): the k lowest Block
   prune_random@k      Influence layers outside the visual region (BI over 64 validation prompts), or k of
-                      the same candidates drawn at random by (seed, k)
+                      the same candidates drawn at random by (seed, k); the region is `prune_region` (the
+                      demo's `configs/demo.py:VISUAL_REGION`, the layer demo-more's region stages tune)
 All use `dynllava_jax.eval.run.evaluate_method` (the engine's greedy KV-cache generation).
 """
 import collections
@@ -32,7 +33,7 @@ import collections
 import numpy as np
 
 BUDGETS = (0.1, 0.2, 0.35, 0.5)
-PRUNE_LAYERS = (1,)     # decoder layers removed by prune_bi / prune_random (of the 4; the region's stays)
+PRUNE_LAYERS = (1,)     # decoder layers removed by prune_bi / prune_random (of the 4; the region's layer stays)
 # VisionZip and DivPrune in `make demo`: at 20 % only (issue 12's comparison point, beside Dynamic-LLaVA);
 # their sweep over token counts is `make demo-more`'s matched rows (m / 64). Keeps `make demo` in 15 min.
 REDUCER_BUDGETS = (0.2,)
@@ -99,10 +100,15 @@ def method_specs(model_cfg, budgets=BUDGETS, methods=METHOD_ORDER, prune_layers=
   return out
 
 
-def prune_choice(method, k, bi, model_cfg, seed=0):
+def prune_choice(method, k, bi, model_cfg, seed=0, region=None):
   """The k decoder layers prune_bi (lowest Block Influence outside the visual region, `tools/prune.choose`)
-  or prune_random (k of the same candidate layers drawn by (seed, k)) removes, sorted."""
+  or prune_random (k of the same candidate layers drawn by (seed, k)) removes, sorted. region: the layers
+  to keep, in `model.region`'s syntax ('0', '1,5'); None = model_cfg's own (else the released spread)."""
   from dynllava_jax.tools import prune  # pylint: disable=g-import-not-at-top
+  if region is not None:
+    model_cfg = model_cfg.copy_and_resolve_references()
+    with model_cfg.unlocked():
+      model_cfg.region = str(region)
   if method == 'prune_bi':
     return prune.choose(bi, k, model_cfg)
   free = [i for i in range(int(model_cfg.llm.layers)) if i not in set(prune.region_of(model_cfg))]
@@ -162,9 +168,11 @@ def majority(train_samples, test_samples):
 
 
 def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_ORDER, batch_size=100,
-                 calib_samples=None, prune_layers=PRUNE_LAYERS, reducer_budgets=None, report=print):
+                 calib_samples=None, prune_layers=PRUNE_LAYERS, prune_region=None, reducer_budgets=None,
+                 report=print):
   """stage_models: {2: (model, config), 3: (model, config)}; calib_samples: the prompts Block Influence
-  is measured on (prune_bi; the validation split); reducer_budgets: as in `method_specs`. Returns
+  is measured on (prune_bi; the validation split); prune_region: the layers the prune rows keep
+  (`prune_choice`); reducer_budgets: as in `method_specs`. Returns
   {key: row} (`evaluate_method` rows plus 'key', 'budget', 'stage', 'removed_layers' for the pruned
   models)."""
   from dynllava_jax.model.projector import num_visual_tokens as num_image_tokens  # pylint: disable=g-import-not-at-top
@@ -193,7 +201,7 @@ def evaluate_all(stage_models, samples, tok, *, budgets=BUDGETS, methods=METHOD_
       if bi is None:
         bi = block_influence(model, config, calib_samples or samples)
         report(f'  block influence of the stage-2 layers: {np.round(bi, 4).tolist()}')
-      removed = prune_choice(sp['method'], sp['prune'], bi, mc, int(config.seed))
+      removed = prune_choice(sp['method'], sp['prune'], bi, mc, int(config.seed), prune_region)
       model, cfg.model = prune.prune_model(model, mc, removed)
     row = evaluate_method(model, cfg, sp['sparsifier'], samples, tok, batch_size=batch_size, timing_runs=0,
                           overrides=sp['overrides'], ppl=False, xla_flops=False)
