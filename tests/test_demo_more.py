@@ -24,8 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what each stage may change of the configs/demo.py stage it derives from (besides stage / upstream)
 ALLOWED = {
     'mqt': {'model.projector', 'model.mqt.queries', 'model.mqt.sample_m', 'model.mqt.local_init',
-            'model.mqt.sample_from_step', 'train.frozen',
-            'train.freeze_projector'},
+            'model.mqt.local_order', 'model.mqt.sample_from_step', 'train.frozen', 'train.freeze_projector'},
     'mod': {'model.mod.layers', 'model.mod.r', 'model.mod.routing', 'model.mod.alpha'},
     'video': {'data.name', 'data.max_frames', 'data.max_len', 'eval.prefill_bucket', 'data.digits.video_style',
               'eval.max_new_tokens'},

@@ -271,6 +271,7 @@ def test_local_init_attends_around_each_query_position():
   from dynllava_jax.model.mqt import MatryoshkaQueryProjector  # pylint: disable=g-import-not-at-top
   from configs.demo_more import get_config as demo_more_config  # pylint: disable=g-import-not-at-top
   mc = demo_more_config('stage=mqt_align').model
+  mc.mqt.local_order = 'raster'       # query i at patch i (the demo's recipe orders them coarse to fine)
 
   def attention(beta):
     mc.mqt.local_init = beta
