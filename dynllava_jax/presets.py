@@ -115,9 +115,6 @@ def mod_config():
   c.routing = 'learned'        # 'learned' | 'random' | 'uniform' (the equal-capacity baselines)
   c.seed = 0                   # the 'random' routing's fixed pattern
   c.train_gather = True        # training runs MoD layers on their routed tokens (exact masked fallback)
-  # Training only, learned routing: each layer picks its top k of score + route_noise·Gumbel (exploration:
-  # low-ranked tokens still get routed, so the router learns about them); 0 = none (p-MoD). Not the papers'.
-  c.route_noise = 0.0
   return c
 
 

@@ -332,28 +332,3 @@ def test_equal_capacity_baselines():
   assert drop.drop_points(cfg.model) == (1,) and drop.keep_counts(576) == (339,)
   sched = FL.image_token_schedule(cfg.model, drop)
   assert abs(sum(sched) - (16 * 576 + 16 * M.routed_count(576, 0.2))) < 32
-
-
-def test_route_noise_explores_in_training_only():
-  """model.mod.route_noise > 0: the learned routing picks the top k of score + noise·Gumbel, a fresh draw
-  per layer (still k per frame, text always routed); without a key (inference) or at 0 the plain top k;
-  the training forward passes its key only when the scale is > 0."""
-  image = jnp.asarray(np.r_[[False] * 3, [True] * (2 * N), [False] * 2][None])
-  slots, valid = M.frame_slots(image, N, 2)
-  scores = jnp.asarray(np.random.default_rng(0).normal(size=image.shape), jnp.float32)
-  plain = np.asarray(M.route_tokens(scores, M.Route(image, slots, valid, K, 'learned'), layer=1))
-  key = jax.random.key(3)
-  quiet = M.Route(image, slots, valid, K, 'learned', noise_key=key, noise=1e-6)
-  assert (np.asarray(M.route_tokens(scores, quiet, layer=1)) == plain).all()
-  loud = M.Route(image, slots, valid, K, 'learned', noise_key=key, noise=100.0)
-  r1, r3 = (np.asarray(M.route_tokens(scores, loud, layer=i)) for i in (1, 3))
-  for r in (r1, r3):
-    assert r[0, :3].all() and r[0, -2:].all()
-    assert [r[0, 3 + f * N:3 + (f + 1) * N].sum() for f in range(2)] == [K, K]
-  assert not (r1 == plain).all() and not (r1 == r3).all()
-  cfg = small_config()
-  mc = cfg.model
-  assert M.make_route(mc, image, N, 2, key=key).noise_key is None          # route_noise 0: no key kept
-  mc.mod.route_noise = 0.5
-  assert M.make_route(mc, image, N, 2, key=key).noise_key is not None
-  assert M.make_route(mc, image, N, 2).noise_key is None                    # inference: no key

@@ -182,13 +182,13 @@ class Llava(nnx.Module):
     """Whether the layer plan holds MoD layers (`model/mod.py`)."""
     return bool(P.kind_layers(self.language_model.plan, M.KIND))
 
-  def route(self, image_mask, pixel_values, count=None, method=None, real=None, key=None):
+  def route(self, image_mask, pixel_values, count=None, method=None, real=None):
     """The MoD layers' `mod.Route` for a forward (None without MoD layers or without images). real (B, T)
-    bool: training gathers the routed real tokens; key: training's routing noise (`mod.make_route`)."""
+    bool: training gathers the routed real tokens (`mod.make_route`)."""
     if not self.has_mod or pixel_values is None:
       return None
     return M.make_route(self.mc, image_mask, visual_token_count(self.mc, method, count),
-                        M.frames_of(pixel_values), real, self.language_model.attention_impl, key)
+                        M.frames_of(pixel_values), real, self.language_model.attention_impl)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None, *,
                intermediates=False, visual_tokens=None, method=None):

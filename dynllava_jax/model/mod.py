@@ -103,19 +103,15 @@ class Route:
   real: Any = None          # (B, T) bool real tokens (with gather)
   mode: str = 'masked_softmax_eps'
   impl: str = 'reference'
-  noise_key: Any = None     # (training, learned routing) PRNG key of the selection noise
-  noise: float = 0.0        # its scale (`model.mod.route_noise`)
 
 
-def make_route(mc, image_mask, n, frames, real=None, impl='reference', key=None):
+def make_route(mc, image_mask, n, frames, real=None, impl='reference'):
   """The Route of a forward: image_mask (B, T), N tokens per frame, F frames at most (None when the
   model has no MoD layer or the batch no image). real (B, T) bool: gather the routed tokens (training,
-  `model.mod.train_gather`) into T − F·(N − k) slots; impl: the attention implementation there. key:
-  the training forward's PRNG key for `model.mod.route_noise` (None: no noise, as at inference)."""
+  `model.mod.train_gather`) into T − F·(N − k) slots; impl: the attention implementation there."""
   if not frames:
     return None
   c = settings(mc)
-  noise = float(c.get('route_noise', 0.0))
   k = routed_count(n, c.r)
   slots, valid = frame_slots(image_mask, n, frames)
   gather = 0
@@ -123,7 +119,7 @@ def make_route(mc, image_mask, n, frames, real=None, impl='reference', key=None)
     size = image_mask.shape[1] - frames * (n - k)
     gather = size if 0 < size < image_mask.shape[1] else 0
   return Route(image_mask, slots, valid, k, str(c.routing), float(c.alpha), int(c.seed), gather,
-               real, str(mc.attention), impl, key if noise > 0 else None, noise)
+               real, str(mc.attention), impl)
 
 
 def compact(keep, size):
@@ -156,17 +152,11 @@ def _fixed_scores(routing, seed, layer, frames, n, k):
 
 def route_tokens(scores, route, layer=0):
   """The routed tokens: scores (B, T) router outputs -> routed (B, T) bool: every non-vision token, and
-  per present frame the top k of its N tokens (`sparsity.base.top_k_mask`, ties: the earlier token).
-  With `route.noise_key` (training, `model.mod.route_noise` > 0) the learned routing picks the top k of
-  scores + noise·Gumbel (a fresh draw per layer and step): tokens the router ranks low still go through
-  now and then, so their update weight, the router's only gradient, reaches them too. The update
-  weight itself stays 1 + α·tanh(s) of the noiseless score."""
+  per present frame the top k of its N tokens (`sparsity.base.top_k_mask`, ties: the earlier token)."""
   from dynllava_jax.sparsity.base import top_k_mask  # pylint: disable=g-import-not-at-top
   b, f, n = route.slots.shape
   if route.routing == 'learned':
     fs = jnp.take_along_axis(scores, route.slots.reshape(b, f * n), axis=1).reshape(b * f, n)
-    if route.noise_key is not None:
-      fs = fs + route.noise * jax.random.gumbel(jax.random.fold_in(route.noise_key, layer), fs.shape)
   else:
     fs = jnp.broadcast_to(_fixed_scores(route.routing, route.seed, layer, f, n, route.k)[None], (b, f, n)).reshape(b * f, n)
   elig = jnp.broadcast_to(route.valid[:, :, None], (b, f, n)).reshape(b * f, n)

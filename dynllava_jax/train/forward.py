@@ -29,7 +29,6 @@ from dynllava_jax.sparsity.registry import train_hooks
 
 IGNORE = -100
 MIN_HEAD_BUCKET = 16
-ROUTE_NOISE_STREAM = 1 << 21     # fold_in(rng, ·) of the MoD routing noise (the hooks fold 0, 1, 2)
 
 
 def head_index(labels, k, n_max=None):
@@ -78,8 +77,7 @@ def train_forward(model, batch, *, tau=1.0, rng=None, noise=None, sparse=None, r
   h, image_mask = model.embed(ids, batch['pixel_values'])
   # MoD layers (model/mod.py): routed per frame; without masked keys training gathers their routed tokens
   route = model.route(image_mask, batch['pixel_values'],
-                      real=None if any(hk.masks_keys for hk in hooks) else mask.astype(bool),
-                      key=None if rng is None else jax.random.fold_in(rng, ROUTE_NOISE_STREAM))
+                      real=None if any(hk.masks_keys for hk in hooks) else mask.astype(bool))
   keys = KeyMask(lm, positions_from_mask(mask), dense_allowed(mask), mc.attention, remat=remat, route=route)
   at_layer = [(hk, tuple(hk.layers(mc))) for hk in hooks]
 
