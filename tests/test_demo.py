@@ -196,7 +196,9 @@ def test_stage_cache_skips_and_invalidates(tmp_path, monkeypatch):
   calls.clear()
   third = run_all({(3, 'train', 'lr'): 5e-5})                                 # stage 3's config changed
   assert calls == ['dynamic'] and [i['skipped'] for i in third.values()] == [True, True, True, True, False]
-  assert not os.path.exists(marker)                                           # its old dir was wiped
+  assert not os.path.exists(marker)                                           # not in the rerun stage's dir
+  kept = os.path.join(str(tmp_path), stg.STALE, f'stage3_dynamic-{first["dynamic"]["hash"]}')
+  assert os.path.exists(os.path.join(kept, 'stale.txt'))                      # the finished stage moved aside
   assert third['dynamic']['hash'] != first['dynamic']['hash']
   calls.clear()
   fourth = run_all({('lm', 'train', 'steps'): 3})                             # upstream change

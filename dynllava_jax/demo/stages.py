@@ -12,8 +12,10 @@ section, the vision config, canvas geometry and seed; the others the whole confi
 blanked, a path inside the workdir, and the sections the model does not read (a disabled `model.sparse`,
 `model.mqt` of another projector) left out; as JSON, keys sorted) and the upstream stage's hash, so a change to
 any earlier stage's config invalidates every later stage too. A stage whose stage.json has the same hash
-and `done` (and whose params/ and checkpoints/ are still there) is skipped; one with another hash (or a
-directory without stage.json) is deleted and rerun, so no stale checkpoint is ever resumed. A stage
+and `done` (and whose params/ and checkpoints/ are still there) is skipped; one with another hash is
+rerun in a new directory, so no stale checkpoint is ever resumed: a finished one is first moved to
+`<workdir>/stale/<stage dir>-<its hash>` (moving it back restores it), an unfinished one (or a directory
+without stage.json) is deleted. A stage
 interrupted before `done` with the same hash reruns in place (`loop.train` resumes from a
 checkpoint it finds there). SIGTERM / SIGINT during training saves a checkpoint and raises
 `StageInterrupted` (the stage is not marked done; later stages do not run).
@@ -25,6 +27,7 @@ import shutil
 import time
 
 STATE = 'stage.json'
+STALE = 'stale'       # <workdir>/stale/<stage dir>-<old hash>: finished stages of a changed config
 
 
 class StageInterrupted(Exception):
@@ -134,11 +137,21 @@ def run_stage(config, path, upstream=None, report=print):
     report(f'{name}: cached in {path} (hash {h}), skipped')
     return {**old, 'dir': path, 'skipped': True}
   if os.path.isdir(path) and (old is None or old.get('hash') != h or (old.get('done') and not complete)):
-    report(f'{name}: config changed (hash {old.get("hash") if old else None} -> {h}); rerunning from scratch')
+    kept = ''
     if os.path.islink(path):   # a stage linked in from another workdir: drop the link, keep its target
       os.unlink(path)
-    else:
+    elif old and old.get('done') and complete and old.get('hash') != h:
+      # a finished stage of another config is moved aside, not deleted: a change to a config (or a new
+      # config field) must not cost the stages it trained; moving it back restores it
+      kept = os.path.join(os.path.dirname(path), STALE, f'{os.path.basename(path)}-{old["hash"]}')
+      if os.path.exists(kept):
+        shutil.rmtree(kept)    # the same hash: the same stage, moved aside before
+      os.makedirs(os.path.dirname(kept), exist_ok=True)
+      os.rename(path, kept)
+    else:                      # unfinished, or its outputs gone: nothing to keep
       shutil.rmtree(path)
+    report(f'{name}: config changed (hash {old.get("hash") if old else None} -> {h}); rerunning from scratch' +
+           (f' (the finished stage of the old config moved to {kept})' if kept else ''))
   state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
            'upstream_hash': up_hash, 'done': False}
   _write_state(path, state)
