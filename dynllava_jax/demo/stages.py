@@ -140,9 +140,9 @@ def run_stage(config, path, upstream=None, report=print):
     kept = ''
     if os.path.islink(path):   # a stage linked in from another workdir: drop the link, keep its target
       os.unlink(path)
-    elif old and old.get('done') and complete and old.get('hash') != h:
-      # a finished stage of another config is moved aside, not deleted: a change to a config (or a new
-      # config field) must not cost the stages it trained; moving it back restores it
+    elif old and old.get('done') and complete:
+      # (its hash differs, else it was skipped above) a finished stage of another config is moved aside,
+      # not deleted: a change to a config (or a new config field) must not cost the stages it trained
       kept = os.path.join(os.path.dirname(path), STALE, f'{os.path.basename(path)}-{old["hash"]}')
       if os.path.exists(kept):
         shutil.rmtree(kept)    # the same hash: the same stage, moved aside before
