@@ -58,6 +58,9 @@ def make_prompts(model_cfg, batch, text_tokens=64, seed=0):
                                 [model_cfg.image_token_id] * n,
                                 rng.integers(5, 32000, text_tokens - 1 - pre) % model_cfg.llm.vocab_size]))
   ids = np.stack(rows).astype(np.int32)
+  text = np.ones(ids.shape[1], bool)          # a small vocabulary's random text can hit the image token
+  text[pre + 1:pre + 1 + n] = False
+  ids[:, text] = np.where(ids[:, text] == model_cfg.image_token_id, 5, ids[:, text])
   s = model_cfg.vision.image_size
   pix = rng.normal(size=(batch, s, s, 3)).astype(np.float32)
   return ids, pix, np.ones_like(ids)

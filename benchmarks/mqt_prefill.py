@@ -1,7 +1,7 @@
 """MQT-LLaVA: prefill at m visual tokens vs at M, one model, one process, interleaved runs (random weights).
 
     python benchmarks/mqt_prefill.py --json runs/bench/mqt_prefill.json [--size bench] [--counts 64,576]
-        [--text_tokens 64] [--batch 1] [--runs 5]
+        [--text_tokens 64] [--batch 1] [--runs 5] [--dtype float32|bfloat16] [--attention_impl auto]
 
 The `bench` config with `model.projector='mqt'` (M = 576 queries on 576 patches). Per m: prompts with m
 image placeholders (the same text), `decode.prefill(..., visual_tokens=m)` (dense method, KV outputs,
@@ -44,6 +44,7 @@ def main():
   ap.add_argument('--runs', type=int, default=5)
   ap.add_argument('--no_xla', action='store_true', help='skip the XLA FLOP count (a compile per m)')
   ap.add_argument('--json', default=None)
+  common.add_numerics_flags(ap)
   args = ap.parse_args()
   from configs.mqt import get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.decode.prefill import prefill  # pylint: disable=g-import-not-at-top
@@ -51,7 +52,7 @@ def main():
   from dynllava_jax.eval.run import engine_prefill_flops  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.dense import Dense  # pylint: disable=g-import-not-at-top
-  cfg = get_config(f'size={args.size}')
+  cfg = common.apply_numerics(get_config(f'size={args.size}'), args)
   mc = cfg.model
   counts = [int(c) for c in args.counts.split(',')]
   model = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()

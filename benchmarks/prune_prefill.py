@@ -1,7 +1,7 @@
 """Layer pruning: the prefill of a pruned model vs the full one, one process, interleaved runs (random weights).
 
     python benchmarks/prune_prefill.py --json runs/bench/prune_prefill.json [--size bench] [--k 4]
-        [--text_tokens 64] [--batch 1] [--runs 5]
+        [--text_tokens 64] [--batch 1] [--runs 5] [--dtype float32|bfloat16] [--attention_impl auto]
 
 The `bench` config (dense LLaVA, 16 LLM layers). The pruned model removes the --k layers outside the visual
 region with the highest index (the choice does not change the cost; `tools/prune.py::prune_model`: the
@@ -32,6 +32,7 @@ def main():
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--runs', type=int, default=5)
   ap.add_argument('--json', default=None)
+  common.add_numerics_flags(ap)
   args = ap.parse_args()
   from dynllava_jax.decode.prefill import prefill  # pylint: disable=g-import-not-at-top
   from dynllava_jax.eval.run import engine_prefill_flops  # pylint: disable=g-import-not-at-top
@@ -39,7 +40,7 @@ def main():
   from dynllava_jax.model.projector import num_visual_tokens  # pylint: disable=g-import-not-at-top
   from dynllava_jax.sparsity.dense import Dense  # pylint: disable=g-import-not-at-top
   from dynllava_jax.tools import prune  # pylint: disable=g-import-not-at-top
-  cfg = common.bench_config(args.size)
+  cfg = common.apply_numerics(common.bench_config(args.size), args)
   cfg.model.sparse.enabled = False
   mc = cfg.model
   full = nnx.jit(lambda: Llava(mc, rngs=nnx.Rngs(0)))()

@@ -29,7 +29,8 @@ unrolled, remat off: the model's FLOPs; `eval.flops.xla_flops`); the torch row g
 with the LM head at every position (`step_flops` of that row: the same math as HF's step, whose head runs
 at all 640 positions, while ours by default runs it at the labelled ones, `--head_positions`);
 `mfu` = gflops / --peak_tflops. `gemm_gflops` = the machine's fp32 GEMM rate measured by the
-parent in the same run (a 2048³ jnp.dot, median). `speedup_vs_torch` = torch's step_s / the row's.
+parent in the same run (a 2048³ jnp.dot on the host CPU, median; the parent never takes an accelerator, whose
+memory then stays the children's). `speedup_vs_torch` = torch's step_s / the row's.
 Memory: `max_rss_bytes` = the child's peak RSS (VmHWM, polled by the parent too, so a killed child has
 one); `xla_peak_bytes` (ours) = XLA's memory analysis of the compiled step (arguments + outputs +
 temporaries − aliased); `peak_bytes` = xla_peak_bytes for ours, max_rss_bytes for torch. A child cannot
@@ -260,7 +261,8 @@ def run_child(args):
     out['compile_s'] = time.perf_counter() - t0
     out['xla_peak_bytes'] = runner.xla_peak_bytes()
     avail = _meminfo('MemAvailable')
-    if out['xla_peak_bytes'] and out['xla_peak_bytes'] - _status('VmRSS') > avail:
+    on_host = jax.default_backend() == 'cpu'      # an accelerator's peak is its own memory, not the host's
+    if on_host and out['xla_peak_bytes'] and out['xla_peak_bytes'] - _status('VmRSS') > avail:
       out['error'] = (f"does not fit: XLA's memory analysis needs {out['xla_peak_bytes'] / 1e9:.2f} GB, "
                       f"{avail / 1e9:.2f} GB available beside the {_status('VmRSS') / 1e9:.2f} GB resident")
       out['max_rss_bytes'] = _status('VmHWM')
@@ -295,7 +297,10 @@ def spawn(args, spec, flops=False):
   if args.param_dtype:
     cmd += ['--param_dtype', args.param_dtype]
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
-    p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+    if args.child_platforms:
+      env['JAX_PLATFORMS'] = args.child_platforms
+    p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
     hwm = 0
     while p.poll() is None:
       hwm = max(hwm, _status('VmHWM', p.pid) or 0)
@@ -421,6 +426,7 @@ def main():
   if args.child:
     return run_child(args)
 
+  args.child_platforms = os.environ.get('JAX_PLATFORMS')   # what the children run on
   meta = {'args': vars(args).copy(), 'loadavg_1_5_15min_at_start': list(os.getloadavg()),
           'mem_available_bytes_at_start': _meminfo('MemAvailable')}
   methods = args.methods.split(',')
@@ -432,6 +438,7 @@ def main():
     res = spawn(args, 'export:dense:1')
     if 'error' in res:
       raise SystemExit(f'writing the HF export failed: {res["error"]}')
+  os.environ['JAX_PLATFORMS'] = 'cpu'      # the parent's GEMM probe: never the children's accelerator
   gemm = gemm_gflops()
   print(f'fp32 GEMM: {gemm:.1f} GFLOP/s', flush=True)
 
