@@ -143,7 +143,11 @@ class Ours:
     fn = make_train_step(cfg, nnx_graphdef(cfg), self.tx, sparse=self.sparse)
     shape = lambda t: self.jax.tree.map(lambda x: self.jax.ShapeDtypeStruct(x.shape, x.dtype), t)
     batch = {k: v for k, v in self.batch.items() if not (full_head and k == 'head_index')}
-    return xla_flops(fn, shape(self.state), shape(batch), compile=False)
+    try:
+      return xla_flops(fn, shape(self.state), shape(batch), compile=False)
+    except TypeError:  # no cost analysis before compiling (GPU): the jaxpr's matmuls, forward and backward
+      from benchmarks.region_step import matmul_flops  # pylint: disable=g-import-not-at-top
+      return matmul_flops(self.jax.make_jaxpr(fn)(shape(self.state), shape(batch)).jaxpr)
 
 
 class Torch:
