@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := $(shell $(PY) -c 'import sys; print("-c constraints-py311.txt" if sys.version_info[:2]==(3,11) else "")')
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?= -n 2
+# glibc's malloc asks for transparent huge pages (where the kernel's THP mode is `madvise`): XLA CPU's step
+# buffers then fault in 2 MiB at a time, not 4 KiB (the demo's stage-2 step: 55k page faults -> 0.6k, 263 ->
+# 206 ms; docs/training.md "Optimiser, numerics, sharding"). Set GLIBC_TUNABLES yourself to override; glibc < 2.35 ignores it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup demo demo-more test lock clean bench
 
