@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # Exact pins on Python 3.11; plain ranges elsewhere (jax >= 0.11 needs Python >= 3.12).
 CONSTRAINTS := $(shell $(PY) -c 'import sys; print("-c constraints-py311.txt" if sys.version_info[:2]==(3,11) else "")')
 WORKDIR ?= runs/demo
@@ -16,11 +17,17 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt constraints-py311.txt
+# The runtime set-up (what `make demo` needs) and the test-only packages (torch, transformers, pytest, ...)
+# on top for `make test`: a demo does not wait ~30 s for torch.
+$(STAMP): requirements.txt constraints-py311.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q $(CONSTRAINTS) -r requirements.txt -r requirements-test.txt
+	$(VPY) -m pip install -q $(CONSTRAINTS) -r requirements.txt
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(VPY) -m pip install -q $(CONSTRAINTS) -r requirements.txt -r requirements-test.txt
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VPY) scripts/demo.py --workdir $(WORKDIR)
@@ -30,14 +37,14 @@ demo-more: $(STAMP)
 	$(VPY) scripts/demo_more.py --workdir $(WORKDIR)
 
 # pytest exits 5 when nothing was collected: that is a failure here, not a pass.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The benchmarks quoted in docs/ (not tests; about two hours on 2 CPU cores). JSON files go to
 # $(BENCH_OUT); `make bench BENCH_OUT=benchmarks/results` refreshes the committed ones.
 BENCH_OUT ?= runs/bench
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(VPY) benchmarks/xla_cost.py --json $(BENCH_OUT)/xla_cost.json
 	$(VPY) benchmarks/prefill_decode.py --batches 8 --new_tokens 4,36 --runs 3 --json $(BENCH_OUT)/prefill_decode_b8.json
@@ -60,7 +67,7 @@ bench: $(STAMP)
 	    --json $(BENCH_OUT)/serve_throughput_bench.json
 	$(VPY) benchmarks/summarize.py $(BENCH_OUT)/*.json
 
-lock: $(STAMP)
+lock: $(TEST_STAMP)
 	$(VPY) -m pip freeze | sed 's/+cpu$$//' > constraints-py311.txt
 
 clean:

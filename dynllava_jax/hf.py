@@ -99,7 +99,11 @@ class Checkpoint:
           raise UserError(f'{full} is truncated or not a safetensors file ({one_line(e, 120)}); '
                           'copy or download it again') from None
       else:
-        import torch
+        try:
+          import torch  # pylint: disable=g-import-not-at-top
+        except ImportError:
+          raise UserError(f'{full}: a PyTorch .bin checkpoint needs torch to read it (requirements-test.txt '
+                          'pins the CPU build), or its safetensors form') from None
         try:
           self._handles[name] = torch.load(full, map_location='cpu', mmap=True, weights_only=True)
         except Exception as e:  # UnpicklingError (a pickle payload) / RuntimeError (not a torch file)
