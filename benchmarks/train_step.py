@@ -258,7 +258,8 @@ def run_child(args):
   cfg = step_config(args.size, method, args)
   b = make_batch(cfg.model, int(batch), args.text_tokens)
   out = {'impl': impl, 'method': method, 'batch': int(batch), 'tokens': int(b['input_ids'].size)}
-  if impl == 'ours':
+  if impl == 'ours':      # where the row ran (the parent's meta.backend is its own: the host CPU)
+    out['device'] = f'{jax.default_backend()}: {jax.devices()[0].device_kind}'
     runner = Ours(cfg, b, method)
     t0 = time.perf_counter()
     runner.compile()
@@ -377,6 +378,7 @@ def _rows(args, b, results, flops, gemm):
     if impl == 'ours':
       row['xla_peak_bytes'] = ok[0]['xla_peak_bytes']
       row['compile_s'] = statistics.median(r['compile_s'] for r in ok)
+      row['device'] = ok[0].get('device')
     row['peak_bytes'] = row['xla_peak_bytes'] if impl == 'ours' and row['xla_peak_bytes'] else rss
     rows.append(row)
   by = {(r['impl'], r['method']): r for r in rows}
