@@ -33,26 +33,6 @@ def variant_config(size, region, train, freeze_projector):
   return cfg
 
 
-def matmul_flops(jaxpr, mult=1):
-  """2 · M · N · K summed over the dot_generals of a jaxpr (scan bodies × length, nested jaxprs walked)."""
-  import jax.extend as jex  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  total = 0.0
-  for e in jaxpr.eqns:
-    if e.primitive.name == 'dot_general':
-      (lc, _), _ = e.params['dimension_numbers']
-      k = np.prod([e.invars[0].aval.shape[d] for d in lc]) if lc else 1
-      total += mult * 2.0 * float(np.prod(e.outvars[0].aval.shape)) * float(k)
-    inner = mult * e.params['length'] if e.primitive.name == 'scan' else mult
-    for p in e.params.values():
-      for j in (p if isinstance(p, (list, tuple)) else [p]):
-        if isinstance(j, jex.core.ClosedJaxpr):
-          total += matmul_flops(j.jaxpr, inner)
-        elif isinstance(j, jex.core.Jaxpr):
-          total += matmul_flops(j, inner)
-  return total
-
-
 def _random_model(mc, seed=0):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -73,6 +53,7 @@ def run_variant(cfg, batch, text_tokens, steps, abstract=False):
   from dynllava_jax.train import optim, step as S  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model.llava import Llava  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.flops import matmul_flops  # pylint: disable=g-import-not-at-top
   model = (nnx.eval_shape(lambda: Llava(cfg.model, rngs=nnx.Rngs(0))) if abstract
            else _random_model(cfg.model))
   graphdef, frozen, params = optim.split_params(model, cfg.train)
@@ -91,7 +72,7 @@ def run_variant(cfg, batch, text_tokens, steps, abstract=False):
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen, 'rng': jax.random.key(0),
            'opt_state': opt_abstract if abstract else tx.init(params)}
   step = S.make_train_step(cfg, graphdef, tx, sparse=False)
-  flops = matmul_flops(jax.make_jaxpr(step)(state, b).jaxpr)
+  flops = matmul_flops(step, state, b)
   summary = {'trainable_params': int(n_train), 'opt_state_bytes': int(opt_bytes), 'step_matmul_flops': flops,
              'grad_floor': optim.grad_floor(model, params)}
   if abstract:

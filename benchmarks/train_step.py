@@ -136,18 +136,17 @@ class Ours:
   def flops(self, full_head=False):
     """XLA's count of the step without remat (the model's FLOPs: MFU does not credit recomputation).
     full_head: the same step with the LM head at every position (what HF's step computes)."""
-    from dynllava_jax.eval.flops import xla_flops  # pylint: disable=g-import-not-at-top
+    from dynllava_jax.eval.flops import matmul_flops, xla_flops  # pylint: disable=g-import-not-at-top
     from dynllava_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
     cfg = self.cfg.copy_and_resolve_references()
     cfg.model.remat = False
     fn = make_train_step(cfg, nnx_graphdef(cfg), self.tx, sparse=self.sparse)
     shape = lambda t: self.jax.tree.map(lambda x: self.jax.ShapeDtypeStruct(x.shape, x.dtype), t)
     batch = {k: v for k, v in self.batch.items() if not (full_head and k == 'head_index')}
-    try:
-      return xla_flops(fn, shape(self.state), shape(batch), compile=False)
-    except TypeError:  # no cost analysis before compiling (GPU): the jaxpr's matmuls, forward and backward
-      from benchmarks.region_step import matmul_flops  # pylint: disable=g-import-not-at-top
-      return matmul_flops(self.jax.make_jaxpr(fn)(shape(self.state), shape(batch)).jaxpr)
+    args = (shape(self.state), shape(batch))
+    fl = xla_flops(fn, *args, compile=False)
+    # no cost analysis before compiling (GPU): the jaxpr's matmuls, forward and backward
+    return matmul_flops(fn, *args) if fl is None else fl
 
 
 class Torch:
