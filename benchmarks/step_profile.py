@@ -11,7 +11,8 @@ buffers, the optimizer's per-parameter work, the rest); prints the categories' s
 instructions. `compare`: each variant compiled in this one process, then `--runs` rounds of one step of
 each in turn (the same machine load for all): wall and CPU seconds, the per-round ratios to the first
 variant. Variants (words joined by '+'): `vjp` (the code as it is) | `autodiff` (MaskedSoftmax's formula
-left to autodiff instead of its custom VJP) | `unroll` (model.scan_unroll = the layer count: the decoder's
+left to autodiff instead of its custom VJP; with `softmaxvjp`) | `softmaxvjp` (the attention's gradient
+through the softmax-level VJPs, Σ p·dp over the probabilities, instead of the attention-level ones) | `unroll` (model.scan_unroll = the layer count: the decoder's
 scans unrolled) | `fullhead` (the LM head at every position, train.head_positions = 0, instead of the
 labelled ones). `--method dense,dynamic` compiles every variant of each method, side by side.
 """
@@ -48,13 +49,25 @@ def runner(size, method, batch, text_tokens, variant='vjp'):
     ag = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * (g + (1.0 - g) * i)
     return (ag + eps / s.shape[-1]) / (jnp.sum(ag, axis=-1, keepdims=True) + eps)
 
-  orig = A._masked_softmax_eps  # pylint: disable=protected-access
+  def softmax_level(qh, kh, vh, allowed):
+    return A._mix(A.masked_softmax(A._scores(qh, kh), allowed), vh)  # pylint: disable=protected-access
+
+  def masked_softmax_level(qh, kh, vh, allowed, g, i, eps):
+    s = jnp.where(allowed, A._scores(qh, kh), A.NEG_INF)  # pylint: disable=protected-access
+    return A._mix(A._masked_softmax_eps(s, g, i, eps), vh)  # pylint: disable=protected-access
+
+  patches = {'_masked_softmax_eps': formula if 'autodiff' in words else None,
+             '_softmax_attend': softmax_level if 'softmaxvjp' in words else None,
+             '_masked_attend': masked_softmax_level if 'softmaxvjp' in words else None}
+  orig = {name: getattr(A, name) for name in patches}
   t0 = time.perf_counter()
   try:
-    A._masked_softmax_eps = formula if 'autodiff' in words else orig  # pylint: disable=protected-access
+    for name, fn in patches.items():
+      setattr(A, name, fn or orig[name])
     r.compile()                         # traced (and so patched) here, once
   finally:
-    A._masked_softmax_eps = orig  # pylint: disable=protected-access
+    for name, fn in orig.items():
+      setattr(A, name, fn)
   return r, time.perf_counter() - t0
 
 

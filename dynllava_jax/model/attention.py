@@ -94,14 +94,7 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
   s = jnp.where(allowed, scores, NEG_INF)
   if key_keep is None:
     return jax.nn.softmax(s, axis=-1)
-  tq, tk = s.shape[-2], s.shape[-1]
-  if self_mask is None:
-    self_mask = jnp.eye(tq, tk, dtype=bool) if tq == tk else jnp.zeros((tq, tk), bool)
-  g = key_keep.astype(jnp.float32).reshape(key_keep.shape[0], *([1] * (s.ndim - 3)), 1, tk)
-  # G' = G + (1−G)·I in this algebraic form: its gradient w.r.t. G is 1 off the diagonal and 0 on it.
-  # `maximum(G, I)` has the same value but JAX splits a tie's gradient in halves (0.5 for a dropped key off
-  # the diagonal, 0.5 for a kept one on it), which shifts the predictors' gradients.
-  i = self_mask.astype(jnp.float32)
+  g, i = _keep_and_self(s.shape, key_keep, self_mask)
   if mode == 'masked_softmax_eps':
     return _masked_softmax_eps(s, g, i, eps)
   g = g + (1.0 - g) * i
@@ -111,6 +104,19 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
     den = jnp.sum(a, axis=-1, keepdims=True)
     return jnp.where(den > 0, a / jnp.where(den > 0, den, 1.0), 0.0)
   raise ValueError(f"attention mode {mode!r} unknown: use 'masked_softmax_eps' or 'exact_zero'")
+
+
+def _keep_and_self(shape, key_keep, self_mask):
+  """The keep mask G as (B, 1.., 1, Tk) fp32 and the self mask I as fp32 (Tq, Tk) or broadcastable, for
+  scores of `shape` (B, ..., Tq, Tk); self_mask None: the identity when Tq == Tk, else all False."""
+  tq, tk = shape[-2], shape[-1]
+  if self_mask is None:
+    self_mask = jnp.eye(tq, tk, dtype=bool) if tq == tk else jnp.zeros((tq, tk), bool)
+  g = key_keep.astype(jnp.float32).reshape(key_keep.shape[0], *([1] * (len(shape) - 3)), 1, tk)
+  # G' = G + (1−G)·I in this algebraic form: its gradient w.r.t. G is 1 off the diagonal and 0 on it.
+  # `maximum(G, I)` has the same value but JAX splits a tie's gradient in halves (0.5 for a dropped key off
+  # the diagonal, 0.5 for a kept one on it), which shifts the predictors' gradients.
+  return g, self_mask.astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -136,9 +142,15 @@ def _masked_softmax_eps_fwd(s, g, i, eps):
 
 def _masked_softmax_eps_bwd(eps, res, dp):
   del eps
-  s, m, z, p, g, i = res
+  return _masked_softmax_eps_grads(res, dp, jnp.sum(dp * res[3], axis=-1, keepdims=True))
+
+
+def _masked_softmax_eps_grads(res, dp, dsum):
+  """(ds, dG, dI) from dp = dL/dp and dsum = Σ_k dp·p (B, ..., Tq, 1): computed from dp here, or handed
+  in by `_masked_attend` as do·o (the same sum, o = Σ_k p_k v_k), which spares a pass over (Tq, Tk)."""
+  s, m, z, _, g, i = res
   a = jnp.exp(s - m)
-  da_g = (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) / z       # dL/d(a·G')
+  da_g = (dp - dsum) / z                                          # dL/d(a·G')
   t = da_g * (g + (1.0 - g) * i) * a                              # dL/ds through exp, before the max
   hit = (s == m).astype(s.dtype)
   ds = t - jnp.sum(t, axis=-1, keepdims=True) * hit / jnp.sum(hit, axis=-1, keepdims=True)
@@ -173,7 +185,7 @@ def dot_attention(q, k, v, allowed, key_keep=None, self_mask=None, mode='masked_
       raise ValueError('causal_chunk needs key_keep=None, return_probs=False and as many queries as keys')
     return _causal_chunked(q, k, v, allowed, causal_chunk).astype(q.dtype)
   qh, kh, vh = _heads_major(q, k, v)
-  o, p = _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode)
+  o, p = _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode, need_probs=return_probs)
   o = o.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d).astype(q.dtype)
   if return_probs:
     return o, p.reshape(b, hq, tq, -1)
@@ -222,10 +234,91 @@ def _causal_chunked(q, k, v, allowed, chunk):
   return jax.lax.scan(lambda c, x: (c, one(x)), None, (q, k, v, allowed))[1]
 
 
-def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode):
+def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode, need_probs=True):
   """qh (B, Hkv, G, Tq, D), kh / vh (B, Hkv, Tk, D), allowed (B, Tq, Tk) -> o (B, Hkv, G, Tq, D) fp32,
-  probs (B, Hkv, G, Tq, Tk)."""
-  s = jnp.einsum('bhgqd,bhkd->bhgqk', qh, kh, preferred_element_type=jnp.float32) * (qh.shape[-1] ** -0.5)
-  p = masked_softmax(s, allowed[:, None, None], key_keep, self_mask, mode)
-  o = jnp.einsum('bhgqk,bhkd->bhgqd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-  return o, p
+  probs (B, Hkv, G, Tq, Tk) (None when not `need_probs` and the attention-level VJP applies)."""
+  allowed = allowed[:, None, None]
+  if not need_probs and mode == 'masked_softmax_eps':
+    if key_keep is None:
+      return _softmax_attend(qh, kh, vh, allowed), None
+    g, i = _keep_and_self(allowed.shape[:-2] + (qh.shape[-2], kh.shape[-2]), key_keep, self_mask)
+    return _masked_attend(qh, kh, vh, allowed, g, i, MASKED_SOFTMAX_EPS), None
+  p = masked_softmax(_scores(qh, kh), allowed, key_keep, self_mask, mode)
+  return _mix(p, vh), p
+
+
+def _scores(qh, kh):
+  """qh (B, Hkv, G, Tq, D), kh (B, Hkv, Tk, D) -> scaled scores (B, Hkv, G, Tq, Tk) fp32."""
+  s = jnp.einsum('bhgqd,bhkd->bhgqk', qh, kh, preferred_element_type=jnp.float32)
+  return s * (qh.shape[-1] ** -0.5)
+
+
+def _mix(p, vh):
+  """p (B, Hkv, G, Tq, Tk) fp32, vh (B, Hkv, Tk, D) -> o (B, Hkv, G, Tq, D) fp32."""
+  return jnp.einsum('bhgqk,bhkd->bhgqd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+
+
+# The training step's attention: custom VJPs at the level of o = softmax(s)·v. The gradients are those of
+# autodiff through `_scores`, the softmax and `_mix`, except that Σ_k p·dp, the softmax backward's one
+# reduction over (Tq, Tk), is taken as do·o, a reduction over (Tq, D) (the identity FlashAttention's
+# backward uses): autodiff's row sum over the probabilities was the largest single cost of a CPU step at
+# batch 4 (docs/benchmarks.md §7). Probabilities are kept for the backward as before.
+
+
+def _attend_grads(qh, kh, vh, allowed, p, o, do, softmax_grads):
+  """The shared backward: dv, dp = do·vᵀ, Σ p·dp = do·o, then ds = softmax_grads(dp, dsum) -> dq, dk."""
+  pv = p.astype(vh.dtype)
+  dv = jnp.einsum('bhgqk,bhgqd->bhkd', pv, do.astype(vh.dtype), preferred_element_type=jnp.float32)
+  dp = jnp.einsum('bhgqd,bhkd->bhgqk', do.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+  dsum = jnp.sum(do * o, axis=-1, keepdims=True)
+  ds, rest = softmax_grads(dp, dsum)
+  ds = jnp.where(allowed, ds, 0.0) * (qh.shape[-1] ** -0.5)
+  dq = jnp.einsum('bhgqk,bhkd->bhgqd', ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bhgqk,bhgqd->bhkd', ds.astype(qh.dtype), qh, preferred_element_type=jnp.float32)
+  return (dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None) + rest
+
+
+@jax.custom_vjp
+def _softmax_attend(qh, kh, vh, allowed):
+  """o = softmax(s)·v over the allowed keys (disallowed: NEG_INF): qh (B, Hkv, G, Tq, D), kh / vh
+  (B, Hkv, Tk, D), allowed broadcastable to (B, Hkv, G, Tq, Tk) -> o (B, Hkv, G, Tq, D) fp32."""
+  return _softmax_attend_fwd(qh, kh, vh, allowed)[0]
+
+
+def _softmax_attend_fwd(qh, kh, vh, allowed):
+  p = jax.nn.softmax(jnp.where(allowed, _scores(qh, kh), NEG_INF), axis=-1)
+  o = _mix(p, vh)
+  return o, (qh, kh, vh, allowed, p, o)
+
+
+def _softmax_attend_bwd(res, do):
+  qh, kh, vh, allowed, p, o = res
+  return _attend_grads(qh, kh, vh, allowed, p, o, do, lambda dp, dsum: (p * (dp - dsum), ()))
+
+
+_softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _masked_attend(qh, kh, vh, allowed, g, i, eps):
+  """o = MaskedSoftmax(s; G, I, ε)·v ('masked_softmax_eps', `_masked_softmax_eps`), the same shapes as
+  `_softmax_attend` plus g (B, 1, 1, 1, Tk) the keep mask G and i the self mask I (fp32)."""
+  return _masked_attend_fwd(qh, kh, vh, allowed, g, i, eps)[0]
+
+
+def _masked_attend_fwd(qh, kh, vh, allowed, g, i, eps):
+  p, res = _masked_softmax_eps_fwd(jnp.where(allowed, _scores(qh, kh), NEG_INF), g, i, eps)
+  o = _mix(p, vh)
+  return o, (qh, kh, vh, allowed, res, o)
+
+
+def _masked_attend_bwd(eps, res, do):
+  del eps
+  qh, kh, vh, allowed, sm, o = res
+  def softmax_grads(dp, dsum):
+    ds, dg, di = _masked_softmax_eps_grads(sm, dp, dsum)
+    return ds, (dg, di)
+  return _attend_grads(qh, kh, vh, allowed, sm[3], o, do, softmax_grads)
+
+
+_masked_attend.defvjp(_masked_attend_fwd, _masked_attend_bwd)
