@@ -11,7 +11,7 @@ buffers, the optimizer's per-parameter work, the rest); prints the categories' s
 instructions. `compare`: each variant compiled in this one process, then `--runs` rounds of one step of
 each in turn (the same machine load for all): wall and CPU seconds, the per-round ratios to the first
 variant. Variants (words joined by '+'): `vjp` (the code as it is) | `autodiff` (MaskedSoftmax's formula
-left to autodiff instead of its custom VJP; with `softmaxvjp`) | `softmaxvjp` (the attention's gradient
+left to autodiff instead of its custom VJP; implies `softmaxvjp`) | `softmaxvjp` (the attention's gradient
 through the softmax-level VJPs, Σ p·dp over the probabilities, instead of the attention-level ones) | `unroll` (model.scan_unroll = the layer count: the decoder's
 scans unrolled) | `fullhead` (the LM head at every position, train.head_positions = 0, instead of the
 labelled ones). `--method dense,dynamic` compiles every variant of each method, side by side.
@@ -56,9 +56,10 @@ def runner(size, method, batch, text_tokens, variant='vjp'):
     s = jnp.where(allowed, A._scores(qh, kh), A.NEG_INF)  # pylint: disable=protected-access
     return A._mix(A._masked_softmax_eps(s, g, i, eps), vh)  # pylint: disable=protected-access
 
+  softmax_level_grads = 'softmaxvjp' in words or 'autodiff' in words   # autodiff acts at the softmax level
   patches = {'_masked_softmax_eps': formula if 'autodiff' in words else None,
-             '_softmax_attend': softmax_level if 'softmaxvjp' in words else None,
-             '_masked_attend': masked_softmax_level if 'softmaxvjp' in words else None}
+             '_softmax_attend': softmax_level if softmax_level_grads else None,
+             '_masked_attend': masked_softmax_level if softmax_level_grads else None}
   orig = {name: getattr(A, name) for name in patches}
   t0 = time.perf_counter()
   try:
