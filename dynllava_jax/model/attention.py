@@ -241,7 +241,7 @@ def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode, need_probs=Tru
   if not need_probs and mode == 'masked_softmax_eps':
     if key_keep is None:
       return _softmax_attend(qh, kh, vh, allowed), None
-    g, i = _keep_and_self(allowed.shape[:-2] + (qh.shape[-2], kh.shape[-2]), key_keep, self_mask)
+    g, i = _keep_and_self(allowed.shape, key_keep, self_mask)      # allowed is (B, 1, 1, Tq, Tk) here
     return _masked_attend(qh, kh, vh, allowed, g, i, MASKED_SOFTMAX_EPS), None
   p = masked_softmax(_scores(qh, kh), allowed, key_keep, self_mask, mode)
   return _mix(p, vh), p
