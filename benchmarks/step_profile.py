@@ -13,7 +13,8 @@ each in turn (the same machine load for all): wall and CPU seconds, the per-roun
 variant. Variants (words joined by '+'): `vjp` (the code as it is) | `autodiff` (MaskedSoftmax's formula
 left to autodiff instead of its custom VJP; implies `softmaxvjp`) | `softmaxvjp` (the attention's gradient
 through the softmax-level VJPs, Σ p·dp over the probabilities, instead of the attention-level ones) | `unroll` (model.scan_unroll = the layer count: the decoder's
-scans unrolled) | `fullhead` (the LM head at every position, train.head_positions = 0, instead of the
+scans unrolled) | `nd` (the linear layers on (B, T, din) as
+they come instead of flattened to (B·T, din): the weight gradients' transposes) | `fullhead` (the LM head at every position, train.head_positions = 0, instead of the
 labelled ones). `--method dense,dynamic` compiles every variant of each method, side by side.
 """
 import argparse
@@ -37,6 +38,7 @@ def runner(size, method, batch, text_tokens, variant='vjp'):
   """A compiled `TS.Ours` for `variant` -> (runner, compile seconds)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dynllava_jax.model import attention as A  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.model import layers as L  # pylint: disable=g-import-not-at-top
   words = variant.split('+')
   cfg = TS.step_config(size, method)
   if 'fullhead' in words:
@@ -50,25 +52,29 @@ def runner(size, method, batch, text_tokens, variant='vjp'):
     return (ag + eps / s.shape[-1]) / (jnp.sum(ag, axis=-1, keepdims=True) + eps)
 
   def softmax_level(qh, kh, vh, allowed):
-    return A._mix(A.masked_softmax(A._scores(qh, kh), allowed), vh)  # pylint: disable=protected-access
+    return A._rows_mix(A.masked_softmax(A._rows_scores(qh, kh), allowed), vh)  # pylint: disable=protected-access
 
   def masked_softmax_level(qh, kh, vh, allowed, g, i, eps):
-    s = jnp.where(allowed, A._scores(qh, kh), A.NEG_INF)  # pylint: disable=protected-access
-    return A._mix(A._masked_softmax_eps(s, g, i, eps), vh)  # pylint: disable=protected-access
+    s = jnp.where(allowed, A._rows_scores(qh, kh), A.NEG_INF)  # pylint: disable=protected-access
+    return A._rows_mix(A._masked_softmax_eps(s, g, i, eps), vh)  # pylint: disable=protected-access
 
   softmax_level_grads = 'softmaxvjp' in words or 'autodiff' in words   # autodiff acts at the softmax level
   patches = {'_masked_softmax_eps': formula if 'autodiff' in words else None,
              '_softmax_attend': softmax_level if softmax_level_grads else None,
              '_masked_attend': masked_softmax_level if softmax_level_grads else None}
   orig = {name: getattr(A, name) for name in patches}
+  linear_call = L.Linear.__call__
   t0 = time.perf_counter()
   try:
     for name, fn in patches.items():
       setattr(A, name, fn or orig[name])
+    if 'nd' in words:                   # the projections on (B, T, din) as they come, not flattened
+      L.Linear.__call__ = lambda self, x: self.apply_2d(x)
     r.compile()                         # traced (and so patched) here, once
   finally:
     for name, fn in orig.items():
       setattr(A, name, fn)
+    L.Linear.__call__ = linear_call
   return r, time.perf_counter() - t0
 
 

@@ -237,12 +237,23 @@ def _causal_chunked(q, k, v, allowed, chunk):
 def _attend_block(qh, kh, vh, allowed, key_keep, self_mask, mode, need_probs=True):
   """qh (B, Hkv, G, Tq, D), kh / vh (B, Hkv, Tk, D), allowed (B, Tq, Tk) -> o (B, Hkv, G, Tq, D) fp32,
   probs (B, Hkv, G, Tq, Tk) (None when not `need_probs` and the attention-level VJP applies)."""
-  allowed = allowed[:, None, None]
   if not need_probs and mode == 'masked_softmax_eps':
+    # (G, Tq) as one row axis: every product then contracts a single axis, which XLA CPU's GEMMs take as
+    # laid out; with G apart (even of 1) the backward's pᵀ·do and dsᵀ·q first materialised a transpose
+    # of the (Tq, Tk) operand (docs/benchmarks.md §7). allowed / the self mask are tiled over G (G = 1,
+    # MHA as in Vicuna: a bitcast).
+    b, hkv, grp, tq, d = qh.shape
+    tk = kh.shape[2]
+    rows = lambda x: jnp.tile(x, (1,) * (x.ndim - 2) + (grp, 1)) if grp > 1 else x
+    q4 = qh.reshape(b, hkv, grp * tq, d)
+    allowed4 = rows(allowed[:, None])                                # (B, 1, G·Tq, Tk)
     if key_keep is None:
-      return _softmax_attend(qh, kh, vh, allowed), None
-    g, i = _keep_and_self(allowed.shape, key_keep, self_mask)      # allowed is (B, 1, 1, Tq, Tk) here
-    return _masked_attend(qh, kh, vh, allowed, g, i, MASKED_SOFTMAX_EPS), None
+      o = _softmax_attend(q4, kh, vh, allowed4)
+    else:
+      g, i = _keep_and_self((b, 1, tq, tk), key_keep, self_mask)     # (B, 1, 1, Tk), (Tq, Tk)
+      o = _masked_attend(q4, kh, vh, allowed4, g, rows(jnp.broadcast_to(i, (tq, tk))), MASKED_SOFTMAX_EPS)
+    return o.reshape(b, hkv, grp, tq, d), None
+  allowed = allowed[:, None, None]
   p = masked_softmax(_scores(qh, kh), allowed, key_keep, self_mask, mode)
   return _mix(p, vh), p
 
@@ -265,29 +276,42 @@ def _mix(p, vh):
 # batch 4 (docs/benchmarks.md §7). Probabilities are kept for the backward as before.
 
 
+def _rows_scores(qh, kh):
+  """qh (B, Hkv, R, D) (R = G·Tq rows), kh (B, Hkv, Tk, D) -> scaled scores (B, Hkv, R, Tk) fp32."""
+  s = jnp.einsum('bhqd,bhkd->bhqk', qh, kh, preferred_element_type=jnp.float32)
+  return s * (qh.shape[-1] ** -0.5)
+
+
+def _rows_mix(p, vh):
+  """p (B, Hkv, R, Tk) fp32, vh (B, Hkv, Tk, D) -> o (B, Hkv, R, D) fp32."""
+  return jnp.einsum('bhqk,bhkd->bhqd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+
+
 def _attend_grads(qh, kh, vh, allowed, p, o, do, softmax_grads):
-  """The shared backward: dv, dp = do·vᵀ, Σ p·dp = do·o, then ds = softmax_grads(dp, dsum) -> dq, dk."""
+  """The shared backward (row layout, (B, Hkv, R, ·)): dv, dp = do·vᵀ, Σ p·dp = do·o, then
+  ds = softmax_grads(dp, dsum) -> dq, dk."""
   pv = p.astype(vh.dtype)
-  dv = jnp.einsum('bhgqk,bhgqd->bhkd', pv, do.astype(vh.dtype), preferred_element_type=jnp.float32)
-  dp = jnp.einsum('bhgqd,bhkd->bhgqk', do.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+  dv = jnp.einsum('bhqk,bhqd->bhkd', pv, do.astype(vh.dtype), preferred_element_type=jnp.float32)
+  dp = jnp.einsum('bhqd,bhkd->bhqk', do.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
   dsum = jnp.sum(do * o, axis=-1, keepdims=True)
   ds, rest = softmax_grads(dp, dsum)
   ds = jnp.where(allowed, ds, 0.0) * (qh.shape[-1] ** -0.5)
-  dq = jnp.einsum('bhgqk,bhkd->bhgqd', ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32)
-  dk = jnp.einsum('bhgqk,bhgqd->bhkd', ds.astype(qh.dtype), qh, preferred_element_type=jnp.float32)
+  dq = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(kh.dtype), kh, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bhqk,bhqd->bhkd', ds.astype(qh.dtype), qh, preferred_element_type=jnp.float32)
   return (dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None) + rest
 
 
 @jax.custom_vjp
 def _softmax_attend(qh, kh, vh, allowed):
-  """o = softmax(s)·v over the allowed keys (disallowed: NEG_INF): qh (B, Hkv, G, Tq, D), kh / vh
-  (B, Hkv, Tk, D), allowed broadcastable to (B, Hkv, G, Tq, Tk) -> o (B, Hkv, G, Tq, D) fp32."""
+  """o = softmax(s)·v over the allowed keys (disallowed: NEG_INF): qh (B, Hkv, R, D) (R = G·Tq, the
+  query rows of the group's heads), kh / vh (B, Hkv, Tk, D), allowed broadcastable to (B, Hkv, R, Tk)
+  -> o (B, Hkv, R, D) fp32."""
   return _softmax_attend_fwd(qh, kh, vh, allowed)[0]
 
 
 def _softmax_attend_fwd(qh, kh, vh, allowed):
-  p = jax.nn.softmax(jnp.where(allowed, _scores(qh, kh), NEG_INF), axis=-1)
-  o = _mix(p, vh)
+  p = jax.nn.softmax(jnp.where(allowed, _rows_scores(qh, kh), NEG_INF), axis=-1)
+  o = _rows_mix(p, vh)
   return o, (qh, kh, vh, allowed, p, o)
 
 
@@ -302,23 +326,27 @@ _softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _masked_attend(qh, kh, vh, allowed, g, i, eps):
   """o = MaskedSoftmax(s; G, I, ε)·v ('masked_softmax_eps', `_masked_softmax_eps`), the same shapes as
-  `_softmax_attend` plus g (B, 1, 1, 1, Tk) the keep mask G and i the self mask I (fp32)."""
+  `_softmax_attend` plus g (B, 1, 1, Tk) the keep mask G and i (R, Tk) the self mask I (fp32)."""
   return _masked_attend_fwd(qh, kh, vh, allowed, g, i, eps)[0]
 
 
 def _masked_attend_fwd(qh, kh, vh, allowed, g, i, eps):
-  p, res = _masked_softmax_eps_fwd(jnp.where(allowed, _scores(qh, kh), NEG_INF), g, i, eps)
-  o = _mix(p, vh)
-  return o, (qh, kh, vh, allowed, res, o)
+  p, (s, m, z, _, g, i) = _masked_softmax_eps_fwd(jnp.where(allowed, _rows_scores(qh, kh), NEG_INF), g, i,
+                                                   eps)
+  o = _rows_mix(p, vh)
+  # p is not kept: the backward recomputes it from s with the exp(s − m) it needs anyway, so the layer
+  # stores one (R, Tk) array for the backward instead of two (s and p)
+  return o, (qh, kh, vh, allowed, (s, m, z, g, i), o)
 
 
 def _masked_attend_bwd(eps, res, do):
-  del eps
-  qh, kh, vh, allowed, sm, o = res
+  qh, kh, vh, allowed, (s, m, z, g, i), o = res
+  p = (jnp.exp(s - m) * (g + (1.0 - g) * i) + eps / s.shape[-1]) / z
+  sm = (s, m, z, p, g, i)
   def softmax_grads(dp, dsum):
     ds, dg, di = _masked_softmax_eps_grads(sm, dp, dsum)
     return ds, (dg, di)
-  return _attend_grads(qh, kh, vh, allowed, sm[3], o, do, softmax_grads)
+  return _attend_grads(qh, kh, vh, allowed, p, o, do, softmax_grads)
 
 
 _masked_attend.defvjp(_masked_attend_fwd, _masked_attend_bwd)
