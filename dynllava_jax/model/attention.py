@@ -97,7 +97,7 @@ def masked_softmax(scores, allowed, key_keep=None, self_mask=None, mode='masked_
   g, i = _keep_and_self(s.shape, key_keep, self_mask)
   if mode == 'masked_softmax_eps':
     return _masked_softmax_eps(s, g, i, eps)
-  g = g + (1.0 - g) * i
+  g = _kept(g, i)
   if mode == 'exact_zero':
     s = jnp.where(g > 0, s, NEG_INF)
     a = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * (g > 0) * allowed
@@ -119,6 +119,16 @@ def _keep_and_self(shape, key_keep, self_mask):
   return g, self_mask.astype(jnp.float32)
 
 
+def _kept(g, i):
+  """G' = G + (1−G)·I: the keep mask with every token keeping itself (the form `_keep_and_self` explains)."""
+  return g + (1.0 - g) * i
+
+
+def _eps_probs(ag, z, eps):
+  """MaskedSoftmax's p = (a·G' + ε/N) / z from ag = a·G' (..., N) and z = Σ_k a·G' + ε (..., 1)."""
+  return (ag + eps / ag.shape[-1]) / z
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _masked_softmax_eps(s, g, i, eps):
   """MaskedSoftmax's 'masked_softmax_eps' probabilities: s (..., Tq, Tk) fp32 with the disallowed keys
@@ -134,9 +144,9 @@ def _masked_softmax_eps(s, g, i, eps):
 
 def _masked_softmax_eps_fwd(s, g, i, eps):
   m = jnp.max(s, axis=-1, keepdims=True)
-  ag = jnp.exp(s - m) * (g + (1.0 - g) * i)
+  ag = jnp.exp(s - m) * _kept(g, i)
   z = jnp.sum(ag, axis=-1, keepdims=True) + eps
-  p = (ag + eps / s.shape[-1]) / z
+  p = _eps_probs(ag, z, eps)
   return p, (s, m, z, p, g, i)
 
 
@@ -151,7 +161,7 @@ def _masked_softmax_eps_grads(res, dp, dsum):
   s, m, z, _, g, i = res
   a = jnp.exp(s - m)
   da_g = (dp - dsum) / z                                          # dL/d(a·G')
-  t = da_g * (g + (1.0 - g) * i) * a                              # dL/ds through exp, before the max
+  t = da_g * _kept(g, i) * a                              # dL/ds through exp, before the max
   hit = (s == m).astype(s.dtype)
   ds = t - jnp.sum(t, axis=-1, keepdims=True) * hit / jnp.sum(hit, axis=-1, keepdims=True)
   # dL/dG_k = Σ over every row (heads, queries) of dL/dG'·(1 − I): one reduction of the rows onto the
@@ -341,7 +351,7 @@ def _masked_attend_fwd(qh, kh, vh, allowed, g, i, eps):
 
 def _masked_attend_bwd(eps, res, do):
   qh, kh, vh, allowed, (s, m, z, g, i), o = res
-  p = (jnp.exp(s - m) * (g + (1.0 - g) * i) + eps / s.shape[-1]) / z
+  p = _eps_probs(jnp.exp(s - m) * _kept(g, i), z, eps)
   sm = (s, m, z, p, g, i)
   def softmax_grads(dp, dsum):
     ds, dg, di = _masked_softmax_eps_grads(sm, dp, dsum)
