@@ -41,10 +41,11 @@ def _with_plan(plan, ref):
   cfg = fixture.config()
   cfg.model.layer_plan = plan
   model = Llava(cfg.model, rngs=nnx.Rngs(1))
-  ref_layers = nnx.state(ref.language_model.layers)
+  ref_layers = jax.tree.map(lambda *a: jnp.concatenate(a), *[
+      nnx.state(stacked) for _, stacked in ref.language_model.groups()])      # every layer, one stack
   for g, stacked in model.language_model.groups():
     nnx.update(stacked, jax.tree.map(lambda a: a[g.start:g.stop], ref_layers))
-  nnx.update(model, nnx.state(ref, lambda p, _: 'layers' not in p or p[0] != 'language_model'))
+  nnx.update(model, nnx.state(ref, lambda p, _: p[0] != 'language_model' or not str(p[1]).startswith('layers')))
   return cfg, model
 
 
@@ -63,16 +64,52 @@ def test_mixed_plan_scans_once_per_group_and_equals_the_uniform_model(recorded):
   cfg = fixture.config()
   ref = fixture.model_of(cfg)
   mcfg, mixed = _with_plan('dense*2, dense_alt, dense', ref)
+  # The fixture is a Dynamic-LLaVA model deciding at layer 1: every plan starts a group there.
+  assert [(g.kind, g.start, g.stop) for g in ref.language_model.plan] == [('dense', 0, 1), ('dense', 1, 4)]
   assert [(g.kind, g.start, g.stop) for g in mixed.language_model.plan] == [
-      ('dense', 0, 2), ('dense_alt', 2, 3), ('dense', 3, 4)]
+      ('dense', 0, 1), ('dense', 1, 2), ('dense_alt', 2, 3), ('dense', 3, 4)]
   assert isinstance(mixed.language_model.layers_2, nnx.Module)
   ids, pix, mask = fixture.prompts(cfg)
-  assert _decoder_scan_lengths(ref, ids, pix, mask) == [4]
-  assert _decoder_scan_lengths(mixed, ids, pix, mask) == [2, 1, 1]
+  assert _decoder_scan_lengths(ref, ids, pix, mask) == [1, 3]
+  assert _decoder_scan_lengths(mixed, ids, pix, mask) == [1, 1, 1, 1]
   got = fixture.compute(mixed, mcfg, methods=('dense', 'dynamic', 'fastv'), teacher_methods=('fastv',),
                         generated=('dynamic',), nocache=False)
   assert {'teacher_logits/fastv', 'tokens/dynamic', 'train_keep/gumbel'} <= set(got)
   assert fixture.differs(got, {k: recorded[k] for k in got}) == []
+
+
+def test_groups_start_at_the_training_hooks_layers_and_init_ignores_grouping():
+  """A Dynamic-LLaVA model's plan starts a group at its sparse and text layers (no scan of a training step
+  runs a sub-range of a stack); the dense model keeps one group; layer i's init is the same either way."""
+  from configs.dynllava import get_config  # pylint: disable=g-import-not-at-top
+  sparse, dense = get_config('size=tiny'), get_config('size=tiny,dense=True')
+  sparse.model.sparse.sparse_layer, sparse.model.sparse.text_layer = 1, 2
+  assert [(g.start, g.stop) for g in P.resolve(sparse.model, LAYER_KINDS)] == [(0, 1), (1, 2), (2, 4)]
+  assert [(g.start, g.stop) for g in P.resolve(dense.model, LAYER_KINDS)] == [(0, 4)]
+  cut = Llava(sparse.model, rngs=nnx.Rngs(3)).language_model
+  whole = Llava(dense.model, rngs=nnx.Rngs(3)).language_model
+  ref = nnx.state(whole.layers, nnx.Param)
+  for g, stacked in cut.groups():
+    got = nnx.state(stacked, nnx.Param)
+    jax.tree.map(lambda a, b, g=g: np.testing.assert_array_equal(a, b[g.start:g.stop]), got, ref)
+  np.testing.assert_array_equal(cut.lm_head.kernel[...], whole.lm_head.kernel[...])
+
+
+def test_init_from_joins_a_cut_checkpoint_into_one_stack(tmp_path):
+  """`init_from` of a Dynamic-LLaVA model's params (groups [0, 1), [1, 4)) into a dense model (one stack):
+  the stack is the two groups concatenated."""
+  from configs.dynllava import get_config  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import convert  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  sparse, dense = get_config('size=tiny'), get_config('size=tiny,dense=True')
+  cut = Llava(sparse.model, rngs=nnx.Rngs(5))
+  path = convert.save_params(cut, sparse.model, str(tmp_path / 'cut'))
+  want = nnx.to_pure_dict(nnx.state(Llava(dense.model, rngs=nnx.Rngs(6)).language_model, nnx.Param))
+  spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {'language_model': want})
+  got = ckpt_lib.load_params(path, spec, n_layers=4)['language_model']['layers']
+  groups = nnx.to_pure_dict(nnx.state(cut.language_model, nnx.Param))
+  jax.tree.map(lambda g, a, b: np.testing.assert_array_equal(g, np.concatenate([a, b])),
+               got, groups['layers'], groups['layers_1'])
 
 
 def test_plan_errors_are_one_line():

@@ -209,17 +209,19 @@ class Llama(nnx.Module):
         lc.vocab_size, lc.hidden, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(L.INIT_STD), ('vocab', 'embed')),
         rngs=rngs)
-    def stack(kind, n, rank):
+    def stack(kind, keys, rank):
       lr = (rank, alpha, dropout) if rank else None
 
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make(key):
         return kind(lc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key), lora=lr)
-      return make(jax.random.split(rngs.params(), n))
+      return make(keys)
 
+    # One key per decoder layer, drawn once: layer i's init does not depend on how the plan groups layers.
+    layer_keys = jax.random.split(rngs.params(), lc.layers)
     for g in self.plan:
       if g.kind != P.SKIP:
-        setattr(self, g.attr, stack(LAYER_KINDS[g.kind], g.size, g.lora_rank))
+        setattr(self, g.attr, stack(LAYER_KINDS[g.kind], layer_keys[g.start:g.stop], g.lora_rank))
     self.norm = L.RMSNorm(lc.hidden, lc.rms_eps, param_dtype=param_dtype)
     self.lm_head = L.dense(lc.hidden, lc.vocab_size, ('embed', 'vocab'), dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)

@@ -10,7 +10,8 @@ kind: a registered layer kind (`llama.LAYER_KINDS`: `dense`, `dense_alt`, `mod`,
 (default), `frozen` or `lora<r>` (rank r > 0; `model.lora` holds alpha and dropout). The counts add up to
 `llm.layers`. Consecutive layers with equal (kind, train) form one group (one stacked module, one scan)
 under `language_model.layers` (the group at layer 0) or `language_model.layers_<start>`, so a uniform plan
-keeps today's parameter paths. docs/architecture.md, "Layer plan and trainability".
+keeps today's parameter paths; `resolve` also starts a group where a training hook acts (a Dynamic-LLaVA
+model: at its sparse and text layers). docs/architecture.md, "Layer plan and trainability".
 
 The visual region (`model.region`, `resolve`): the layers that train, the rest frozen. 'auto' = the
 released even spread (`region_layers`), or a list '1,5,9'; `model.region_train` = 'full' or 'lora<r>'.
@@ -135,12 +136,13 @@ def _entries(spec, n_layers, kinds):
   return entries
 
 
-def parse_plan(spec, n_layers, kinds=None, *, region=(), region_train='full') -> Tuple[Group, ...]:
+def parse_plan(spec, n_layers, kinds=None, *, region=(), region_train='full', cuts=()) -> Tuple[Group, ...]:
   """`model.layer_plan` (+ an optional region) -> groups covering [0, n_layers). Raises ValueError (one
   line) on a bad plan.
 
   region: layer indices that train with `region_train` ('full' | 'lora<r>'); every other layer is frozen.
   With a region, plan entries must not write a train flag themselves (the region decides).
+  cuts: layers that start a group whatever their neighbours (`resolve`: the training hooks' layers).
   """
   entries = _entries(spec, n_layers, kinds)
   if region:
@@ -158,7 +160,7 @@ def parse_plan(spec, n_layers, kinds=None, *, region=(), region_train='full') ->
   entries = [(k, 'frozen' if k == SKIP else (t or 'full')) for k, t in entries]
   groups, start = [], 0
   for i in range(1, n_layers + 1):
-    if i == n_layers or entries[i] != entries[start]:
+    if i == n_layers or entries[i] != entries[start] or i in cuts:
       groups.append(Group(entries[start][0], entries[start][1], start, i))
       start = i
   return tuple(groups)
@@ -180,7 +182,11 @@ def with_kind(spec, n_layers, layers, kind, kinds=None):
 
 def resolve(mc, kinds=None):
   """The model config's groups: `model.layer_plan` with `model.mod.layers` (those layers become `mod`)
-  and `model.region` / `model.region_train` applied."""
+  and `model.region` / `model.region_train` applied, and a group starting at each layer where a training
+  hook acts (`sparsity/registry.py::layer_cuts`, e.g. Dynamic-LLaVA's sparse and text layers): the walk
+  splits its scans there, and a scan over a whole group reads its stacked weights as they are, where a
+  sub-range would be copied out of the stack (and its gradient padded back) on every training step."""
+  from dynllava_jax.sparsity.registry import layer_cuts  # pylint: disable=g-import-not-at-top
   n = mc.llm.layers
   region = parse_region(mc.get('region', ''), n)
   spec = mc.get('layer_plan', '')
@@ -188,7 +194,7 @@ def resolve(mc, kinds=None):
     from dynllava_jax.model import mod as M  # pylint: disable=g-import-not-at-top
     spec = with_kind(spec, n, M.mod_layers(mc.mod.layers, n), M.KIND, kinds)
   return parse_plan(spec, n, kinds, region=region,
-                    region_train=str(mc.get('region_train', 'full') or 'full'))
+                    region_train=str(mc.get('region_train', 'full') or 'full'), cuts=layer_cuts(mc))
 
 
 def kind_layers(groups, kind):

@@ -51,6 +51,13 @@ def train_hooks(mc):
   return tuple(cls(mc) for cls, applies in _TRAIN.values() if applies(mc))
 
 
+def layer_cuts(mc):
+  """The decoder layers where model config mc's training hooks act (their `layers`), sorted: the layer
+  plan starts a group at each (`model/plan.py::resolve`), so the training walk's segments are whole
+  groups and no step copies a sub-range of a stacked group's weights."""
+  return tuple(sorted({int(p) for hk in train_hooks(mc) for p in hk.layers(mc)}))
+
+
 def train_param_rules():
   """Every registered hook's optimizer rules (a rule for modules a model lacks matches nothing)."""
   return tuple(r for cls, _ in _TRAIN.values() for r in cls.param_rules)

@@ -348,7 +348,8 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
   A shape mismatch is a ValueError naming the param; with `require_any`, so is a checkpoint that holds
   none of the wanted params (a caller loading several subsets checks their union itself).
   n_layers: the model's decoder depth; when given, layer-plan groups (`language_model/layers_<start>`) are
-  cut from a checkpoint's single stack of exactly that many layers (`_uniform_layers`).
+  assembled from a checkpoint of the same depth grouped otherwise (`_layer_pieces`: e.g. a region plan's
+  groups cut from a convert output's single stack, or a single stack joined from a Dynamic-LLaVA model's).
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
@@ -363,15 +364,15 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
   tree = getattr(tree, 'tree', tree)
   flat_meta = _flat(tree)
 
-  sliced = {}   # wanted key -> (checkpoint key, first layer): a layer-plan group cut from a uniform stack
+  sliced = {}   # wanted key -> [(checkpoint key, lo, hi)]: a layer-plan group from the checkpoint's groups
 
   def target(p, x):
     key = _path_key(p)
     m = flat_meta.get(key)
-    src = (_uniform_layers(key, x, flat_meta, n_layers)
-           if n_layers and (m is None or tuple(m.shape) != tuple(x.shape)) else None)
-    if src is not None:
-      sliced[key] = src
+    pieces = (_layer_pieces(key, x, flat_meta, n_layers)
+              if n_layers and (m is None or tuple(m.shape) != tuple(x.shape)) else None)
+    if pieces is not None:
+      sliced[key] = pieces
       return x
     if m is None:
       return None
@@ -388,14 +389,16 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
   for k in flat_meta:
     _set(restore_tree, k, flat_wanted.get(k) or jax.ShapeDtypeStruct(flat_meta[k].shape,
                                                                    flat_meta[k].dtype))
-  for k, (src, _) in sliced.items():     # the whole stack, sharded as the group's leaf (layers replicated)
+  for k, pieces in sliced.items():     # whole checkpoint stacks, sharded as the group's leaf (layers replicated)
     sh = getattr(flat_wanted[k], 'sharding', None)
-    _set(restore_tree, src, jax.ShapeDtypeStruct(flat_meta[src].shape, flat_wanted[k].dtype, sharding=sh))
+    for src, _, _ in pieces:
+      _set(restore_tree, src, jax.ShapeDtypeStruct(flat_meta[src].shape, flat_wanted[k].dtype, sharding=sh))
   restored = ckptr.restore(path, restore_tree)
   flat_restored = _flat(restored)
-  stacks = {src: flat_restored[src] for src, _ in sliced.values()}
-  for k, (src, start) in sliced.items():
-    flat_restored[k] = stacks[src][start:start + flat_wanted[k].shape[0]]
+  stacks = {src: flat_restored[src] for pieces in sliced.values() for src, _, _ in pieces}
+  for k, pieces in sliced.items():
+    parts = [stacks[src][lo:hi] for src, lo, hi in pieces]
+    flat_restored[k] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
   return jax.tree_util.tree_map_with_path(
       lambda p, x: flat_restored.get(_path_key(p)) if x is not None else None,
       wanted, is_leaf=lambda x: x is None)
@@ -404,24 +407,36 @@ def load_params(path, abstract_params, require_any=True, n_layers=None):
 _GROUP = re.compile(r'^layers(?:_(\d+))?$')
 
 
-def _uniform_layers(key, x, flat_meta, n_layers):
+def _layer_pieces(key, x, flat_meta, n_layers):
   """A decoder layer-plan group's leaf (`language_model/layers_<start>/...`, model/plan.py) read from a
-  checkpoint of another grouping that holds all layers in one stack (`language_model/layers/...`, e.g. a
-  convert output read by a visual-region plan) of the same depth n_layers: -> (checkpoint key, start) or
-  None (a stack of another depth stays a shape error)."""
+  checkpoint that groups the same n_layers layers otherwise (`language_model/layers[_<s>]/...` stacks, e.g.
+  a convert output's single stack read by a visual-region plan): -> [(checkpoint key, lo, hi)], the
+  checkpoint stacks' row ranges that, concatenated, are layers [start, start + size) — or None (layers
+  missing, or stacks of another depth or layer shape: that stays a shape error)."""
   if len(key) < 3 or key[0] != 'language_model':
     return None
   m = _GROUP.match(key[1])
-  src = ('language_model', 'layers') + key[2:]
-  meta = flat_meta.get(src)
-  if m is None or meta is None or src == key and tuple(meta.shape) == tuple(x.shape):
+  if m is None:
     return None
-  start = int(m.group(1) or 0)
-  shape = tuple(meta.shape)
-  if (len(shape) != len(x.shape) or shape[1:] != tuple(x.shape[1:]) or shape[0] != n_layers
-      or start + x.shape[0] > shape[0]):
+  start, size = int(m.group(1) or 0), x.shape[0]
+  stacks = {}     # first layer -> (checkpoint key, layers): the checkpoint's groups holding this leaf
+  for k, meta in flat_meta.items():
+    g = _GROUP.match(k[1]) if len(k) == len(key) and k[0] == key[0] and k[2:] == key[2:] else None
+    shape = tuple(getattr(meta, 'shape', ()) or ())
+    if g is not None and len(shape) == len(x.shape) and shape[1:] == tuple(x.shape[1:]):
+      stacks[int(g.group(1) or 0)] = (k, shape[0])
+  if sum(n for _, n in stacks.values()) != n_layers:
     return None
-  return src, start
+  pieces, at = [], start
+  for s in sorted(stacks):
+    k, n = stacks[s]
+    lo, hi = max(at, s), min(start + size, s + n)
+    if lo < hi:
+      if lo != at:
+        return None
+      pieces.append((k, lo - s, hi - s))
+      at = hi
+  return pieces if at == start + size and pieces else None
 
 
 def _path_key(p):
