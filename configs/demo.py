@@ -48,7 +48,7 @@ def _geometry(c):
   # supervision does not teach a from-scratch tiny LLM the two-hop look-up of a bare "7" (carry the name
   # from the question to the answer position, then match it to the image): ~0.42 teacher-forced,
   # a visible digit rather than the asked one; 'echo' reached 0.86 in 400 look-up steps (docs/demo.md).
-  d.describe_style = 'echo'
+  d.describe_style = 'tally'
   # A description is a sample's only round: no look-up can copy its answer from a description earlier in
   # the conversation, a look-up's sample-mean CE is not diluted by a 51-token answer beside it, and every
   # description is the last answer (the one output-text sparsification acts on).

@@ -161,6 +161,21 @@ def test_echo_answers_name_the_cell_before_its_value():
   assert set(split_words(text)) | set(split_words(digits_vqa.answer('row_sum', grid, 2, style='echo'))) <= vocab
 
 
+def test_tally_answers_count_after_the_cells():
+  """The demo's 'tally' answers: 'echo' with the counts after the cells they count."""
+  grid = [[None, 7], [3, 4]]
+  assert digits_vqa.answer('digit_at', grid, 2, 1, style='tally') == 'b1 3'
+  assert digits_vqa.answer('row_sum', grid, 1, style='tally') == 'a1 empty a2 7 sum 7'
+  assert digits_vqa.answer('count', grid, style='tally') == 'a1 empty a2 digit b1 digit b2 digit count 3'
+  text = digits_vqa.describe(grid, 'tally')
+  assert text == ('row a : a1 empty , a2 7 . row b : b1 3 , b2 4 . the grid has 2 rows and 2 columns and 3 '
+                  'digits .')
+  assert sorted(text.split()) == sorted(digits_vqa.describe(grid, 'echo').split())
+  from dynllava_jax.data.tokenizer import split_words
+  vocab = set(w for t in digits_vqa.vocabulary_texts('tally') for w in split_words(t))
+  assert set(split_words(text)) | set(split_words(digits_vqa.answer('count', grid, style='tally'))) <= vocab
+
+
 def _fake_body(calls):
   def body(config, path, report):
     calls.append(config.stage.name)

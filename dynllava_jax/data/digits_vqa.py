@@ -19,6 +19,9 @@ canvas_size // grid pixels: with canvas 64, grid 2 and patch 8 each cell is exac
              or 'echo' (the demo: cells named by one token, each value right after its cell's name; look-ups
              "b1 7", row sums "a1 3 a2 empty sum 3"): "the grid has 2 rows and 2 columns and 3 digits .
              row a : a1 3 , a2 empty . row b : ..." (31 tokens with </s>)
+             or 'tally' (the demo's: 'echo' with every count after the cells it counts: descriptions
+             "row a : a1 3 , a2 empty . row b : ... . the grid has 2 rows and 2 columns and 3 digits .",
+             counts "a1 3"-style presence first: "a1 digit a2 empty b1 digit b2 digit count 3")
   text_add:  "what is a plus b ?"                   → "9"              (text-only, no image)
 Image samples have further rounds (another question about the same image, no image tag), each with
 probability `extra_round_prob` up to `max_rounds` in all (defaults 0.1 and 2: about 10% have a second
@@ -66,6 +69,14 @@ def value_text(v):
   return 'empty' if v is None else str(v)
 
 
+def presence(grid, style):
+  """'tally' count answer: every cell's name, then 'digit' or 'empty', then the count ('a1 empty a2 digit
+  b1 digit b2 digit count 3'): each cell is one hop from its name, the count follows from the text."""
+  cells = [f'{cell_name(r + 1, c + 1, style)} {"empty" if v is None else "digit"}'
+           for r, row in enumerate(grid) for c, v in enumerate(row)]
+  return ' '.join(cells) + f' count {sum(v is not None for row in grid for v in row)}'
+
+
 def echoed(r, c, v, style):
   """'echo' style: cell (r, c)'s name, then its content ('b1 7')."""
   return f'{cell_name(r, c, style)} {value_text(v)}'
@@ -85,7 +96,7 @@ def question(qtype, r=0, c=0, a=0, b=0, style='long'):
   }[qtype]
 
 
-DESCRIBE_STYLES = ('long', 'short', 'cells', 'named', 'echo')
+DESCRIBE_STYLES = ('long', 'short', 'cells', 'named', 'echo', 'tally')
 # One token names a cell ('b1'). 'echo' also puts the cell's name right before its value in every answer
 # (look-ups 'b1 7', row sums 'a1 3 a2 empty sum 3', descriptions '... row a : a1 3 , a2 empty . ...'): the
 # value is predicted at the position whose input is the cell's name, one attention hop from that token to
@@ -93,20 +104,27 @@ DESCRIBE_STYLES = ('long', 'short', 'cells', 'named', 'echo')
 # two-hop look-up (carry the name from the question to the answer position, then match it to the image):
 # teacher-forced look-ups stay at ~0.42 (a visible digit, not the asked one); with 'echo' they reach 0.86
 # in 400 steps (docs/demo.md).
-NAMED_STYLES = ('named', 'echo')
+# 'tally' (the demo's) is 'echo' with every count after the cells it counts: the count question answered
+# cell by cell ('a1 empty a2 digit ... count 3', `presence`), the description's "the grid has 2 rows and 2
+# columns and 3 digits ." after its rows. In 'echo' the count came first, one token that has to add up
+# every cell's image tokens at once: the descriptions' errors were mostly that count, with every cell
+# right after it (docs/demo.md, "Counts after the cells").
+ECHO_STYLES = ('echo', 'tally')
+NAMED_STYLES = ('named',) + ECHO_STYLES
 
 
 def describe(grid, style='long'):
   """Long answer for `grid` (g x g list of int or None), row by row; `style` in DESCRIBE_STYLES."""
   n = sum(v is not None for row in grid for v in row)
   cell = value_text
-  if style == 'echo':
+  if style in ECHO_STYLES:
     g = len(grid)
-    parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
+    head = f'the grid has {g} rows and {g} columns and {n} digits .'
+    parts = []
     for r, row in enumerate(grid):
       cells = [echoed(r + 1, c + 1, v, style) for c, v in enumerate(row)]
       parts.append(f'row {row_name(r + 1)} : ' + ' , '.join(cells) + ' .')
-    return ' '.join(parts)
+    return ' '.join([head] + parts if style == 'echo' else parts + [head])
   if style in ('cells', 'named'):
     g, named = len(grid), style == 'named'
     parts = [f'the grid has {g} rows and {g} columns and {n} digits .']
@@ -131,12 +149,14 @@ def describe(grid, style='long'):
 def answer(qtype, grid, r=0, c=0, a=0, b=0, style='long', add_echo=False):
   if qtype == 'digit_at':
     v = grid[r - 1][c - 1]
-    return echoed(r, c, v, style) if style == 'echo' else value_text(v)
+    return echoed(r, c, v, style) if style in ECHO_STYLES else value_text(v)
   if qtype == 'count':
+    if style == 'tally':
+      return presence(grid, style)
     return str(sum(v is not None for row in grid for v in row))
   if qtype == 'row_sum':
     total = str(sum(v or 0 for v in grid[r - 1]))
-    if style == 'echo':   # the row's cells first, each value right after its name, then the sum
+    if style in ECHO_STYLES:   # the row's cells first, each value right after its name, then the sum
       return ' '.join(echoed(r, j + 1, v, style) for j, v in enumerate(grid[r - 1])) + f' sum {total}'
     return total
   if qtype == 'describe':
@@ -155,6 +175,7 @@ def vocabulary_texts(describe_style='long'):
   texts += [question(t, r, c, 0, 0, style) for t in QUESTION_TYPES for style in styles
             for r in range(1, GRID + 1) for c in range(1, GRID + 1)]
   texts += [describe([[None] * 3] * 3, style) for style in styles]
+  texts += [answer('count', [[1] * 3] * 3, style=style) for style in styles]
   texts.append(' '.join(str(i) for i in range(9 * GRID * GRID + 1)))
   return texts
 
