@@ -10,8 +10,9 @@
 
 Each stage is the tiny preset (configs/dynllava.py:size=tiny) with the demo's geometry on top: a 2x2 grid
 on the 64-px canvas, so each cell is a 4x4 block of the 8-px patches (16 image tokens per cell; at a 20 %
-budget ~3 per cell), the 'echo' text (one token names a cell, a1..b2, in the questions; every answer puts
-a cell's value right after its name; the 31-token description alone in its sample) and len_ot = 24. The geometry lives here and in
+budget ~3 per cell), the 'tally' text (one token names a cell, a1..b2, in the questions; every answer puts
+a cell's value right after its name, and every count after the cells it counts; the 31-token description
+alone in its sample) and len_ot = 24. The geometry lives here and in
 `data.digits`, not in the size preset. `train.init_from` is left empty: the runner
 (`dynllava_jax/demo/stages.py`) points it at the previous stage's exported params.
 """
@@ -48,6 +49,10 @@ def _geometry(c):
   # supervision does not teach a from-scratch tiny LLM the two-hop look-up of a bare "7" (carry the name
   # from the question to the answer position, then match it to the image): ~0.42 teacher-forced,
   # a visible digit rather than the asked one; 'echo' reached 0.86 in 400 look-up steps (docs/demo.md).
+  # 'tally' is 'echo' with every count after the cells it counts (the count question cell by cell, "a1
+  # digit a2 empty ... count 3"; the description's "... and 3 digits ." after its rows): with the count
+  # first, dense answered 0.840 of the counts and 0.447 of the descriptions, most of them wrong only in
+  # that count; after the cells, 1.000 and 0.702 (docs/demo.md, "Counts after the cells").
   d.describe_style = 'tally'
   # A description is a sample's only round: no look-up can copy its answer from a description earlier in
   # the conversation, a look-up's sample-mean CE is not diluted by a 51-token answer beside it, and every

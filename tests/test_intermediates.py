@@ -22,10 +22,12 @@ def test_dense_forward_hidden_states_per_layer():
   np.testing.assert_array_equal(aux['hidden_in'][0], model.embed(ids, pix)[0])
   np.testing.assert_array_equal(aux['hidden_in'][1:], aux['hidden_out'][:-1])
   np.testing.assert_array_equal(model.language_model.head(aux['hidden_out'][-1]), logits)
-  # Free when off: the decoder scan carries only the hidden state and emits nothing.
+  # Free when off: the decoder's scans (one per layer-plan group) carry only the hidden state, emit nothing.
   eqns = jax.make_jaxpr(lambda: model(ids, pix, mask))().jaxpr.eqns
-  scans = [e for e in eqns if e.primitive.name == 'scan' and e.params['length'] == n]
-  assert len(scans) == 1 and len(scans[0].outvars) == 1
+  scans = [e for e in eqns if e.primitive.name == 'scan']
+  sizes = [g.size for g in model.language_model.plan]
+  assert [e.params['length'] for e in scans[-len(sizes):]] == sizes and sum(sizes) == n
+  assert all(len(e.outvars) == 1 for e in scans[-len(sizes):])
 
 
 def test_prefill_scores_on_request():
