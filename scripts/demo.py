@@ -94,12 +94,19 @@ def main():
   ap.add_argument('--reducer_budgets', default=joined(res.REDUCER_BUDGETS),
                   help="VisionZip's and DivPrune's budgets ('' = --budgets; their sweep: make demo-more)")
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
+  ap.add_argument('--cpus', type=int, default=2,
+                  help='run on this many of the CPUs (0: all): the thread count is part of the floating-point '
+                       'path, 2 gives every machine with >= 2 CPUs the recorded runs\' split (docs/demo.md)')
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
                   help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
   ap.add_argument('--stop_after', type=int, default=3, choices=(0, 1, 2, 3),
                   help='last stage to run (0: the tower and lm; no evaluation if < 3)')
   args = ap.parse_args()
   t0 = time.time()
+  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top
+  fp_lib.pin_cpus(args.cpus)                # before jax's first computation
+  fp = fp_lib.fingerprint()
+  print(fp_lib.fingerprint_line(fp), flush=True)
 
   from configs.demo import STAGES, VISUAL_REGION, get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
@@ -182,11 +189,11 @@ def main():
     json.dump(summary, f, indent=1)
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
     json.dump({'rows': rows, 'majority': majority, 'stages': infos, 'wall_s': wall,
-               'cpu_s': time.process_time(), 'eval_wall_s': wall - t_train}, f, indent=1,
+               'cpu_s': time.process_time(), 'eval_wall_s': wall - t_train, 'fingerprint': fp}, f, indent=1,
               default=_json_default)
   head = (f'test split: {len(samples)} samples, greedy generation; exact match per question type '
           f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s, '
-          f'process CPU {time.process_time():.0f} s')
+          f'process CPU {time.process_time():.0f} s; {fp_lib.fingerprint_line(fp)}')
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, tradeoff.png, '

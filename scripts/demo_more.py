@@ -54,12 +54,19 @@ def main():
                   help='skip the image-token methods at the MQT token counts')
   ap.add_argument('--eval_batch', type=int, default=100)
   ap.add_argument('--smoke', action='store_true', help='smoke=True configs: 2 steps, tiny data')
+  ap.add_argument('--cpus', type=int, default=2,
+                  help='run on this many of the CPUs (0: all): the thread count is part of the floating-point '
+                       'path, 2 gives every machine with >= 2 CPUs the recorded runs\' split (docs/demo.md)')
   ap.add_argument('--set', action='append', default=[], metavar='[STAGE:]SECTION.FIELD=VALUE',
                   help='override a stage config field; STAGE = stageK (configs/demo.py) or a demo_more '
                        'stage name (e.g. mqt_instruct:train.steps=60); without STAGE every stage')
   ap.add_argument('--train_only', action='store_true', help='run the stages, no evaluation')
   args = ap.parse_args()
   t0 = time.time()
+  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top
+  fp_lib.pin_cpus(args.cpus)                # before jax's first computation
+  fp = fp_lib.fingerprint()
+  print(fp_lib.fingerprint_line(fp), flush=True)
 
   from configs import demo as demo_cfg  # pylint: disable=g-import-not-at-top
   from configs import demo_more as more_cfg  # pylint: disable=g-import-not-at-top
@@ -206,7 +213,7 @@ def main():
   from demo import _json_default  # pylint: disable=g-import-not-at-top
   out = {**(old_json if old_rows else {}), 'rows': all_rows, 'majority': majority, 'stages': base_stages}
   out['more'] = {'stages': {k: infos[k] for k in infos if k in more_cfg.STAGES}, 'wall_s': wall,
-                 'eval_wall_s': wall - t_train, 'families': families}
+                 'eval_wall_s': wall - t_train, 'families': families, 'fingerprint': fp}
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
     json.dump(out, f, indent=1, default=_json_default)
   types = sorted({t for r in all_rows.values() for t in r['accuracy_by_type'] if t != 'all'})
@@ -214,7 +221,7 @@ def main():
   head = (f'test split: {len(samples)} image samples' + (f' + {len(video)} video samples (digits_video, '
           f'{configs["video_instruct"].data.max_frames} frames)' if 'mod' in families else '') +
           f', greedy generation; exact match per question type (describe tok = token accuracy of the '
-          f'descriptions); demo-more: stages {t_train:.0f} s, total {wall:.0f} s')
+          f'descriptions); demo-more: stages {t_train:.0f} s, total {wall:.0f} s; {fp_lib.fingerprint_line(fp)}')
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, results.json, tradeoff.png',

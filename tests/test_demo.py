@@ -335,6 +335,23 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
   assert m['prune_bi@1']['kv_cache_bytes'] < m['dense@1.0']['kv_cache_bytes']      # 3 of the 4 layers' caches
   for f in ('tradeoff.png', 'kept_patches.png', 'results.md'):
     assert (w / f).stat().st_size > 0
+  fp = json.loads((w / 'results.json').read_text())['fingerprint']       # the floating-point path, recorded
+  assert len(fp['hash']) == 16 and f"floating-point path {fp['hash']}" in (w / 'results.md').read_text()
+
+
+def test_fingerprint_is_the_same_in_two_processes_and_names_its_threads():
+  """The same machine and thread count give the same floating-point fingerprint in two processes (what the
+  demo prints beside its table); pin_cpus(1) runs on one CPU and says so; pin_cpus(0) keeps every CPU."""
+  code = ('import json; from dynllava_jax.demo import fingerprint as F; cpus = F.pin_cpus(1); '
+          'print(json.dumps([cpus, F.fingerprint()]))')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  runs = [json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                                    env=env, timeout=300, check=True).stdout.splitlines()[-1]) for _ in range(2)]
+  assert runs[0] == runs[1]
+  cpus, fp = runs[0]
+  assert len(cpus) == 1 and fp['threads'] == 1 and len(fp['hash']) == 16 and fp['backend'] == 'cpu'
+  from dynllava_jax.demo import fingerprint as F
+  assert F.pin_cpus(0) == sorted(os.sched_getaffinity(0))
 
 
 def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):

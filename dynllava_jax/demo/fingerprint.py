@@ -1,0 +1,108 @@
+"""A fingerprint of this machine's floating-point path, printed with the demo's table.
+
+    fp = fingerprint()
+    # {'hash': '1f0c9a3b7d2e4c55', 'jax': '0.10.2', 'jaxlib': '0.10.2', 'backend': 'cpu',
+    #  'cpu': 'AMD EPYC 9B14', 'threads': 2, 'dot': 'ynn'}
+    fingerprint_line(fp)   # 'floating-point path 1f0c9a3b7d2e4c55 (jax 0.10.2, cpu AMD EPYC 9B14, ...)'
+    pin_cpus(2)            # before jax's first computation: XLA CPU's thread pool gets 2 threads
+
+The demo trains for thousands of steps, and a difference in the last bit of one matrix product grows over
+them into different greedy answers (docs/demo.md, "Reproducibility"). `hash` covers the results of the
+operations a training step is made of, under `jax.jit` at the demo's sizes: a projection contracting over
+128 features, its weight gradient contracting over 2048 token rows (batch 8 × 256 tokens), an RMS norm, a
+softmax over 256 keys, a cross-entropy over 256 words, and their gradients. Two machines with the same
+hash compute these bit for bit, so the same code and seeds can train the same parameters (as far as these
+operations stand for the rest); two with different hashes will train different last bits and, by what the
+recorded runs show, print tables a few points apart. `dot` says which XLA CPU path ran the product:
+'ynn' (a YNNPACK fusion; jax 0.10's default, whose kernels are chosen at run time from the CPU's
+features, so `--xla_cpu_max_isa` does not change its result) or 'xla' (XLA's own code or Eigen).
+
+The thread count is part of the path: XLA CPU sizes its thread pool from the CPUs the process may run on,
+and a product split over another number of threads sums in another order (on the 2-core VM, this hash under
+`taskset -c 0` differs from the 2-thread one). `pin_cpus(2)`, the demo's default, gives every machine with 2
+or more CPUs the demo's 2-thread split; the CPU's own kernels (its instruction set, for YNNPACK) remain.
+"""
+import hashlib
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOKENS, WIDTH, KEYS, VOCAB = 2048, 128, 256, 256
+
+
+def _cpu_name():
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _threads():
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:      # macOS
+    return os.cpu_count() or 1
+
+
+def pin_cpus(n):
+  """Restricts this process to the first `n` CPUs it may run on (0: all; fewer available: all of them).
+  Call it before jax's first computation: XLA CPU sizes its thread pool when the backend starts. Returns
+  the CPUs kept."""
+  try:
+    cpus = sorted(os.sched_getaffinity(0))
+  except AttributeError:      # macOS: no affinity; the thread count is the machine's
+    return list(range(os.cpu_count() or 1))
+  if 0 < n < len(cpus):
+    cpus = cpus[:n]
+    os.sched_setaffinity(0, cpus)
+  return cpus
+
+
+def _step(params, x, labels):
+  """One small training step's arithmetic -> (loss, grads): RMS norm, projection, attention, CE."""
+  def loss_fn(p):
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)             # (T, D)
+    q, k = h @ p['wq'], h @ p['wk']                                                 # (T, D)
+    qb, kb = q.reshape(-1, KEYS, WIDTH), k.reshape(-1, KEYS, WIDTH)                 # (B, S, D)
+    att = jax.nn.softmax(jnp.einsum('bqd,bkd->bqk', qb, kb) / np.sqrt(WIDTH), -1)
+    o = jnp.einsum('bqk,bkd->bqd', att, kb).reshape(TOKENS, WIDTH)
+    logits = o @ p['out']                                                           # (T, V)
+    lse = jax.nn.logsumexp(logits, -1)
+    return jnp.mean(lse - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])
+  return jax.value_and_grad(loss_fn)(params)
+
+
+def fingerprint(seed=0):
+  """The dict above; `hash` is 16 hex digits of the step's loss and gradients (float32 bytes)."""
+  rng = np.random.default_rng(seed)
+  params = {'wq': rng.normal(0, 0.1, (WIDTH, WIDTH)), 'wk': rng.normal(0, 0.1, (WIDTH, WIDTH)),
+            'out': rng.normal(0, 0.1, (WIDTH, VOCAB))}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  x = jnp.asarray(rng.normal(0, 1, (TOKENS, WIDTH)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, VOCAB, TOKENS), jnp.int32)
+  step = jax.jit(_step)
+  loss, grads = step(params, x, labels)
+  h = hashlib.sha256(np.asarray(loss, np.float32).tobytes())
+  for name in sorted(grads):
+    h.update(np.asarray(grads[name], np.float32).tobytes())
+  hlo = jax.jit(lambda a, b: a @ b).lower(x, params['wq']).compile().as_text()
+  return {'hash': h.hexdigest()[:16], 'jax': jax.__version__, 'jaxlib': _jaxlib_version(),
+          'backend': jax.default_backend(), 'cpu': _cpu_name(), 'threads': _threads(),
+          'dot': 'ynn' if 'ynn_fusion' in hlo else 'xla'}
+
+
+def _jaxlib_version():
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return getattr(jaxlib, '__version__', '?')
+
+
+def fingerprint_line(fp):
+  return (f"floating-point path {fp['hash']} (jax {fp['jax']}, {fp['backend']} {fp['cpu']}, "
+          f"{fp['threads']} threads, dot {fp['dot']})")
