@@ -4,8 +4,8 @@
                                                 stage (the pretrained tower and LLM)
     configs/demo_more.py:stage=mqt_instruct     MQT: projector + LLM, m ~ U{2, 4, ..., M}, from mqt_align
     configs/demo_more.py:stage=mod_instruct     VideoLLM-MoD (r = 0.2, layers 1, 3) on the images, from stage 1
-    configs/demo_more.py:stage=video_instruct   dense LLaVA on digits_video (4 frames), from stage 0 (tower)
-    configs/demo_more.py:stage=mod_video        VideoLLM-MoD (r = 0.2, layers 0, 2) on digits_video, from stage 0
+    configs/demo_more.py:stage=video_instruct   dense LLaVA on digits_video (4 frames), from stage 2 (the image LLaVA)
+    configs/demo_more.py:stage=mod_video        VideoLLM-MoD (r = 0.2, layers 0, 2) on digits_video, from stage 2
     configs/demo_more.py:stage=region_full      visual region (layer 0 of 4) fully tuned, from stage 1
     configs/demo_more.py:stage=region_lora      visual region with LoRA r 16 (alpha 32), from stage 1
     configs/demo_more.py:stage=<name>,smoke=True   2 steps, small data (the tests)
@@ -13,13 +13,11 @@
 Every stage is derived from `configs/demo.py`'s stage 1 (the align stages) or stage 2 (the instruct stages):
 the demo's geometry, data mix, steps and learning rate come from there, so a change to those stages'
 recipe reaches these stages (and their cache hashes) without an edit here. What each adds is the method's
-own setting. The video stages read `digits_video` (the demo's canvas and 2x2 grid, 4 frames per sample) with
-its own tokenizer: the data pipeline reads one dataset per run and the two datasets' word tokenizers number
-their words differently, so one model cannot train on both in one stage here (docs/demo.md, "make
-demo-more"); MoD's image rows come from `mod_instruct`, its video rows from `mod_video`, the dense video
-comparator from `video_instruct`. The image MoD stage starts from stage 1 (the lm stage's LLM, as stage 2
-does); the video stages start from the tower (stage 0) with a random LLM, since the lm stage's LLM learned
-digits_vqa's word ids, which name other words in digits_video's.
+own setting. The video stages read `digits_video` (the demo's canvas and 2x2 grid, 4 frames per sample),
+whose tokenizer extends the image set's (every image word keeps its id), and start from the image LLaVA
+(stage 2), as video LLaVAs start from an image one; the data pipeline reads one dataset per run, so MoD's
+image rows come from `mod_instruct` (from stage 1, the lm stage's LLM, as stage 2 does), its video rows from
+`mod_video`, the dense video comparator from `video_instruct` (docs/demo.md, "make demo-more").
 """
 import ml_collections
 
@@ -32,8 +30,8 @@ STAGES = {
     'mqt_align': (4, 1, 'lm'),
     'mqt_instruct': (5, 2, 'mqt_align'),
     'mod_instruct': (6, 2, 1),
-    'video_instruct': (7, 2, 0),
-    'mod_video': (8, 2, 0),
+    'video_instruct': (7, 2, 2),
+    'mod_video': (8, 2, 2),
     'region_full': (9, 2, 1),
     'region_lora': (10, 2, 1),
 }
@@ -70,9 +68,9 @@ def get_config(arg=None):
   if arg.stage.startswith('mod'):
     # Every other layer. On the images (from stage 1, whose LLM does its reading in layer 0, Block
     # Influence 0.51 against <= 0.06) the interleaved 1, 3 (`interleave`, the papers' pattern: layer 0
-    # dense): 0.843 against dense's 0.853, random routing 0.820; at 0, 2 (layer 0 routed) 0.710. On the
-    # video (from the tower, a random LLM) 0, 2: 0.150 against dense's 0.157, random routing 0.000; at
-    # 1, 3 routing did not matter (0.130 learned, 0.133 random). demo16's stages; docs/demo.md.
+    # dense): 0.843 against dense's 0.853, random routing 0.820; at 0, 2 (layer 0 routed) 0.710 (demo16's
+    # stages). On the video (from stage 2, the image LLaVA) 0, 2: 0.210 against dense's 0.223, random
+    # routing 0.007, uniform 0.073 (demo25's stages 0-2; docs/demo.md).
     first = 1 if arg.stage == 'mod_instruct' else 0
     m.mod.layers = ','.join(str(i) for i in range(first, m.llm.layers, 2))   # '1,3' / '0,2' (smoke: '1' / '0')
     # The router's update weight 1 + alpha·tanh(s) at alpha = 1 (p-MoD's 0.2 learned too slowly from a

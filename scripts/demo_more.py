@@ -7,8 +7,8 @@ the same workdir as `make demo`.
 Stages: `make demo`'s 0-3 (configs/demo.py; cached, so after `make demo` they are skipped), then per method
 family the stages of configs/demo_more.py, each cached in <workdir>/stage<i>_<name>/ like the others:
   mqt     mqt_align (projector only, m = M, from the lm stage), mqt_instruct (+ LLM, m ~ U{2, ..., M})
-  mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video (all
-          from stage 0, the tower: a random LLM)
+  mod     mod_instruct (MoD on the images), video_instruct (dense) and mod_video (MoD) on digits_video (both
+          from stage 2, the image LLaVA)
   region  region_full, region_lora (layer 0 of 4 trained, fully / by LoRA)
 all from stage 1 with stage 2's recipe unless said. Then the rows (dynllava_jax/demo/more.py): mqt@<m>, the
 image-token methods at the MQT counts (`<method>@<m/64>`, unless --no_matched), mod@0.2, mod_random@0.2,

@@ -70,8 +70,8 @@ def test_stage_is_the_demo_stage_plus_its_method(name):
     assert tuple(region_of(c.model)) == (0,)                         # a quarter of the 4 layers: the reading one
   if name.startswith('region'):                                              # dense@1.0's start
     assert c.upstream == 'stage1'
-  if name in ('video_instruct', 'mod_video'):    # digits_video's words: from the tower, a random LLM
-    assert c.upstream == 'stage0' and c.model.mod.layers in ('', '0,2')
+  if name in ('video_instruct', 'mod_video'):    # from the image LLaVA (the video's tokenizer extends its)
+    assert c.upstream == 'stage2' and c.model.mod.layers in ('', '0,2')
   if name == 'mod_instruct':                      # the images: from stage 1, interleaved (layer 0 dense)
     assert c.upstream == 'stage1' and c.model.mod.layers == '1,3'
   if name == 'mqt_align':

@@ -108,6 +108,28 @@ def test_digits_video_answers_and_pipeline(tmp_path):
   assert (batch['pixel_values'].reshape(3, 4, -1).std(-1) > 0.05).all()
 
 
+@pytest.mark.parametrize('style', ['short', 'tally'])
+def test_digits_video_tokenizer_extends_the_image_tokenizer(tmp_path, style):
+  """digits_video's tokenizer gives every word of digits_vqa's tokenizer (of data.digits.describe_style) the
+  same id, the video words after them, so a model trained on the images reads the video; one file per
+  style beside the one video set; every video text is covered."""
+  from dynllava_jax.data import digits_video as V
+  from dynllava_jax.data import digits_vqa as D
+  from dynllava_jax.data import tokenizer as tokenizer_lib
+  image = D.build_tokenizer(describe_style=style).tok.get_vocab()
+  video_tok = V.build_tokenizer(describe_style=style)
+  video = video_tok.tok.get_vocab()
+  assert {w: video[w] for w in image} == image                             # the image ids, unchanged
+  assert sorted(video.values()) == list(range(len(video))) and len(video) <= tokenizer_lib.MAX_WORD_VOCAB
+  assert min(video[w] for w in set(video) - set(image)) == len(image)      # the video words after them
+  for text in V.vocabulary_texts():
+    assert (video_tok.encode(text)[0] != tokenizer_lib.UNK_ID).all(), text
+  c = get_config('size=tiny')
+  c.data.name, c.data.data_dir, c.data.max_frames = 'digits_video', str(tmp_path), 4
+  c.data.digits.describe_style = style
+  assert builders.tokenizer_path(c).endswith(f'tokenizer_{style}.json')
+
+
 def test_digits_video_frame_labels_name_each_frame():
   """frame_labels: each frame's <image> tag follows its name, the dataset dir says so, the rest is equal."""
   from sklearn.datasets import load_digits

@@ -4,7 +4,9 @@
     tok = tokenizer.load_tokenizer(tokenizer_path(config))
 
 Beside the tfds files each dataset dir holds `build_report.json` ({total, skipped: {reason: n},
-skipped_ids: [[id, reason], ...]}) and, for digits_vqa, its `tokenizer.json`.
+skipped_ids: [[id, reason], ...]}) and, for the digits sets, the word tokenizer: digits_vqa's
+`tokenizer.json`; digits_video's `tokenizer_<describe_style>.json`, digits_vqa's tokenizer of that
+`data.digits.describe_style` extended by the video words (one video set, a tokenizer per image vocabulary).
 """
 import json
 import logging
@@ -118,8 +120,8 @@ def _finish(config, ds_dir):
   """Writes the digits tokenizer if missing; applies strict mode to the build report."""
   if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
     digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER), config.data.digits.describe_style)
-  if config.data.name == 'digits_video' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
-    digits_video.build_tokenizer(os.path.join(ds_dir, TOKENIZER))
+  if config.data.name == 'digits_video' and not os.path.exists(os.path.join(ds_dir, _video_tokenizer(config))):
+    digits_video.build_tokenizer(os.path.join(ds_dir, _video_tokenizer(config)), config.data.digits.describe_style)
   report = read_report(ds_dir)
   if config.data.strict and report['skipped_ids']:
     rid, reason = report['skipped_ids'][0]
@@ -127,11 +129,17 @@ def _finish(config, ds_dir):
   return ds_dir
 
 
+def _video_tokenizer(config):
+  return f'tokenizer_{config.data.digits.describe_style}.json'
+
+
 def tokenizer_path(config):
   """Path of the tokenizer.json for config.data (config.data.tokenizer overrides the default)."""
   d = config.data
   if d.tokenizer:
     return d.tokenizer
-  if d.name in ('digits_vqa', 'digits_video'):
+  if d.name == 'digits_vqa':
     return os.path.join(os.fspath(get_builder(config).data_dir), TOKENIZER)
+  if d.name == 'digits_video':
+    return os.path.join(os.fspath(get_builder(config).data_dir), _video_tokenizer(config))
   return os.path.join(d.manual_dir, TOKENIZER)

@@ -126,8 +126,11 @@ def vocabulary_texts():
   return texts
 
 
-def build_tokenizer(path=None):
-  return tokenizer_lib.build_word_tokenizer(vocabulary_texts(), path)
+def build_tokenizer(path=None, describe_style='short'):
+  """digits_vqa's tokenizer for `describe_style` (the same id for every word it has), extended by the
+  video's words: a model trained on digits_vqa with that style reads the video without a new embedding
+  for the words both have (the demo's video stages start from its image LLaVA)."""
+  return tokenizer_lib.build_word_tokenizer(D.vocabulary_texts(describe_style), path, extend=vocabulary_texts())
 
 
 def evolve(rng, empty, src, grid, labels, split):

@@ -77,18 +77,24 @@ def split_words(text):
   return [w for w, _ in word_pre_tokenizer().pre_tokenize_str(text)]
 
 
-def build_word_tokenizer(texts, path=None):
-  """Builds a word-level tokenizer whose vocabulary is every word of `texts`.
-
-  Ids 0..4 are `<unk> <s> </s> <pad> <image>`, then the words sorted. Raises when more than
-  MAX_WORD_VOCAB tokens result. Saves to `path` (tokenizer.json) when given.
-  """
+def _words(texts):
   words = set()
   for t in texts:
     words.update(split_words(t))
-  words -= set(SPECIALS)
+  return words - set(SPECIALS)
+
+
+def build_word_tokenizer(texts, path=None, extend=()):
+  """Builds a word-level tokenizer whose vocabulary is every word of `texts` (and of `extend`).
+
+  Ids 0..4 are `<unk> <s> </s> <pad> <image>`, then the words of `texts` sorted, then the words of
+  `extend` that `texts` lacks, sorted: every id of the tokenizer of `texts` alone names the same word
+  here, so a model trained with that one reads this one's texts. Raises when more than MAX_WORD_VOCAB
+  tokens result. Saves to `path` (tokenizer.json) when given.
+  """
+  words = _words(texts)
   vocab = {s: i for i, s in enumerate(SPECIALS)}
-  for w in sorted(words):
+  for w in sorted(words) + sorted(_words(extend) - words):
     vocab[w] = len(vocab)
   if len(vocab) > MAX_WORD_VOCAB:
     raise ValueError(f'word vocabulary has {len(vocab)} > {MAX_WORD_VOCAB} tokens')
