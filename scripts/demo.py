@@ -136,7 +136,8 @@ def main():
     configs[k] = c
     try:
       # a workdir in use, a checkpoint of another run, a full disk: one line, exit 2
-      up = infos[k] = errors.guard('demo.py', lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
+      up = infos[k] = errors.guard('demo.py', lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up,
+                                                                   fingerprint=fp['hash']))
     except stg.StageInterrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(130)
@@ -194,6 +195,8 @@ def main():
   head = (f'test split: {len(samples)} samples, greedy generation; exact match per question type '
           f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s, '
           f'process CPU {time.process_time():.0f} s; {fp_lib.fingerprint_line(fp)}')
+  foreign = fp_lib.foreign_line(infos, fp)
+  head += f'; {foreign}' if foreign else ''
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, tradeoff.png, '

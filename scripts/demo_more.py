@@ -92,12 +92,14 @@ def main():
       c = demo_cfg.get_config(f'stage={k},smoke={args.smoke}')
       apply_sets(c, k, _sets_for(args.set, demo_cfg.stage_key(k), k))
       configs[demo_cfg.stage_key(k)] = c
-      up = infos[demo_cfg.stage_key(k)] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up))
+      up = infos[demo_cfg.stage_key(k)] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up,
+                                                                                   fingerprint=fp['hash']))
     for name in [s for f in families for s in more.FAMILIES[f]]:
       c = more_cfg.get_config(f'stage={name},smoke={args.smoke}')
       apply_sets(c, c.stage.index, _sets_for(args.set, name, c.stage.index))
       configs[name] = c
-      infos[name] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), infos[c.upstream]))
+      infos[name] = guard(lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), infos[c.upstream],
+                                                     fingerprint=fp['hash']))
   except stg.StageInterrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(130)
@@ -222,6 +224,8 @@ def main():
           f'{configs["video_instruct"].data.max_frames} frames)' if 'mod' in families else '') +
           f', greedy generation; exact match per question type (describe tok = token accuracy of the '
           f'descriptions); demo-more: stages {t_train:.0f} s, total {wall:.0f} s; {fp_lib.fingerprint_line(fp)}')
+  foreign = fp_lib.foreign_line(infos, fp)
+  head += f'; {foreign}' if foreign else ''
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, results.json, tradeoff.png',

@@ -337,6 +337,8 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
     assert (w / f).stat().st_size > 0
   fp = json.loads((w / 'results.json').read_text())['fingerprint']       # the floating-point path, recorded
   assert len(fp['hash']) == 16 and f"floating-point path {fp['hash']}" in (w / 'results.md').read_text()
+  for k in STAGES:                                                         # ... and in every stage it trained
+    assert stg.read_state(stg.stage_dir(str(w), get_config(f'stage={k},smoke=True')))['fingerprint'] == fp['hash']
 
 
 def test_fingerprint_is_the_same_in_two_processes_and_names_its_threads():
@@ -352,6 +354,9 @@ def test_fingerprint_is_the_same_in_two_processes_and_names_its_threads():
   assert len(cpus) == 1 and fp['threads'] == 1 and len(fp['hash']) == 16 and fp['backend'] == 'cpu'
   from dynllava_jax.demo import fingerprint as F
   assert F.pin_cpus(0) == sorted(os.sched_getaffinity(0))
+  infos = {'tower': {'fingerprint': fp['hash']}, 'lm': {}, 'instruct': {'fingerprint': 'feedfacefeedface'}}
+  assert F.foreign_stages(infos, fp) == ['instruct']                     # trained elsewhere; unknown: left out
+  assert 'instruct' in F.foreign_line(infos, fp) and F.foreign_line({'lm': {}}, fp) == ''
 
 
 def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):

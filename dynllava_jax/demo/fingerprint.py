@@ -106,3 +106,19 @@ def _jaxlib_version():
 def fingerprint_line(fp):
   return (f"floating-point path {fp['hash']} (jax {fp['jax']}, {fp['backend']} {fp['cpu']}, "
           f"{fp['threads']} threads, dot {fp['dot']})")
+
+
+def foreign_stages(infos, fp):
+  """The stages (names) of `infos` (run_stage's dicts) trained on another floating-point path than `fp`'s,
+  e.g. cached from a run on another machine or linked in from one; stages that recorded none are left out."""
+  return [k for k, i in infos.items() if i.get('fingerprint') not in (None, fp['hash'])]
+
+
+def foreign_line(infos, fp):
+  """'' or one line naming the stages trained on another path (printed and put in results.md's head)."""
+  names = foreign_stages(infos, fp)
+  if not names:
+    return ''
+  paths = sorted({infos[k]['fingerprint'] for k in names})
+  return (f"stages {', '.join(str(k) for k in names)} trained on another floating-point path "
+          f"({', '.join(paths)}): their last bits, and this table, may differ from a run on this path")

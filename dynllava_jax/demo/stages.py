@@ -3,7 +3,8 @@
     info = run_stage(config, stage_dir, upstream)     # upstream: the previous stage's info (None for 0)
 
 Each stage writes into its own directory `<workdir>/stage<k>_<name>/`:
-  stage.json   {stage, name, hash, upstream_hash, done, wall_s, cpu_s (process CPU time), result}
+  stage.json   {stage, name, hash, upstream_hash, done, wall_s, cpu_s (process CPU time), result[,
+               fingerprint: the floating-point path it trained on]}
   params/      the stage's model params (orbax, `dynllava_jax.convert` layout) for the next stage's
                `train.init_from` (the tower stage: the vision tower only)
   checkpoints/ the training bundle (every stage but the tower's; what `eval.run.load_model` restores)
@@ -122,11 +123,14 @@ def _train_llava_stage(config, path, report):
   return {'step': int(out['step']), 'last': last}
 
 
-def run_stage(config, path, upstream=None, report=print):
+def run_stage(config, path, upstream=None, report=print, fingerprint=None):
   """Runs (or skips, when cached) the stage `config.stage.index` into `path`.
 
   upstream: the previous stage's info dict (its 'dir' holds params/); its hash enters this stage's hash.
-  Returns the info dict {stage, name, hash, upstream_hash, done, wall_s, result, dir, skipped}."""
+  fingerprint: the floating-point path's hash (`demo/fingerprint.py`) the stage trains on, kept in its
+  state (not in its hash: a stage trained on another path is still that stage, with other last bits).
+  Returns the info dict {stage, name, hash, upstream_hash, done, wall_s, result, dir, skipped[,
+  fingerprint]}."""
   up_hash = upstream['hash'] if upstream else ''
   h = stage_hash(config, up_hash)
   name = f'stage {config.stage.index} ({config.stage.name})'
@@ -154,6 +158,8 @@ def run_stage(config, path, upstream=None, report=print):
            (f' (the finished stage of the old config moved to {kept})' if kept else ''))
   state = {'stage': int(config.stage.index), 'name': str(config.stage.name), 'hash': h,
            'upstream_hash': up_hash, 'done': False}
+  if fingerprint:
+    state['fingerprint'] = fingerprint
   _write_state(path, state)
   t0, c0 = time.time(), time.process_time()
   if is_tower(config):
