@@ -82,6 +82,7 @@ def _fractions(flag, text):
 
 def main():
   from dynllava_jax.demo import results as res  # pylint: disable=g-import-not-at-top  (numpy only at import)
+  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top  (numpy only at import)
   joined = lambda xs: ','.join(f'{x:g}' for x in xs)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
@@ -94,19 +95,14 @@ def main():
   ap.add_argument('--reducer_budgets', default=joined(res.REDUCER_BUDGETS),
                   help="VisionZip's and DivPrune's budgets ('' = --budgets; their sweep: make demo-more)")
   ap.add_argument('--smoke', action='store_true', help='configs/demo.py smoke=True: 2 steps, tiny data')
-  ap.add_argument('--cpus', type=int, default=2,
-                  help='run on this many of the CPUs (0: all): the thread count is part of the floating-point '
-                       'path, 2 gives every machine with >= 2 CPUs the recorded runs\' split (docs/demo.md)')
+  ap.add_argument('--cpus', type=int, default=2, help=fp_lib.CPUS_HELP)
   ap.add_argument('--set', action='append', default=[], metavar='[stageK:]SECTION.FIELD=VALUE',
                   help='override a stage config field, e.g. --set stage2:train.steps=800; repeatable')
   ap.add_argument('--stop_after', type=int, default=3, choices=(0, 1, 2, 3),
                   help='last stage to run (0: the tower and lm; no evaluation if < 3)')
   args = ap.parse_args()
   t0 = time.time()
-  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top
-  fp_lib.pin_cpus(args.cpus)                # before jax's first computation
-  fp = fp_lib.fingerprint()
-  print(fp_lib.fingerprint_line(fp), flush=True)
+  fp = fp_lib.begin(args.cpus)             # before jax's first computation
 
   from configs.demo import STAGES, VISUAL_REGION, get_config  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
@@ -194,9 +190,7 @@ def main():
               default=_json_default)
   head = (f'test split: {len(samples)} samples, greedy generation; exact match per question type '
           f'(describe tok = token accuracy of the descriptions); stages {t_train:.0f} s, total {wall:.0f} s, '
-          f'process CPU {time.process_time():.0f} s; {fp_lib.fingerprint_line(fp)}')
-  foreign = fp_lib.foreign_line(infos, fp)
-  head += f'; {foreign}' if foreign else ''
+          f'process CPU {time.process_time():.0f} s' + fp_lib.head_note(fp, infos))
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, tradeoff.png, '

@@ -46,6 +46,7 @@ def _fail(msg):
 
 
 def main():
+  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top  (numpy only at import)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', required=True)
   ap.add_argument('--test_limit', type=int, default=300, help='test samples answered per row (each split)')
@@ -54,19 +55,14 @@ def main():
                   help='skip the image-token methods at the MQT token counts')
   ap.add_argument('--eval_batch', type=int, default=100)
   ap.add_argument('--smoke', action='store_true', help='smoke=True configs: 2 steps, tiny data')
-  ap.add_argument('--cpus', type=int, default=2,
-                  help='run on this many of the CPUs (0: all): the thread count is part of the floating-point '
-                       'path, 2 gives every machine with >= 2 CPUs the recorded runs\' split (docs/demo.md)')
+  ap.add_argument('--cpus', type=int, default=2, help=fp_lib.CPUS_HELP)
   ap.add_argument('--set', action='append', default=[], metavar='[STAGE:]SECTION.FIELD=VALUE',
                   help='override a stage config field; STAGE = stageK (configs/demo.py) or a demo_more '
                        'stage name (e.g. mqt_instruct:train.steps=60); without STAGE every stage')
   ap.add_argument('--train_only', action='store_true', help='run the stages, no evaluation')
   args = ap.parse_args()
   t0 = time.time()
-  from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top
-  fp_lib.pin_cpus(args.cpus)                # before jax's first computation
-  fp = fp_lib.fingerprint()
-  print(fp_lib.fingerprint_line(fp), flush=True)
+  fp = fp_lib.begin(args.cpus)             # before jax's first computation
 
   from configs import demo as demo_cfg  # pylint: disable=g-import-not-at-top
   from configs import demo_more as more_cfg  # pylint: disable=g-import-not-at-top
@@ -223,9 +219,7 @@ def main():
   head = (f'test split: {len(samples)} image samples' + (f' + {len(video)} video samples (digits_video, '
           f'{configs["video_instruct"].data.max_frames} frames)' if 'mod' in families else '') +
           f', greedy generation; exact match per question type (describe tok = token accuracy of the '
-          f'descriptions); demo-more: stages {t_train:.0f} s, total {wall:.0f} s; {fp_lib.fingerprint_line(fp)}')
-  foreign = fp_lib.foreign_line(infos, fp)
-  head += f'; {foreign}' if foreign else ''
+          f'descriptions); demo-more: stages {t_train:.0f} s, total {wall:.0f} s' + fp_lib.head_note(fp, infos))
   with open(os.path.join(args.workdir, 'results.md'), 'w') as f:
     f.write(f'{head}\n\n{table}\n')
   print(f'\n{head}\n{table}\n\nwrote {args.workdir}/summary.json, results.md, results.json, tradeoff.png',

@@ -118,10 +118,11 @@ def _source_name(config):
 
 def _finish(config, ds_dir):
   """Writes the digits tokenizer if missing; applies strict mode to the build report."""
-  if config.data.name == 'digits_vqa' and not os.path.exists(os.path.join(ds_dir, TOKENIZER)):
-    digits_vqa.build_tokenizer(os.path.join(ds_dir, TOKENIZER), config.data.digits.describe_style)
-  if config.data.name == 'digits_video' and not os.path.exists(os.path.join(ds_dir, _video_tokenizer(config))):
-    digits_video.build_tokenizer(os.path.join(ds_dir, _video_tokenizer(config)), config.data.digits.describe_style)
+  build_tok = {'digits_vqa': digits_vqa.build_tokenizer, 'digits_video': digits_video.build_tokenizer}
+  if config.data.name in build_tok:
+    path = os.path.join(ds_dir, _digits_tokenizer(config))
+    if not os.path.exists(path):
+      build_tok[config.data.name](path, config.data.digits.describe_style)
   report = read_report(ds_dir)
   if config.data.strict and report['skipped_ids']:
     rid, reason = report['skipped_ids'][0]
@@ -129,8 +130,9 @@ def _finish(config, ds_dir):
   return ds_dir
 
 
-def _video_tokenizer(config):
-  return f'tokenizer_{config.data.digits.describe_style}.json'
+def _digits_tokenizer(config):
+  """The digits sets' tokenizer file name in their dataset dir (the module docstring)."""
+  return TOKENIZER if config.data.name == 'digits_vqa' else f'tokenizer_{config.data.digits.describe_style}.json'
 
 
 def tokenizer_path(config):
@@ -138,8 +140,6 @@ def tokenizer_path(config):
   d = config.data
   if d.tokenizer:
     return d.tokenizer
-  if d.name == 'digits_vqa':
-    return os.path.join(os.fspath(get_builder(config).data_dir), TOKENIZER)
-  if d.name == 'digits_video':
-    return os.path.join(os.fspath(get_builder(config).data_dir), _video_tokenizer(config))
+  if d.name in ('digits_vqa', 'digits_video'):
+    return os.path.join(os.fspath(get_builder(config).data_dir), _digits_tokenizer(config))
   return os.path.join(d.manual_dir, TOKENIZER)

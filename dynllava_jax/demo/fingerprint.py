@@ -26,9 +26,7 @@ import hashlib
 import os
 import platform
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import numpy as np      # jax is imported by fingerprint(): the scripts' --help and pin_cpus stay jax-free
 
 TOKENS, WIDTH, KEYS, VOCAB = 2048, 128, 256, 256
 
@@ -44,58 +42,70 @@ def _cpu_name():
   return platform.processor() or platform.machine()
 
 
-def _threads():
+CPUS_HELP = ('run on this many of the CPUs (0: all): the thread count is part of the floating-point path, 2 '
+             "gives every machine with >= 2 CPUs the recorded runs' split (docs/demo.md)")
+
+
+def _cpus():
+  """The CPUs this process may run on (macOS has no affinity: all of the machine's)."""
   try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:      # macOS
-    return os.cpu_count() or 1
+    return sorted(os.sched_getaffinity(0))
+  except AttributeError:
+    return list(range(os.cpu_count() or 1))
 
 
 def pin_cpus(n):
   """Restricts this process to the first `n` CPUs it may run on (0: all; fewer available: all of them).
   Call it before jax's first computation: XLA CPU sizes its thread pool when the backend starts. Returns
   the CPUs kept."""
-  try:
-    cpus = sorted(os.sched_getaffinity(0))
-  except AttributeError:      # macOS: no affinity; the thread count is the machine's
-    return list(range(os.cpu_count() or 1))
-  if 0 < n < len(cpus):
+  cpus = _cpus()
+  if 0 < n < len(cpus) and hasattr(os, 'sched_setaffinity'):
     cpus = cpus[:n]
     os.sched_setaffinity(0, cpus)
   return cpus
 
 
-def _step(params, x, labels):
-  """One small training step's arithmetic -> (loss, grads): RMS norm, projection, attention, CE."""
-  def loss_fn(p):
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)             # (T, D)
-    q, k = h @ p['wq'], h @ p['wk']                                                 # (T, D)
-    qb, kb = q.reshape(-1, KEYS, WIDTH), k.reshape(-1, KEYS, WIDTH)                 # (B, S, D)
-    att = jax.nn.softmax(jnp.einsum('bqd,bkd->bqk', qb, kb) / np.sqrt(WIDTH), -1)
-    o = jnp.einsum('bqk,bkd->bqd', att, kb).reshape(TOKENS, WIDTH)
-    logits = o @ p['out']                                                           # (T, V)
-    lse = jax.nn.logsumexp(logits, -1)
-    return jnp.mean(lse - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])
-  return jax.value_and_grad(loss_fn)(params)
+def begin(n_cpus):
+  """The demo scripts' start, before any jax computation: pin to `n_cpus`, then print and return the
+  fingerprint of the path the run trains on."""
+  pin_cpus(n_cpus)
+  fp = fingerprint()
+  print(fingerprint_line(fp), flush=True)
+  return fp
 
 
 def fingerprint(seed=0):
   """The dict above; `hash` is 16 hex digits of the step's loss and gradients (float32 bytes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def _step(params, x, labels):
+    """One small training step's arithmetic -> (loss, grads): RMS norm, projection, attention, CE."""
+    def loss_fn(p):
+      h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)             # (T, D)
+      q, k = h @ p['wq'], h @ p['wk']                                                 # (T, D)
+      qb, kb = q.reshape(-1, KEYS, WIDTH), k.reshape(-1, KEYS, WIDTH)                 # (B, S, D)
+      att = jax.nn.softmax(jnp.einsum('bqd,bkd->bqk', qb, kb) / np.sqrt(WIDTH), -1)
+      o = jnp.einsum('bqk,bkd->bqd', att, kb).reshape(TOKENS, WIDTH)
+      logits = o @ p['out']                                                           # (T, V)
+      lse = jax.nn.logsumexp(logits, -1)
+      return jnp.mean(lse - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])
+    return jax.value_and_grad(loss_fn)(params)
+
   rng = np.random.default_rng(seed)
   params = {'wq': rng.normal(0, 0.1, (WIDTH, WIDTH)), 'wk': rng.normal(0, 0.1, (WIDTH, WIDTH)),
             'out': rng.normal(0, 0.1, (WIDTH, VOCAB))}
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   x = jnp.asarray(rng.normal(0, 1, (TOKENS, WIDTH)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, VOCAB, TOKENS), jnp.int32)
-  step = jax.jit(_step)
+  step = jax.jit(_step).lower(params, x, labels).compile()
   loss, grads = step(params, x, labels)
   h = hashlib.sha256(np.asarray(loss, np.float32).tobytes())
   for name in sorted(grads):
     h.update(np.asarray(grads[name], np.float32).tobytes())
-  hlo = jax.jit(lambda a, b: a @ b).lower(x, params['wq']).compile().as_text()
   return {'hash': h.hexdigest()[:16], 'jax': jax.__version__, 'jaxlib': _jaxlib_version(),
-          'backend': jax.default_backend(), 'cpu': _cpu_name(), 'threads': _threads(),
-          'dot': 'ynn' if 'ynn_fusion' in hlo else 'xla'}
+          'backend': jax.default_backend(), 'cpu': _cpu_name(), 'threads': len(_cpus()),
+          'dot': 'ynn' if 'ynn_fusion' in step.as_text() else 'xla'}
 
 
 def _jaxlib_version():
@@ -122,3 +132,9 @@ def foreign_line(infos, fp):
   paths = sorted({infos[k]['fingerprint'] for k in names})
   return (f"stages {', '.join(str(k) for k in names)} trained on another floating-point path "
           f"({', '.join(paths)}): their last bits, and this table, may differ from a run on this path")
+
+
+def head_note(fp, infos):
+  """What results.md's head says of the path: '; <fingerprint line>[; <foreign line>]'."""
+  foreign = foreign_line(infos, fp)
+  return f'; {fingerprint_line(fp)}' + (f'; {foreign}' if foreign else '')
