@@ -343,16 +343,22 @@ def test_demo_smoke_runs_every_stage_and_writes_summary(tmp_path):
 
 def test_fingerprint_is_the_same_in_two_processes_and_names_its_threads():
   """The same machine and thread count give the same floating-point fingerprint in two processes (what the
-  demo prints beside its table); pin_cpus(1) runs on one CPU and says so; pin_cpus(0) keeps every CPU."""
+  demo prints beside its table), and the same per-operation hashes; pin_cpus(1) runs on one CPU and says
+  so; pin_cpus(0) keeps every CPU; the command line prints the same line and hashes."""
   code = ('import json; from dynllava_jax.demo import fingerprint as F; cpus = F.pin_cpus(1); '
-          'print(json.dumps([cpus, F.fingerprint()]))')
+          'print(json.dumps([cpus, F.fingerprint(), F.op_hashes()]))')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  runs = [json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
-                                    env=env, timeout=300, check=True).stdout.splitlines()[-1]) for _ in range(2)]
+  run = lambda args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                                    timeout=300, check=True).stdout.splitlines()
+  runs = [json.loads(run(['-c', code])[-1]) for _ in range(2)]
   assert runs[0] == runs[1]
-  cpus, fp = runs[0]
+  cpus, fp, ops = runs[0]
   assert len(cpus) == 1 and fp['threads'] == 1 and len(fp['hash']) == 16 and fp['backend'] == 'cpu'
   from dynllava_jax.demo import fingerprint as F
+  assert list(ops) == list(F._ops()) and len(set(ops.values())) == len(ops)   # distinct results, 16 hex each
+  lines = run(['-m', 'dynllava_jax.demo.fingerprint', '--cpus', '1', '--ops'])
+  assert lines[0] == F.fingerprint_line(fp)
+  assert dict(line.split() for line in lines[1:]) == ops
   assert F.pin_cpus(0) == sorted(os.sched_getaffinity(0))
   infos = {'tower': {'fingerprint': fp['hash']}, 'lm': {}, 'instruct': {'fingerprint': 'feedfacefeedface'}}
   assert F.foreign_stages(infos, fp) == ['instruct']                     # trained elsewhere; unknown: left out

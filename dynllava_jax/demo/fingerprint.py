@@ -5,6 +5,9 @@
     #  'cpu': 'AMD EPYC 9B14', 'threads': 2, 'dot': 'ynn'}
     fingerprint_line(fp)   # 'floating-point path 1f0c9a3b7d2e4c55 (jax 0.10.2, cpu AMD EPYC 9B14, ...)'
     pin_cpus(2)            # before jax's first computation: XLA CPU's thread pool gets 2 threads
+    op_hashes()            # {'projection': '3be0...', 'weight_grad': ..., ...}: one hash per operation kind
+
+    python -m dynllava_jax.demo.fingerprint [--cpus 2] [--ops]   # the line (and the per-op hashes)
 
 The demo trains for thousands of steps, and a difference in the last bit of one matrix product grows over
 them into different greedy answers (docs/demo.md, "Reproducibility"). `hash` covers the results of the
@@ -21,6 +24,13 @@ The thread count is part of the path: XLA CPU sizes its thread pool from the CPU
 and a product split over another number of threads sums in another order (on the 2-core VM, this hash under
 `taskset -c 0` differs from the 2-thread one). `pin_cpus(2)`, the demo's default, gives every machine with 2
 or more CPUs the demo's 2-thread split; the CPU's own kernels (its instruction set, for YNNPACK) remain.
+
+Where two machines' hashes differ, `op_hashes` says which kind of operation differs: each of the step's
+operations alone, jitted on its own (inputs as arguments: XLA folds a jitted function's constants at
+compile time, with its own evaluator, not the run-time kernels). On the 2-core VM one thread instead of two
+changes exactly the long reductions (`weight_grad`, `token_sum`); `--xla_cpu_max_isa` below AVX2 changes
+only `row_norm` (XLA's own fused code); the products are the same bit for bit in YNNPACK and in XLA/Eigen
+(docs/demo.md, "Reproducibility").
 """
 import hashlib
 import os
@@ -108,6 +118,40 @@ def fingerprint(seed=0):
           'dot': 'ynn' if 'ynn_fusion' in step.as_text() else 'xla'}
 
 
+def _op_inputs(seed):
+  rng = np.random.default_rng(seed)
+  return {'x': rng.normal(0, 1, (TOKENS, WIDTH)), 'g': rng.normal(0, 1, (TOKENS, WIDTH)),
+          'w': rng.normal(0, 0.1, (WIDTH, WIDTH)), 'out': rng.normal(0, 0.1, (WIDTH, VOCAB))}
+
+
+def _ops():
+  """name -> fn(inputs) for the operations a training step is made of, at the demo's sizes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  heads = lambda a: a.reshape(-1, KEYS, WIDTH)                               # (T, D) -> (B, S, D)
+  scores = lambda i: jnp.einsum('bqd,bkd->bqk', heads(i['x']), heads(i['g'])) / np.sqrt(WIDTH)
+  return {
+      'projection': lambda i: i['x'] @ i['w'],                               # contracts 128 features
+      'input_grad': lambda i: i['g'] @ i['w'].T,                             # contracts 128 features
+      'weight_grad': lambda i: i['x'].T @ i['g'],                            # contracts 2048 token rows
+      'token_sum': lambda i: jnp.sum(i['g'], 0),                             # a bias's gradient: 2048 rows
+      'row_norm': lambda i: i['x'] * jax.lax.rsqrt(jnp.mean(i['x'] ** 2, -1, keepdims=True) + 1e-6),
+      'attention_scores': scores,                                            # contracts 128 features
+      'softmax': lambda i: jax.nn.softmax(scores(i), -1),                    # over 256 keys
+      'attention_values': lambda i: jnp.einsum('bqk,bkd->bqd', jax.nn.softmax(scores(i), -1), heads(i['g'])),
+      'logsumexp': lambda i: jax.nn.logsumexp(i['x'] @ i['out'], -1),        # over 256 words
+  }
+
+
+def op_hashes(seed=0):
+  """{operation: 16 hex digits of its float32 result}, each operation jitted alone (see the docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  inputs = {k: jnp.asarray(v, jnp.float32) for k, v in _op_inputs(seed).items()}
+  return {name: hashlib.sha256(np.asarray(jax.jit(fn)(inputs), np.float32).tobytes()).hexdigest()[:16]
+          for name, fn in _ops().items()}
+
+
 def _jaxlib_version():
   import jaxlib  # pylint: disable=g-import-not-at-top
   return getattr(jaxlib, '__version__', '?')
@@ -138,3 +182,20 @@ def head_note(fp, infos):
   """What results.md's head says of the path: '; <fingerprint line>[; <foreign line>]'."""
   foreign = foreign_line(infos, fp)
   return f'; {fingerprint_line(fp)}' + (f'; {foreign}' if foreign else '')
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(description='Print this machine\'s floating-point path (docs/demo.md).')
+  ap.add_argument('--cpus', type=int, default=2, help=CPUS_HELP)
+  ap.add_argument('--ops', action='store_true', help='also one hash per operation kind, to compare machines')
+  args = ap.parse_args(argv)
+  fp = begin(args.cpus)
+  if args.ops:
+    for name, h in op_hashes().items():
+      print(f'  {name:18s} {h}')
+  return fp
+
+
+if __name__ == '__main__':
+  main()
