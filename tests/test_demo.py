@@ -118,6 +118,23 @@ def test_ink_hits_script_counts_named_tokens_and_hits():
   assert n6 < n4 and u6 <= u4 and all(0 <= x <= 1 for x in (u4, r4, u6, r6))
 
 
+def test_kept_cells_script_reads_answers_and_cells():
+  """scripts/demo_kept_cells.py: the cells an answer names and what it says of them (counts and
+  descriptions alike), kept tokens summed over each cell's patch block, and the tally by seen / truth."""
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  import demo_kept_cells as kc  # pylint: disable=g-import-not-at-top
+  assert kc.cell_presence('a1 digit a2 empty b1 digit b2 digit count 3') == {
+      'a1': True, 'a2': False, 'b1': True, 'b2': True}
+  assert kc.cell_presence('row a : a1 9 , a2 empty . row b : b1 4 , b2 7 . the grid has 2 rows') == {
+      'a1': True, 'a2': False, 'b1': True, 'b2': True}
+  keep = np.zeros((8, 8), bool)
+  keep[0, 0] = keep[3, 3] = keep[5, 6] = True          # two tokens in a1, one in b2
+  assert kc.kept_per_cell(keep.ravel(), 2) == {'a1': 2, 'a2': 0, 'b1': 0, 'b2': 1}
+  t = kc.tally([(0, False, False), (0, True, False), (2, True, True), (1, False, True)])
+  assert t == {('no kept token', 'empty', 'empty'): 1, ('no kept token', 'digit', 'empty'): 1,
+               ('>= 1 kept token', 'digit', 'digit'): 1, ('>= 1 kept token', 'empty', 'digit'): 1}
+
+
 def test_named_cells_and_lone_descriptions():
   """The demo's text: one token names the cell (row) a question is about, the description names cells
   the same way at the 'cells' length, and a description is always a sample's only round."""
