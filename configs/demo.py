@@ -88,7 +88,7 @@ def _geometry(c):
   # Generated tokens are decided entering layer 1 (not the released rule, which decides both at
   # sparse_layer): entering layer 0 a dropped token would leave every layer and the predictor would see only
   # its embedding; the row sums then lost the values they add (0.06-0.11 vs 0.42-0.48 with the text decided
-  # at layer 1, same stage 3: docs/demo.md "Where the tokens drop").
+  # at layer 1, same stage 3: docs/demo.md "Dynamic-LLaVA").
   c.model.sparse.text_layer = 1
   c.eval.max_new_tokens = 36     # the 31-token description + slack
   # One compiled shape per method in the demo's 21 evaluation runs: every prompt packs to 256 tokens and

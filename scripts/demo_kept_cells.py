@@ -1,6 +1,7 @@
 """How an image-token method's kept tokens fall on the grid's cells, and what the model then says of each cell.
 
     python scripts/demo_kept_cells.py <workdir> [--method dynamic] [--budget 0.2] [--types count,describe]
+    python scripts/demo_kept_cells.py <workdir> --method dense --budget 1.0 --sums   # row sums' misses only
 
 For the test questions that name every cell in their answer (the counts, "a1 digit a2 empty ...", and the
 descriptions, "row a : a1 9 , a2 empty ..."), reads the run's answers from `<workdir>/results.json` (the
@@ -10,6 +11,9 @@ others, how often the model calls an empty cell / a cell with a digit empty or a
 (canvas / grid)-pixel block of patches (`data.digits.grid`; the demo's 2x2 grid: 4x4 patches a cell). Only
 for methods that keep each sample's image tokens on a grid of the model's N (dynamic, random, uniform,
 fastv, pdrop): the pre-LLM reducers hand the LLM other tokens.
+
+`--sums` (any row, no model run): splits the row sums answered wrong into misreads (the sum is the sum of
+the values the answer echoed, `a1 3 a2 7 sum 10`, so a cell was read wrong) and wrong sums.
 """
 import argparse
 import collections
@@ -50,12 +54,30 @@ def tally(records):
   return out
 
 
+def sum_misses(predictions):
+  """(misread, wrong sum): the row-sum predictions answered wrong whose sum does / does not equal the sum of
+  the values they echo (`empty` counts 0)."""
+  misread = wrong_sum = 0
+  for p in predictions:
+    if p['question_type'] != 'row_sum' or p['correct']:
+      continue
+    values = [0 if v == 'empty' else int(v) for _, v in CELL_VALUE.findall(p['prediction'])
+              if v == 'empty' or v.isdigit()]
+    tail = p['prediction'].split('sum')[-1].strip()
+    if tail.isdigit() and sum(values) == int(tail):
+      misread += 1
+    else:
+      wrong_sum += 1
+  return misread, wrong_sum
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('workdir')
   ap.add_argument('--method', default='dynamic')
   ap.add_argument('--budget', default='0.2')
   ap.add_argument('--types', default='count,describe')
+  ap.add_argument('--sums', action='store_true', help="only the row sums' misses: misread cells or wrong sums")
   args = ap.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   from configs.demo import get_config  # pylint: disable=g-import-not-at-top
@@ -70,6 +92,11 @@ def main():
   if key not in rows:
     raise SystemExit(f'{args.workdir}/results.json has no row {key}; it has {sorted(rows)}')
   said = {p['id']: p['prediction'] for p in rows[key]['predictions']}
+  if args.sums:
+    misread, wrong_sum = sum_misses(rows[key]['predictions'])
+    print(f'{key}: {misread + wrong_sum} row sums wrong: {misread} misread a cell (the sum of the echoed values), '
+          f'{wrong_sum} wrong sums')
+    return
   spec = [sp for sp in res.method_specs(get_config('stage=2').model, (float(args.budget),), [args.method])
           if sp['key'] == key]
   if not spec or spec[0]['ratio'] is None:

@@ -133,6 +133,11 @@ def test_kept_cells_script_reads_answers_and_cells():
   t = kc.tally([(0, False, False), (0, True, False), (2, True, True), (1, False, True)])
   assert t == {('no kept token', 'empty', 'empty'): 1, ('no kept token', 'digit', 'empty'): 1,
                ('>= 1 kept token', 'digit', 'digit'): 1, ('>= 1 kept token', 'empty', 'digit'): 1}
+  preds = [{'question_type': 'row_sum', 'correct': False, 'prediction': 'a1 3 a2 7 sum 10'},      # misread
+           {'question_type': 'row_sum', 'correct': False, 'prediction': 'a1 empty a2 7 sum 8'},    # wrong sum
+           {'question_type': 'row_sum', 'correct': True, 'prediction': 'a1 2 a2 7 sum 9'},
+           {'question_type': 'digit_at', 'correct': False, 'prediction': 'a1 5'}]
+  assert kc.sum_misses(preds) == (1, 1)
 
 
 def test_named_cells_and_lone_descriptions():
