@@ -29,24 +29,47 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEPT_PATCH_METHODS = ('dense', 'dynamic', 'fastv', 'pdrop', 'random', 'uniform')   # N image slots in the LLM
 
 
+def fail(msg):
+  """Bad input: one line on stderr, exit 2 (the flags are checked before any stage runs)."""
+  print(msg, file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def split_set(item):
+  """'stage2:train.steps=800' -> ('stage2', 'train.steps', '800'); no stage: ('', ...); one line, exit 2, on
+  an item that is not [STAGE:]SECTION.FIELD=VALUE."""
+  target, _, rest = item.partition(':') if item.split('=', 1)[0].count(':') else ('', '', item)
+  key, sep, value = rest.partition('=')
+  if not sep or not key or '.' not in key:
+    fail(f'--set {item}: use [stageK:]SECTION.FIELD=VALUE')
+  return target, key, value
+
+
+def check_set_targets(items, known):
+  """Every --set item well formed and aimed at a stage of `known` (names and stageK keys) or at none."""
+  for item in items:
+    target = split_set(item)[0]
+    if target and target not in known:
+      fail(f'--set {item}: stage {target!r} unknown; use one of {", ".join(sorted(known))}')
+
+
 def apply_sets(config, stage, items):
   """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); stageK: stage2, lm, or the stage's
-  name (instruct); without it: every stage that has the field. Raises SystemExit(2) with one line on a field
-  no stage has."""
+  name (instruct); without it: every stage that has the field. One line, exit 2, on a field the named
+  stage lacks or a value of the wrong type. Returns the items it set (`unapplied` finds those no stage
+  has)."""
+  applied = []
   for item in items:
-    target, _, rest = item.partition(':') if item.split('=', 1)[0].count(':') else ('', '', item)
+    target, key, value = split_set(item)
     if target and target not in (f'stage{stage}', config.stage.name):
       continue
-    key, sep, value = rest.partition('=')
-    if not sep:
-      raise SystemExit(f'--set {item}: use [stageK:]SECTION.FIELD=VALUE')
     *path, field = key.split('.')
     node = config
     for p in path:
       node = node.get(p) if node is not None and p in node else None
     if node is None or field not in node:
       if target:
-        raise SystemExit(f'--set {item}: configs/demo.py:stage={stage} has no field {key}')
+        fail(f'--set {item}: stage {config.stage.name} has no field {key}')
       continue
     try:
       v = ast.literal_eval(value)
@@ -58,7 +81,16 @@ def apply_sets(config, stage, items):
       with config.unlocked():
         node[field] = v
     except TypeError as e:
-      raise SystemExit(f'--set {item}: {e}') from None
+      fail(f'--set {item}: {e}')
+    applied.append(item)
+  return applied
+
+
+def check_applied(items, applied):
+  """One line, exit 2, for a --set item without a stage that no stage's config has the field of."""
+  for item in items:
+    if item not in applied:
+      fail(f'--set {item}: no stage config has the field {split_set(item)[1]}')
 
 
 def _json_default(x):
@@ -70,13 +102,13 @@ def _json_default(x):
 
 
 def _fractions(flag, text):
-  """'0.1,0.2' -> (0.1, 0.2) sorted, each in (0, 1]; SystemExit with one line otherwise."""
+  """'0.1,0.2' -> (0.1, 0.2) sorted, each in (0, 1]; one line, exit 2, otherwise."""
   try:
     out = tuple(sorted({float(b) for b in text.split(',') if b.strip()}))
   except ValueError:
-    raise SystemExit(f'{flag} {text!r}: give comma-separated fractions, e.g. 0.1,0.2') from None
+    fail(f'{flag} {text!r}: give comma-separated fractions, e.g. 0.1,0.2')
   if any(not 0.0 < b <= 1.0 for b in out):
-    raise SystemExit(f'{flag} must be in (0, 1]')
+    fail(f'{flag} must be in (0, 1]')
   return out
 
 
@@ -102,34 +134,42 @@ def main():
                   help='last stage to run (0: the tower and lm; no evaluation if < 3)')
   args = ap.parse_args()
   t0 = time.time()
-  fp = fp_lib.begin(args.cpus)             # before jax's first computation
-
-  from configs.demo import STAGES, VISUAL_REGION, get_config  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
-  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
-
+  for flag in ('cpus', 'test_limit', 'eval_batch'):
+    if getattr(args, flag) < (0 if flag == 'cpus' else 1):
+      fail(f'--{flag} {getattr(args, flag)}: must be {">= 0" if flag == "cpus" else ">= 1"}')
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for m in ('dense', 'dynamic'):
     if m not in methods:
       methods.insert(0, m)
-  budgets = sorted(set(_fractions('--budgets', args.budgets)) | {0.2})
   if any(m not in res.METHOD_ORDER for m in methods):
-    raise SystemExit(f'--methods must be among {res.METHOD_ORDER}')
-
+    fail(f'--methods must be among {res.METHOD_ORDER}')
+  budgets = sorted(set(_fractions('--budgets', args.budgets)) | {0.2})
   try:
     prune_layers = tuple(int(k) for k in args.prune_layers.split(',') if k.strip())
   except ValueError:
-    raise SystemExit(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts, '
-                     'e.g. 1,2') from None
+    prune_layers = (0,)
+  if any(k < 1 for k in prune_layers):
+    fail(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts >= 1, e.g. 1,2')
   reducer_budgets = _fractions('--reducer_budgets', args.reducer_budgets) or None
+  fp = fp_lib.begin(args.cpus)             # before jax's first computation
 
-  configs, infos, up = {}, {}, None
+  from configs.demo import STAGES, VISUAL_REGION, get_config, stage_key  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
+  from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
+
+  # Every stage's config is resolved, and every --set checked against them, before the first stage runs.
+  configs, applied = {}, []
+  for k in STAGES:
+    configs[k] = get_config(f'stage={k},smoke={args.smoke}')
+  check_set_targets(args.set, {stage_key(k) for k in STAGES} | {c.stage.name for c in configs.values()})
+  for k, c in configs.items():
+    applied += apply_sets(c, k, args.set)
+  check_applied(args.set, applied)
+  infos, up = {}, None
   for k in STAGES:
     if k != 'lm' and k > args.stop_after:
       break
-    c = get_config(f'stage={k},smoke={args.smoke}')
-    apply_sets(c, k, args.set)
-    configs[k] = c
+    c = configs[k]
     try:
       # a workdir in use, a checkpoint of another run, a full disk: one line, exit 2
       up = infos[k] = errors.guard('demo.py', lambda: stg.run_stage(c, stg.stage_dir(args.workdir, c), up,

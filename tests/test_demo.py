@@ -387,6 +387,23 @@ def test_fingerprint_is_the_same_in_two_processes_and_names_its_threads():
   assert 'instruct' in F.foreign_line(infos, fp) and F.foreign_line({'lm': {}}, fp) == ''
 
 
+@pytest.mark.parametrize('args,says', [(['--set', 'stage9:train.steps=3'], 'unknown'),
+                                       (['--set', 'stage2:train.nosuch=3'], 'has no field'),
+                                       (['--set', 'train.nosuch=3'], 'no stage config has'),
+                                       (['--set', 'train.steps'], 'use [stageK:]'),
+                                       (['--budgets', '1.5'], 'must be in (0, 1]'),
+                                       (['--cpus', '-1'], 'must be >= 0')])
+def test_bad_flags_are_one_line_before_any_stage(tmp_path, args, says):
+  """scripts/demo.py: a --set naming no stage, a field the named stage (or every stage) lacks, a malformed
+  item, a budget outside (0, 1], a negative CPU count: one line, exit 2, before the first stage runs."""
+  w = tmp_path / 'w'
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--workdir', str(w), '--smoke',
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1 and not w.exists()
+
+
 def test_interrupted_stage_is_not_done(tmp_path, monkeypatch):
   def body(config, path, report):
     raise stg.StageInterrupted('interrupted')

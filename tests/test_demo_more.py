@@ -204,14 +204,30 @@ def test_demo_more_smoke_end_to_end(tmp_path):
   assert m['mqt@2']['prefill_flops'] < m['mqt@64']['prefill_flops']
 
 
-def test_set_keeps_a_string_field_a_string():
+def test_set_keeps_a_string_field_a_string(capsys):
   """`--set region_full:model.region=1`: a string field takes the text as written; a wrong type is one
-  line (SystemExit), not a traceback."""
+  line and exit 2, not a traceback."""
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
   from demo import apply_sets  # pylint: disable=g-import-not-at-top  (scripts/demo.py)
   c = demo_more.get_config('stage=region_full')
   k = c.stage.index
-  apply_sets(c, k, [f'stage{k}:model.region=1', f'stage{k}:train.steps=7'])
+  assert apply_sets(c, k, [f'stage{k}:model.region=1', f'stage{k}:train.steps=7', 'stage2:train.steps=9']) == [
+      f'stage{k}:model.region=1', f'stage{k}:train.steps=7']
   assert c.model.region == '1' and c.train.steps == 7
-  with pytest.raises(SystemExit, match='train.steps'):
+  with pytest.raises(SystemExit) as e:
     apply_sets(c, k, [f'stage{k}:train.steps=[1]'])
+  assert e.value.code == 2 and 'train.steps' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('item,says', [('stage99:train.steps=1', 'unknown'),
+                                       ('mqt_instruct:train.nosuch=1', 'has no field'),
+                                       ('train.nosuch=1', 'no stage config has')])
+def test_bad_set_is_one_line_before_any_stage(tmp_path, item, says):
+  """scripts/demo_more.py: a --set naming no stage of the run, or a field no stage has, is one line and
+  exit 2 before the first stage runs (nothing written to the workdir)."""
+  w = tmp_path / 'w'
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo_more.py'), '--workdir', str(w),
+                        '--smoke', '--set', item], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1 and not w.exists()
