@@ -118,9 +118,11 @@ def prune_choice(method, k, bi, model_cfg, seed=0, region=None):
 
 def text_margin_quantile(model, config, samples, batch_size=16):
   """(θ, margins): the output-text predictor's keep margins logit0 − logit1 on the answer tokens of the
-  long answers (≥ len_ot) among `samples`, teacher-forced (the training forward without Gumbel noise: the
-  predictor reads the hidden state entering `sparse_layer`, which image pruning does not change), and θ
-  = their (1 − r_OT) quantile: `text_margin=θ` keeps the trained fraction r_OT of such tokens."""
+  long answers (≥ len_ot) among `samples`, teacher-forced (the training forward without Gumbel noise:
+  every decision is its predictor's argmax, the image tokens' too, not inference's top k), and θ = their
+  (1 − r_OT) quantile: `text_margin=θ` keeps the trained fraction r_OT of these tokens (less where margins
+  tie at θ). In generation the share differs: the predictor reads the hidden state entering `text_layer`,
+  which the kept image tokens and the generated tokens dropped before it change (docs/demo.md)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train.forward import train_forward  # pylint: disable=g-import-not-at-top
