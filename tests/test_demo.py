@@ -426,3 +426,9 @@ def test_markdown_table_leaves_unasked_types_blank():
   assert 'nan' not in t
   assert '| dense@1.0 | 1.000 |  | 1.000 |' in t and '| mod@0.2 |  | 0.500 | 0.500 |' in t
   assert '| majority | 0.200 | 0.100 | 0.150 |' in t
+  lines = t.splitlines()                               # every row has the header's cells, majority too
+  assert all(line.count('|') == lines[0].count('|') for line in lines)
+  t = res.markdown_table({'dynamic@0.2': dict(row, kept_text_ratio=0.6,
+                                              kept_text_ratio_by_type={'describe': 0.45, 'count': 0.7})},
+                         {'count': 0.2, 'all': 0.2}, ['count'])
+  assert '| 0.600 | 0.450 |' in t and 'text kept (describe)' in t   # the long answers' share beside all

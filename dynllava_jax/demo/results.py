@@ -118,11 +118,12 @@ def prune_choice(method, k, bi, model_cfg, seed=0, region=None):
 
 def text_margin_quantile(model, config, samples, batch_size=16):
   """(θ, margins): the output-text predictor's keep margins logit0 − logit1 on the answer tokens of the
-  long answers (≥ len_ot) among `samples`, teacher-forced (the training forward without Gumbel noise:
-  every decision is its predictor's argmax, the image tokens' too, not inference's top k), and θ = their
-  (1 − r_OT) quantile: `text_margin=θ` keeps the trained fraction r_OT of these tokens (less where margins
-  tie at θ). In generation the share differs: the predictor reads the hidden state entering `text_layer`,
-  which the kept image tokens and the generated tokens dropped before it change (docs/demo.md)."""
+  long answers (≥ len_ot) among `samples`, teacher-forced with inference's image decisions (the per-sample
+  top k; `train_forward(image_topk=True)`), and θ = their (1 − r_OT) quantile: `text_margin=θ` keeps the
+  trained fraction r_OT of these tokens (less where margins tie at θ). The predictor reads the hidden
+  state entering `text_layer`, which below it depends on the kept image tokens only, not on earlier text
+  decisions, so a generated answer equal to the reference meets these margins. The rule then acts on every
+  generated token, short answers too (`text kept` over all answers differs from the descriptions')."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from dynllava_jax.train.forward import train_forward  # pylint: disable=g-import-not-at-top
@@ -134,7 +135,8 @@ def text_margin_quantile(model, config, samples, batch_size=16):
   margins = []
   for i in range(0, len(long), batch_size):
     batch = pipeline.pad_batch(long[i:i + batch_size], pipeline.buckets(config), config.model.pad_token_id)
-    out = train_forward(model, {k: jnp.asarray(v) for k, v in batch.items()}, tau=0.1, rng=None)
+    out = train_forward(model, {k: jnp.asarray(v) for k, v in batch.items()}, tau=0.1, rng=None,
+                        image_topk=True)
     lg = np.asarray(out['ot_logits'])
     margins.append((lg[..., 0] - lg[..., 1])[np.asarray(out['ot_span'])])
   m = np.concatenate(margins)
@@ -259,21 +261,23 @@ def check_summary(summary):
 
 def markdown_table(rows, majority_acc, types):
   """One line per key: exact match per question type, overall, description token accuracy, kept
-  image / text ratios, prefill GFLOPs (analytic, batch 1, mean prompt), KV KiB at the end of the answer
-  (all samples; describe samples). A cell a row has no value for (a question type it was not asked) is
-  left blank."""
+  image / text ratios (text: over every generated token, and over the descriptions' tokens, the long
+  answers r_OT is trained on), prefill GFLOPs (analytic, batch 1, mean prompt), KV KiB at the end of the
+  answer (all samples; describe samples). A cell a row has no value for (a question type it was not asked)
+  is left blank."""
   def cell(d, key, scale=1.0, fmt='.3f'):
     return f'{d[key] / scale:{fmt}}' if key in d else ''
-  cols = ['key'] + types + ['all', 'describe tok', 'image kept', 'text kept', 'prefill GFLOPs',
-                            'KV KiB (all)', 'KV KiB (describe)']
+  cols = ['key'] + types + ['all', 'describe tok', 'image kept', 'text kept', 'text kept (describe)',
+                            'prefill GFLOPs', 'KV KiB (all)', 'KV KiB (describe)']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for k, r in rows.items():
     acc, ta, kv = r['accuracy_by_type'], r['token_accuracy_by_type'], r['kv_cache_bytes_by_type']
     cells = [k] + [cell(acc, t) for t in types] + [
         f'{acc["all"]:.3f}', cell(ta, 'describe'), f'{r["kept_image_ratio"]:.3f}',
-        f'{r["kept_text_ratio"]:.3f}', f'{r["prefill_flops_analytic"] / 1e9:.4f}',
+        f'{r["kept_text_ratio"]:.3f}', cell(r.get('kept_text_ratio_by_type', {}), 'describe'),
+        f'{r["prefill_flops_analytic"] / 1e9:.4f}',
         f'{r["kv_cache_bytes"] / 1024:.1f}', cell(kv, 'describe', 1024, '.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('| majority | ' + ' | '.join(cell(majority_acc, t) for t in types) +
-               f' | {cell(majority_acc, "all")} |' + ' |' * 7)
+               f' | {cell(majority_acc, "all")} |' + ' |' * (len(cols) - len(types) - 2))
   return '\n'.join(lines)

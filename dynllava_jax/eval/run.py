@@ -405,6 +405,7 @@ def evaluate_method(model, config, name, samples, tok, *, batch_size=8, timing_r
       'accuracy_by_type': by_type(scores, types),
       'token_accuracy_by_type': by_type(tok_acc, types),
       'kv_cache_bytes_by_type': by_type(kv_sample, types),
+      'kept_text_ratio_by_type': by_type(txt_ratios, types),
       'samples_by_type': {t: types.count(t) for t in sorted(set(types))},
       'ppl_tokens': cnt,
       'settings': method.describe(),
