@@ -45,23 +45,15 @@ def split_set(item):
   return target, key, value
 
 
-def check_set_targets(items, known):
-  """Every --set item well formed and aimed at a stage of `known` (names and stageK keys) or at none."""
-  for item in items:
-    target = split_set(item)[0]
-    if target and target not in known:
-      fail(f'--set {item}: stage {target!r} unknown; use one of {", ".join(sorted(known))}')
-
-
-def apply_sets(config, stage, items):
-  """--set [stageK:]SECTION.FIELD=VALUE (Python literal, else a string); stageK: stage2, lm, or the stage's
-  name (instruct); without it: every stage that has the field. One line, exit 2, on a field the named
-  stage lacks or a value of the wrong type. Returns the items it set (`unapplied` finds those no stage
-  has)."""
+def apply_sets(config, names, items):
+  """--set [STAGE:]SECTION.FIELD=VALUE (Python literal, else a string) on one stage's config; `names`: the
+  STAGE prefixes that address this stage (stage2, instruct); an item without one goes to every stage that
+  has the field. One line, exit 2, on a field the named stage lacks or a value of the wrong type. Returns
+  the items it set."""
   applied = []
   for item in items:
     target, key, value = split_set(item)
-    if target and target not in (f'stage{stage}', config.stage.name):
+    if target and target not in names:
       continue
     *path, field = key.split('.')
     node = config
@@ -86,11 +78,27 @@ def apply_sets(config, stage, items):
   return applied
 
 
-def check_applied(items, applied):
-  """One line, exit 2, for a --set item without a stage that no stage's config has the field of."""
+def resolve_sets(stages, items):
+  """Applies every --set item before any stage runs. stages: {key: (config, names addressing it)}. One line,
+  exit 2, on an item naming no stage of `stages`, a field the named stage lacks, or (no stage named) a
+  field no stage has."""
+  known = set().union(*(names for _, names in stages.values()))
+  for item in items:
+    target = split_set(item)[0]
+    if target and target not in known:
+      fail(f'--set {item}: stage {target!r} unknown; use one of {", ".join(sorted(known))}')
+  applied = {item for config, names in stages.values() for item in apply_sets(config, names, items)}
   for item in items:
     if item not in applied:
       fail(f'--set {item}: no stage config has the field {split_set(item)[1]}')
+
+
+def check_counts(args, flags=('cpus', 'test_limit', 'eval_batch')):
+  """One line, exit 2, on a negative --cpus (0 = all) or a count flag below 1."""
+  for flag in flags:
+    low = 0 if flag == 'cpus' else 1
+    if getattr(args, flag) < low:
+      fail(f'--{flag} {getattr(args, flag)}: must be >= {low}')
 
 
 def _json_default(x):
@@ -134,9 +142,7 @@ def main():
                   help='last stage to run (0: the tower and lm; no evaluation if < 3)')
   args = ap.parse_args()
   t0 = time.time()
-  for flag in ('cpus', 'test_limit', 'eval_batch'):
-    if getattr(args, flag) < (0 if flag == 'cpus' else 1):
-      fail(f'--{flag} {getattr(args, flag)}: must be {">= 0" if flag == "cpus" else ">= 1"}')
+  check_counts(args)
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   for m in ('dense', 'dynamic'):
     if m not in methods:
@@ -147,8 +153,8 @@ def main():
   try:
     prune_layers = tuple(int(k) for k in args.prune_layers.split(',') if k.strip())
   except ValueError:
-    prune_layers = (0,)
-  if any(k < 1 for k in prune_layers):
+    prune_layers = None
+  if prune_layers is None or any(k < 1 for k in prune_layers):
     fail(f'--prune_layers {args.prune_layers!r}: give comma-separated layer counts >= 1, e.g. 1,2')
   reducer_budgets = _fractions('--reducer_budgets', args.reducer_budgets) or None
   fp = fp_lib.begin(args.cpus)             # before jax's first computation
@@ -157,14 +163,9 @@ def main():
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
   from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
 
-  # Every stage's config is resolved, and every --set checked against them, before the first stage runs.
-  configs, applied = {}, []
-  for k in STAGES:
-    configs[k] = get_config(f'stage={k},smoke={args.smoke}')
-  check_set_targets(args.set, {stage_key(k) for k in STAGES} | {c.stage.name for c in configs.values()})
-  for k, c in configs.items():
-    applied += apply_sets(c, k, args.set)
-  check_applied(args.set, applied)
+  # Every stage's config is resolved, and every --set applied to them, before the first stage runs.
+  configs = {k: get_config(f'stage={k},smoke={args.smoke}') for k in STAGES}
+  resolve_sets({k: (c, {stage_key(k), c.stage.name}) for k, c in configs.items()}, args.set)
   infos, up = {}, None
   for k in STAGES:
     if k != 'lm' and k > args.stop_after:

@@ -27,22 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sets_for(items, name, index, stage_name):
-  """Each --set item as apply_sets(config, index, ...) reads it for the stage `name` (dict key; its config's
-  stage.name is `stage_name`): unchanged when it names no stage, `stage<index>:...` when it names this
-  stage (by key, stage name or stage<index>), None when it names another."""
-  out = []
-  for item in items:
-    target, sep, rest = item.partition(':')
-    if not sep or '=' in target:
-      out.append(item)
-    elif target in (name, stage_name, f'stage{index}'):
-      out.append(f'stage{index}:{rest}' if index != 'lm' else f'lm:{rest}')
-    else:
-      out.append(None)
-  return out
-
-
 def main():
   from dynllava_jax.demo import fingerprint as fp_lib  # pylint: disable=g-import-not-at-top  (numpy only at import)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,10 +44,8 @@ def main():
   ap.add_argument('--train_only', action='store_true', help='run the stages, no evaluation')
   args = ap.parse_args()
   t0 = time.time()
-  from demo import apply_sets, check_applied, check_set_targets, fail  # pylint: disable=g-import-not-at-top  (scripts/demo.py)
-  for flag in ('cpus', 'test_limit', 'eval_batch'):
-    if getattr(args, flag) < (0 if flag == 'cpus' else 1):
-      fail(f'--{flag} {getattr(args, flag)}: must be {">= 0" if flag == "cpus" else ">= 1"}')
+  from demo import check_counts, fail, resolve_sets  # pylint: disable=g-import-not-at-top  (scripts/demo.py)
+  check_counts(args)
   fp = fp_lib.begin(args.cpus)             # before jax's first computation
 
   from configs import demo as demo_cfg  # pylint: disable=g-import-not-at-top
@@ -74,17 +56,12 @@ def main():
   families = [m.strip() for m in args.methods.split(',') if m.strip()]
   if not families or any(f not in more.FAMILIES for f in families):
     fail(f'--methods {args.methods!r}: use a comma-separated subset of {tuple(more.FAMILIES)}')
-  # Every stage's config is resolved, and every --set checked against them, before the first stage runs.
+  # Every stage's config is resolved, and every --set applied to them, before the first stage runs.
   configs = {demo_cfg.stage_key(k): demo_cfg.get_config(f'stage={k},smoke={args.smoke}') for k in demo_cfg.STAGES}
-  configs.update({name: more_cfg.get_config(f'stage={name},smoke={args.smoke}') for name in more_cfg.STAGES})
-  index = {name: (c.stage.index if c.stage.name != 'lm' else 'lm') for name, c in configs.items()}
-  check_set_targets(args.set, set(configs) | {c.stage.name for c in configs.values()} |
-                    {f'stage{i}' for i in index.values() if i != 'lm'})
-  applied = []
-  for name, c in configs.items():
-    applied += [item for item, mine in zip(args.set, _sets_for(args.set, name, index[name], c.stage.name))
-                if mine is not None and mine in apply_sets(c, index[name], [mine])]
-  check_applied(args.set, applied)
+  more_stages = {name: more_cfg.get_config(f'stage={name},smoke={args.smoke}') for name in more_cfg.STAGES}
+  configs.update(more_stages)
+  resolve_sets({key: (c, {key, c.stage.name} | ({f'stage{c.stage.index}'} if key in more_stages else set()))
+                for key, c in configs.items()}, args.set)
   from dynllava_jax import errors  # pylint: disable=g-import-not-at-top
   # a workdir in use, a checkpoint of another run, a full disk: one line, exit 2
   guard = lambda fn: errors.guard('demo_more.py', fn)

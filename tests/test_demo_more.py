@@ -212,11 +212,12 @@ def test_set_keeps_a_string_field_a_string(capsys):
   from demo import apply_sets  # pylint: disable=g-import-not-at-top  (scripts/demo.py)
   c = demo_more.get_config('stage=region_full')
   k = c.stage.index
-  assert apply_sets(c, k, [f'stage{k}:model.region=1', f'stage{k}:train.steps=7', 'stage2:train.steps=9']) == [
+  assert apply_sets(c, {f'stage{k}'}, [f'stage{k}:model.region=1', f'stage{k}:train.steps=7',
+                                       'stage2:train.steps=9']) == [
       f'stage{k}:model.region=1', f'stage{k}:train.steps=7']
   assert c.model.region == '1' and c.train.steps == 7
   with pytest.raises(SystemExit) as e:
-    apply_sets(c, k, [f'stage{k}:train.steps=[1]'])
+    apply_sets(c, {f'stage{k}'}, [f'stage{k}:train.steps=[1]'])
   assert e.value.code == 2 and 'train.steps' in capsys.readouterr().err
 
 
