@@ -185,10 +185,8 @@ def main():
     return
 
   from dynllava_jax.eval import report  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.eval.run import _load_samples, _prompt_batch, image_keep_grids, load_model  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import _load_samples, _prompt_batch, load_model  # pylint: disable=g-import-not-at-top
   from dynllava_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
 
   models = {k: (load_model(configs[k], infos[k]['dir'], report_fn=lambda m: None)[0], configs[k])
             for k in (2, 3)}
@@ -213,12 +211,7 @@ def main():
     ids, mask, pix = _prompt_batch(configs[2], imgs)
     keeps, titles = {}, []
     for sp in res.method_specs(configs[2].model, (0.2,), [m for m in methods if m in KEPT_PATCH_METHODS]):
-      model, cfg = models[sp['stage']]
-      if sp['ratio'] is not None:
-        cfg = cfg.copy_and_resolve_references()
-        cfg.model.sparse.image_keep_ratio = sp['ratio']
-      method = make_sparsifier(sp['sparsifier'], cfg, **sp['overrides'])
-      keeps[sp['key']] = list(image_keep_grids(model, cfg, method, ids, mask, pix, jax.random.key(cfg.seed)))
+      keeps[sp['key']] = list(res.spec_keep_grids(*models[sp['stage']], sp, ids, mask, pix))
       titles.append(sp['key'])
     report.plot_kept_patches(list(pix), keeps, titles, os.path.join(args.workdir, 'kept_patches.png'))
   wall = time.time() - t0

@@ -6,7 +6,7 @@
 For the test questions that name every cell in their answer (the counts, "a1 digit a2 empty ...", and the
 descriptions, "row a : a1 9 , a2 empty ..."), reads the run's answers from `<workdir>/results.json` (the
 `<method>@<budget>` row's predictions), recomputes which image tokens the method keeps (the same prefill
-as the evaluation, `eval.run.image_keep_grids`) and prints, for the cells with no kept token and for the
+as the evaluation, `demo.results.spec_keep_grids`) and prints, for the cells with no kept token and for the
 others, how often the model calls an empty cell / a cell with a digit empty or a digit. A cell is the
 (canvas / grid)-pixel block of patches (`data.digits.grid`; the demo's 2x2 grid: 4x4 patches a cell). Only
 for methods that keep each sample's image tokens on a grid of the model's N (dynamic, random, uniform,
@@ -79,12 +79,10 @@ def main():
   ap.add_argument('--types', default='count,describe')
   ap.add_argument('--sums', action='store_true', help="only the row sums' misses: misread cells or wrong sums")
   args = ap.parse_args()
-  import jax  # pylint: disable=g-import-not-at-top
   from configs.demo import get_config  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.eval.run import _load_samples, _prompt_batch, image_keep_grids, load_model  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import _load_samples, _prompt_batch, load_model  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import results as res  # pylint: disable=g-import-not-at-top
   from dynllava_jax.demo import stages as stg  # pylint: disable=g-import-not-at-top
-  from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
 
   key = f'{args.method}@{args.budget}'
   with open(os.path.join(args.workdir, 'results.json')) as f:
@@ -103,14 +101,12 @@ def main():
     raise SystemExit(f'{key}: not a per-sample image-token budget on the model grid')
   sp = spec[0]
   config = get_config(f"stage={sp['stage']}")
-  config.model.sparse.image_keep_ratio = float(sp['ratio'])
   model = load_model(config, stg.stage_dir(args.workdir, config), report_fn=lambda m: None)[0]
   samples, _ = _load_samples(config, 'test', len(said))
   types = set(args.types.split(','))
   samples = [s for s in samples if s['question_type'] in types and s['id'] in said]
   ids, mask, pix = _prompt_batch(config, samples)
-  method = make_sparsifier(sp['sparsifier'], config, **sp['overrides'])
-  keeps = image_keep_grids(model, config, method, ids, mask, pix, jax.random.key(config.seed))
+  keeps = res.spec_keep_grids(model, config, sp, ids, mask, pix)
   records, wrong = [], 0
   for s, keep in zip(samples, keeps):
     gold, got = cell_presence(s['answer']), cell_presence(said[s['id']])

@@ -116,6 +116,19 @@ def prune_choice(method, k, bi, model_cfg, seed=0, region=None):
   return tuple(sorted(int(i) for i in rng.choice(free, int(k), replace=False)))
 
 
+def spec_keep_grids(model, config, spec, ids, mask, pix):
+  """(B, N) bool: which image tokens the method of `spec` (a `method_specs` entry) keeps for these prompts,
+  at its budget, with the evaluation's prefill and key (`eval.run.image_keep_grids`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.eval.run import image_keep_grids  # pylint: disable=g-import-not-at-top
+  from dynllava_jax.sparsity.registry import make_sparsifier  # pylint: disable=g-import-not-at-top
+  if spec['ratio'] is not None:
+    config = config.copy_and_resolve_references()
+    config.model.sparse.image_keep_ratio = float(spec['ratio'])
+  method = make_sparsifier(spec['sparsifier'], config, **spec['overrides'])
+  return image_keep_grids(model, config, method, ids, mask, pix, jax.random.key(config.seed))
+
+
 def text_margin_quantile(model, config, samples, batch_size=16):
   """(θ, margins): the output-text predictor's keep margins logit0 − logit1 on the answer tokens of the
   long answers (≥ len_ot) among `samples`, teacher-forced with inference's image decisions (the per-sample
